@@ -1,0 +1,269 @@
+"""One turn of the conversation: message -> rewriter -> plan -> engine or history move -> commit.
+
+The CLI, replay and the chat all drive this class; none of them touches the engine or the store's
+turn logic directly. A turn that fails or is cancelled commits nothing.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+
+from assistant import plugins
+from assistant.errors import UserError
+from assistant.images import decode_png, encode_png, sha256
+from assistant.models import EditPlan, EditRequest, EditResult, EngineEvent, TurnSummary
+from assistant.settings import Settings
+from sessions.history import History, Turn
+from sessions.store import NewTurn, Store
+
+MAX_MESSAGE = 2000
+CONTEXT_TURNS = 6
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+class TurnOutcome(BaseModel):
+    """What a turn did, for the CLI's JSON and the chat's log."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    message: str
+    intent: str = Field(description="what the rewriter read; a retry executes the earlier turn's plan")
+    plan: EditPlan
+    reply: str
+    turn: Turn | None = None
+    result: EditResult | None = None
+    rewriter: str
+    engine: str | None = None
+    timings: dict[str, float] = {}
+
+
+def check_message(message: str) -> str:
+    """The message stripped, or a one-line error saying what is accepted."""
+    text = message.strip()
+    if not text:
+        raise UserError('the instruction is empty: say what to change, e.g. "make it look like winter"')
+    if len(text) > MAX_MESSAGE:
+        raise UserError(f"the instruction is {len(text)} characters long; at most {MAX_MESSAGE} are accepted")
+    if m := _CONTROL.search(text):
+        raise UserError(f"the instruction contains a control character ({m.group()!r}): type plain text")
+    return " ".join(text.split())
+
+
+def new_seed() -> int:
+    return secrets.randbelow(2**31)
+
+
+class Agent:
+    """Drives one named session of a store with the engine and rewriter named in settings."""
+
+    def __init__(self, store: Store, session: str, settings: Settings):
+        self.store = store
+        self.session = session
+        self.settings = settings
+        self._engine = None
+        self._rewriter = None
+
+    @property
+    def engine(self):
+        if self._engine is None:
+            self._engine = plugins.get("engines", self.settings.engine).factory(self.settings)
+        return self._engine
+
+    @property
+    def rewriter(self):
+        if self._rewriter is None:
+            self._rewriter = plugins.get("rewriters", self.settings.rewriter).factory(self.settings)
+        return self._rewriter
+
+    # ------------------------------------------------------------------ state
+
+    def history(self) -> History | None:
+        return self.store.history(self.session) if self.store.exists(self.session) else None
+
+    def image(self, turn: Turn) -> Image.Image:
+        return decode_png(self.store.image(turn.image_sha256)).convert("RGB")
+
+    def current(self) -> Turn:
+        history = self.history()
+        if history is None or history.cursor is None:
+            raise UserError(f"session '{self.session}' has no image yet: open one first")
+        return history.current()
+
+    # ------------------------------------------------------------------ turns
+
+    def _place(self, image: Image.Image, message: str) -> Turn | NewTurn:
+        """Where `image` stands in the session: the newest turn showing exactly it, else a new "open"."""
+        png = encode_png(image)
+        digest = sha256(png)
+        history = self.history()
+        if history is not None:
+            if history.current().image_sha256 == digest:
+                return history.current()
+            for turn in reversed(history.turns):
+                if turn.image_sha256 == digest:
+                    return turn
+        return NewTurn(kind="open", message=message, png=png, image_sha256=digest, size=image.size,
+                       replies=[("user", message)])
+
+    def open(self, image: Image.Image, message: str) -> Turn:
+        """Make `image` the current one: a jump to a turn showing it, or a new "open" turn under the cursor."""
+        place = self._place(image, message)
+        if isinstance(place, Turn):
+            if place.id != self.current().id:
+                self.store.move_cursor(self.session, place.id, [("user", message)])
+            return place
+        history = self.history()
+        return self.store.add_turns(self.session, history and history.cursor, [place])[0]
+
+    def turn(
+        self,
+        message: str,
+        *,
+        source: tuple[Image.Image, str] | None = None,
+        instruction: str | None = None,
+        seed: int | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        native_size: bool = False,
+        events: Callable[[EngineEvent], None] = lambda event: None,
+        cancel: threading.Event | None = None,
+    ) -> TurnOutcome:
+        """Run one message.
+
+        `source` (image, message) edits that image: from the turn showing it if the session has
+        one, else from a new "open" turn committed together with the edit, so a failed edit leaves
+        no trace. `instruction` skips the rewriter (replay of an exported session).
+        """
+        started = time.perf_counter()
+        message = check_message(message)
+        place = self._place(*source) if source else self.current()
+        history = self.history()
+        opening = place if isinstance(place, NewTurn) else None
+        if opening is None:
+            current = place
+            image = self.image(current)
+        else:
+            current, image = None, source[0]
+        if instruction is not None:
+            plan = EditPlan(intent="edit", instruction=check_message(instruction), rationale="given instruction")
+            rewriter = "given"
+        else:
+            context = self._context(history, current.id) if current else []
+            plan = self.rewriter.rewrite(image, message, context)
+            rewriter = self.settings.rewriter
+        rewritten = time.perf_counter()
+        common = {"message": message, "intent": plan.intent, "plan": plan, "rewriter": rewriter}
+
+        if plan.intent in ("undo", "redo"):
+            turn = self.move(plan.intent, message)
+            reply = f"{plan.intent}: back at turn {turn.id} ({turn.message})"
+            return TurnOutcome(**common, reply=reply, turn=turn)
+        if plan.intent in ("answer", "clarify"):
+            if history is not None:
+                self.store.log(self.session, [("user", message), ("assistant", plan.rationale)])
+            return TurnOutcome(**common, reply=plan.rationale)
+
+        params: dict[str, Any] = {}
+        if plan.intent == "retry":
+            if current is None or current.kind != "edit" or not current.plan:
+                raise UserError("nothing to retry: the current image is not an edit")
+            params = current.params
+            plan = EditPlan.model_validate(current.plan | {"rationale": f"retry of turn {current.id}, new seed"})
+            seed = current.seed + 1 if seed is None else seed
+            current = history.turn(current.parent)
+            image = self.image(current)
+        request = EditRequest(
+            source=image,
+            plan=plan,
+            seed=new_seed() if seed is None else seed,
+            steps=steps or params.get("steps") or self.settings.steps,
+            guidance=guidance or params.get("guidance") or self.settings.guidance,
+            native_size=native_size,
+        )
+        result = self.engine.edit(request, events, cancel or threading.Event())
+        edited = time.perf_counter()
+        plan = plan.model_copy(update={"ic_prompt": result.ic_prompt})
+        png = encode_png(result.image)
+        draft = NewTurn(
+            kind="edit",
+            message=message,
+            png=png,
+            image_sha256=sha256(png),
+            size=result.image.size,
+            plan=plan.model_dump(),
+            params={
+                "seed": result.seed,
+                "steps": request.steps,
+                "guidance": request.guidance,
+                "native_size": native_size,
+                "engine": self.settings.engine,
+                "rewriter": rewriter,
+                "preset": self.settings.preset,
+                "random_weights": result.random_weights,
+                "nfe": result.nfe,
+            },
+            timings=result.timings,
+            replies=[("user", message), ("assistant", plan.rationale)],
+        )
+        parent = current.id if opening is None else history and history.cursor
+        turn = self.store.add_turns(self.session, parent, [opening, draft] if opening else [draft])[-1]
+        plugins.get_plugin_manager().hook.turn_finished(session=self.session, turn=turn)
+        timings = {"rewrite": rewritten - started, **result.timings, "total": time.perf_counter() - started}
+        timings["agent"] = timings["total"] - timings["rewrite"] - (edited - rewritten)
+        return TurnOutcome(
+            **common | {"plan": plan},
+            reply=plan.rationale,
+            turn=turn,
+            result=result,
+            engine=self.settings.engine,
+            timings=timings,
+        )
+
+    def move(self, intent: str, message: str | None = None) -> Turn:
+        """Undo or redo (also the `icedit undo|redo` commands, /undo and /redo): the cursor moves."""
+        history = self.store.history(self.session)
+        target = history.undo_target() if intent == "undo" else history.redo_target()
+        self.store.move_cursor(self.session, target.id, [("user", message or f"/{intent}")])
+        return target
+
+    def _context(self, history: History, turn_id: int) -> list[TurnSummary]:
+        path = history.path(turn_id)[-CONTEXT_TURNS:]
+        return [
+            TurnSummary(message=t.message, intent=t.plan["intent"], instruction=t.plan.get("instruction"))
+            for t in path
+            if t.plan
+        ]
+
+
+def describe(outcome: TurnOutcome, **extra: Any) -> dict[str, Any]:
+    """The JSON a person or a script reads for one turn."""
+    out: dict[str, Any] = {
+        "intent": outcome.intent,
+        "message": outcome.message,
+        "instruction": outcome.plan.instruction,
+        "ic_prompt": outcome.plan.ic_prompt,
+        "rationale": outcome.plan.rationale,
+        "rewriter": outcome.rewriter,
+        "engine": outcome.engine,
+        "turn": outcome.turn.id if outcome.turn else None,
+        "image_sha256": outcome.turn.image_sha256 if outcome.turn else None,
+    }
+    if outcome.result is not None:
+        out |= {
+            "seed": outcome.result.seed,
+            "nfe": outcome.result.nfe,
+            "steps": outcome.turn.params["steps"],
+            "guidance": outcome.turn.params["guidance"],
+            "size": list(outcome.result.image.size),
+            "random_weights": outcome.result.random_weights,
+            "timings": {k: round(v, 4) for k, v in outcome.timings.items()},
+        }
+    return out | extra

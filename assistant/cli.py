@@ -1,0 +1,312 @@
+"""The `icedit` command. Heavy libraries (torch, diffusers) load inside the commands that need them."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+
+from assistant.errors import UserError
+
+RANDOM_WEIGHTS_NOTE = "note: the tiny preset has random weights: its pictures are noise, not edits"
+
+
+class _Group(click.Group):
+    """Turns our one-line errors into click's `Error: ...` and their exit code; no traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            err = click.ClickException(str(e))
+            err.exit_code = e.exit_code
+            raise err from None
+        except KeyboardInterrupt:
+            err = click.ClickException("interrupted: nothing was saved")
+            err.exit_code = 130
+            raise err from None
+
+
+def _emit(data: Any) -> None:
+    click.echo(json.dumps(data, ensure_ascii=False))
+
+
+def _settings(**overrides: Any):
+    from pydantic import ValidationError
+
+    from assistant.settings import Settings
+
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise UserError(f"bad setting {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+
+
+def _store(settings):
+    from sessions.store import Store
+
+    return Store(settings.store_path)
+
+
+def _quiet_libraries() -> None:
+    """diffusers/transformers warn about CLIP's 77-token cut on every IC prompt; a person can't act on it."""
+    import os
+
+    for name in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):
+        os.environ.setdefault(name, "error")
+
+
+@contextmanager
+def _cancel_on_sigint() -> Iterator[threading.Event]:
+    """First Ctrl+C asks the engine to stop between steps; a second one interrupts at once."""
+    cancel = threading.Event()
+
+    def handler(signum, frame):
+        if cancel.is_set():
+            raise KeyboardInterrupt
+        cancel.set()
+        click.echo("\nstopping after this step (Ctrl+C again to stop now)...", err=True)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield cancel
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _progress(event) -> None:
+    if sys.stderr.isatty() and event.kind == "step":
+        click.echo(f"\r{event.phase} step {event.i}/{event.n}   ", err=True, nl=event.i == event.n)
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="icedit-assistant")
+def cli() -> None:
+    """icedit: edit images by telling it what you want."""
+
+
+engine_options = [
+    click.option("--preset", help="engine preset: default (real FLUX.1 Fill + ICEdit LoRA) or tiny (random, offline)"),
+    click.option("--model", help="FLUX.1 Fill hub id or local folder (overrides the preset)"),
+    click.option("--lora", help="LoRA hub id or path (overrides the preset); 'none' for none"),
+    click.option("--engine", help="engine plugin (see `icedit plugins`)"),
+    click.option("--rewriter", help="rewriter plugin: rules (default, offline) or another registered one"),
+    click.option("--device", help="torch device (default: cuda when available, else cpu)"),
+    click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), help="default: bf16 on CUDA"),
+]
+
+
+def with_engine_options(fn):
+    for option in reversed(engine_options):
+        fn = option(fn)
+    return fn
+
+
+@cli.command()
+@click.argument("image", type=click.Path(path_type=Path))
+@click.argument("instruction")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="where to write the PNG")
+@click.option("--session", help="add the edit to this named session (created if new)")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), help="noise seed (default: random, printed)")
+@click.option("--steps", type=click.IntRange(1, 200), help="denoising steps (default 28)")
+@click.option("--guidance", type=click.FloatRange(0, 200, min_open=True), help="guidance (default 50)")
+@click.option("--native-size", is_flag=True, help="keep the 512-wide panel instead of the source's size")
+@with_engine_options
+@click.option("--json", "json_", is_flag=True, help="print the result as JSON")
+def edit(image, instruction, output, session, seed, steps, guidance, native_size, json_, **options) -> None:
+    """Edit IMAGE as INSTRUCTION says, e.g. icedit edit cat.png "make it look like winter"."""
+    from assistant.agent import Agent, check_message, describe
+    from assistant.images import load_image, sha256
+    from sessions.store import Store
+
+    settings = _settings(**options)
+    check_message(instruction)
+    source = load_image(image)
+    store = _store(settings) if session else Store(":memory:")
+    agent = Agent(store, session or "edit", settings)
+    _quiet_libraries()
+    with _cancel_on_sigint() as cancel:
+        outcome = agent.turn(
+            instruction,
+            source=(source, f"open {image.name}"),
+            seed=seed,
+            steps=steps,
+            guidance=guidance,
+            native_size=native_size,
+            events=_progress,
+            cancel=cancel,
+        )
+    turn = outcome.turn
+    if outcome.result is None:
+        # undo/redo/answer: nothing was painted; say what happened.
+        output = None
+    else:
+        output = output or Path(f"{image.stem}-{outcome.result.seed}.png")
+        try:
+            output.write_bytes(store.image(turn.image_sha256))
+        except OSError as e:
+            raise UserError(f"cannot write {output}: {e.strerror}") from None
+    if json_:
+        _emit(describe(outcome, session=session, output=str(output) if output else None))
+    else:
+        click.echo(outcome.reply)
+        if output:
+            click.echo(f"wrote {output}  (seed {outcome.result.seed}, {outcome.result.image.size[0]}x"
+                       f"{outcome.result.image.size[1]}, sha256 {sha256(output.read_bytes())[:12]})")
+    if outcome.result is not None and outcome.result.random_weights:
+        click.echo(RANDOM_WEIGHTS_NOTE, err=True)
+
+
+@cli.group(cls=_Group)
+def sessions() -> None:
+    """List, show and export stored sessions."""
+
+
+@sessions.command("list")
+@click.option("--json", "json_", is_flag=True)
+def sessions_list(json_) -> None:
+    """Every session in the store, most recent first."""
+    with _store(_settings()) as store:
+        rows = store.sessions()
+    if json_:
+        _emit([r.model_dump() for r in rows])
+    elif not rows:
+        click.echo("no sessions yet (icedit edit IMAGE TEXT --session NAME starts one)")
+    for r in rows:
+        click.echo(f"{r.name}\t{r.turns} turns\tcursor {r.cursor}\tupdated {r.updated}")
+
+
+@sessions.command("show")
+@click.argument("name")
+@click.option("--json", "json_", is_flag=True)
+def sessions_show(name, json_) -> None:
+    """A session's turns as a tree; * marks the cursor."""
+    with _store(_settings()) as store:
+        history = store.history(name)
+    if json_:
+        _emit(
+            {
+                "name": history.name,
+                "cursor": history.cursor,
+                "turns": [
+                    {
+                        "id": t.id,
+                        "parent": t.parent,
+                        "kind": t.kind,
+                        "message": t.message,
+                        "instruction": (t.plan or {}).get("instruction"),
+                        "seed": t.seed,
+                        "steps": t.params.get("steps"),
+                        "image_sha256": t.image_sha256,
+                        "created": t.created,
+                    }
+                    for t in history.turns
+                ],
+            }
+        )
+        return
+
+    def walk(parent, depth):
+        for t in history.children(parent):
+            mark = "*" if t.id == history.cursor else " "
+            seed = f"  seed {t.seed}" if t.seed is not None else ""
+            click.echo(f"{mark} {'  ' * depth}#{t.id} {t.kind}: {t.message}{seed}  [{t.image_sha256[:12]}]")
+            walk(t.id, depth + 1)
+
+    click.echo(f"session {history.name} (cursor at #{history.cursor})")
+    walk(None, 0)
+
+
+@sessions.command("export")
+@click.argument("name")
+@click.argument("script", type=click.Path(path_type=Path))
+def sessions_export(name, script) -> None:
+    """Write NAME as a replay script (TOML, plus the opened images beside it)."""
+    from sessions.export import export_script
+
+    with _store(_settings()) as store:
+        written = export_script(store, name, script)
+    click.echo(f"wrote {script} and {len(written) - 1} image(s) beside it")
+
+
+def _move(name: str, intent: str, json_: bool) -> None:
+    from assistant.agent import Agent
+
+    settings = _settings()
+    with _store(settings) as store:
+        turn = Agent(store, name, settings).move(intent)
+    if json_:
+        _emit({"session": name, "cursor": turn.id, "message": turn.message, "image_sha256": turn.image_sha256})
+    else:
+        click.echo(f"{name}: cursor at #{turn.id} ({turn.message})")
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--json", "json_", is_flag=True)
+def undo(name, json_) -> None:
+    """Move session NAME's cursor to the parent turn."""
+    _move(name, "undo", json_)
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--json", "json_", is_flag=True)
+def redo(name, json_) -> None:
+    """Move session NAME's cursor to its newest child turn."""
+    _move(name, "redo", json_)
+
+
+@cli.command()
+@click.argument("script", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="folder for the PNGs")
+@click.option("--session", help="also keep the run as this named session")
+@with_engine_options
+@click.option("--json", "json_", is_flag=True, help="one JSON line per turn")
+def replay(script, out_dir, session, json_, **options) -> None:
+    """Run a replay script (TOML) headless; the same script gives the same images."""
+    from sessions.replay import load_script, run_script
+    from sessions.store import Store
+
+    parsed = load_script(script)
+    settings = _settings(**(parsed.settings() | {k: v for k, v in options.items() if v is not None}))
+    _quiet_libraries()
+    store = _store(settings) if session else Store(":memory:")
+    random_weights = False
+    with _cancel_on_sigint() as cancel:
+        for row in run_script(parsed, script, out_dir, store, session or "replay", settings, cancel):
+            random_weights |= bool(row.get("random_weights"))
+            if json_:
+                _emit(row)
+            else:
+                click.echo(f"{row['turn']:>3} {row['intent']:<6} {row['output']}  {row['reply']}")
+    if random_weights:
+        click.echo(RANDOM_WEIGHTS_NOTE, err=True)
+
+
+@cli.command("plugins")
+@click.option("--json", "json_", is_flag=True)
+def plugins_cmd(json_) -> None:
+    """Installed plugins and what each registers."""
+    from assistant.plugins import describe
+
+    rows = describe()
+    if json_:
+        _emit(rows)
+        return
+    for row in rows:
+        parts = [f"{kind}: {', '.join(row[kind])}" for kind in ("engines", "rewriters", "judges", "commands")
+                 if row[kind]]
+        click.echo(f"{row['name']}\t{'; '.join(parts) or 'hooks: ' + ', '.join(row['hooks'])}")
+
+
+def main() -> None:
+    cli(prog_name="icedit")

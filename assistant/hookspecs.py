@@ -1,0 +1,31 @@
+"""The plugin contract: every hook icedit-assistant calls, nothing else."""
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("icedit_assistant")
+hookimpl = pluggy.HookimplMarker("icedit_assistant")
+
+
+@hookspec
+def register_engines(register):
+    """Call register(EngineSpec(...)) per engine; models load on first use."""
+
+
+@hookspec
+def register_rewriters(register):
+    """Call register(RewriterSpec(...)) per rewriter (message -> EditPlan)."""
+
+
+@hookspec
+def register_judges(register):
+    """Call register(JudgeSpec(...)) per judge (which of two candidates follows the instruction)."""
+
+
+@hookspec
+def register_commands(register):
+    """Call register(CommandSpec(...)) per extra slash command for the chat."""
+
+
+@hookspec
+def turn_finished(session, turn):
+    """Observe a committed turn (session name, stored turn)."""

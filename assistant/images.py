@@ -1,0 +1,68 @@
+"""Reading images people hand us, and the canonical PNG bytes we store and hash."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from assistant.errors import UserError
+
+MAX_PIXELS = 64_000_000
+"""Larger images are refused (PIL's decompression-bomb guard, set deliberately)."""
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open a photo as RGB: EXIF orientation applied, alpha laid on white, first frame only."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, not an image")
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                return to_rgb(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise UserError(f"{path}: image too large (over {MAX_PIXELS // 1_000_000} megapixels)") from None
+    except UnidentifiedImageError:
+        raise UserError(f"{path}: not an image PIL can read (PNG, JPEG, WebP, ...)") from None
+    except PermissionError:
+        raise UserError(f"{path}: permission denied") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise UserError(f"{path}: broken image ({e})") from None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB from any mode PIL opens (16-bit, CMYK, palette, RGBA, ...)."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        img = img.point(lambda v: v / 256).convert("L")
+    if img.mode == "P" or "A" in img.mode or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        img = Image.new("RGBA", rgba.size, "white")
+        img.alpha_composite(rgba)
+    return img.convert("RGB")
+
+
+def encode_png(img: Image.Image) -> bytes:
+    """Deterministic PNG bytes (no timestamps or text chunks): equal pixels, equal bytes."""
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def decode_png(data: bytes) -> Image.Image:
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

@@ -1,0 +1,105 @@
+"""The plugin manager: built-in plugins and third-party entry points, registered the same way."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import pluggy
+
+from assistant import hookspecs
+from assistant.errors import UserError
+
+BUILTIN_PLUGINS = ("plugins.icedit", "plugins.rules")
+ENTRY_POINT_GROUP = "icedit_assistant"
+
+
+@dataclass(frozen=True)
+class _FactorySpec:
+    name: str
+    factory: Callable[..., Any]
+    description: str = ""
+
+
+class EngineSpec(_FactorySpec):
+    """An engine; factory(settings) builds it (weights load lazily, on the first edit)."""
+
+
+class RewriterSpec(_FactorySpec):
+    """A rewriter (message -> EditPlan); factory(settings) builds it."""
+
+
+class JudgeSpec(_FactorySpec):
+    """A judge (which candidate follows the instruction); factory(settings) builds it."""
+
+
+@dataclass(frozen=True)
+class CommandSpec:
+    """A slash command for the chat: run(chat, argument_text) returns the text to show."""
+
+    name: str
+    run: Callable[..., Any]
+    help: str = ""
+
+
+REGISTRATION_HOOKS = {
+    "engines": "register_engines",
+    "rewriters": "register_rewriters",
+    "judges": "register_judges",
+    "commands": "register_commands",
+}
+
+
+@cache
+def get_plugin_manager() -> pluggy.PluginManager:
+    """Specs first, then entry points (skipped under tests), then the built-ins, then a spelling check."""
+    pm = pluggy.PluginManager("icedit_assistant")
+    pm.add_hookspecs(hookspecs)
+    if not getattr(sys, "_called_from_test", False):
+        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+    for name in BUILTIN_PLUGINS:
+        pm.register(importlib.import_module(name), name=name)
+    pm.check_pending()
+    return pm
+
+
+def registrations(kind: str, pm: pluggy.PluginManager | None = None) -> dict[str, tuple[str, Any]]:
+    """{spec name: (plugin name, spec)} for one kind; a name registered twice is an error."""
+    pm = pm or get_plugin_manager()
+    found: dict[str, tuple[str, Any]] = {}
+    for impl in getattr(pm.hook, REGISTRATION_HOOKS[kind]).get_hookimpls():
+
+        def register(spec: Any, plugin: str = impl.plugin_name) -> None:
+            if spec.name in found:
+                raise UserError(
+                    f"{kind[:-1]} '{spec.name}' is registered by both {found[spec.name][0]} and {plugin}"
+                )
+            found[spec.name] = (plugin, spec)
+
+        impl.function(register=register)
+    return found
+
+
+def get(kind: str, name: str) -> Any:
+    """The spec registered under name, or a one-line error listing what there is."""
+    found = registrations(kind)
+    if name not in found:
+        known = ", ".join(sorted(found)) or "none"
+        raise UserError(f"unknown {kind[:-1]} '{name}' (available: {known})")
+    return found[name][1]
+
+
+def describe() -> list[dict[str, Any]]:
+    """Every plugin and what it registers, for `icedit plugins`."""
+    pm = get_plugin_manager()
+    rows = {name: {"name": name, **{k: [] for k in REGISTRATION_HOOKS}} for name, _ in pm.list_name_plugin()}
+    for kind in REGISTRATION_HOOKS:
+        for spec_name, (plugin, _) in registrations(kind, pm).items():
+            rows[plugin][kind].append(spec_name)
+    for name, plugin in pm.list_name_plugin():
+        rows[name]["hooks"] = sorted(h.name for h in pm.get_hookcallers(plugin) or [])
+    return sorted(rows.values(), key=lambda r: r["name"])

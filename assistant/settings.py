@@ -1,0 +1,35 @@
+"""Settings shared by the CLI, the chat and replay; each can be set by an ICEDIT_* variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import platformdirs
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_home() -> Path:
+    return platformdirs.user_data_path("icedit-assistant")
+
+
+class Settings(BaseSettings):
+    """Everything a plugin factory may read. Plugins get this object, never the CLI's flags."""
+
+    model_config = SettingsConfigDict(env_prefix="ICEDIT_", extra="ignore")
+
+    home: Path = Field(default_factory=_default_home, description="folder of the session store")
+    engine: str = "icedit"
+    rewriter: str = "rules"
+    preset: str = Field("default", description="engine preset: 'default' (real weights) or 'tiny'")
+    model: str | None = Field(None, description="FLUX.1 Fill hub id or local folder (overrides the preset)")
+    lora: str | None = Field(None, description="LoRA hub id or path (overrides the preset); 'none' for none")
+    device: str | None = Field(None, description="cuda, cpu, ... (default: cuda when available)")
+    dtype: Literal["bfloat16", "float16", "float32"] | None = None
+    steps: int = Field(28, ge=1, le=200)
+    guidance: float = Field(50.0, gt=0, le=200)
+
+    @property
+    def store_path(self) -> Path:
+        return self.home / "sessions.sqlite3"

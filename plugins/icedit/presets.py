@@ -1,0 +1,164 @@
+"""Engine presets: the real FLUX.1 Fill + ICEdit LoRA, and `tiny`, random weights built in-process.
+
+`tiny` has the real pipeline's code and geometry (VAE factor 8, 2x2 packing, CLIP + T5 prompt
+encoders) at toy widths, so the whole flow runs offline on a CPU in about a second. Its output is
+noise: every surface labels it as coming from random weights.
+"""
+
+from __future__ import annotations
+
+import string
+
+from pydantic import BaseModel
+
+from assistant.errors import UserError
+
+
+class Preset(BaseModel):
+    name: str
+    model: str | None = None
+    lora: str | None = None
+    random_weights: bool = False
+    description: str
+
+
+PRESETS = {
+    p.name: p
+    for p in (
+        Preset(
+            name="default",
+            model="black-forest-labs/FLUX.1-Fill-dev",
+            lora="RiverZ/normal-lora",
+            description="FLUX.1 Fill dev + ICEdit LoRA (real weights; a GPU with ~24 GB or offload)",
+        ),
+        Preset(
+            name="tiny",
+            random_weights=True,
+            description="random-weight tiny FLUX Fill built in-process: runs the whole flow offline in a second",
+        ),
+    )
+}
+
+TINY_SEED = 0
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise UserError(f"unknown preset '{name}' (available: {', '.join(PRESETS)})")
+    return PRESETS[name]
+
+
+def _byte_alphabet() -> list[str]:
+    """GPT-2/CLIP byte-level alphabet: 256 printable stand-ins for the bytes."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in bs]
+    return [chr(c) for c in bs + [256 + n for n in range(len(extra))]]
+
+
+def build_tiny():
+    """The tiny FluxFillPipeline, identical on every call (seeded, without touching global RNG)."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxFillPipeline,
+        FluxTransformer2DModel,
+    )
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTokenizer,
+        T5Config,
+        T5EncoderModel,
+        T5TokenizerFast,
+    )
+
+    chars = _byte_alphabet()
+    clip_vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars])}
+    clip_vocab |= {"<|startoftext|>": len(clip_vocab), "<|endoftext|>": len(clip_vocab) + 1}
+    tokenizer = CLIPTokenizer(vocab=clip_vocab, merges=[], model_max_length=77)
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    for c in string.ascii_letters + string.digits + string.punctuation:
+        pieces += [("▁" + c, -2.5), (c, -3.0)]
+    tokenizer_2 = T5TokenizerFast(vocab=pieces, extra_ids=0)
+
+    latent, blocks = 16, 4
+    scale = 2 ** (blocks - 1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        transformer = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=8 * latent + 4 * scale * scale,
+            out_channels=4 * latent,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            pooled_projection_dim=32,
+            guidance_embeds=True,
+            axes_dims_rope=(4, 6, 6),
+        )
+        vae = AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * blocks,
+            up_block_types=("UpDecoderBlock2D",) * blocks,
+            block_out_channels=(8,) * blocks,
+            layers_per_block=1,
+            latent_channels=latent,
+            norm_num_groups=4,
+            sample_size=32,
+            scaling_factor=0.3611,
+            shift_factor=0.1159,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=32,
+                intermediate_size=37,
+                num_hidden_layers=1,
+                num_attention_heads=4,
+                max_position_embeddings=77,
+                projection_dim=32,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+        text_encoder_2 = T5EncoderModel(
+            T5Config(
+                vocab_size=len(tokenizer_2),
+                d_model=32,
+                d_kv=8,
+                d_ff=37,
+                num_layers=1,
+                num_heads=4,
+                relative_attention_num_buckets=8,
+                feed_forward_proj="gated-gelu",
+                pad_token_id=0,
+                eos_token_id=1,
+                decoder_start_token_id=0,
+            )
+        )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    for model in (transformer, vae, text_encoder, text_encoder_2):
+        model.eval()  # built from configs they start in training mode (T5 dropout)
+    pipe = FluxFillPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

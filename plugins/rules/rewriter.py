@@ -1,0 +1,88 @@
+"""The offline rewriter: regular expressions, no model. The default, and the VLM's fallback."""
+
+from __future__ import annotations
+
+import re
+
+from PIL import Image
+
+import prompts
+from assistant.models import EditPlan, TurnSummary
+
+_WORDS = r"[\s,.!?;:]*"
+_LEADING = re.compile(
+    r"^(?:(?:hey|hi|ok(?:ay)?|so|now|then|and|oh|oops|um+|hmm+|no|nope|also|kindly|please|pls"
+    r"|(?:could|can|would|will) you(?: please)?|i(?:'d| would) like(?: you)? to|i want(?: you)? to"
+    r"|let'?s|go ahead and|try to)\b" + _WORDS + r")+",
+    re.IGNORECASE,
+)
+_TRAILING = re.compile(
+    r"(?:" + _WORDS + r"\b(?:please|pls|thanks|thank you|thx|for me|if you can|if possible)\b)+" + _WORDS + r"$"
+    r"|[\s.!?;:,]+$",
+    re.IGNORECASE,
+)
+_INTENTS = [
+    ("undo", re.compile(r"^(?:undo(?: (?:that|it|this|the last (?:edit|change|one)))?|go back|revert(?: that| it)?"
+                        r"|take (?:that|it) back|back|previous(?: one)?)$")),
+    ("redo", re.compile(r"^(?:redo(?: (?:that|it|this))?|go forward|put it back|bring it back|forward)$")),
+    ("retry", re.compile(r"^(?:retry|re-?roll|again|(?:try|do it|do that) again(?: with .*)?|another one"
+                         r"|(?:try |use |with )?(?:an ?other|a different|a new|new|different) (?:seed|noise|sample|try)"
+                         r"|(?:try |give me )?(?:an ?other|a different) (?:version|variation|take)"
+                         r")$")),
+]
+_WANT = re.compile(
+    r"^(?:(?:i want|i'd like|i would like|i need) (?:it|this|the (?:image|photo|picture))(?: to)?"
+    r"|(?:it|this|the (?:image|photo|picture)) (?:should|must|needs to|has to)) (be |look )?(.+)$",
+    re.IGNORECASE,
+)
+_NOUN_PHRASE = re.compile(r"^(?:a|an|some) \S.*$", re.IGNORECASE)
+
+
+def clean(message: str) -> str:
+    """The request without greetings, politeness and end punctuation."""
+    text = " ".join(message.replace("\u201c", '"').replace("\u201d", '"').split()).strip("\"'` ")
+    previous = None
+    while previous != text:
+        previous = text
+        text = _TRAILING.sub("", _LEADING.sub("", text)).strip("\"'` ")
+    return text
+
+
+def instruction_clause(text: str) -> str:
+    """Fit a cleaned request after "... exactly the same as on the left but "."""
+    if m := _WANT.match(text):
+        verb = "look " if (m.group(1) or "").startswith("look") else ""
+        text = f"make it {verb}{m.group(2)}"
+    elif _NOUN_PHRASE.match(text):
+        text = f"add {text}"
+    first = text.split(" ", 1)[0]
+    if first != "I" and not first.isupper():
+        text = text[0].lower() + text[1:]
+    return text
+
+
+def intent_of(text: str) -> str:
+    lowered = text.lower()
+    for intent, pattern in _INTENTS:
+        if pattern.match(lowered):
+            return intent
+    return "edit"
+
+
+class RulesRewriter:
+    """Turns a plain request into an EditPlan without a model."""
+
+    def rewrite(self, image: Image.Image, message: str, context: list[TurnSummary]) -> EditPlan:
+        text = clean(message)
+        if not text:
+            return EditPlan(intent="clarify", rationale="What would you like to change in the picture?")
+        intent = intent_of(text)
+        if intent != "edit":
+            return EditPlan(intent=intent, rationale=f"rules: read this as {intent}")
+        instruction = instruction_clause(text)
+        return EditPlan(
+            intent="edit",
+            instruction=instruction,
+            ic_prompt=prompts.render("ic_edit.txt", instruction=instruction),
+            rationale="rules: used your request as the edit instruction",
+        )
