@@ -32,8 +32,12 @@ def _is_local(ref: str) -> bool:
 
 
 def _fetch_error(what: str, ref: str, error: Exception) -> UserError:
+    """One line for a failed load. Hub clients raise OSError, ValueError or their HTTP library's errors."""
+    if isinstance(error, UserError):
+        return error
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
     if _is_local(ref):
-        return UserError(f"cannot load the {what} from {ref}: {str(error).splitlines()[0]}")
+        return UserError(f"cannot load the {what} from {ref}: {reason}")
     return WeightsMissing(f"the {what} '{ref}' is not in the Hugging Face cache and the hub is unreachable: "
                           + DOWNLOAD_HINT.format(id=ref))
 
@@ -63,8 +67,8 @@ def _from_pretrained(model: str, dtype):
         raise UserError(f"{model} is not a FLUX.1 Fill pipeline folder (no model_index.json in it)")
     try:
         pipe = FluxFillPipeline.from_pretrained(str(Path(model).expanduser()) if _is_local(model) else model,
-                                                torch_dtype=dtype)
-    except (OSError, ValueError) as e:
+                                                dtype=dtype)
+    except Exception as e:  # noqa: BLE001 - every loader failure becomes one line
         raise _fetch_error("FLUX.1 Fill pipeline", model, e) from None
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -75,5 +79,5 @@ def _load_lora(pipe, lora: str) -> None:
         raise UserError(f"{lora}: no such LoRA file or folder")
     try:
         pipe.load_lora_weights(str(Path(lora).expanduser()) if _is_local(lora) else lora, use_safetensors=True)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - every loader failure becomes one line
         raise _fetch_error("LoRA", lora, e) from None

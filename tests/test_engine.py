@@ -1,0 +1,114 @@
+"""The ICEdit engine on the tiny preset: real FluxFillPipeline code, real loaders, random weights."""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from assistant.errors import Cancelled, UserError, WeightsMissing
+from assistant.models import EditPlan, EditRequest
+from assistant.settings import Settings
+from plugins.icedit.diptych import make_diptych, right_panel
+from plugins.icedit.engine import IceditEngine
+from plugins.icedit.presets import build_tiny
+
+PLAN = EditPlan(intent="edit", instruction="make it look like winter")
+
+
+def request(photo, **kw):
+    return EditRequest(source=photo, plan=PLAN, **{"seed": 5, "steps": 3} | kw)
+
+
+def run(engine, req, cancel=None):
+    events = []
+    result = engine.edit(req, events.append, cancel or threading.Event())
+    return result, events
+
+
+def pixels(img):
+    return np.asarray(img, dtype=np.int16)
+
+
+def test_edit_is_the_right_half_of_the_stock_pipeline_on_the_diptych(photo):
+    result, _ = run(IceditEngine(Settings(preset="tiny")), request(photo, native_size=True))
+    canvas, mask = make_diptych(photo)
+    expected = build_tiny()(
+        prompt=result.ic_prompt,
+        image=canvas,
+        mask_image=mask,
+        height=canvas.height,
+        width=canvas.width,
+        guidance_scale=50.0,
+        num_inference_steps=3,
+        generator=torch.Generator("cpu").manual_seed(5),
+    ).images[0]
+    assert result.ic_prompt.endswith("exactly the same as on the left but make it look like winter")
+    assert result.image.tobytes() == right_panel(expected).tobytes()
+    assert result.image.size == (512, 336)
+    assert (result.nfe, result.seed, result.random_weights) == (3, 5, True)
+
+
+def test_same_seed_same_image_other_seed_other_image_and_source_size_kept(photo):
+    engine = IceditEngine(Settings(preset="tiny"))
+    a, _ = run(engine, request(photo))
+    b, _ = run(engine, request(photo))
+    c, _ = run(engine, request(photo, seed=6))
+    assert a.image.size == photo.size == (150, 100)
+    assert a.image.tobytes() == b.image.tobytes()
+    assert np.abs(pixels(a.image) - pixels(c.image)).mean() > 5
+
+
+def test_one_progress_event_per_step_and_cancel_between_steps(photo):
+    engine = IceditEngine(Settings(preset="tiny"))
+    _, events = run(engine, request(photo, steps=4))
+    assert [(e.i, e.n) for e in events if e.phase == "denoise"] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+
+    cancel = threading.Event()
+    seen = []
+
+    def stop_after_two(event):
+        seen.append(event)
+        if event.phase == "denoise" and event.i == 2:
+            cancel.set()
+
+    with pytest.raises(Cancelled, match="nothing was saved"):
+        engine.edit(request(photo, steps=6), stop_after_two, cancel)
+    assert max(e.i for e in seen if e.phase == "denoise") == 2
+
+
+def test_a_pipeline_folder_loads_through_from_pretrained(photo, tmp_path):
+    build_tiny().save_pretrained(tmp_path / "flux")
+    loaded, _ = run(IceditEngine(Settings(model=str(tmp_path / "flux"), lora="none")), request(photo))
+    tiny, _ = run(IceditEngine(Settings(preset="tiny")), request(photo))
+    # Same weights, same pixels up to float summation order (weights reloaded from safetensors):
+    # at most 1/255 anywhere, while another seed moves the mean by > 5 (test above).
+    diff = np.abs(pixels(loaded.image) - pixels(tiny.image))
+    assert diff.max() <= 1 and diff.mean() < 0.05
+    assert loaded.random_weights is False  # a folder is somebody's weights; we can't tell they're random
+
+
+def test_a_stock_diffusers_lora_file_changes_the_edit(photo, tmp_path):
+    from diffusers import FluxFillPipeline
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    pipe = build_tiny()
+    config = LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v"])
+    pipe.transformer.add_adapter(config)
+    layers = {k: v * 30 if "lora_B" in k else v for k, v in get_peft_model_state_dict(pipe.transformer).items()}
+    FluxFillPipeline.save_lora_weights(tmp_path, transformer_lora_layers=layers, safe_serialization=True)
+    base, _ = run(IceditEngine(Settings(preset="tiny")), request(photo))
+    adapted, _ = run(
+        IceditEngine(Settings(preset="tiny", lora=str(tmp_path / "pytorch_lora_weights.safetensors"))), request(photo)
+    )
+    assert np.abs(pixels(base.image) - pixels(adapted.image)).mean() > 1
+
+
+def test_missing_weights_are_one_line_naming_what_to_get(photo, tmp_path):
+    with pytest.raises(UserError, match="no model_index.json"):
+        run(IceditEngine(Settings(model=str(tmp_path))), request(photo))
+    with pytest.raises(UserError, match="no such LoRA"):
+        run(IceditEngine(Settings(preset="tiny", lora=str(tmp_path / "nope.safetensors"))), request(photo))
+    with pytest.raises(WeightsMissing) as e:
+        run(IceditEngine(Settings(preset="tiny", lora="nobody/no-such-lora")), request(photo))
+    assert "\n" not in str(e.value) and "hf download nobody/no-such-lora" in str(e.value)

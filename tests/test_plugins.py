@@ -1,0 +1,103 @@
+"""Plugin registration: built-ins and test plugins go through the same hooks."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from assistant import plugins
+from assistant.cli import cli
+from assistant.errors import UserError
+from assistant.hookspecs import hookimpl
+from assistant.plugins import RewriterSpec, get_plugin_manager
+from assistant.models import EditPlan
+
+
+def test_builtins_register_their_engine_and_rewriter():
+    assert plugins.registrations("engines")["icedit"][0] == "plugins.icedit"
+    assert plugins.registrations("rewriters")["rules"][0] == "plugins.rules"
+
+
+def test_plugins_command_lists_what_each_plugin_registers():
+    result = CliRunner().invoke(cli, ["plugins", "--json"])
+    assert result.exit_code == 0
+    rows = {r["name"]: r for r in json.loads(result.output)}
+    assert rows["plugins.icedit"]["engines"] == ["icedit"]
+    assert rows["plugins.rules"]["rewriters"] == ["rules"]
+    text = CliRunner().invoke(cli, ["plugins"]).output
+    assert "plugins.icedit\tengines: icedit" in text
+
+
+class Shout:
+    """A rewriter plugin defined in this test module."""
+
+    def __init__(self):
+        self.seen = []
+
+    def rewrite(self, image, message, context):
+        self.seen.append(message)
+        return EditPlan(intent="edit", instruction=message.upper(), rationale="shouted")
+
+    @hookimpl
+    def register_rewriters(self, register):
+        register(RewriterSpec("shout", lambda settings: self, "upper-case"))
+
+
+def test_a_plugin_from_a_test_module_is_listed_and_used(fake, tmp_path):
+    shout = Shout()
+    pm = get_plugin_manager()
+    pm.register(shout, name="shout-plugin")
+    try:
+        rows = {r["name"]: r for r in json.loads(CliRunner().invoke(cli, ["plugins", "--json"]).output)}
+        assert rows["shout-plugin"]["rewriters"] == ["shout"]
+        assert rows["fake"]["engines"] == ["fake"]
+        src = tmp_path / "in.png"
+        from PIL import Image
+
+        Image.new("RGB", (64, 32), "gray").save(src)
+        result = CliRunner().invoke(
+            cli,
+            ["edit", str(src), "add a hat", "--engine", "fake", "--rewriter", "shout", "--seed", "1", "--json",
+             "-o", str(tmp_path / "out.png")],
+        )
+        assert result.exit_code == 0, result.output
+        data = json.loads(result.output)
+        assert shout.seen == ["add a hat"]
+        assert data["instruction"] == "ADD A HAT"
+        assert data["rewriter"] == "shout" and data["engine"] == "fake"
+        assert fake.engine.calls[0].plan.instruction == "ADD A HAT"
+    finally:
+        pm.unregister(name="shout-plugin")
+    assert "shout-plugin" not in {r["name"] for r in plugins.describe()}
+
+
+def test_a_name_registered_twice_is_one_clear_error(fake):
+    class Twin:
+        @hookimpl
+        def register_engines(self, register):
+            from assistant.plugins import EngineSpec
+
+            register(EngineSpec("fake", lambda s: None))
+
+    pm = get_plugin_manager()
+    pm.register(Twin(), name="twin")
+    try:
+        with pytest.raises(UserError, match="engine 'fake' is registered by both"):
+            plugins.registrations("engines")
+    finally:
+        pm.unregister(name="twin")
+
+
+def test_unknown_engine_names_what_there_is():
+    with pytest.raises(UserError, match=r"unknown engine 'nope' \(available: icedit\)"):
+        plugins.get("engines", "nope")
+
+
+def test_turn_finished_observers_see_each_committed_turn(fake, fake_settings, store, photo):
+    from assistant.agent import Agent
+
+    agent = Agent(store, "s", fake_settings)
+    out = agent.turn("add a hat", source=(photo, "open cat"), seed=3)
+    assert fake.finished == [("s", out.turn.id)]
+    agent.turn("undo")
+    assert fake.finished == [("s", out.turn.id)]  # moving the cursor commits no turn
