@@ -209,6 +209,7 @@ class Agent:
                 "preset": self.settings.preset,
                 "random_weights": result.random_weights,
                 "nfe": result.nfe,
+                "adapter": result.adapter.model_dump() if result.adapter else None,
             },
             timings=result.timings,
             replies=[("user", message), ("assistant", plan.rationale)],
@@ -264,6 +265,7 @@ def describe(outcome: TurnOutcome, **extra: Any) -> dict[str, Any]:
             "guidance": outcome.turn.params["guidance"],
             "size": list(outcome.result.image.size),
             "random_weights": outcome.result.random_weights,
+            "adapter": outcome.result.adapter.model_dump() if outcome.result.adapter else None,
             "timings": {k: round(v, 4) for k, v in outcome.timings.items()},
         }
     return out | extra

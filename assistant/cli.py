@@ -97,6 +97,9 @@ engine_options = [
     click.option("--preset", help="engine preset: default (real FLUX.1 Fill + ICEdit LoRA) or tiny (random, offline)"),
     click.option("--model", help="FLUX.1 Fill hub id or local folder (overrides the preset)"),
     click.option("--lora", help="LoRA hub id or path (overrides the preset); 'none' for none"),
+    click.option("--lora-scale", type=click.FloatRange(0, 4), help="adapter strength (default 1, as trained)"),
+    click.option("--top-k", type=click.IntRange(1, 64), help="experts per token of a LoRA-MoE adapter (default 1)"),
+    click.option("--offload", type=click.Choice(["none", "model", "sequential"]), help="CPU offload on small GPUs"),
     click.option("--engine", help="engine plugin (see `icedit plugins`)"),
     click.option("--rewriter", help="rewriter plugin: rules (default, offline) or another registered one"),
     click.option("--device", help="torch device (default: cuda when available, else cpu)"),
@@ -293,12 +296,13 @@ def replay(script, out_dir, session, json_, **options) -> None:
 
 
 @cli.command("plugins")
+@with_engine_options
 @click.option("--json", "json_", is_flag=True)
-def plugins_cmd(json_) -> None:
-    """Installed plugins and what each registers."""
+def plugins_cmd(json_, **options) -> None:
+    """Installed plugins, what each registers, and what the engines would run with these options."""
     from assistant.plugins import describe
 
-    rows = describe()
+    rows = describe(_settings(**options))
     if json_:
         _emit(rows)
         return
@@ -306,6 +310,8 @@ def plugins_cmd(json_) -> None:
         parts = [f"{kind}: {', '.join(row[kind])}" for kind in ("engines", "rewriters", "judges", "commands")
                  if row[kind]]
         click.echo(f"{row['name']}\t{'; '.join(parts) or 'hooks: ' + ', '.join(row['hooks'])}")
+        for engine, info in row.get("engine_settings", {}).items():
+            click.echo(f"  {engine}: " + ", ".join(f"{k} {v}" for k, v in info.items()))
 
 
 def main() -> None:

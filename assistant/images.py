@@ -53,6 +53,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def encode_png(img: Image.Image) -> bytes:
     """Deterministic PNG bytes (no timestamps or text chunks): equal pixels, equal bytes."""
+    if img.info:  # PIL writes an inherited ICC profile or tRNS from info: the bytes would depend on more than pixels
+        img = img.copy()
+        img.info = {}
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()

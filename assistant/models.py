@@ -42,6 +42,17 @@ class EditRequest(BaseModel):
     native_size: bool = Field(False, description="keep the 512-wide panel instead of the source size")
 
 
+class AdapterInfo(BaseModel):
+    """The adapter an engine runs with, as `--json` and `icedit plugins` report it."""
+
+    kind: Literal["lora", "lora-moe"]
+    source: str
+    keys: int = Field(description="checkpoint keys placed on the model (all of them, or loading failed)")
+    num_experts: int = 0
+    top_k: int | None = None
+    scale: float = 1.0
+
+
 class EditResult(BaseModel):
     """What an engine made: the edited image (right panel) and how."""
 
@@ -53,6 +64,7 @@ class EditResult(BaseModel):
     nfe: int = Field(description="transformer evaluations spent")
     timings: dict[str, float] = {}
     random_weights: bool = False
+    adapter: AdapterInfo | None = None
 
 
 class Step(BaseModel):

@@ -25,8 +25,14 @@ class _FactorySpec:
     description: str = ""
 
 
+@dataclass(frozen=True)
 class EngineSpec(_FactorySpec):
-    """An engine; factory(settings) builds it (weights load lazily, on the first edit)."""
+    """An engine; factory(settings) builds it (weights load lazily, on the first edit).
+
+    describe(settings), if given, says cheaply (no weights loaded) what the engine would run.
+    """
+
+    describe: Callable[..., dict[str, Any]] | None = None
 
 
 class RewriterSpec(_FactorySpec):
@@ -93,13 +99,15 @@ def get(kind: str, name: str) -> Any:
     return found[name][1]
 
 
-def describe() -> list[dict[str, Any]]:
-    """Every plugin and what it registers, for `icedit plugins`."""
+def describe(settings: Any = None) -> list[dict[str, Any]]:
+    """Every plugin and what it registers, for `icedit plugins`; engines say what they would run."""
     pm = get_plugin_manager()
     rows = {name: {"name": name, **{k: [] for k in REGISTRATION_HOOKS}} for name, _ in pm.list_name_plugin()}
     for kind in REGISTRATION_HOOKS:
-        for spec_name, (plugin, _) in registrations(kind, pm).items():
+        for spec_name, (plugin, spec) in registrations(kind, pm).items():
             rows[plugin][kind].append(spec_name)
+            if kind == "engines" and settings is not None and spec.describe is not None:
+                rows[plugin].setdefault("engine_settings", {})[spec_name] = spec.describe(settings)
     for name, plugin in pm.list_name_plugin():
         rows[name]["hooks"] = sorted(h.name for h in pm.get_hookcallers(plugin) or [])
     return sorted(rows.values(), key=lambda r: r["name"])

@@ -25,7 +25,12 @@ class Settings(BaseSettings):
     preset: str = Field("default", description="engine preset: 'default' (real weights) or 'tiny'")
     model: str | None = Field(None, description="FLUX.1 Fill hub id or local folder (overrides the preset)")
     lora: str | None = Field(None, description="LoRA hub id or path (overrides the preset); 'none' for none")
+    lora_scale: float = Field(1.0, ge=0, le=4, description="strength of the adapter (1 = as trained)")
+    top_k: int = Field(1, ge=1, le=64, description="experts per token for a LoRA-MoE adapter (published: 1)")
     device: str | None = Field(None, description="cuda, cpu, ... (default: cuda when available)")
+    offload: Literal["none", "model", "sequential"] = Field(
+        "none", description="diffusers CPU offload: model (~24 GB GPU) or sequential (least memory, slowest)"
+    )
     dtype: Literal["bfloat16", "float16", "float32"] | None = None
     steps: int = Field(28, ge=1, le=200)
     guidance: float = Field(50.0, gt=0, le=200)

@@ -112,3 +112,23 @@ def test_missing_weights_are_one_line_naming_what_to_get(photo, tmp_path):
     with pytest.raises(WeightsMissing) as e:
         run(IceditEngine(Settings(preset="tiny", lora="nobody/no-such-lora")), request(photo))
     assert "\n" not in str(e.value) and "hf download nobody/no-such-lora" in str(e.value)
+
+
+def test_tiny_moe_adapter_runs_end_to_end_and_top_k_and_scale_matter(photo):
+    def edit(**kw):
+        engine = IceditEngine(Settings(preset="tiny", **kw))
+        return run(engine, request(photo))[0]
+
+    plain = edit()
+    moe = edit(lora="tiny-moe")
+    assert moe.adapter.kind == "lora-moe" and moe.adapter.num_experts == 4 and moe.adapter.top_k == 1
+    assert plain.adapter is None
+    assert np.abs(pixels(plain.image) - pixels(moe.image)).mean() > 1
+    assert np.abs(pixels(moe.image) - pixels(edit(lora="tiny-moe", top_k=2).image)).mean() > 0.2
+    off = edit(lora="tiny-moe", lora_scale=0.0)
+    assert np.abs(pixels(plain.image) - pixels(off.image)).max() <= 1
+
+
+def test_offload_needs_a_gpu(photo):
+    with pytest.raises(UserError, match="no GPU here"):
+        run(IceditEngine(Settings(preset="tiny", offload="model")), request(photo))

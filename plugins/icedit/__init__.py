@@ -10,6 +10,30 @@ def _engine(settings):
     return IceditEngine(settings)
 
 
+def _describe(settings):
+    from plugins.icedit.loading import adapter_kind
+    from plugins.icedit.presets import get_preset
+
+    preset = get_preset(settings.preset)
+    lora = settings.lora or preset.lora
+    return {
+        "preset": preset.name,
+        "model": settings.model or preset.model or "built in-process (random weights)",
+        "lora": lora,
+        "adapter": adapter_kind(lora),
+        "top_k": settings.top_k,
+        "lora_scale": settings.lora_scale,
+        "offload": settings.offload,
+    }
+
+
 @hookimpl
 def register_engines(register):
-    register(EngineSpec("icedit", _engine, "ICEdit: FLUX.1 Fill paints the right half of an in-context diptych"))
+    register(
+        EngineSpec(
+            "icedit",
+            _engine,
+            "ICEdit: FLUX.1 Fill paints the right half of an in-context diptych",
+            describe=_describe,
+        )
+    )

@@ -6,11 +6,14 @@ import threading
 import time
 from collections.abc import Callable
 
+import torch
+
 import prompts
 from assistant.errors import Cancelled, UserError
-from assistant.models import EditRequest, EditResult, EngineEvent, Step
+from assistant.models import AdapterInfo, EditRequest, EditResult, EngineEvent, Step
 from assistant.settings import Settings
 from plugins.icedit.diptych import make_diptych, right_panel
+from plugins.icedit.sampler import FillSampler
 
 
 class IceditEngine:
@@ -20,19 +23,18 @@ class IceditEngine:
         self.settings = settings
         self._pipe = None
         self.random_weights = False
+        self.adapter: AdapterInfo | None = None
 
     def pipeline(self):
         if self._pipe is None:
             from plugins.icedit.loading import load_pipeline
 
-            self._pipe, self.random_weights = load_pipeline(self.settings)
+            self._pipe, self.random_weights, self.adapter = load_pipeline(self.settings)
         return self._pipe
 
     def edit(
         self, request: EditRequest, events: Callable[[EngineEvent], None], cancel: threading.Event
     ) -> EditResult:
-        import torch
-
         if not request.plan.instruction:
             raise UserError("the plan has no instruction to edit with")
         ic_prompt = request.plan.ic_prompt or prompts.render("ic_edit.txt", instruction=request.plan.instruction)
@@ -43,30 +45,25 @@ class IceditEngine:
         loaded = time.perf_counter()
         if cancel.is_set():
             raise Cancelled("edit cancelled: nothing was saved")
-
-        def on_step(_pipe, i, _t, _tensors):
-            if cancel.is_set():
-                raise Cancelled("edit cancelled between steps: nothing was saved")
-            events(Step(i=i + 1, n=request.steps, phase="denoise"))
-            return {}
-
+        sampler = FillSampler(pipe)
         events(Step(i=0, n=request.steps, phase="encode"))
         try:
-            painted = pipe(
-                prompt=ic_prompt,
-                image=canvas,
-                mask_image=mask,
-                height=canvas.height,
-                width=canvas.width,
-                guidance_scale=request.guidance,
-                num_inference_steps=request.steps,
-                generator=torch.Generator("cpu").manual_seed(request.seed),
-                callback_on_step_end=on_step,
-            ).images[0]
+            cond = sampler.prepare(canvas, mask, ic_prompt, request.steps, request.guidance)
+            encoded = time.perf_counter()
+            latents = sampler.denoise(
+                cond,
+                sampler.start(cond, [request.seed]),
+                request.steps,
+                on_step=lambda i, n: events(Step(i=i, n=n, phase="denoise")),
+                cancel=cancel,
+            )
+            denoised = time.perf_counter()
+            events(Step(i=request.steps, n=request.steps, phase="decode"))
+            painted = sampler.decode(cond, latents.x)[0]
         except torch.OutOfMemoryError:
             raise UserError(
                 f"out of memory for a {canvas.width}x{canvas.height} diptych on {pipe.device}: "
-                "try a smaller image or a smaller dtype"
+                "try --offload model (or sequential), or a smaller image"
             ) from None
         finished = time.perf_counter()
         image = right_panel(painted, None if request.native_size else request.source.size)
@@ -75,6 +72,12 @@ class IceditEngine:
             seed=request.seed,
             ic_prompt=ic_prompt,
             nfe=request.steps,
-            timings={"load": loaded - started, "edit": finished - loaded},
+            timings={
+                "load": loaded - started,
+                "encode": encoded - loaded,
+                "denoise": denoised - encoded,
+                "decode": finished - denoised,
+            },
+            adapter=self.adapter,
             random_weights=self.random_weights,
         )

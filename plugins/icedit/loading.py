@@ -1,10 +1,13 @@
-"""Building the FluxFillPipeline an engine runs: from a preset, a hub id or a local folder."""
+"""Building the FluxFillPipeline an engine runs: weights from a preset, a hub id or a local folder,
+then the adapter (a LoRA-MoE when the checkpoint has `lora_route` keys, else a stock diffusers
+LoRA), then the device or an offload mode."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from assistant.errors import UserError, WeightsMissing
+from assistant.models import AdapterInfo
 from assistant.settings import Settings
 from plugins.icedit.presets import build_tiny, get_preset
 
@@ -12,6 +15,8 @@ DOWNLOAD_HINT = (
     "download it on a machine with internet (`hf download {id}`; FLUX.1 dev repos are gated: accept the "
     "licence on huggingface.co first) or pass a local folder; `--preset tiny` runs offline with random weights"
 )
+TINY_MOE = "tiny-moe"
+"""A random LoRA-MoE adapter in the published format, built for the loaded model (4 experts, rank 4)."""
 
 
 def resolve_device(device: str | None) -> str:
@@ -43,7 +48,7 @@ def _fetch_error(what: str, ref: str, error: Exception) -> UserError:
 
 
 def load_pipeline(settings: Settings):
-    """(pipeline on its device, whether its weights are random)."""
+    """(pipeline ready to run, whether its weights are random, the adapter it carries)."""
     preset = get_preset(settings.preset)
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
@@ -55,9 +60,20 @@ def load_pipeline(settings: Settings):
     else:
         pipe = _from_pretrained(model, dtype)
     lora = settings.lora or preset.lora
-    if lora and lora != "none":
-        _load_lora(pipe, lora)
-    return pipe.to(device), preset.random_weights and settings.model is None
+    adapter = _load_adapter(pipe, lora, settings) if lora and lora != "none" else None
+    _place(pipe, device, settings.offload)
+    return pipe, preset.random_weights and settings.model is None, adapter
+
+
+def _place(pipe, device: str, offload: str) -> None:
+    if offload == "none":
+        pipe.to(device)
+    elif not device.startswith("cuda"):
+        raise UserError(f"--offload {offload} moves weights between the CPU and a GPU; there is no GPU here")
+    elif offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.enable_sequential_cpu_offload(device=device)
 
 
 def _from_pretrained(model: str, dtype):
@@ -74,10 +90,56 @@ def _from_pretrained(model: str, dtype):
     return pipe
 
 
-def _load_lora(pipe, lora: str) -> None:
+def adapter_kind(lora: str | None) -> str:
+    """'lora-moe', 'lora', 'none', or 'unknown' (not on disk yet), without loading any weights."""
+    if not lora or lora == "none":
+        return "none"
+    if lora == TINY_MOE:
+        return "lora-moe"
+    from safetensors import safe_open
+
+    from plugins.icedit.moe import WEIGHTS_NAME
+
+    path = Path(lora).expanduser()
+    if path.is_dir():
+        path = path / WEIGHTS_NAME
+    if not path.is_file() and not _is_local(lora):
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(lora, WEIGHTS_NAME)
+        path = Path(cached) if isinstance(cached, str) else path
+    try:
+        with safe_open(str(path), "pt") as f:
+            keys = list(f.keys())
+        return "lora-moe" if any(".lora_route." in k for k in keys) else "lora"
+    except Exception:  # noqa: BLE001 - missing or unreadable: the load will say why
+        return "unknown"
+
+
+def _load_adapter(pipe, lora: str, settings: Settings) -> AdapterInfo:
+    from plugins.icedit import moe
+
+    if lora == TINY_MOE:
+        state = moe.synthetic_checkpoint(pipe.transformer, num_experts=4, rank=4, seed=1, scale=0.3)
+    elif adapter_kind(lora) == "lora-moe":
+        state = moe.read_checkpoint(lora)
+    else:
+        return _load_stock_lora(pipe, lora, settings.lora_scale)
+    report = moe.load_lora_moe(pipe.transformer, state, top_k=settings.top_k)
+    moe.set_scale(pipe.transformer, settings.lora_scale)
+    return AdapterInfo(kind="lora-moe", source=lora, keys=report.keys, num_experts=report.num_experts,
+                       top_k=report.top_k, scale=settings.lora_scale)
+
+
+def _load_stock_lora(pipe, lora: str, scale: float) -> AdapterInfo:
     if _is_local(lora) and not Path(lora).expanduser().exists():
         raise UserError(f"{lora}: no such LoRA file or folder")
+    ref = str(Path(lora).expanduser()) if _is_local(lora) else lora
     try:
-        pipe.load_lora_weights(str(Path(lora).expanduser()) if _is_local(lora) else lora, use_safetensors=True)
+        state = pipe.lora_state_dict(ref, use_safetensors=True)
+        keys = len(state[0] if isinstance(state, tuple) else state)
+        pipe.load_lora_weights(ref, adapter_name="icedit", use_safetensors=True)
     except Exception as e:  # noqa: BLE001 - every loader failure becomes one line
         raise _fetch_error("LoRA", lora, e) from None
+    pipe.set_adapters(["icedit"], adapter_weights=[scale])
+    return AdapterInfo(kind="lora", source=lora, keys=keys, scale=scale)

@@ -54,6 +54,7 @@ class LoraMoeLinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, num_experts * rank, **kw))
         self.lora_route = nn.Parameter(torch.zeros(num_experts, base.in_features, **kw))
         self.enabled = True
+        self.scale = 1.0
 
     @property
     def in_features(self) -> int:
@@ -75,7 +76,8 @@ class LoraMoeLinear(nn.Module):
             return out
         hidden = F.linear(x, self.lora_A).unflatten(-1, (self.num_experts, self.rank))
         hidden = (hidden * self.gates(x).unsqueeze(-1)).flatten(-2)
-        return out + F.linear(hidden, self.lora_B)
+        delta = F.linear(hidden, self.lora_B)
+        return out + (delta if self.scale == 1.0 else self.scale * delta)
 
 
 class LoadReport(BaseModel):
@@ -288,6 +290,15 @@ def save_lora_moe(transformer: nn.Module, path: str | Path) -> Path:
         raise UserError("the model carries no LoRA-MoE adapter to save")
     save_file(state, path, metadata={"format": "pt"})
     return path
+
+
+def set_scale(transformer: nn.Module, scale: float) -> None:
+    """Adapter strength for plain and MoE layers alike (1 = the published function)."""
+    if getattr(transformer, "peft_config", None) and ADAPTER in transformer.peft_config:
+        transformer.set_adapters([ADAPTER], weights=[scale])
+    for layer in transformer.modules():
+        if isinstance(layer, LoraMoeLinear):
+            layer.scale = scale
 
 
 @contextmanager

@@ -54,7 +54,7 @@ def instruction_clause(text: str) -> str:
         verb = "look " if (m.group(1) or "").startswith("look") else ""
         text = f"make it {verb}{m.group(2)}"
     elif _NOUN_PHRASE.match(text):
-        text = f"add {text}"
+        text = f"add {text[0].lower()}{text[1:]}"  # "A red scarf" -> "add a red scarf"
     first = text.split(" ", 1)[0]
     if first != "I" and not first.isupper():
         text = text[0].lower() + text[1:]
