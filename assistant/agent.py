@@ -158,7 +158,7 @@ class Agent:
         else:
             context = self._context(history, current.id) if current else []
             plan = self.rewriter.rewrite(image, message, context)
-            rewriter = self.settings.rewriter
+            rewriter = self.settings.rewriter + (f" -> {plan.fallback}" if plan.fallback else "")
         rewritten = time.perf_counter()
         common = {"message": message, "intent": plan.intent, "plan": plan, "rewriter": rewriter}
 

@@ -19,6 +19,9 @@ class EditPlan(BaseModel):
     description: str | None = None
     ic_prompt: str | None = None
     rationale: str = ""
+    fallback: str | None = Field(
+        None, description="set by a rewriter that handed over to another: 'rules (why)'; shown as 'qwen_vl -> rules (why)'"
+    )
 
 
 class TurnSummary(BaseModel):

@@ -32,6 +32,13 @@ class Settings(BaseSettings):
         "none", description="diffusers CPU offload: model (~24 GB GPU) or sequential (least memory, slowest)"
     )
     dtype: Literal["bfloat16", "float16", "float32"] | None = None
+    judge: str = Field("qwen_vl", description="judge plugin for the early filter")
+    vlm: str = Field("Qwen/Qwen2.5-VL-7B-Instruct", description="Qwen2.5-VL hub id or local folder ('none': no VLM)")
+    vlm_device: str | None = Field(None, description="device of the VLM (default: cuda when available)")
+    vlm_dtype: Literal["bfloat16", "float16", "float32"] | None = None
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = None
+    min_pixels: int = Field(256 * 28 * 28, ge=28 * 28, description="smallest image the VLM sees, in pixels")
+    max_pixels: int = Field(1024 * 28 * 28, ge=28 * 28, description="largest image the VLM sees, in pixels")
     steps: int = Field(28, ge=1, le=200)
     guidance: float = Field(50.0, gt=0, le=200)
 
