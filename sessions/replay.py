@@ -86,7 +86,10 @@ def load_script(path: Path) -> ReplayScript:
         return ReplayScript.model_validate(data)
     except ValidationError as e:
         first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "script"
+        loc = [str(p) for p in first["loc"]] or ["script"]
+        if len(loc) > 1 and loc[0] == "turns" and loc[1].isdigit():
+            loc = [f"turn {int(loc[1]) + 1}", *loc[2:]]  # people count turns from 1, as the output does
+        where = ": ".join([loc[0], ".".join(loc[1:])] if len(loc) > 1 else loc)
         raise UserError(f"{path}: {where}: {first['msg']}") from None
 
 
@@ -116,6 +119,9 @@ def run_script(
     base = script_path.parent
     agent = Agent(store, session, settings)
     pending = (load_image(confined(base, script.source)), f"open {script.source}")
+    for n, step in enumerate(script.turns, start=1):  # every file the script names, before any turn runs
+        if step.open is not None and not confined(base, step.open).is_file():
+            raise UserError(f"turn {n}: {step.open}: no such file beside the script")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -127,6 +133,8 @@ def run_script(
             pending = None
             row |= {"open": step.open, "intent": "open", "reply": f"opened {step.open}"}
         elif step.command is not None:
+            if pending is not None and agent.history() is None:
+                raise UserError(f"turn {n}: nothing to {step.command} yet: the first edit opens {script.source}")
             turn = agent.move(step.command)
             row |= {"command": step.command, "intent": step.command, "reply": f"cursor at #{turn.id}"}
         else:

@@ -111,6 +111,9 @@ class Store:
             self.db.execute("PRAGMA journal_mode = WAL")
             self.db.execute("PRAGMA foreign_keys = ON")
             self._migrate()
+        except UserError:
+            self.db.close()
+            raise
         except sqlite3.DatabaseError as e:
             raise UserError(f"cannot open the session store {self.path}: {e}") from None
 
@@ -267,6 +270,7 @@ class Store:
         with self._tx() as db:
             session_id, cursor = self._session(db, name)
             self._log(db, session_id, replies, cursor, now)
+            db.execute("UPDATE sessions SET updated = ? WHERE id = ?", (now, session_id))
 
     @staticmethod
     def _log(db, session_id: int, replies, turn_id: int | None, now: str) -> None:

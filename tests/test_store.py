@@ -50,7 +50,7 @@ def tree(store):
 
 
 def test_undo_goes_to_the_parent_and_redo_to_the_newest_child(store, tree):
-    opened, a, b = tree
+    _, a, b = tree
     h = store.history("s")
     assert h.cursor == b.id
     assert h.undo_target().id == a.id
@@ -75,7 +75,7 @@ def test_a_new_turn_after_undo_makes_a_branch_and_undo_deletes_nothing(store, tr
 
 
 def test_undo_at_the_root_and_redo_at_a_leaf_are_clear_errors(store, tree):
-    opened, a, b = tree
+    opened = tree[0]
     with pytest.raises(UserError, match=r"^nothing to redo in session 's'$"):
         store.history("s").redo_target()
     store.move_cursor("s", opened.id)
@@ -121,7 +121,7 @@ def test_images_are_content_addressed(store):
 
 
 def test_reopen_keeps_sessions_turns_cursor_and_images(settings, tree, store):
-    opened, a, b = tree
+    a = tree[1]
     store.move_cursor("s", a.id, [("user", "undo")])
     history, sessions, transcript = store.history("s"), store.sessions(), store.transcript("s")
     images = {t.image_sha256: store.image(t.image_sha256) for t in history.turns}
