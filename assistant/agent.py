@@ -70,12 +70,19 @@ class Agent:
         self.settings = settings
         self._engine = None
         self._rewriter = None
+        self._judge = None
 
     @property
     def engine(self):
         if self._engine is None:
             self._engine = plugins.get("engines", self.settings.engine).factory(self.settings)
         return self._engine
+
+    @property
+    def judge(self):
+        if self._judge is None:
+            self._judge = plugins.get("judges", self.settings.judge).factory(self.settings)
+        return self._judge
 
     @property
     def rewriter(self):
@@ -133,6 +140,8 @@ class Agent:
         steps: int | None = None,
         guidance: float | None = None,
         native_size: bool = False,
+        candidates: int | None = None,
+        early_steps: int | None = None,
         events: Callable[[EngineEvent], None] = lambda event: None,
         cancel: threading.Event | None = None,
     ) -> TurnOutcome:
@@ -180,6 +189,7 @@ class Agent:
             seed = current.seed + 1 if seed is None else seed
             current = history.turn(current.parent)
             image = self.image(current)
+        candidates = candidates or params.get("candidates") or self.settings.candidates
         request = EditRequest(
             source=image,
             plan=plan,
@@ -187,6 +197,9 @@ class Agent:
             steps=steps or params.get("steps") or self.settings.steps,
             guidance=guidance or params.get("guidance") or self.settings.guidance,
             native_size=native_size,
+            candidates=candidates,
+            early_steps=early_steps or params.get("early_steps") or self.settings.early_steps,
+            judge=self.judge if candidates > 1 else None,
         )
         result = self.engine.edit(request, events, cancel or threading.Event())
         edited = time.perf_counter()
@@ -210,6 +223,7 @@ class Agent:
                 "random_weights": result.random_weights,
                 "nfe": result.nfe,
                 "adapter": result.adapter.model_dump() if result.adapter else None,
+                **self._filter_params(request, result),
             },
             timings=result.timings,
             replies=[("user", message), ("assistant", plan.rationale)],
@@ -228,11 +242,30 @@ class Agent:
             timings=timings,
         )
 
+    def _filter_params(self, request: EditRequest, result: EditResult) -> dict[str, Any]:
+        """What a replay needs to re-run the same early-filter selection."""
+        if not result.candidates:
+            return {}
+        return {
+            "candidates": request.candidates,
+            "early_steps": request.early_steps,
+            "judge": self.settings.judge,
+            "base_seed": request.seed,
+            "candidate_seeds": [c.seed for c in result.candidates],
+            "verdicts": [v.model_dump() for v in result.verdicts],
+        }
+
     def move(self, intent: str, message: str | None = None) -> Turn:
         """Undo or redo (also the `icedit undo|redo` commands, /undo and /redo): the cursor moves."""
         history = self.store.history(self.session)
         target = history.undo_target() if intent == "undo" else history.redo_target()
         self.store.move_cursor(self.session, target.id, [("user", message or f"/{intent}")])
+        return target
+
+    def jump(self, turn_id: int, message: str | None = None) -> Turn:
+        """Move the cursor to any turn (the chat's /branch N and tree); the next edit from there branches."""
+        target = self.store.history(self.session).turn(turn_id)
+        self.store.move_cursor(self.session, target.id, [("user", message or f"/branch {turn_id}")])
         return target
 
     def _context(self, history: History, turn_id: int) -> list[TurnSummary]:
@@ -268,4 +301,7 @@ def describe(outcome: TurnOutcome, **extra: Any) -> dict[str, Any]:
             "adapter": outcome.result.adapter.model_dump() if outcome.result.adapter else None,
             "timings": {k: round(v, 4) for k, v in outcome.timings.items()},
         }
+        if outcome.result.candidates:
+            out["candidates"] = [c.model_dump() for c in outcome.result.candidates]
+            out["verdicts"] = [v.model_dump() for v in outcome.result.verdicts]
     return out | extra

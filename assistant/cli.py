@@ -24,14 +24,22 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except click.UsageError as e:
+            if e.ctx is None or isinstance(e, click.exceptions.NoArgsIsHelpError):
+                raise
+            raise _fail(f"{e.format_message()} (see `{e.ctx.command_path} --help`)", 2) from None
         except UserError as e:
-            err = click.ClickException(str(e))
-            err.exit_code = e.exit_code
-            raise err from None
+            raise _fail(str(e), e.exit_code) from None
         except KeyboardInterrupt:
-            err = click.ClickException("interrupted: nothing was saved")
-            err.exit_code = 130
-            raise err from None
+            raise _fail("interrupted: nothing was saved", 130) from None
+        finally:
+            _Progress.end()
+
+
+def _fail(message: str, exit_code: int) -> click.ClickException:
+    err = click.ClickException(message)
+    err.exit_code = exit_code
+    return err
 
 
 def _emit(data: Any) -> None:
@@ -39,15 +47,21 @@ def _emit(data: Any) -> None:
 
 
 def _settings(**overrides: Any):
+    """Settings from ICEDIT_* and the options; the chosen engine checks them before any model loads."""
     from pydantic import ValidationError
 
+    from assistant import plugins
     from assistant.settings import Settings
 
     try:
-        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+        settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as e:
         first = e.errors()[0]
         raise UserError(f"bad setting {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    spec = plugins.get("engines", settings.engine)
+    if spec.describe is not None:
+        spec.describe(settings)  # an unknown preset fails here, in one line
+    return settings
 
 
 def _store(settings):
@@ -82,9 +96,23 @@ def _cancel_on_sigint() -> Iterator[threading.Event]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _progress(event) -> None:
-    if sys.stderr.isatty() and event.kind == "step":
-        click.echo(f"\r{event.phase} step {event.i}/{event.n}   ", err=True, nl=event.i == event.n)
+class _Progress:
+    """One self-overwriting status line on a terminal's stderr; `end` closes it before other output."""
+
+    open = False
+
+    @classmethod
+    def show(cls, event) -> None:
+        if sys.stderr.isatty() and event.kind == "step":
+            text = f"{event.phase}..." if event.i == 0 else f"{event.phase} step {event.i}/{event.n}"
+            click.echo(f"\r{text:<30}", err=True, nl=False)
+            cls.open = True
+
+    @classmethod
+    def end(cls) -> None:
+        if cls.open:
+            click.echo(err=True)
+            cls.open = False
 
 
 @click.group(cls=_Group)
@@ -100,6 +128,9 @@ engine_options = [
     click.option("--lora-scale", type=click.FloatRange(0, 4), help="adapter strength (default 1, as trained)"),
     click.option("--top-k", type=click.IntRange(1, 64), help="experts per token of a LoRA-MoE adapter (default 1)"),
     click.option("--offload", type=click.Choice(["none", "model", "sequential"]), help="CPU offload on small GPUs"),
+    click.option("--candidates", type=click.IntRange(1, 16), help="early filter: noises to try (default 1 = off)"),
+    click.option("--early-steps", type=click.IntRange(1, 199), help="early filter: steps before judging (default 4)"),
+    click.option("--judge", help="judge plugin for the early filter (default qwen_vl)"),
     click.option("--engine", help="engine plugin (see `icedit plugins`)"),
     click.option("--rewriter", help="rewriter plugin: rules (default, offline) or another registered one"),
     click.option("--device", help="torch device (default: cuda when available, else cpu)"),
@@ -122,9 +153,11 @@ def with_engine_options(fn):
 @click.option("--steps", type=click.IntRange(1, 200), help="denoising steps (default 28)")
 @click.option("--guidance", type=click.FloatRange(0, 200, min_open=True), help="guidance (default 50)")
 @click.option("--native-size", is_flag=True, help="keep the 512-wide panel instead of the source's size")
+@click.option("--save-candidates", type=click.Path(path_type=Path), help="folder for the early filter's previews")
 @with_engine_options
 @click.option("--json", "json_", is_flag=True, help="print the result as JSON")
-def edit(image, instruction, output, session, seed, steps, guidance, native_size, json_, **options) -> None:
+def edit(image, instruction, output, session, seed, steps, guidance, native_size, save_candidates, json_,
+         **options) -> None:
     """Edit IMAGE as INSTRUCTION says, e.g. icedit edit cat.png "make it look like winter"."""
     from assistant.agent import Agent, check_message, describe
     from assistant.images import load_image, sha256
@@ -144,7 +177,7 @@ def edit(image, instruction, output, session, seed, steps, guidance, native_size
             steps=steps,
             guidance=guidance,
             native_size=native_size,
-            events=_progress,
+            events=_Progress.show,
             cancel=cancel,
         )
     turn = outcome.turn
@@ -155,8 +188,12 @@ def edit(image, instruction, output, session, seed, steps, guidance, native_size
         output = output or Path(f"{image.stem}-{outcome.result.seed}.png")
         try:
             output.write_bytes(store.image(turn.image_sha256))
+            if save_candidates and outcome.result.candidates:
+                save_candidates.mkdir(parents=True, exist_ok=True)
+                for c in outcome.result.candidates:
+                    c.preview.save(save_candidates / f"candidate-{c.seed}.png")
         except OSError as e:
-            raise UserError(f"cannot write {output}: {e.strerror}") from None
+            raise UserError(f"cannot write {e.filename}: {e.strerror}") from None
     if json_:
         _emit(describe(outcome, session=session, output=str(output) if output else None))
     else:

@@ -23,6 +23,8 @@ def load_image(path: str | Path) -> Image.Image:
         raise UserError(f"{path} is a folder, not an image")
     if not path.exists():
         raise UserError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path}: the file is empty")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

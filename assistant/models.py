@@ -43,6 +43,9 @@ class EditRequest(BaseModel):
     steps: int = Field(28, ge=1, le=200)
     guidance: float = Field(50.0, gt=0, le=200)
     native_size: bool = Field(False, description="keep the 512-wide panel instead of the source size")
+    candidates: int = Field(1, ge=1, le=16, description="early filter: noises tried (seeds seed .. seed+M-1)")
+    early_steps: int = Field(4, ge=1, le=199, description="early filter: steps run for every candidate")
+    judge: Any = Field(None, exclude=True, description="the Judge comparing candidates (when candidates > 1)")
 
 
 class AdapterInfo(BaseModel):
@@ -54,6 +57,30 @@ class AdapterInfo(BaseModel):
     num_experts: int = 0
     top_k: int | None = None
     scale: float = 1.0
+
+
+class CandidateInfo(BaseModel):
+    """One early-filter candidate: its seed, its x0 preview after the early steps, how it fared."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    seed: int
+    preview: Image.Image = Field(exclude=True)
+    preview_sha256: str
+    wins: int = 0
+    score: float = Field(0.0, description="sum over its matches of the probability it was the better one")
+
+
+class VerdictInfo(BaseModel):
+    """One tournament match: p = P(a follows the instruction better than b), both orders averaged."""
+
+    a: int = Field(description="seed of the current best")
+    b: int = Field(description="seed of the challenger")
+    p: float
+    p_ab: float | None = None
+    p_ba: float | None = None
+    winner: int
+    note: str | None = Field(None, description="set when the judge failed and seed order decided")
 
 
 class EditResult(BaseModel):
@@ -68,6 +95,8 @@ class EditResult(BaseModel):
     timings: dict[str, float] = {}
     random_weights: bool = False
     adapter: AdapterInfo | None = None
+    candidates: list[CandidateInfo] = []
+    verdicts: list[VerdictInfo] = []
 
 
 class Step(BaseModel):
@@ -78,10 +107,13 @@ class Step(BaseModel):
 
 
 class Candidates(BaseModel):
+    """The early filter's x0 previews (right panels), one per seed, before the judge looks."""
+
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     kind: Literal["candidates"] = "candidates"
-    previews: list[Any]
+    seeds: list[int]
+    previews: list[Image.Image]
 
 
 class Verdict(BaseModel):

@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = None
     min_pixels: int = Field(256 * 28 * 28, ge=28 * 28, description="smallest image the VLM sees, in pixels")
     max_pixels: int = Field(1024 * 28 * 28, ge=28 * 28, description="largest image the VLM sees, in pixels")
+    vlm_max_new_tokens: int = Field(256, ge=1, le=4096, description="longest answer the VLM rewriter may give")
+    candidates: int = Field(1, ge=1, le=16, description="early filter: noises tried per edit (1 = off)")
+    early_steps: int = Field(4, ge=1, le=199, description="early filter: steps each candidate runs before judging")
     steps: int = Field(28, ge=1, le=200)
     guidance: float = Field(50.0, gt=0, le=200)
 

@@ -45,9 +45,11 @@ def export_script(store: Store, name: str, script: Path) -> list[Path]:
                     {
                         "say": child.message,
                         "instruction": child.plan.get("instruction"),
-                        "seed": child.seed,
+                        "seed": child.params.get("base_seed", child.seed),
                         "steps": child.params.get("steps"),
                         "guidance": child.params.get("guidance"),
+                        "candidates": child.params.get("candidates"),
+                        "early_steps": child.params.get("early_steps"),
                     }
                 )
             visit(child, history)
@@ -58,8 +60,13 @@ def export_script(store: Store, name: str, script: Path) -> list[Path]:
         script.parent.mkdir(parents=True, exist_ok=True)
         source = image_file(roots[0])
         visit(roots[0], history)
+        header = {"source": source}
+        for key in ("preset", "judge", "engine"):  # settings every edit of the session shared
+            values = {t.params.get(key) for t in history.turns if t.kind == "edit"}
+            if len(values) == 1 and None not in values:
+                header[key] = values.pop()
         lines = [f"# replay of session {json.dumps(name)}: icedit replay {script.name} --out DIR",
-                 f"source = {json.dumps(source)}", ""]
+                 *_toml_table(header), ""]
         for turn in turns:
             lines += ["[[turns]]", *_toml_table(turn), ""]
         script.write_text("\n".join(lines), "utf-8")

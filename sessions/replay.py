@@ -41,14 +41,17 @@ class ReplayTurn(BaseModel):
     seed: int | None = Field(None, ge=0, lt=2**63)
     steps: int | None = Field(None, ge=1, le=200)
     guidance: float | None = Field(None, gt=0, le=200)
+    candidates: int | None = Field(None, ge=1, le=16)
+    early_steps: int | None = Field(None, ge=1, le=199)
 
     @model_validator(mode="after")
     def _one_action(self) -> ReplayTurn:
         actions = [k for k in ("say", "command", "open") if getattr(self, k) is not None]
         if len(actions) != 1:
             raise ValueError("a turn needs exactly one of say, command, open")
-        if self.say is None and any(v is not None for v in (self.instruction, self.seed, self.steps, self.guidance)):
-            raise ValueError("instruction, seed, steps and guidance go with say")
+        extras = (self.instruction, self.seed, self.steps, self.guidance, self.candidates, self.early_steps)
+        if self.say is None and any(v is not None for v in extras):
+            raise ValueError("instruction, seed, steps, guidance, candidates and early_steps go with say")
         return self
 
 
@@ -59,6 +62,9 @@ class ReplayScript(BaseModel):
     seed: int = Field(0, ge=0, lt=2**62)
     steps: int | None = Field(None, ge=1, le=200)
     guidance: float | None = Field(None, gt=0, le=200)
+    candidates: int | None = Field(None, ge=1, le=16)
+    early_steps: int | None = Field(None, ge=1, le=199)
+    judge: str | None = None
     preset: str | None = None
     engine: str | None = None
     rewriter: str | None = None
@@ -66,7 +72,7 @@ class ReplayScript(BaseModel):
 
     def settings(self) -> dict[str, Any]:
         """The script's engine settings (the command line's options win over them)."""
-        keys = ("steps", "guidance", "preset", "engine", "rewriter")
+        keys = ("steps", "guidance", "candidates", "early_steps", "judge", "preset", "engine", "rewriter")
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
@@ -145,6 +151,8 @@ def run_script(
                 seed=script.seed + n if step.seed is None else step.seed,
                 steps=step.steps,
                 guidance=step.guidance,
+                candidates=step.candidates,
+                early_steps=step.early_steps,
                 cancel=cancel,
             )
             turn = outcome.turn or (agent.current() if agent.history() else None)
@@ -152,6 +160,9 @@ def run_script(
                 pending = None
                 row |= {"seed": outcome.result.seed, "nfe": outcome.result.nfe,
                         "random_weights": outcome.result.random_weights}
+                if outcome.result.candidates:
+                    row["candidate_seeds"] = [c.seed for c in outcome.result.candidates]
+                    row["verdicts"] = [v.model_dump() for v in outcome.result.verdicts]
             row |= {"say": step.say, "intent": outcome.intent, "instruction": outcome.plan.instruction,
                     "reply": outcome.reply}
         row["output"] = None

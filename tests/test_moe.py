@@ -24,11 +24,11 @@ from plugins.icedit.moe import (
 )
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "icedit_moe_lora"
-FLUX_FILL = dict(  # black-forest-labs/FLUX.1-Fill-dev transformer/config.json
-    patch_size=1, in_channels=384, out_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-    axes_dims_rope=(16, 56, 56),
-)
+FLUX_FILL = {  # black-forest-labs/FLUX.1-Fill-dev transformer/config.json
+    "patch_size": 1, "in_channels": 384, "out_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
+    "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768, "guidance_embeds": True,
+    "axes_dims_rope": (16, 56, 56),
+}
 needs_fixture = pytest.mark.skipif(not FIXTURE.exists(), reason="../shared/fixtures is not beside this checkout")
 
 
@@ -107,23 +107,23 @@ def spec_reference(model, state, top_k):
 
 def small_flux(**kw):
     torch.manual_seed(1)
-    cfg = dict(patch_size=1, in_channels=24, out_channels=8, num_layers=2, num_single_layers=3, attention_head_dim=8,
-               num_attention_heads=3, joint_attention_dim=16, pooled_projection_dim=12, guidance_embeds=True,
-               axes_dims_rope=(2, 2, 4))
+    cfg = {"patch_size": 1, "in_channels": 24, "out_channels": 8, "num_layers": 2, "num_single_layers": 3, "attention_head_dim": 8,
+               "num_attention_heads": 3, "joint_attention_dim": 16, "pooled_projection_dim": 12, "guidance_embeds": True,
+               "axes_dims_rope": (2, 2, 4)}
     return FluxTransformer2DModel(**cfg | kw).eval()
 
 
 def small_inputs(tokens=10, text=5):
     g = torch.Generator().manual_seed(2)
-    return dict(
-        hidden_states=torch.randn(2, tokens, 24, generator=g),
-        encoder_hidden_states=torch.randn(2, text, 16, generator=g),
-        pooled_projections=torch.randn(2, 12, generator=g),
-        timestep=torch.tensor([0.3, 0.8]),
-        guidance=torch.tensor([50.0, 50.0]),
-        img_ids=torch.randn(tokens, 3, generator=g),
-        txt_ids=torch.zeros(text, 3),
-    )
+    return {
+        "hidden_states": torch.randn(2, tokens, 24, generator=g),
+        "encoder_hidden_states": torch.randn(2, text, 16, generator=g),
+        "pooled_projections": torch.randn(2, 12, generator=g),
+        "timestep": torch.tensor([0.3, 0.8]),
+        "guidance": torch.tensor([50.0, 50.0]),
+        "img_ids": torch.randn(tokens, 3, generator=g),
+        "txt_ids": torch.zeros(text, 3),
+    }
 
 
 @pytest.mark.parametrize(("experts", "rank", "top_k"), [(4, 4, 1), (3, 2, 2), (5, 3, 3), (2, 6, 2)])

@@ -9,8 +9,8 @@ from assistant import plugins
 from assistant.cli import cli
 from assistant.errors import UserError
 from assistant.hookspecs import hookimpl
-from assistant.plugins import RewriterSpec, get_plugin_manager
 from assistant.models import EditPlan
+from assistant.plugins import RewriterSpec, get_plugin_manager
 
 
 def test_builtins_register_their_engine_and_rewriter():

@@ -110,7 +110,7 @@ OK_TURN = '[[turns]]\nsay = "add a hat"\n'
         ('source = "cat.png"\n[[turns]]\nsay = "x"\ncommand = "undo"\n',
          "s.toml: turn 1: Value error, a turn needs exactly one of say, command, open"),
         ('source = "cat.png"\n[[turns]]\ncommand = "undo"\nseed = 3\n',
-         "s.toml: turn 1: Value error, instruction, seed, steps and guidance go with say"),
+         "s.toml: turn 1: Value error, instruction, seed, steps, guidance, candidates and early_steps go with say"),
         ('source = "cat.png"\n[[turns]]\ncommand = "jump"\n', "s.toml: turn 1: command: Input should be 'undo' or 'redo'"),
         ('source = "cat.png"\nturns = []\n', "s.toml: turns: List should have at least 1 item after validation, not 0"),
         ('source = "cat.png"\n', "s.toml: turns: Field required"),

@@ -13,6 +13,7 @@ from assistant.errors import Cancelled, UserError
 from assistant.models import AdapterInfo, EditRequest, EditResult, EngineEvent, Step
 from assistant.settings import Settings
 from plugins.icedit.diptych import make_diptych, right_panel
+from plugins.icedit.early_filter import early_filter
 from plugins.icedit.sampler import FillSampler
 
 
@@ -50,13 +51,28 @@ class IceditEngine:
         try:
             cond = sampler.prepare(canvas, mask, ic_prompt, request.steps, request.guidance)
             encoded = time.perf_counter()
-            latents = sampler.denoise(
-                cond,
-                sampler.start(cond, [request.seed]),
-                request.steps,
-                on_step=lambda i, n: events(Step(i=i, n=n, phase="denoise")),
-                cancel=cancel,
-            )
+            candidates, verdicts = [], []
+            if request.candidates > 1:
+                latents, candidates, verdicts = early_filter(
+                    sampler,
+                    cond,
+                    judge=request.judge,
+                    instruction=request.plan.instruction,
+                    source=request.source,
+                    seed=request.seed,
+                    candidates=request.candidates,
+                    early_steps=request.early_steps,
+                    events=events,
+                    cancel=cancel,
+                )
+            else:
+                latents = sampler.denoise(
+                    cond,
+                    sampler.start(cond, [request.seed]),
+                    request.steps,
+                    on_step=lambda i, n: events(Step(i=i, n=n, phase="denoise")),
+                    cancel=cancel,
+                )
             denoised = time.perf_counter()
             events(Step(i=request.steps, n=request.steps, phase="decode"))
             painted = sampler.decode(cond, latents.x)[0]
@@ -69,9 +85,9 @@ class IceditEngine:
         image = right_panel(painted, None if request.native_size else request.source.size)
         return EditResult(
             image=image,
-            seed=request.seed,
+            seed=latents.seeds[0],
             ic_prompt=ic_prompt,
-            nfe=request.steps,
+            nfe=request.steps + (request.candidates - 1) * request.early_steps if candidates else request.steps,
             timings={
                 "load": loaded - started,
                 "encode": encoded - loaded,
@@ -79,5 +95,7 @@ class IceditEngine:
                 "decode": finished - denoised,
             },
             adapter=self.adapter,
+            candidates=candidates,
+            verdicts=verdicts,
             random_weights=self.random_weights,
         )

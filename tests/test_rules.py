@@ -1,0 +1,95 @@
+"""The offline rules rewriter: a plain request in, an EditPlan in ICEdit's instruction form out."""
+
+import pytest
+
+import prompts
+from plugins.rules.rewriter import RulesRewriter
+
+IC_PREFIX = (
+    "A diptych with two side-by-side images of the same scene. "
+    "On the right, the scene is exactly the same as on the left but "
+)
+
+
+def rewrite(message: str):
+    return RulesRewriter().rewrite(None, message, [])
+
+
+@pytest.mark.parametrize(
+    ("message", "instruction"),
+    [
+        ("Please make it look like winter!", "make it look like winter"),
+        ("make it look like winter, please!", "make it look like winter"),
+        ("Please make it look like winter please", "make it look like winter"),
+        ("could you add a red scarf, thanks", "add a red scarf"),
+        ("hey, can you please make it snowy?", "make it snowy"),
+        ("Let's add a hat", "add a hat"),
+        ("a red scarf", "add a red scarf"),
+        ("A red scarf", "add a red scarf"),
+        ("an owl on the branch", "add an owl on the branch"),
+        ("Some snow on the roof", "add some snow on the roof"),
+        ("I want it to look like autumn", "make it look like autumn"),
+        ("I would like it to be snowy", "make it snowy"),
+        ("it should be brighter.", "make it brighter"),
+        ("The image needs to be sharper", "make it sharper"),
+        ("This should look like a painting", "make it look like a painting"),
+        ("Make the sky PINK", "make the sky PINK"),
+        ("NASA logo on the shirt", "NASA logo on the shirt"),
+        ('"add snow"', "add snow"),
+        ("  add   snow  ", "add snow"),
+    ],
+)
+def test_a_request_becomes_an_instruction_and_its_ic_prompt(message, instruction):
+    plan = rewrite(message)
+    assert plan.intent == "edit"
+    assert plan.instruction == instruction
+    assert plan.ic_prompt == prompts.render("ic_edit.txt", instruction=instruction)
+    assert plan.ic_prompt == IC_PREFIX + instruction
+    assert plan.rationale == "rules: used your request as the edit instruction"
+
+
+def test_the_ic_prompt_template_is_icedits_diptych_sentence():
+    assert prompts.render("ic_edit.txt", instruction="add a hat") == IC_PREFIX + "add a hat"
+    assert rewrite("add a hat").ic_prompt.startswith(IC_PREFIX)
+
+
+@pytest.mark.parametrize(
+    ("message", "intent"),
+    [
+        ("undo that", "undo"),
+        ("no, undo that please", "undo"),
+        ("Undo.", "undo"),
+        ("go back", "undo"),
+        ("oops, go back", "undo"),
+        ("revert it", "undo"),
+        ("redo", "redo"),
+        ("Redo please", "redo"),
+        ("put it back", "redo"),
+        ("try another seed", "retry"),
+        ("another seed please", "retry"),
+        ("Try again", "retry"),
+        ("Reroll", "retry"),
+        ("give me a different version", "retry"),
+    ],
+)
+def test_history_moves_and_retries_are_read_as_such_without_an_instruction(message, intent):
+    plan = rewrite(message)
+    assert plan.intent == intent
+    assert plan.instruction is None
+    assert plan.ic_prompt is None
+    assert plan.rationale == f"rules: read this as {intent}"
+
+
+@pytest.mark.parametrize("message", ["please", "Please!", "thank you", "Hey!", "no", "   ", ""])
+def test_nothing_but_politeness_asks_what_to_change(message):
+    plan = rewrite(message)
+    assert plan.intent == "clarify"
+    assert plan.instruction is None
+    assert plan.ic_prompt is None
+    assert plan.rationale == "What would you like to change in the picture?"
+
+
+def test_undo_inside_a_longer_request_is_an_edit_not_a_history_move():
+    plan = rewrite("undo the snow and add rain")
+    assert plan.intent == "edit"
+    assert plan.instruction == "undo the snow and add rain"
