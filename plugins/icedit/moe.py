@@ -70,13 +70,16 @@ class LoraMoeLinear(nn.Module):
         top, index = logits.topk(self.top_k, dim=-1)
         return torch.zeros_like(logits).scatter(-1, index, top.softmax(dim=-1))
 
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """The experts' contribution: gate the N rank-r slices of A x, then one matmul with B."""
+        hidden = F.linear(x, self.lora_A).unflatten(-1, (self.num_experts, self.rank))
+        return F.linear((hidden * self.gates(x).unsqueeze(-1)).flatten(-2), self.lora_B)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         if not self.enabled:
             return out
-        hidden = F.linear(x, self.lora_A).unflatten(-1, (self.num_experts, self.rank))
-        hidden = (hidden * self.gates(x).unsqueeze(-1)).flatten(-2)
-        delta = F.linear(hidden, self.lora_B)
+        delta = self.delta(x)
         return out + (delta if self.scale == 1.0 else self.scale * delta)
 
 

@@ -1,0 +1,89 @@
+"""LoRA-MoE forward: our stacked layer vs the reference formulation, side by side at FLUX shapes.
+
+The reference (ICEdit's patched peft) applies every expert to every token and weights the
+results: N pairs of matmuls. Ours stacks the experts: two matmuls and a gate. Shapes are the two
+MoE targets of FLUX.1 Fill: double blocks' ff.net.2 (12288 -> 3072) and single blocks' proj_out
+(15360 -> 3072), 4 experts of rank 32, 3584 tokens (a 1024x768 diptych + 512 text tokens).
+
+    python benchmarks/moe.py --quick      # fewer tokens, for a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch import nn
+
+from plugins.icedit.moe import LoraMoeLinear
+
+
+class ReferenceMoe(nn.Module):
+    """Every expert on every token, weighted by the top-k softmax gate (the published formulation)."""
+
+    def __init__(self, layer: LoraMoeLinear):
+        super().__init__()
+        self.layer = layer
+        self.a = list(layer.lora_A.split(layer.rank, dim=0))
+        self.b = list(layer.lora_B.split(layer.rank, dim=1))
+
+    def delta(self, x):
+        gates = self.layer.gates(x)
+        out = 0
+        for i, (a, b) in enumerate(zip(self.a, self.b, strict=True)):
+            out = out + gates[..., i : i + 1] * nn.functional.linear(nn.functional.linear(x, a), b)
+        return out
+
+    def forward(self, x):
+        return self.layer.base(x) + self.delta(x)
+
+
+def timed(fn, x, repeats: int) -> float:
+    fn(x)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(x)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="512 tokens instead of 3584")
+    parser.add_argument("--tokens", type=int, default=3584)
+    parser.add_argument("--experts", type=int, default=4)
+    parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    tokens = 512 if args.quick else args.tokens
+    torch.manual_seed(0)
+    ratios = []
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {tokens} tokens, "
+          f"{args.experts} experts of rank {args.rank}, float32 CPU")
+    print("The base Linear is the same on both sides; the adapter columns time the experts' contribution alone.")
+    print(f"{'layer':<10} {'top-k':>5} {'base ms':>9} {'reference ms':>13} {'ours ms':>9} {'speedup':>8} "
+          f"{'ours/base':>10}")
+    with torch.no_grad():
+        for name, fan_in in (("ff.net.2", 12288), ("proj_out", 15360)):
+            base = nn.Linear(fan_in, 3072)
+            x = torch.randn(1, tokens, fan_in)
+            for top_k in (1, 2):
+                layer = LoraMoeLinear(base, args.experts, args.rank, top_k)
+                for p in (layer.lora_A, layer.lora_B, layer.lora_route):
+                    p.normal_(std=0.02)
+                reference = ReferenceMoe(layer)
+                assert torch.allclose(layer(x), reference(x), atol=1e-4)
+                t_base = timed(base, x, args.repeats)
+                t_ref = timed(reference.delta, x, args.repeats)
+                t_ours = timed(layer.delta, x, args.repeats)
+                ratios.append(t_ref / t_ours)
+                print(f"{name:<10} {top_k:>5} {t_base * 1e3:>9.2f} {t_ref * 1e3:>13.2f} {t_ours * 1e3:>9.2f} "
+                      f"{t_ref / t_ours:>7.2f}x {t_ours / t_base:>9.1%}")
+    geo = torch.tensor(ratios).log().mean().exp().item()
+    print(f"speedup {geo:.2f}")
+
+
+if __name__ == "__main__":
+    main()
