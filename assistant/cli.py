@@ -128,11 +128,13 @@ engine_options = [
     click.option("--lora-scale", type=click.FloatRange(0, 4), help="adapter strength (default 1, as trained)"),
     click.option("--top-k", type=click.IntRange(1, 64), help="experts per token of a LoRA-MoE adapter (default 1)"),
     click.option("--offload", type=click.Choice(["none", "model", "sequential"]), help="CPU offload on small GPUs"),
+    click.option("--quantize", type=click.Choice(["none", "int8", "fp8"]), help="weight-only quantized transformer"),
     click.option("--candidates", type=click.IntRange(1, 16), help="early filter: noises to try (default 1 = off)"),
     click.option("--early-steps", type=click.IntRange(1, 199), help="early filter: steps before judging (default 4)"),
     click.option("--judge", help="judge plugin for the early filter (default qwen_vl)"),
     click.option("--engine", help="engine plugin (see `icedit plugins`)"),
     click.option("--rewriter", help="rewriter plugin: rules (default, offline) or another registered one"),
+    click.option("--vlm", help="Qwen2.5-VL hub id or local folder for --rewriter/--judge qwen_vl ('none': no VLM)"),
     click.option("--device", help="torch device (default: cuda when available, else cpu)"),
     click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), help="default: bf16 on CUDA"),
 ]
@@ -203,6 +205,41 @@ def edit(image, instruction, output, session, seed, steps, guidance, native_size
                        f"{outcome.result.image.size[1]}, sha256 {sha256(output.read_bytes())[:12]})")
     if outcome.result is not None and outcome.result.random_weights:
         click.echo(RANDOM_WEIGHTS_NOTE, err=True)
+    _fallback_note(outcome.rewriter)
+
+
+def _fallback_note(rewriter: str) -> None:
+    """Say on stderr when the chosen rewriter handed the message to another ("qwen_vl -> rules (why)")."""
+    if " -> " in rewriter:
+        click.echo(f"note: rewriter {rewriter}", err=True)
+
+
+@cli.command()
+@click.argument("image", type=click.Path(path_type=Path))
+@click.argument("request")
+@click.option("--rewriter", help="rewriter plugin: rules (default, offline), qwen_vl or another registered one")
+@click.option("--vlm", help="Qwen2.5-VL hub id or local folder for --rewriter qwen_vl ('none': no VLM)")
+@click.option("--json", "json_", is_flag=True, help="print the plan as JSON")
+def rewrite(image, request, rewriter, vlm, json_) -> None:
+    """Show the plan a rewriter makes of REQUEST for IMAGE; nothing is edited or stored."""
+    from assistant import plugins
+    from assistant.agent import check_message
+    from assistant.images import load_image
+
+    settings = _settings(rewriter=rewriter, vlm=vlm)
+    message = check_message(request)
+    source = load_image(image)
+    _quiet_libraries()
+    plan = plugins.get("rewriters", settings.rewriter).factory(settings).rewrite(source, message, [])
+    label = settings.rewriter + (f" -> {plan.fallback}" if plan.fallback else "")
+    if json_:
+        _emit(plan.model_dump() | {"rewriter": label})
+    else:
+        click.echo(f"{plan.intent}: {plan.instruction}" if plan.instruction else f"{plan.intent}: {plan.rationale}")
+        if plan.ic_prompt:
+            click.echo(f"IC prompt: {plan.ic_prompt}")
+        click.echo(f"why: {plan.rationale}")
+    _fallback_note(label)
 
 
 @cli.group(cls=_Group)
@@ -277,6 +314,18 @@ def sessions_export(name, script) -> None:
     click.echo(f"wrote {script} and {len(written) - 1} image(s) beside it")
 
 
+@sessions.command("sheet")
+@click.argument("name")
+@click.argument("output", type=click.Path(path_type=Path))
+def sessions_sheet(name, output) -> None:
+    """Write a contact sheet of NAME: every turn's image with its message, one row per branch."""
+    from sessions.sheet import write_sheet
+
+    with _store(_settings()) as store:
+        sheet = write_sheet(store, name, output)
+    click.echo(f"wrote {output} ({sheet.width}x{sheet.height})")
+
+
 def _move(name: str, intent: str, json_: bool) -> None:
     from assistant.agent import Agent
 
@@ -349,6 +398,23 @@ def plugins_cmd(json_, **options) -> None:
         click.echo(f"{row['name']}\t{'; '.join(parts) or 'hooks: ' + ', '.join(row['hooks'])}")
         for engine, info in row.get("engine_settings", {}).items():
             click.echo(f"  {engine}: " + ", ".join(f"{k} {v}" for k, v in info.items()))
+
+
+@cli.command()
+@click.argument("image", required=False, type=click.Path(path_type=Path))
+@click.option("--session", help="session to continue or start (default: a new chat-<timestamp>)")
+@with_engine_options
+def chat(image, session, **options) -> None:
+    """Chat about IMAGE (optional; /open PATH later) in a terminal app; the session is kept."""
+    from assistant.tui.app import make_app
+
+    settings = _settings(**options)
+    _quiet_libraries()
+    app = make_app(settings, session=session, image=image)
+    app.run()
+    if app.store.exists(app.session):
+        click.echo(f"session {app.session} is kept: icedit chat --session {app.session}")
+    app.store.close()
 
 
 def main() -> None:

@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     lora_scale: float = Field(1.0, ge=0, le=4, description="strength of the adapter (1 = as trained)")
     top_k: int = Field(1, ge=1, le=64, description="experts per token for a LoRA-MoE adapter (published: 1)")
     device: str | None = Field(None, description="cuda, cpu, ... (default: cuda when available)")
+    quantize: Literal["none", "int8", "fp8"] = Field(
+        "none", description="weight-only quantized transformer (torchao; fp8 needs a CUDA GPU of compute 8.9+)"
+    )
     offload: Literal["none", "model", "sequential"] = Field(
         "none", description="diffusers CPU offload: model (~24 GB GPU) or sequential (least memory, slowest)"
     )

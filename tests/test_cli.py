@@ -139,7 +139,7 @@ BAD_INPUTS = {
     "unknown engine": (None, "add snow", ["--engine", "nope"],
                        "Error: unknown engine 'nope' (available: fake, icedit)"),
     "unknown rewriter": (None, "add snow", [*FAKE, "--rewriter", "nope"],
-                         "Error: unknown rewriter 'nope' (available: rules)"),
+                         "Error: unknown rewriter 'nope' (available: qwen_vl, rules)"),
 }
 
 

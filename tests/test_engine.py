@@ -132,3 +132,21 @@ def test_tiny_moe_adapter_runs_end_to_end_and_top_k_and_scale_matter(photo):
 def test_offload_needs_a_gpu(photo):
     with pytest.raises(UserError, match="no GPU here"):
         run(IceditEngine(Settings(preset="tiny", offload="model")), request(photo))
+
+
+def test_int8_quantized_transformer_runs_and_stays_close(photo):
+    pytest.importorskip("torchao")
+    plain = run(IceditEngine(Settings(preset="tiny", lora="tiny-moe")), request(photo))[0]
+    engine = IceditEngine(Settings(preset="tiny", lora="tiny-moe", quantize="int8"))
+    quantized = run(engine, request(photo))[0]
+    weight = engine.pipeline().transformer.transformer_blocks[0].ff.net[2].base.weight
+    assert type(weight).__name__ == "Int8Tensor"  # the base layer is quantized ...
+    assert type(engine.pipeline().transformer.transformer_blocks[0].ff.net[2].lora_A) is torch.nn.Parameter
+    diff = np.abs(pixels(plain.image) - pixels(quantized.image))
+    assert 0 < diff.mean() < 8  # ... so the picture moves a little, not a lot
+
+
+def test_fp8_needs_a_recent_gpu(photo):
+    pytest.importorskip("torchao")
+    with pytest.raises(UserError, match="compute capability 8.9"):
+        run(IceditEngine(Settings(preset="tiny", quantize="fp8")), request(photo))

@@ -24,6 +24,7 @@ def _describe(settings):
         "top_k": settings.top_k,
         "lora_scale": settings.lora_scale,
         "offload": settings.offload,
+        "quantize": settings.quantize,
     }
 
 

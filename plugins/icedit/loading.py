@@ -61,6 +61,8 @@ def load_pipeline(settings: Settings):
         pipe = _from_pretrained(model, dtype)
     lora = settings.lora or preset.lora
     adapter = _load_adapter(pipe, lora, settings) if lora and lora != "none" else None
+    if settings.quantize != "none":
+        _quantize(pipe.transformer, settings.quantize, device)
     _place(pipe, device, settings.offload)
     return pipe, preset.random_weights and settings.model is None, adapter
 
@@ -74,6 +76,21 @@ def _place(pipe, device: str, offload: str) -> None:
         pipe.enable_model_cpu_offload(device=device)
     else:
         pipe.enable_sequential_cpu_offload(device=device)
+
+
+def _quantize(transformer, mode: str, device: str) -> None:
+    """Weight-only quantization of the transformer's base Linear layers; adapters stay in full precision."""
+    import torch
+
+    try:
+        from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+    except ImportError:
+        raise UserError(f"--quantize {mode} needs torchao: pip install 'icedit-assistant[quantize]'") from None
+    if mode == "fp8" and not (device.startswith("cuda") and torch.cuda.get_device_capability(device) >= (8, 9)):
+        raise UserError("--quantize fp8 needs a CUDA GPU of compute capability 8.9 or newer; try --quantize int8")
+    transformer.to(device)
+    config = Float8WeightOnlyConfig() if mode == "fp8" else Int8WeightOnlyConfig()
+    quantize_(transformer, config, filter_fn=lambda m, name: isinstance(m, torch.nn.Linear) and "lora" not in name)
 
 
 def _from_pretrained(model: str, dtype):

@@ -1,0 +1,26 @@
+"""Built-in plugin: Qwen2.5-VL as rewriter and judge, one lazily loaded model shared by both."""
+
+from assistant.hookspecs import hookimpl
+from assistant.plugins import JudgeSpec, RewriterSpec
+
+
+def _rewriter(settings):
+    from plugins.qwen_vl.rewriter import QwenRewriter
+
+    return QwenRewriter(settings)
+
+
+def _judge(settings):
+    from plugins.qwen_vl.judge import QwenJudge
+
+    return QwenJudge(settings)
+
+
+@hookimpl
+def register_rewriters(register):
+    register(RewriterSpec("qwen_vl", _rewriter, "Qwen2.5-VL reads the image and the request (rules as fallback)"))
+
+
+@hookimpl
+def register_judges(register):
+    register(JudgeSpec("qwen_vl", _judge, "Qwen2.5-VL: which of two candidates follows the instruction"))

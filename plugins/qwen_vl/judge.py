@@ -1,0 +1,55 @@
+"""The VLM judge: which of two candidates follows the instruction, read off one forward pass."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from PIL import Image
+
+import prompts
+from assistant.settings import Settings
+from plugins.qwen_vl import model
+from plugins.qwen_vl.vision import image_part
+
+ANSWERS = ("A", "B")
+
+
+def letter_ids(tokenizer) -> list[int]:
+    """The token ids of the answers "A" and "B"; each must be one token, or the logits mean nothing."""
+    ids = [tokenizer.encode(letter, add_special_tokens=False) for letter in ANSWERS]
+    if any(len(i) != 1 for i in ids):
+        raise ValueError(f"the tokenizer splits the answers {ANSWERS} into {ids}: the judge needs one token each")
+    return [i[0] for i in ids]
+
+
+class QwenJudge:
+    """P(A follows the instruction better than B) = softmax over the next-token logits of "A" and "B"."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+
+    def conversation(self, instruction: str, source: Image.Image, a: Image.Image, b: Image.Image) -> list[dict]:
+        def image(picture: Image.Image) -> dict[str, Any]:
+            return image_part(picture, self.settings.min_pixels, self.settings.max_pixels)
+
+        return [
+            {"role": "system", "content": prompts.load("judge_pairwise.md")},
+            {"role": "user", "content": [
+                {"type": "text", "text": "Source:"}, image(source),
+                {"type": "text", "text": "Candidate A:"}, image(a),
+                {"type": "text", "text": "Candidate B:"}, image(b),
+                {"type": "text", "text": f"Instruction: {instruction}\nAnswer A or B."},
+            ]},
+        ]
+
+    def compare(self, instruction: str, source: Image.Image, a: Image.Image, b: Image.Image) -> float:
+        return self.compare_many(instruction, source, [(a, b)])[0]
+
+    def compare_many(
+        self, instruction: str, source: Image.Image, pairs: list[tuple[Image.Image, Image.Image]]
+    ) -> list[float]:
+        """P(A) for each (A, B) pair, from one left-padded forward pass over all of them."""
+        vlm = model.load(self.settings)
+        logits = vlm.next_token_logits([self.conversation(instruction, source, a, b) for a, b in pairs])
+        return torch.softmax(logits[:, letter_ids(vlm.processor.tokenizer)], dim=-1)[:, 0].tolist()
