@@ -70,14 +70,6 @@ def _store(settings):
     return Store(settings.store_path)
 
 
-def _quiet_libraries() -> None:
-    """diffusers/transformers warn about CLIP's 77-token cut on every IC prompt; a person can't act on it."""
-    import os
-
-    for name in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):
-        os.environ.setdefault(name, "error")
-
-
 @contextmanager
 def _cancel_on_sigint() -> Iterator[threading.Event]:
     """First Ctrl+C asks the engine to stop between steps; a second one interrupts at once."""
@@ -170,7 +162,6 @@ def edit(image, instruction, output, session, seed, steps, guidance, native_size
     source = load_image(image)
     store = _store(settings) if session else Store(":memory:")
     agent = Agent(store, session or "edit", settings)
-    _quiet_libraries()
     with _cancel_on_sigint() as cancel:
         outcome = agent.turn(
             instruction,
@@ -229,7 +220,6 @@ def rewrite(image, request, rewriter, vlm, json_) -> None:
     settings = _settings(rewriter=rewriter, vlm=vlm)
     message = check_message(request)
     source = load_image(image)
-    _quiet_libraries()
     plan = plugins.get("rewriters", settings.rewriter).factory(settings).rewrite(source, message, [])
     label = settings.rewriter + (f" -> {plan.fallback}" if plan.fallback else "")
     if json_:
@@ -367,7 +357,6 @@ def replay(script, out_dir, session, json_, **options) -> None:
 
     parsed = load_script(script)
     settings = _settings(**(parsed.settings() | {k: v for k, v in options.items() if v is not None}))
-    _quiet_libraries()
     store = _store(settings) if session else Store(":memory:")
     random_weights = False
     with _cancel_on_sigint() as cancel:
@@ -409,7 +398,6 @@ def chat(image, session, **options) -> None:
     from assistant.tui.app import make_app
 
     settings = _settings(**options)
-    _quiet_libraries()
     app = make_app(settings, session=session, image=image)
     app.run()
     if app.store.exists(app.session):
