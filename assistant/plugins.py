@@ -14,7 +14,7 @@ import pluggy
 from assistant import hookspecs
 from assistant.errors import UserError
 
-BUILTIN_PLUGINS = ("plugins.icedit", "plugins.rules")
+BUILTIN_PLUGINS = ("plugins.icedit", "plugins.qwen_vl", "plugins.rules")
 ENTRY_POINT_GROUP = "icedit_assistant"
 
 

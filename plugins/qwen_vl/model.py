@@ -90,7 +90,7 @@ def _load(ref: str, device: str, dtype: str, attn_implementation: str | None) ->
             source, dtype=getattr(torch, dtype), device_map=device, attn_implementation=attn_implementation
         )
     except Exception as e:  # noqa: BLE001 - every loader failure becomes one line
-        if _is_local(ref):
+        if _is_local(ref) or not isinstance(e, OSError):  # hub clients raise OSError for files they cannot get
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise UserError(f"cannot load the VLM from {ref}: {reason}") from None
         raise WeightsMissing(f"the VLM '{ref}' is not in the Hugging Face cache and the hub is unreachable: "

@@ -1,0 +1,290 @@
+"""The Qwen2.5-VL plugin on a tiny random model, saved to a folder and loaded by the plugin's own loader.
+
+Random weights answer garbage, which is the fallback path; a logits processor that forces a token
+sequence scripts the answers of the happy path and the retry.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from tiny_qwen import CHAT_TEMPLATE, hub_layout, save_tiny_qwen
+from transformers import LogitsProcessor, LogitsProcessorList, Qwen2VLImageProcessorPil
+
+import prompts
+from assistant import plugins
+from assistant.cli import cli
+from assistant.errors import UserError
+from assistant.models import EditPlan, TurnSummary
+from assistant.settings import Settings
+from plugins.qwen_vl import model
+from plugins.qwen_vl.judge import QwenJudge
+from plugins.qwen_vl.processor import ImageOnlyProcessor
+from plugins.qwen_vl.rewriter import PlanAnswer, QwenRewriter, parse
+from plugins.rules.rewriter import RulesRewriter
+
+CHELSEA = str(Path(__file__).resolve().parent.parent / "examples" / "chelsea.png")
+WINTER = "make it look like winter"
+# On the CPU (fp32) on any machine; chelsea (451x300) -> 56x28: two image tokens
+SMALL = {"vlm_device": "cpu", "min_pixels": 28 * 28, "max_pixels": 56 * 56}
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(tmp_path_factory) -> str:
+    return str(save_tiny_qwen(tmp_path_factory.mktemp("tiny-qwen")))
+
+
+@pytest.fixture
+def vlm_settings(icedit_home, tiny_vlm) -> Settings:
+    return Settings(rewriter="qwen_vl", vlm=tiny_vlm, vlm_max_new_tokens=12, **SMALL)
+
+
+@pytest.fixture
+def cat() -> Image.Image:
+    return Image.open(CHELSEA).convert("RGB")
+
+
+class Scripted(LogitsProcessor):
+    """Forces each generate call to write the next scripted answer (then <|im_end|>) and records its prompt.
+
+    With no answers left it only records, and the model says what it likes.
+    """
+
+    def __init__(self, tokenizer, answers: list[str]):
+        self.tokenizer = tokenizer
+        self.answers = [tokenizer.encode(a, add_special_tokens=False) + [tokenizer.eos_token_id] for a in answers]
+        self.prompts: list[str] = []
+        self._forced: list[int] | None = None
+        self._next_length = -1
+        self._start = 0
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        length = input_ids.shape[1]
+        if length != self._next_length:  # a new generate call
+            self.prompts.append(self.tokenizer.decode(input_ids[0]))
+            self._forced = self.answers.pop(0) if self.answers else None
+            self._start = length
+        self._next_length = length + 1
+        step = length - self._start
+        if self._forced is not None and step < len(self._forced):
+            scores = torch.full_like(scores, -math.inf)
+            scores[:, self._forced[step]] = 0.0
+        return scores
+
+
+def scripted(settings: Settings, *answers: str) -> Scripted:
+    return Scripted(model.load(settings).processor.tokenizer, list(answers))
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def test_the_folder_loads_as_image_only_processor_and_one_shared_model(vlm_settings, tiny_vlm):
+    vlm = model.load(vlm_settings)
+    assert type(vlm.processor) is ImageOnlyProcessor
+    assert type(vlm.processor.image_processor) is Qwen2VLImageProcessorPil
+    assert vlm.processor.chat_template == CHAT_TEMPLATE
+    assert vlm.processor.tokenizer.padding_side == "left"
+    assert not vlm.model.training and vlm.model.dtype == torch.float32
+    same = Settings(vlm=tiny_vlm, vlm_device="cpu", judge="qwen_vl", rewriter="rules", max_pixels=28 * 28 * 9)
+    assert model.load(same) is vlm  # rewriter and judge settings share the loaded model
+    half = model.load(Settings(vlm=tiny_vlm, vlm_device="cpu", vlm_dtype="bfloat16"))
+    assert half is not vlm and half.model.dtype == torch.bfloat16
+
+
+def test_a_folder_with_the_published_file_layout_loads_too(tiny_vlm, tmp_path, cat):
+    folder = hub_layout(Path(tiny_vlm), tmp_path / "hub")
+    settings = Settings(vlm=str(folder), **SMALL)
+    vlm = model.load(settings)
+    assert type(vlm.processor) is ImageOnlyProcessor and vlm.processor.chat_template == CHAT_TEMPLATE
+    assert QwenJudge(settings).compare(WINTER, cat, cat, cat) == QwenJudge(
+        Settings(vlm=tiny_vlm, **SMALL)).compare(WINTER, cat, cat, cat)
+
+
+def test_plugin_registers_rewriter_and_judge_without_importing_torch(vlm_settings):
+    assert plugins.registrations("rewriters")["qwen_vl"][0] == "plugins.qwen_vl"
+    assert plugins.registrations("judges")["qwen_vl"][0] == "plugins.qwen_vl"
+    assert isinstance(plugins.get("rewriters", "qwen_vl").factory(vlm_settings), QwenRewriter)
+    assert isinstance(plugins.get("judges", "qwen_vl").factory(vlm_settings), QwenJudge)
+    code = ("import sys, assistant.cli, plugins.qwen_vl; from assistant.plugins import get_plugin_manager; "
+            "get_plugin_manager(); print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('torch', 'transformers')))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
+
+
+# ---------------------------------------------------------------------------------------------- rewriter
+
+
+def test_garbage_answers_retry_once_quoting_the_error_then_fall_back_to_rules(vlm_settings, cat):
+    recorder = scripted(vlm_settings)  # records the prompts; the random model answers
+    context = [TurnSummary(message="give it a hat", intent="edit", instruction="add a red hat to the cat")]
+    plan = QwenRewriter(vlm_settings, LogitsProcessorList([recorder])).rewrite(cat, WINTER, context)
+
+    assert plan.fallback.startswith("rules (invalid answer twice: ")
+    assert plan.model_copy(update={"fallback": None}) == RulesRewriter().rewrite(cat, WINTER, context)
+    first, second = recorder.prompts
+    assert first.count("<|image_pad|>") == 2  # process_vision_info resized it into max_pixels
+    assert "You are the planner of an image-editing assistant." in first
+    assert '"enum": ["edit", "undo", "redo", "retry", "answer", "clarify"]' in first
+    assert f'1. "give it a hat" -> edit: add a red hat to the cat\nRequest: {WINTER}' in first
+    assert second.startswith(first)
+    error = plan.fallback.removeprefix("rules (invalid answer twice: ").removesuffix(")")
+    assert "<|im_start|>user\nThat answer is not valid (Invalid JSON: " in second[len(first):]
+    assert error.startswith("Invalid JSON: ")
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        ('{"intent": "edit", "instruction": "add snow to the roof", "subject": "the roof", "rationale": "snow"}',
+         EditPlan(intent="edit", instruction="add snow to the roof", subject="the roof", rationale="snow",
+                  ic_prompt=prompts.render("ic_edit.txt", instruction="add snow to the roof"))),
+        ('```json\n{"intent": "undo", "rationale": "back to the cat without a hat"}\n```',
+         EditPlan(intent="undo", rationale="back to the cat without a hat")),
+    ],
+)
+def test_a_scripted_answer_becomes_the_plan(vlm_settings, cat, answer, expected):
+    script = scripted(vlm_settings, answer)
+    plan = QwenRewriter(vlm_settings.model_copy(update={"vlm_max_new_tokens": 120}), LogitsProcessorList([script])).rewrite(cat, "x", [])
+    assert plan == expected
+    assert len(script.prompts) == 1 and not script.answers
+
+
+def test_an_invalid_answer_is_retried_once_with_the_error_quoted(vlm_settings, cat):
+    valid = '{"intent": "edit", "instruction": "make it snow", "rationale": "snow"}'
+    script = scripted(vlm_settings, '{"intent": "paint", "rationale": "?"}', valid)
+    plan = QwenRewriter(vlm_settings.model_copy(update={"vlm_max_new_tokens": 80}), LogitsProcessorList([script])).rewrite(cat, WINTER, [])
+    assert (plan.intent, plan.instruction, plan.fallback) == ("edit", "make it snow", None)
+    first, second = script.prompts
+    assert second[len(first):].startswith(
+        '{"intent": "paint", "rationale": "?"}<|im_end|>\n<|im_start|>user\n'
+        "That answer is not valid (intent: Input should be 'edit', 'undo', 'redo', 'retry', 'answer' or 'clarify')."
+    )
+
+
+@pytest.mark.parametrize(
+    ("answer", "error"),
+    [
+        ('{"intent": "edit", "rationale": "no instruction"}', 'intent "edit" needs a non-empty instruction'),
+        ('{"intent": "undo", "rationale": "x", "ic_prompt": "mine"}', "Extra inputs are not permitted"),
+        ('{"intent": "answer"}', "Field required"),
+        ("sure! here you go", "Invalid JSON"),
+    ],
+)
+def test_parse_rejects_what_the_plan_cannot_use(answer, error):
+    with pytest.raises(ValueError, match=error):
+        parse(answer)
+
+
+def test_the_prompt_schema_is_the_answer_model():
+    assert set(PlanAnswer.model_fields) == set(EditPlan.model_fields) - {"ic_prompt", "fallback"}
+
+
+def test_vlm_none_uses_the_rules_without_loading_anything(vlm_settings, cat, monkeypatch):
+    monkeypatch.setattr(model, "load", lambda settings: pytest.fail("loaded a VLM"))
+    plan = QwenRewriter(vlm_settings.model_copy(update={"vlm": "none"})).rewrite(cat, WINTER, [])
+    assert plan.fallback == "rules (no VLM: --vlm none)"
+    assert plan.instruction == WINTER
+
+
+# ---------------------------------------------------------------------------------------------- judge
+
+
+def test_judge_is_the_softmax_of_the_A_and_B_logits(vlm_settings, cat):
+    judge = QwenJudge(vlm_settings)
+    a, b = cat.resize((56, 56)), cat.rotate(90).resize((28, 28))
+    p_ab, p_ba = judge.compare(WINTER, cat, a, b), judge.compare(WINTER, cat, b, a)
+    assert 0 <= p_ab <= 1 and 0 <= p_ba <= 1 and p_ab != p_ba
+
+    vlm = model.load(vlm_settings)
+    with torch.no_grad():
+        logits = vlm.model(**vlm.inputs([judge.conversation(WINTER, cat, a, b)])).logits[0, -1]
+    tokenizer = vlm.processor.tokenizer
+    la, lb = (logits[tokenizer.convert_tokens_to_ids(t)].item() for t in ("A", "B"))
+    assert p_ab == pytest.approx(1 / (1 + math.exp(lb - la)), abs=1e-6)
+
+
+def test_compare_many_is_one_padded_batch_equal_to_single_compares(vlm_settings, cat):
+    judge = QwenJudge(vlm_settings)
+    big, small, other = cat.resize((56, 56)), cat.resize((28, 28)), cat.rotate(180).resize((56, 28))
+    pairs = [(big, small), (small, other), (other, big)]
+    mask = model.load(vlm_settings).inputs([judge.conversation(WINTER, cat, *p) for p in pairs])["attention_mask"]
+    assert mask[:, -1].all() and not mask[:, 0].all()  # different lengths, padded on the left
+    batched = judge.compare_many(WINTER, cat, pairs)
+    assert batched == pytest.approx([judge.compare(WINTER, cat, *p) for p in pairs], abs=1e-4)
+
+
+def test_judge_without_a_vlm_is_one_line(vlm_settings, cat):
+    with pytest.raises(UserError, match="no VLM: --vlm none"):
+        QwenJudge(vlm_settings.model_copy(update={"vlm": "none"})).compare(WINTER, cat, cat, cat)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture
+def small_env(monkeypatch):
+    """The CLI reads settings from ICEDIT_*: the CPU, small images and short answers."""
+    monkeypatch.setenv("ICEDIT_VLM_DEVICE", "cpu")
+    monkeypatch.setenv("ICEDIT_MAX_PIXELS", str(SMALL["max_pixels"]))
+    monkeypatch.setenv("ICEDIT_MIN_PIXELS", str(SMALL["min_pixels"]))
+    monkeypatch.setenv("ICEDIT_VLM_MAX_NEW_TOKENS", "8")
+
+
+def test_cli_rewrite_prints_the_plan_and_the_fallback(tiny_vlm, small_env):
+    result = CliRunner().invoke(cli, ["rewrite", CHELSEA, WINTER, "--rewriter", "qwen_vl", "--vlm", tiny_vlm, "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["rewriter"].startswith("qwen_vl -> rules (invalid answer twice: Invalid JSON")
+    assert data["rewriter"] == f"qwen_vl -> {data['fallback']}"
+    assert (data["intent"], data["instruction"]) == ("edit", WINTER)
+    assert set(data) == set(EditPlan.model_fields) | {"rewriter"}
+    assert result.stderr.splitlines()[-1] == f"note: rewriter {data['rewriter']}"
+
+
+def test_cli_edit_runs_end_to_end_with_the_vlm_rewriter(tiny_vlm, small_env, tmp_path):
+    out = tmp_path / "out.png"
+    result = CliRunner().invoke(cli, ["edit", CHELSEA, WINTER, "--preset", "tiny", "--steps", "2", "--rewriter",
+                                      "qwen_vl", "--vlm", tiny_vlm, "--json", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["rewriter"].startswith("qwen_vl -> rules (")
+    assert data["instruction"] == WINTER and data["output"] == str(out)
+    assert Image.open(out).size == Image.open(CHELSEA).size
+
+
+def test_cli_vlm_none_falls_back_with_a_notice(small_env):
+    result = CliRunner().invoke(cli, ["rewrite", CHELSEA, WINTER, "--rewriter", "qwen_vl", "--vlm", "none"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[0] == f"edit: {WINTER}"
+    assert result.stderr == "note: rewriter qwen_vl -> rules (no VLM: --vlm none)\n"
+
+
+def test_cli_missing_vlm_folder_is_one_line_naming_the_download(tmp_path):
+    result = CliRunner().invoke(cli, ["rewrite", CHELSEA, WINTER, "--rewriter", "qwen_vl", "--vlm",
+                                      str(tmp_path / "nope")])
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"Error: no VLM folder at {tmp_path / 'nope'}: ")
+    assert "`hf download Qwen/Qwen2.5-VL-7B-Instruct --local-dir" in line
+
+
+def test_cli_uncached_hub_id_offline_is_one_line_naming_the_download(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    result = CliRunner().invoke(cli, ["rewrite", CHELSEA, WINTER, "--rewriter", "qwen_vl", "--vlm",
+                                      "nobody/no-such-vlm"])
+    assert result.exit_code == 2
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("Error: the VLM 'nobody/no-such-vlm' is not in the Hugging Face cache")
+    assert "`hf download nobody/no-such-vlm`" in line
