@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -17,18 +15,6 @@ from assistant.settings import Settings
 from plugins.icedit.diptych import make_diptych, right_panel
 from plugins.icedit.early_filter import early_filter
 from plugins.icedit.sampler import FillSampler
-
-
-def quiet_libraries() -> None:
-    """Silence warnings a person can't act on: CLIP's 77-token cut of every IC prompt, torchao's
-    optional kernels. Runs before diffusers is first imported (it reads the variables then)."""
-    for name in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):
-        os.environ.setdefault(name, "error")
-    for name in ("torchao", "torch.utils._pytree"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
-quiet_libraries()
 
 
 class IceditEngine:

@@ -9,6 +9,7 @@ from pathlib import Path
 from assistant.errors import UserError, WeightsMissing
 from assistant.models import AdapterInfo
 from assistant.settings import Settings
+from plugins.hub import unavailable
 from plugins.icedit.presets import build_tiny, get_preset
 
 DOWNLOAD_HINT = (
@@ -98,6 +99,8 @@ def _from_pretrained(model: str, dtype):
 
     if _is_local(model) and not (Path(model).expanduser() / "model_index.json").is_file():
         raise UserError(f"{model} is not a FLUX.1 Fill pipeline folder (no model_index.json in it)")
+    if not _is_local(model) and unavailable(model, "model_index.json"):
+        raise _fetch_error("FLUX.1 Fill pipeline", model, OSError("not cached, hub unreachable"))
     try:
         pipe = FluxFillPipeline.from_pretrained(str(Path(model).expanduser()) if _is_local(model) else model,
                                                 dtype=dtype)
@@ -152,6 +155,8 @@ def _load_stock_lora(pipe, lora: str, scale: float) -> AdapterInfo:
     if _is_local(lora) and not Path(lora).expanduser().exists():
         raise UserError(f"{lora}: no such LoRA file or folder")
     ref = str(Path(lora).expanduser()) if _is_local(lora) else lora
+    if not _is_local(lora) and unavailable(lora, "pytorch_lora_weights.safetensors"):
+        raise _fetch_error("LoRA", lora, OSError("not cached, hub unreachable"))
     try:
         state = pipe.lora_state_dict(ref, use_safetensors=True)
         keys = len(state[0] if isinstance(state, tuple) else state)

@@ -107,7 +107,11 @@ def _resolve(path_or_hub_id: str | Path) -> Path:
         raise UserError(f"{ref}: no such adapter file or folder")
     from huggingface_hub import hf_hub_download
 
+    from plugins.hub import unavailable
+
     try:
+        if unavailable(ref, WEIGHTS_NAME):
+            raise OSError("not cached, hub unreachable")
         return Path(hf_hub_download(ref, WEIGHTS_NAME))
     except Exception:  # noqa: BLE001 - hub clients raise OSError or their HTTP library's errors
         raise WeightsMissing(

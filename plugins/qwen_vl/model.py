@@ -11,6 +11,7 @@ import torch
 
 from assistant.errors import UserError, WeightsMissing
 from assistant.settings import Settings
+from plugins.hub import unavailable
 from plugins.qwen_vl.processor import ImageOnlyProcessor, load_processor
 from plugins.qwen_vl.vision import images_of
 
@@ -74,7 +75,9 @@ def _is_local(ref: str) -> bool:
 
 def _load(ref: str, device: str, dtype: str, attn_implementation: str | None) -> Vlm:
     from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()  # a weights bar per load is noise in a chat or a pipe
     source = ref
     if _is_local(ref):
         folder = Path(ref).expanduser()
@@ -84,13 +87,17 @@ def _load(ref: str, device: str, dtype: str, attn_implementation: str | None) ->
         if not (folder / "config.json").is_file():
             raise UserError(f"{ref} is not a Qwen2.5-VL model folder (no config.json in it)")
         source = str(folder)
+    elif unavailable(ref, "config.json"):
+        raise WeightsMissing(f"the VLM '{ref}' is not in the Hugging Face cache and the hub is unreachable: "
+                             f"download it on a machine with internet (`hf download {ref}`) or pass a local "
+                             f"folder with --vlm; {NO_VLM_HINT}")
     try:
         processor = load_processor(source)
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
             source, dtype=getattr(torch, dtype), device_map=device, attn_implementation=attn_implementation
         )
     except Exception as e:  # noqa: BLE001 - every loader failure becomes one line
-        if _is_local(ref) or not isinstance(e, OSError):  # hub clients raise OSError for files they cannot get
+        if _is_local(ref):  # a hub id fails with OSError or the HTTP client's own errors: all mean "not here"
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise UserError(f"cannot load the VLM from {ref}: {reason}") from None
         raise WeightsMissing(f"the VLM '{ref}' is not in the Hugging Face cache and the hub is unreachable: "
