@@ -9,19 +9,15 @@ of the turn is its own overhead. Target: at most 5% of a tiny-preset edit.
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+from PIL import Image
 
-from PIL import Image  # noqa: E402
-
-from assistant.agent import Agent  # noqa: E402
-from assistant.settings import Settings  # noqa: E402
-from sessions.store import Store  # noqa: E402
+from assistant.agent import Agent
+from assistant.settings import Settings
+from sessions.store import Store
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "chelsea.png"
 

@@ -11,25 +11,20 @@ candidates together, and resumes the winner from step m. Same inputs, same judge
 from __future__ import annotations
 
 import argparse
-import os
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
-os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
-from PIL import Image  # noqa: E402
-
-import prompts  # noqa: E402
-from assistant.models import CandidateInfo  # noqa: E402
-from plugins.icedit.diptych import make_diptych, right_panel  # noqa: E402
-from plugins.icedit.early_filter import early_filter, tournament  # noqa: E402
-from plugins.icedit.presets import build_tiny  # noqa: E402
-from plugins.icedit.sampler import FillSampler  # noqa: E402
+import prompts
+from assistant.models import CandidateInfo
+from plugins.icedit.diptych import make_diptych, right_panel
+from plugins.icedit.early_filter import early_filter, tournament
+from plugins.icedit.presets import build_tiny
+from plugins.icedit.sampler import FillSampler
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "chelsea.png"
 
@@ -44,7 +39,7 @@ class BrightnessJudge:
 def ours(pipe, canvas, mask, source, prompt, seed, m, n, candidates, judge):
     sampler = FillSampler(pipe)
     cond = sampler.prepare(canvas, mask, prompt, n, 50.0)
-    final, infos, _ = early_filter(sampler, cond, judge=judge, instruction="add snow", source=source, seed=seed,
+    final, _, _ = early_filter(sampler, cond, judge=judge, instruction="add snow", source=source, seed=seed,
                                    candidates=candidates, early_steps=m, events=lambda e: None,
                                    cancel=threading.Event())
     sampler.decode(cond, final.x)

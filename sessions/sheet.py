@@ -9,16 +9,18 @@ branch adds one. Lines join parents to children; the cursor's thumbnail has an o
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from assistant.errors import UserError
 from sessions.history import History
 from sessions.store import Store
 
 THUMB = 160
 """Largest side of a thumbnail, in pixels."""
 PAD = 12
-CAPTION = 30
+CAPTION = 34
 HEADER = 30
 CELL_W = THUMB + 2 * PAD
 CELL_H = THUMB + CAPTION + 2 * PAD
@@ -53,9 +55,9 @@ def thumbnail(image: Image.Image) -> Image.Image:
 
 
 def thumb_origin(place: tuple[int, int], size: tuple[int, int]) -> tuple[int, int]:
-    """Top-left pixel of a thumbnail of `size` drawn at (column, row): centred in its box."""
+    """Top-left pixel of a thumbnail of `size` drawn at (column, row): top of its box, centred across."""
     col, row = place
-    return (col * CELL_W + PAD + (THUMB - size[0]) // 2, HEADER + row * CELL_H + PAD + (THUMB - size[1]) // 2)
+    return col * CELL_W + PAD + (THUMB - size[0]) // 2, HEADER + row * CELL_H + PAD
 
 
 def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
@@ -78,27 +80,39 @@ def render_sheet(store: Store, name: str) -> Image.Image:
     title = f"session {name}  ·  {len(history.turns)} turns  ·  cursor #{history.cursor}"
     draw.text((PAD, 9), _fit(draw, title, font, sheet.width - 2 * PAD), fill=INK, font=font)
 
-    def mid(turn_id: int) -> tuple[int, int, int]:
-        """Left x, right x and middle y of a turn's thumbnail box."""
-        col, row = places[turn_id]
-        return col * CELL_W + PAD, col * CELL_W + PAD + THUMB, HEADER + row * CELL_H + PAD + THUMB // 2
-
-    for turn in history.turns:
-        if turn.parent is not None:
-            _, right, py = mid(turn.parent)
-            left, _, cy = mid(turn.id)
-            gap = right + PAD
-            draw.line([(right, py), (gap, py), (gap, cy), (left, cy)], fill=LINE, width=2)
+    thumbs = {}
     for turn in history.turns:
         with Image.open(io.BytesIO(store.image(turn.image_sha256))) as img:
-            thumb = thumbnail(img)
-        x, y = thumb_origin(places[turn.id], thumb.size)
-        sheet.paste(thumb, (x, y))
+            thumbs[turn.id] = thumbnail(img)
+    boxes = {}
+    for turn in history.turns:
+        x, y = thumb_origin(places[turn.id], thumbs[turn.id].size)
+        boxes[turn.id] = (x, y, x + thumbs[turn.id].width, y + thumbs[turn.id].height)
+    for turn in history.turns:
+        if turn.parent is not None:
+            _, top, right, bottom = boxes[turn.parent]
+            left, ctop, _, cbottom = boxes[turn.id]
+            py, cy, gap = (top + bottom) // 2, (ctop + cbottom) // 2, (places[turn.parent][0] + 1) * CELL_W
+            draw.line([(right, py), (gap, py), (gap, cy), (left, cy)], fill=LINE, width=2)
+    for turn in history.turns:
+        x, y, right, bottom = boxes[turn.id]
+        sheet.paste(thumbs[turn.id], (x, y))
         if turn.id == history.cursor:
-            draw.rectangle([x - 4, y - 4, x + thumb.width + 3, y + thumb.height + 3], outline=CURSOR, width=3)
-        col, row = places[turn.id]
-        cx, cy = col * CELL_W + PAD, HEADER + row * CELL_H + PAD + THUMB + 4
-        draw.text((cx, cy), _fit(draw, f"#{turn.id} {turn.message}", font, THUMB), fill=INK, font=font)
+            draw.rectangle([x - 4, y - 4, right + 3, bottom + 3], outline=CURSOR, width=3)
+        cx = places[turn.id][0] * CELL_W + PAD
+        draw.text((cx, bottom + 6), _fit(draw, f"#{turn.id} {turn.message}", font, THUMB), fill=INK, font=font)
         detail = "opened" if turn.kind == "open" else f"seed {turn.seed}"
-        draw.text((cx, cy + 14), _fit(draw, detail, font, THUMB), fill=MUTED, font=font)
+        draw.text((cx, bottom + 20), _fit(draw, detail, font, THUMB), fill=MUTED, font=font)
+    return sheet
+
+
+def write_sheet(store: Store, name: str, path: Path) -> Image.Image:
+    """Render the sheet of session `name` to `path` (any type PIL writes); one-line errors."""
+    sheet = render_sheet(store, name)
+    try:
+        sheet.save(path)
+    except ValueError:
+        raise UserError(f"{path}: unknown image type (use .png, .jpg, .webp, ...)") from None
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
     return sheet

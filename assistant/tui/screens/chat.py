@@ -1,0 +1,367 @@
+"""The chat screen: log left, picture right, history tree as a sidebar, the input line below.
+
+The session store is the single source of truth: after every change the tree, the picture and
+the status are redrawn from it, and reopening a session replays its transcript into the log.
+Edits run in one thread worker at a time that only posts messages; Escape sets its cancel event,
+which the engine checks between steps. While an edit runs, commands that touch the session wait.
+"""
+
+from __future__ import annotations
+
+import threading
+import traceback
+from pathlib import Path
+from typing import ClassVar
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal
+from textual.screen import Screen
+from textual.widgets import Footer, Header, Input
+
+from assistant import plugins
+from assistant.agent import Agent
+from assistant.errors import Cancelled, UserError
+from assistant.settings import Settings
+from assistant.tui.commands import BUILTINS, Chat, ChatOptions, history_text, whole_number
+from assistant.tui.messages import EditFailed, EditFinished, EditProgress
+from assistant.tui.widgets.candidate_strip import CandidateStrip
+from assistant.tui.widgets.chat_log import ChatLog
+from assistant.tui.widgets.history_tree import HistoryTree
+from assistant.tui.widgets.picture import DEFAULT_RENDERER, Picture, Renderer
+from assistant.tui.widgets.prompt_input import PromptInput
+from assistant.tui.widgets.status_line import StatusLine
+from assistant.tui.widgets.step_bar import StepBar
+from sessions.store import Store
+
+RETRY_MESSAGE = "try another seed"
+"""What /retry says to the agent: every rewriter reads it as a retry of the current edit."""
+BUSY = "an edit is running: wait for it, or press Escape to cancel it"
+
+
+class ChatScreen(Screen):
+    BINDINGS: ClassVar = [
+        Binding("escape", "cancel", "cancel edit"),
+        Binding("ctrl+t", "toggle_tree", "tree"),
+        Binding("ctrl+b", "toggle_before", "before/after"),
+        Binding("b", "toggle_before", "before/after", show=False),
+    ]
+
+    def __init__(self, store: Store, session: str, settings: Settings, renderer: Renderer | None = None):
+        super().__init__()
+        self.store = store
+        self.settings = settings
+        self.renderer = renderer or DEFAULT_RENDERER
+        self.chat = Chat(Agent(store, session, settings), ChatOptions())
+        self.cancel: threading.Event | None = None
+        """Set while an edit runs; Escape sets the event itself."""
+        self.plugin_commands = {
+            name: spec for name, (_, spec) in plugins.registrations("commands").items() if name not in BUILTINS
+        }
+
+    @property
+    def agent(self) -> Agent:
+        return self.chat.agent
+
+    @property
+    def busy(self) -> bool:
+        return self.cancel is not None
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Horizontal(id="main"):
+            yield HistoryTree(id="tree")
+            yield ChatLog(id="log")
+            yield Picture(self.renderer, id="picture")
+        yield CandidateStrip(self.renderer, id="candidates")
+        yield StepBar(id="progress")
+        yield StatusLine(id="status")
+        yield PromptInput(
+            [f"/{name}" for name in [*BUILTINS, *self.plugin_commands]],
+            placeholder="say what to change, or /help",
+            id="prompt",
+        )
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.load_session()
+        self.query_one(PromptInput).focus()
+
+    def on_unmount(self) -> None:
+        if self.cancel is not None:
+            self.cancel.set()
+
+    # ------------------------------------------------------------------ drawing from the store
+
+    def load_session(self) -> None:
+        """Fill the log from the session's transcript and draw the rest (startup and /session)."""
+        log = self.query_one(ChatLog)
+        prompt = self.query_one(PromptInput)
+        log.clear()
+        prompt.history.clear()
+        history = self.agent.history()
+        if history is None:
+            log.add("info", f"new session '{self.agent.session}': /open PATH to start with an image")
+        else:
+            turns, prompted = {t.id: t for t in history.turns}, set()
+            for entry in self.store.transcript(self.agent.session):
+                log.add(entry.role, entry.text)
+                if entry.role == "user":
+                    prompt.remember(entry.text)
+                turn = turns.get(entry.turn_id)
+                if entry.role == "assistant" and turn and turn.plan and turn.id not in prompted:
+                    prompted.add(turn.id)  # the IC prompt once, under the edit's first reply
+                    if turn.plan.get("ic_prompt"):
+                        log.add("prompt", turn.plan["ic_prompt"])
+            n = len(history.turns)
+            log.add("info", f"session '{self.agent.session}': {n} turn{'s' * (n != 1)}, cursor at #{history.cursor}")
+        self.refresh_view()
+
+    def refresh_view(self) -> None:
+        history = self.agent.history()
+        self.app.sub_title = f"session {self.agent.session}"
+        self.query_one(HistoryTree).show(history)
+        picture = self.query_one(Picture)
+        current = history.current() if history else None
+        if current is None:
+            picture.show(None, None)
+        else:
+            source = self.agent.image(history.turn(current.parent)) if current.kind == "edit" else None
+            note = "random weights: noise, not an edit" if current.params.get("random_weights") else ""
+            picture.show(self.agent.image(current), source, f"turn #{current.id}" + (f" · {note}" if note else ""))
+        self.show_status()
+
+    def show_status(self) -> None:
+        options, settings = self.chat.options, self.settings
+        engine = settings.engine + (f" ({settings.preset})" if settings.engine == "icedit" else "")
+        self.query_one(StatusLine).show(
+            seed=options.seed,
+            steps=options.steps or settings.steps,
+            candidates=options.candidates or settings.candidates,
+            engine=engine,
+        )
+
+    def fail(self, text: str, error: str) -> None:
+        """One error line; the typed text goes back into the input unless something new is there."""
+        self.query_one(ChatLog).add("error", error)
+        prompt = self.query_one(PromptInput)
+        if not prompt.value:
+            prompt.value = text
+            prompt.cursor_position = len(text)
+
+    # ------------------------------------------------------------------ input
+
+    @on(Input.Submitted, "#prompt")
+    def submitted(self, event: Input.Submitted) -> None:
+        text = event.value.strip()
+        if not text:
+            return
+        prompt = self.query_one(PromptInput)
+        prompt.remember(text)
+        prompt.value = ""
+        self.query_one(ChatLog).add("user", text)
+        if text.startswith("/"):
+            self.run_command(text)
+        else:
+            self.start_edit(text, text)
+
+    def run_command(self, text: str) -> None:
+        name, _, argument = text[1:].partition(" ")
+        name, argument = name.lower(), argument.strip()
+        builtin = BUILTINS.get(name)
+        plugin = self.plugin_commands.get(name)
+        if builtin is None and plugin is None:
+            self.fail(text, f"unknown command /{name}: /help lists them")
+            return
+        if self.busy and (plugin is not None or builtin.needs_store):
+            self.fail(text, BUSY)
+            return
+        try:
+            if builtin is not None:
+                reply = getattr(self, f"command_{name}")(argument)
+            else:
+                reply = plugin.run(self.chat, argument)
+                self.refresh_view()
+        except UserError as e:
+            self.fail(text, str(e))
+            return
+        if reply:
+            self.query_one(ChatLog).add("info", str(reply))
+
+    # ------------------------------------------------------------------ edits
+
+    def start_edit(self, text: str, message: str, *, retry: bool = False) -> None:
+        """Run `message` through the agent in the worker; `text` is what goes back on failure."""
+        if self.busy:
+            self.fail(text, BUSY)
+            return
+        options = self.chat.options
+        kwargs = {"steps": options.steps, "candidates": options.candidates}
+        if not retry:
+            kwargs["seed"] = options.seed
+        self.cancel = threading.Event()
+        self.query_one(CandidateStrip).clear()
+        self.query_one(StepBar).start("reading your request...")
+        self.edit(text, message, kwargs, self.cancel)
+
+    @work(thread=True, exclusive=True, group="edit")
+    def edit(self, text: str, message: str, kwargs: dict, cancel: threading.Event) -> None:
+        """The only code that runs the agent (and so loads torch and the models); it only posts messages."""
+        try:
+            outcome = self.agent.turn(
+                message, events=lambda event: self.post_message(EditProgress(event)), cancel=cancel, **kwargs
+            )
+        except Cancelled:
+            self.post_message(EditFailed(text, "cancelled: nothing was saved", cancelled=True))
+        except UserError as e:
+            self.post_message(EditFailed(text, str(e)))
+        except Exception as e:  # noqa: BLE001 - a bug: one line here, the traceback in Textual's log
+            self.log.error(traceback.format_exc())
+            self.post_message(EditFailed(text, f"internal error: {type(e).__name__}: {e}"))
+        else:
+            self.post_message(EditFinished(text, outcome))
+
+    def on_edit_progress(self, message: EditProgress) -> None:
+        event = message.event
+        if event.kind == "step":
+            self.query_one(StepBar).step(event)
+        elif event.kind == "candidates":
+            self.query_one(CandidateStrip).show(event)
+        elif event.kind == "verdict":
+            self.query_one(CandidateStrip).verdict(event)
+        elif event.kind == "log":
+            self.query_one(ChatLog).add("info", event.text)
+
+    def on_edit_finished(self, message: EditFinished) -> None:
+        self.cancel = None
+        self.query_one(StepBar).stop()
+        outcome, log = message.outcome, self.query_one(ChatLog)
+        log.add("assistant", outcome.reply)
+        if outcome.result is not None:
+            if outcome.plan.ic_prompt:
+                log.add("prompt", outcome.plan.ic_prompt)
+            result = outcome.result
+            log.add("info", f"turn #{outcome.turn.id} · seed {result.seed} · {outcome.turn.params['steps']} steps"
+                            f" · {result.image.width}x{result.image.height}"
+                            f" · {outcome.timings.get('total', 0):.1f} s")
+        self.refresh_view()
+
+    def on_edit_failed(self, message: EditFailed) -> None:
+        self.cancel = None
+        self.query_one(StepBar).stop()
+        self.fail(message.text, message.error)
+
+    def action_cancel(self) -> None:
+        if self.cancel is not None and not self.cancel.is_set():
+            self.cancel.set()
+            self.query_one(StepBar).say("stopping after this step...")
+
+    def action_toggle_tree(self) -> None:
+        tree = self.query_one(HistoryTree)
+        tree.display = not tree.display
+
+    def action_toggle_before(self) -> None:
+        self.query_one(Picture).toggle()
+
+    @on(HistoryTree.Jump)
+    def jump(self, event: HistoryTree.Jump) -> None:
+        text = f"/branch {event.turn_id}"
+        self.query_one(ChatLog).add("user", text)
+        self.run_command(text)
+
+    # ------------------------------------------------------------------ built-in commands
+
+    def command_undo(self, argument: str) -> str:
+        turn = self.agent.move("undo", "/undo")
+        self.refresh_view()
+        return f"undo: back at turn #{turn.id} ({turn.message})"
+
+    def command_redo(self, argument: str) -> str:
+        turn = self.agent.move("redo", "/redo")
+        self.refresh_view()
+        return f"redo: forward to turn #{turn.id} ({turn.message})"
+
+    def command_retry(self, argument: str) -> None:
+        self.start_edit("/retry", RETRY_MESSAGE, retry=True)
+
+    def command_seed(self, argument: str) -> str:
+        if argument.lower() in ("", "random"):
+            self.chat.options.seed = None
+        else:
+            self.chat.options.seed = whole_number(argument, BUILTINS["seed"].usage, 0, 2**63 - 1)
+        self.show_status()
+        seed = self.chat.options.seed
+        return "a random seed for each edit" if seed is None else f"seed {seed} for the next edits"
+
+    def command_steps(self, argument: str) -> str:
+        self.chat.options.steps = whole_number(argument, BUILTINS["steps"].usage, 1, 200)
+        self.show_status()
+        return f"{self.chat.options.steps} steps for the next edits"
+
+    def command_candidates(self, argument: str) -> str:
+        self.chat.options.candidates = whole_number(argument, BUILTINS["candidates"].usage, 1, 16)
+        self.show_status()
+        n = self.chat.options.candidates
+        return "early filter off: one noise per edit" if n == 1 else f"{n} candidates per edit; the judge keeps one"
+
+    def command_open(self, argument: str) -> str:
+        from assistant.images import load_image
+
+        if not argument:
+            raise UserError(f"usage: {BUILTINS['open'].usage}")
+        path = Path(argument).expanduser()
+        image = load_image(path)
+        turn = self.agent.open(image, f"open {path.name}")
+        self.refresh_view()
+        return f"opened {path} ({image.width}x{image.height}) as turn #{turn.id}"
+
+    def command_save(self, argument: str) -> str:
+        from assistant.images import decode_png
+
+        if not argument:
+            raise UserError(f"usage: {BUILTINS['save'].usage}")
+        path = Path(argument).expanduser()
+        turn = self.agent.current()
+        try:
+            decode_png(self.store.image(turn.image_sha256)).save(path)
+        except ValueError:
+            raise UserError(f"{path}: unknown image type (use .png, .jpg, .webp, ...)") from None
+        except OSError as e:
+            raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+        return f"wrote {path} (turn #{turn.id})"
+
+    def command_history(self, argument: str) -> str:
+        history = self.agent.history()
+        return "no turns yet" if history is None else history_text(history)
+
+    def command_branch(self, argument: str) -> str:
+        turn_id = whole_number(argument, BUILTINS["branch"].usage, 1, 2**63 - 1)
+        turn = self.agent.jump(turn_id, f"/branch {turn_id}")
+        self.refresh_view()
+        return f"at turn #{turn.id} ({turn.message}); an edit from here starts a branch"
+
+    def command_session(self, argument: str) -> None:
+        if not argument:
+            raise UserError(f"usage: {BUILTINS['session'].usage}")
+        self.chat.agent = Agent(self.store, argument, self.settings)
+        self.app.session = argument
+        self.load_session()
+
+    def command_sheet(self, argument: str) -> str:
+        from sessions.sheet import write_sheet
+
+        if not argument:
+            raise UserError(f"usage: {BUILTINS['sheet'].usage}")
+        path = Path(argument).expanduser()
+        sheet = write_sheet(self.store, self.agent.session, path)
+        return f"wrote {path} ({sheet.width}x{sheet.height})"
+
+    def command_help(self, argument: str) -> str:
+        rows = [f"{b.usage:<16} {b.help}" for b in BUILTINS.values()]
+        rows += [f"/{name:<15} {spec.help}" for name, spec in self.plugin_commands.items()]
+        keys = "keys: Escape cancels an edit · Ctrl+T tree · b or Ctrl+B before/after · Up/Down earlier lines"
+        return "\n".join([*rows, keys, "anything else is a request for the picture, e.g. make it look like winter"])
+
+    def command_quit(self, argument: str) -> None:
+        self.app.exit()

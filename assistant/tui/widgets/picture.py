@@ -1,0 +1,84 @@
+"""The current image, drawn with textual-image, with a before/after toggle and the sizes.
+
+textual-image picks its renderer (Sixel, Kitty, half-cells; Unicode when stdout is not a TTY)
+when `textual_image.widget` is imported, by asking the terminal, which only works before Textual
+starts: importing this module does that. Tests pass an explicit renderer class instead.
+"""
+
+from __future__ import annotations
+
+from PIL import Image
+from textual import events
+from textual.containers import Vertical
+from textual.reactive import reactive
+from textual.widget import Widget
+from textual.widgets import Label
+from textual_image import _terminal
+
+try:
+    _terminal.get_cell_size()
+except ZeroDivisionError:  # a 0x0 pty (some CI runners, `script` without a size): assume VT340 cells
+    _terminal.get_cell_size._result = _terminal.CellSize(10, 20)
+
+# imported after the cell-size guard above, on purpose
+from textual_image.widget import Image as DEFAULT_RENDERER
+
+Renderer = type[Widget]
+"""A textual-image widget class: DEFAULT_RENDERER, or HalfcellImage, UnicodeImage, ... to force one."""
+
+
+def size(image: Image.Image | None) -> str:
+    return "-" if image is None else f"{image.width}x{image.height}"
+
+
+class Picture(Vertical, can_focus=True):
+    """`show()` gives it the result and the image it was made from; `b` flips between them."""
+
+    before = reactive(False)
+
+    def __init__(self, renderer: Renderer = DEFAULT_RENDERER, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.renderer = renderer
+        self.result: Image.Image | None = None
+        self.source: Image.Image | None = None
+        self.note = ""
+
+    def compose(self):
+        yield Label("open an image: /open PATH", id="caption")
+        yield self.renderer(None, id="image")
+
+    def show(self, result: Image.Image | None, source: Image.Image | None, note: str = "") -> None:
+        """`source` is None for an opened image (nothing came before it)."""
+        self.result, self.source, self.note = result, source, note
+        self.before = False
+        self._draw()
+
+    def toggle(self) -> None:
+        self.before = not self.before
+
+    def watch_before(self) -> None:
+        self._draw()
+
+    def _draw(self) -> None:
+        if not self.is_mounted:
+            return
+        caption = self.query_one("#caption", Label)
+        image = self.query_one("#image")
+        if self.result is None:
+            caption.update("open an image: /open PATH")
+            image.image = None
+            return
+        if self.source is None:
+            text = f"opened · {size(self.result)}"
+        elif self.before:
+            text = f"BEFORE (b: after) · source {size(self.source)} · result {size(self.result)}"
+        else:
+            text = f"after (b: before) · source {size(self.source)} → result {size(self.result)}"
+        caption.update(text + (f" · {self.note}" if self.note else ""))
+        image.image = self.source if self.before and self.source is not None else self.result
+
+    def on_mount(self) -> None:
+        self._draw()
+
+    def on_click(self, event: events.Click) -> None:
+        self.focus()

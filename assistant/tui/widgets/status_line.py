@@ -1,0 +1,12 @@
+"""The chat's settings for the next edit (seed, steps, candidates) and what runs them."""
+
+from __future__ import annotations
+
+from textual.widgets import Static
+
+
+class StatusLine(Static):
+    def show(self, *, seed: int | None, steps: int, candidates: int, engine: str) -> None:
+        seed_text = "random" if seed is None else str(seed)
+        self.update(f"seed {seed_text} · steps {steps} · candidates {candidates} · {engine}"
+                    " · Esc cancels · ^T tree · b/^B before/after · /help")
