@@ -28,6 +28,7 @@ class Settings(BaseSettings):
     lora_scale: float = Field(1.0, ge=0, le=4, description="strength of the adapter (1 = as trained)")
     top_k: int = Field(1, ge=1, le=64, description="experts per token for a LoRA-MoE adapter (published: 1)")
     device: str | None = Field(None, description="cuda, cpu, ... (default: cuda when available)")
+    compile: bool = Field(False, description="torch.compile the transformer (once per shape; pays off on GPUs)")
     quantize: Literal["none", "int8", "fp8"] = Field(
         "none", description="weight-only quantized transformer (torchao; fp8 needs a CUDA GPU of compute 8.9+)"
     )

@@ -150,3 +150,10 @@ def test_fp8_needs_a_recent_gpu(photo):
     pytest.importorskip("torchao")
     with pytest.raises(UserError, match="compute capability 8.9"):
         run(IceditEngine(Settings(preset="tiny", quantize="fp8")), request(photo))
+
+
+def test_compile_wraps_the_transformer_for_the_first_step(photo):
+    engine = IceditEngine(Settings(preset="tiny", compile=True))
+    transformer = engine.pipeline().transformer
+    assert transformer._compiled_call_impl is not None  # compiled lazily, at its first call
+    assert IceditEngine(Settings(preset="tiny")).pipeline().transformer._compiled_call_impl is None

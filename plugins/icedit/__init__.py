@@ -25,6 +25,7 @@ def _describe(settings):
         "lora_scale": settings.lora_scale,
         "offload": settings.offload,
         "quantize": settings.quantize,
+        "compile": settings.compile,
     }
 
 

@@ -65,6 +65,8 @@ def load_pipeline(settings: Settings):
     if settings.quantize != "none":
         _quantize(pipe.transformer, settings.quantize, device)
     _place(pipe, device, settings.offload)
+    if settings.compile:
+        pipe.transformer.compile(dynamic=False)  # compiles at the first step of each new shape
     return pipe, preset.random_weights and settings.model is None, adapter
 
 
