@@ -178,3 +178,18 @@ def test_cli_reports_candidates_verdicts_nfe_saves_previews_and_replay_repeats_t
     row = json.loads(replay.stdout.splitlines()[-1])
     assert row["image_sha256"] == data["image_sha256"]
     assert row["candidate_seeds"] == [5, 6, 7] and row["seed"] == data["seed"]
+
+
+def test_a_judge_with_compare_many_is_asked_both_orders_in_one_call():
+    class Batched:
+        def __init__(self):
+            self.calls = []
+
+        def compare_many(self, instruction, source, pairs):
+            self.calls.append([(a.getpixel((0, 0))[0], b.getpixel((0, 0))[0]) for a, b in pairs])
+            return [0.9 if a.getpixel((0, 0))[0] > b.getpixel((0, 0))[0] else 0.2 for a, b in pairs]
+
+    judge = Batched()
+    winner, verdicts = tournament(judge, "x", shade(0), candidates(50, 150))
+    assert judge.calls == [[(50, 150), (150, 50)]]
+    assert winner == 1 and verdicts[0].p == pytest.approx((0.2 + 1 - 0.9) / 2)

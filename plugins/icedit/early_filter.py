@@ -26,12 +26,18 @@ from plugins.icedit.diptych import right_panel
 from plugins.icedit.sampler import Conditioning, FillSampler, Latents
 
 
-def _probability(judge, instruction: str, source: Image.Image, a: Image.Image, b: Image.Image) -> float:
-    """The judge's P(a better than b), or a ValueError saying why it is unusable."""
-    p = judge.compare(instruction, source, a, b)
-    if not isinstance(p, (int, float)) or isinstance(p, bool) or not math.isfinite(p) or not 0 <= p <= 1:
-        raise ValueError(f"judge returned {p!r}, not a probability")
-    return float(p)
+def _both_orders(judge, instruction: str, source: Image.Image, a: Image.Image, b: Image.Image) -> tuple[float, float]:
+    """The judge's P(a better than b) and P(b better than a); one batched call when it has compare_many."""
+    many = getattr(judge, "compare_many", None)
+    if many is not None:
+        answers = list(many(instruction, source, [(a, b), (b, a)]))
+    else:
+        answers = [judge.compare(instruction, source, a, b), judge.compare(instruction, source, b, a)]
+    for p in answers:
+        if not isinstance(p, (int, float)) or isinstance(p, bool) or not math.isfinite(p) or not 0 <= p <= 1:
+            raise ValueError(f"judge returned {p!r}, not a probability")
+    p_ab, p_ba = answers
+    return float(p_ab), float(p_ba)
 
 
 def tournament(
@@ -47,8 +53,7 @@ def tournament(
         a, b = candidates[best], candidates[challenger]
         note = p_ab = p_ba = None
         try:
-            p_ab = _probability(judge, instruction, source, a.preview, b.preview)
-            p_ba = _probability(judge, instruction, source, b.preview, a.preview)
+            p_ab, p_ba = _both_orders(judge, instruction, source, a.preview, b.preview)
             p = (p_ab + 1 - p_ba) / 2
         except UserError:
             raise  # missing weights and the like: the person must hear it, not a coin flip
