@@ -71,6 +71,7 @@ class Agent:
         self._engine = None
         self._rewriter = None
         self._judge = None
+        self._last_image: tuple[str | None, Image.Image | None] = (None, None)
 
     @property
     def engine(self):
@@ -96,7 +97,10 @@ class Agent:
         return self.store.history(self.session) if self.store.exists(self.session) else None
 
     def image(self, turn: Turn) -> Image.Image:
-        return decode_png(self.store.image(turn.image_sha256)).convert("RGB")
+        """A turn's picture; the last one is kept decoded (images are content-addressed, so it can't go stale)."""
+        if self._last_image[0] != turn.image_sha256:
+            self._last_image = (turn.image_sha256, decode_png(self.store.image(turn.image_sha256)).convert("RGB"))
+        return self._last_image[1]
 
     def current(self) -> Turn:
         history = self.history()
@@ -230,6 +234,7 @@ class Agent:
         )
         parent = current.id if opening is None else history and history.cursor
         turn = self.store.add_turns(self.session, parent, [opening, draft] if opening else [draft])[-1]
+        self._last_image = (turn.image_sha256, result.image)
         plugins.get_plugin_manager().hook.turn_finished(session=self.session, turn=turn)
         timings = {"rewrite": rewritten - started, **result.timings, "total": time.perf_counter() - started}
         timings["agent"] = timings["total"] - timings["rewrite"] - (edited - rewritten)

@@ -59,7 +59,7 @@ def encode_png(img: Image.Image) -> bytes:
         img = img.copy()
         img.info = {}
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
+    img.save(buf, format="PNG", compress_level=1)  # 3x faster than zlib's default, files ~6% larger
     return buf.getvalue()
 
 
