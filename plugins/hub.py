@@ -1,7 +1,8 @@
 """Hub look-ups the built-in plugins share: is a repo already cached here, and can the hub be reached?
 
 Offline, the hub client retries a missing file for most of a minute before failing; asking these
-first lets a loader say "not here, download it like this" at once.
+first lets a loader say "not here, download it like this" at once. A pinned `revision` (commit,
+tag or branch) is looked up as such: another revision in the cache does not count.
 """
 
 from __future__ import annotations
@@ -10,12 +11,24 @@ import os
 import socket
 from urllib.parse import urlparse
 
+from assistant.errors import UserError
 
-def cached(repo_id: str, filename: str) -> bool:
+
+def check_repo_id(ref: str, what: str) -> None:
+    """A one-line error for a reference that is neither a local path nor a valid hub id."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(ref)
+    except HFValidationError:
+        raise UserError(f"the {what} '{ref}' is neither a local path nor a hub id (owner/name)") from None
+
+
+def cached(repo_id: str, filename: str, revision: str | None = None) -> bool:
     from huggingface_hub import try_to_load_from_cache
 
     try:
-        return isinstance(try_to_load_from_cache(repo_id, filename), str)
+        return isinstance(try_to_load_from_cache(repo_id, filename, revision=revision), str)
     except ValueError:  # not a valid repo id
         return False
 
@@ -31,6 +44,11 @@ def reachable(timeout: float = 3.0) -> bool:
     return True
 
 
-def unavailable(repo_id: str, filename: str) -> bool:
-    """True when the repo's file is neither cached nor downloadable now."""
-    return not cached(repo_id, filename) and not reachable()
+def unavailable(repo_id: str, filename: str, revision: str | None = None) -> bool:
+    """True when the repo's file (at `revision`, default the main branch) is neither cached nor downloadable now."""
+    return not cached(repo_id, filename, revision) and not reachable()
+
+
+def at_revision(ref: str, revision: str | None) -> str:
+    """How messages name a hub reference: 'owner/name' or 'owner/name@revision'."""
+    return ref if revision is None else f"{ref}@{revision}"

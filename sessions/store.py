@@ -1,14 +1,17 @@
 """The SQLite session store: sessions, their turn trees, and content-addressed images.
 
 One short `BEGIN IMMEDIATE` transaction per change, WAL and a busy timeout, so a crash loses
-at most the turn in flight and two processes can write the same store.
+at most the turn in flight and two processes can write the same store. Full disks, read-only or
+damaged files and a store that stays busy are one line each (`UserError`), never a traceback.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -56,8 +59,30 @@ MIGRATIONS: list[str] = [
         created TEXT NOT NULL
     );
     """,
+    """
+    CREATE INDEX turns_by_image ON turns(session_id, image_sha256);
+    CREATE INDEX log_by_session ON log(session_id, id);
+    """,
 ]
-"""Schema versions in order; `PRAGMA user_version` records how many have run."""
+"""Schema versions in order; `PRAGMA user_version` records how many have run.
+
+2: indexes for the two lookups that otherwise scan whole tables as a store grows over weeks:
+`add_turns` asking whether a session already holds an image (a turn "open"ed by a concurrent
+process is reused, not doubled) and `transcript`, which the chat reads on every start.
+"""
+BUSY_TIMEOUT_S = 30
+_STORE_ERRORS = {
+    "disk is full": "the disk holding the session store {path} is full: free some space and try again",
+    "readonly database": "the session store {path} is read-only: make it writable, or set ICEDIT_HOME to a "
+    "writable folder",
+    "database is locked": f"the session store {{path}} stayed busy for {BUSY_TIMEOUT_S} s (another icedit is "
+    "writing to it): try again",
+    "disk I/O error": "cannot read or write the session store {path}: disk I/O error",
+    "malformed": "the session store {path} is damaged ({error}): restore it from a backup",
+    "not a database": "cannot open the session store {path}: {error}; move it away or restore it from a backup",
+    "unable to open": "cannot open the session store {path} ({error}): is its folder writable?",
+}
+"""SQLite's messages for what is wrong with the store's file or disk (not with our SQL) -> one line."""
 
 
 class SessionInfo(BaseModel):
@@ -95,6 +120,19 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
+def _reading(method):
+    """A read that meets a damaged or unreadable file says so in one line, like a write does."""
+
+    @functools.wraps(method)
+    def read(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.DatabaseError as e:
+            raise self._error(e) from None
+
+    return read
+
+
 class Store:
     """The session store at `path` (":memory:" for a throwaway one)."""
 
@@ -105,17 +143,40 @@ class Store:
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise UserError(f"cannot create the store folder {Path(path).parent}: {e.strerror}") from None
+        self.db = None
         try:
-            self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-            self.db.execute("PRAGMA busy_timeout = 30000")
-            self.db.execute("PRAGMA journal_mode = WAL")
+            self.db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                                      check_same_thread=False)
+            self.db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_S * 1000}")
+            self._wal()
             self.db.execute("PRAGMA foreign_keys = ON")
             self._migrate()
-        except UserError:
-            self.db.close()
+        except BaseException as e:
+            if self.db is not None:
+                self.db.close()
+            if isinstance(e, sqlite3.DatabaseError):
+                raise self._error(e, "cannot open the session store {path}: {error}") from None
             raise
-        except sqlite3.DatabaseError as e:
-            raise UserError(f"cannot open the session store {self.path}: {e}") from None
+
+    def _error(self, error: sqlite3.Error, fallback: str | None = None) -> Exception:
+        """One line for a problem with the store's file or disk; anything else (a bug) as it was."""
+        text = str(error)
+        for fragment, message in _STORE_ERRORS.items():
+            if fragment in text:
+                return UserError(message.format(path=self.path, error=text))
+        return UserError(fallback.format(path=self.path, error=text)) if fallback else error
+
+    def _wal(self) -> None:
+        """Switch to WAL, waiting out other processes: SQLite's busy handler does not cover this pragma."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        while True:
+            try:
+                self.db.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def close(self) -> None:
         self.db.close()
@@ -128,13 +189,20 @@ class Store:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        self.db.execute("BEGIN IMMEDIATE")
+        """One write transaction: all of it is committed, or (error, Ctrl+C, full disk) none of it."""
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.DatabaseError as e:
+            raise self._error(e) from None
         try:
             yield self.db
-        except BaseException:
-            self.db.execute("ROLLBACK")
+            self.db.execute("COMMIT")
+        except BaseException as e:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            if isinstance(e, sqlite3.DatabaseError):
+                raise self._error(e) from None
             raise
-        self.db.execute("COMMIT")
 
     def _migrate(self) -> None:
         with self._tx() as db:
@@ -152,6 +220,7 @@ class Store:
 
     # ------------------------------------------------------------------ reading
 
+    @_reading
     def sessions(self) -> list[SessionInfo]:
         rows = self.db.execute(
             "SELECT s.name, s.cursor, COUNT(t.id), s.created, s.updated FROM sessions s "
@@ -159,6 +228,13 @@ class Store:
         ).fetchall()
         return [SessionInfo(name=r[0], cursor=r[1], turns=r[2], created=r[3], updated=r[4]) for r in rows]
 
+    def info(self, name: str) -> SessionInfo:
+        for info in self.sessions():
+            if info.name == name:
+                return info
+        raise UserError(f"no session named '{name}' (see `icedit sessions list`)")
+
+    @_reading
     def exists(self, name: str) -> bool:
         return self.db.execute("SELECT 1 FROM sessions WHERE name = ?", (name,)).fetchone() is not None
 
@@ -168,6 +244,7 @@ class Store:
             raise UserError(f"no session named '{name}' (see `icedit sessions list`)")
         return row
 
+    @_reading
     def history(self, name: str) -> History:
         session_id, cursor = self._session(self.db, name)
         rows = self.db.execute(
@@ -191,12 +268,14 @@ class Store:
         ]
         return History(name=name, cursor=cursor, turns=turns)
 
+    @_reading
     def image(self, sha256: str) -> bytes:
         row = self.db.execute("SELECT png FROM images WHERE sha256 = ?", (sha256,)).fetchone()
         if row is None:
             raise UserError(f"image {sha256[:12]} is not in the store")
         return row[0]
 
+    @_reading
     def transcript(self, name: str) -> list[LogEntry]:
         session_id, _ = self._session(self.db, name)
         rows = self.db.execute(
@@ -210,7 +289,9 @@ class Store:
         """Commit turns, their images and chat lines in one transaction; the cursor moves onto the last.
 
         The first draft hangs under `parent`, each next one under the one before. A session is
-        created by its first turn, so a failed first edit leaves no empty session behind.
+        created by its first turn, so a failed first edit leaves no empty session behind. A first
+        draft that opens an image the session already holds (another process may have committed it
+        since the agent looked) is not doubled: that turn is used, as the agent would have.
         """
         now = _now()
         ids = []
@@ -224,6 +305,16 @@ class Store:
                 session_id = row[0]
             if parent is not None:
                 self._check_turn(db, name, session_id, parent)
+            if drafts and drafts[0].kind == "open" and row is not None:
+                shown = db.execute(
+                    "SELECT id FROM turns WHERE session_id = ? AND image_sha256 = ? ORDER BY id DESC LIMIT 1",
+                    (session_id, drafts[0].image_sha256),
+                ).fetchone()
+                if shown is not None:
+                    parent = shown[0]
+                    ids.append(parent)
+                    self._log(db, session_id, drafts[0].replies, parent, now)
+                    drafts = drafts[1:]
             for draft in drafts:
                 db.execute(
                     "INSERT OR IGNORE INTO images (sha256, png, width, height) VALUES (?, ?, ?, ?)",
@@ -249,6 +340,56 @@ class Store:
             db.execute("UPDATE sessions SET cursor = ?, updated = ? WHERE id = ?", (parent, now, session_id))
         history = self.history(name)
         return [history.turn(i) for i in ids]
+
+    def restore(
+        self,
+        name: str,
+        info: SessionInfo,
+        turns: list[Turn],
+        transcript: list[LogEntry],
+        image: Callable[[str], tuple[bytes, int, int]],
+    ) -> History:
+        """Insert a whole session (an imported archive) in one transaction, timestamps as they were.
+
+        Turn ids are renumbered into this store (parents before children, as `turns` lists them);
+        `info.cursor`, parents and log lines refer to the ids in `turns`. `image(sha256)` gives
+        (png, width, height) for images the store does not hold yet.
+        """
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM sessions WHERE name = ?", (name,)).fetchone() is not None:
+                raise UserError(f"a session named '{name}' already exists: import it under another name with --as")
+            session_id = db.execute(
+                "INSERT INTO sessions (name, created, updated) VALUES (?, ?, ?)", (name, info.created, info.updated)
+            ).lastrowid
+            ids: dict[int, int] = {}
+            for turn in turns:
+                if db.execute("SELECT 1 FROM images WHERE sha256 = ?", (turn.image_sha256,)).fetchone() is None:
+                    db.execute("INSERT INTO images (sha256, png, width, height) VALUES (?, ?, ?, ?)",
+                               (turn.image_sha256, *image(turn.image_sha256)))
+                ids[turn.id] = db.execute(
+                    "INSERT INTO turns (session_id, parent_id, kind, message, plan_json, params_json,"
+                    " image_sha256, timings_json, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        session_id,
+                        None if turn.parent is None else ids[turn.parent],
+                        turn.kind,
+                        turn.message,
+                        None if turn.plan is None else json.dumps(turn.plan),
+                        json.dumps(turn.params),
+                        turn.image_sha256,
+                        json.dumps(turn.timings),
+                        turn.created,
+                    ),
+                ).lastrowid
+            for entry in transcript:
+                db.execute(
+                    "INSERT INTO log (session_id, role, text, turn_id, created) VALUES (?, ?, ?, ?, ?)",
+                    (session_id, entry.role, entry.text, None if entry.turn_id is None else ids[entry.turn_id],
+                     entry.created),
+                )
+            cursor = None if info.cursor is None else ids[info.cursor]
+            db.execute("UPDATE sessions SET cursor = ? WHERE id = ?", (cursor, session_id))
+        return self.history(name)
 
     @staticmethod
     def _check_turn(db: sqlite3.Connection, name: str, session_id: int, turn_id: int) -> None:

@@ -1,6 +1,9 @@
 """Building the FluxFillPipeline an engine runs: weights from a preset, a hub id or a local folder,
 then the adapter (a LoRA-MoE when the checkpoint has `lora_route` keys, else a stock diffusers
-LoRA), then the device or an offload mode."""
+LoRA), then the device or an offload mode.
+
+Weights are untrusted files: adapters load from safetensors only, nothing is unpickled, no remote
+code runs, and hub references can be pinned to a revision (`--revision`, `--lora-revision`)."""
 
 from __future__ import annotations
 
@@ -9,13 +12,14 @@ from pathlib import Path
 from assistant.errors import UserError, WeightsMissing
 from assistant.models import AdapterInfo
 from assistant.settings import Settings
-from plugins.hub import unavailable
+from plugins.hub import at_revision, check_repo_id, unavailable
 from plugins.icedit.presets import build_tiny, get_preset
 
 DOWNLOAD_HINT = (
     "download it on a machine with internet (`hf download {id}`; FLUX.1 dev repos are gated: accept the "
     "licence on huggingface.co first) or pass a local folder; `--preset tiny` runs offline with random weights"
 )
+OOM_HINT = "try --offload model (or sequential), or a smaller image"
 TINY_MOE = "tiny-moe"
 """A random LoRA-MoE adapter in the published format, built for the loaded model (4 experts, rank 4)."""
 
@@ -37,19 +41,22 @@ def _is_local(ref: str) -> bool:
     return ref.startswith((".", "/", "~")) or Path(ref).exists()
 
 
-def _fetch_error(what: str, ref: str, error: Exception) -> UserError:
+def _fetch_error(what: str, ref: str, error: Exception, revision: str | None = None) -> UserError:
     """One line for a failed load. Hub clients raise OSError, ValueError or their HTTP library's errors."""
     if isinstance(error, UserError):
         return error
     reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
     if _is_local(ref):
         return UserError(f"cannot load the {what} from {ref}: {reason}")
-    return WeightsMissing(f"the {what} '{ref}' is not in the Hugging Face cache and the hub is unreachable: "
-                          + DOWNLOAD_HINT.format(id=ref))
+    download = ref if revision is None else f"{ref} --revision {revision}"
+    return WeightsMissing(f"the {what} '{at_revision(ref, revision)}' is not in the Hugging Face cache and the hub "
+                          "is unreachable: " + DOWNLOAD_HINT.format(id=download))
 
 
 def load_pipeline(settings: Settings):
     """(pipeline ready to run, whether its weights are random, the adapter it carries)."""
+    import torch
+
     preset = get_preset(settings.preset)
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
@@ -59,12 +66,15 @@ def load_pipeline(settings: Settings):
         if dtype != pipe.dtype:
             pipe = pipe.to(dtype=dtype)
     else:
-        pipe = _from_pretrained(model, dtype)
+        pipe = _from_pretrained(model, dtype, settings.revision)
     lora = settings.lora or preset.lora
     adapter = _load_adapter(pipe, lora, settings) if lora and lora != "none" else None
-    if settings.quantize != "none":
-        _quantize(pipe.transformer, settings.quantize, device)
-    _place(pipe, device, settings.offload)
+    try:
+        if settings.quantize != "none":
+            _quantize(pipe.transformer, settings.quantize, device)
+        _place(pipe, device, settings.offload)
+    except torch.OutOfMemoryError:
+        raise UserError(f"out of memory placing the model on {device}: {OOM_HINT}") from None
     if settings.compile:
         pipe.transformer.compile(dynamic=False)  # compiles at the first step of each new shape
     return pipe, preset.random_weights and settings.model is None, adapter
@@ -96,23 +106,25 @@ def _quantize(transformer, mode: str, device: str) -> None:
     quantize_(transformer, config, filter_fn=lambda m, name: isinstance(m, torch.nn.Linear) and "lora" not in name)
 
 
-def _from_pretrained(model: str, dtype):
+def _from_pretrained(model: str, dtype, revision: str | None = None):
     from diffusers import FluxFillPipeline
 
     if _is_local(model) and not (Path(model).expanduser() / "model_index.json").is_file():
         raise UserError(f"{model} is not a FLUX.1 Fill pipeline folder (no model_index.json in it)")
-    if not _is_local(model) and unavailable(model, "model_index.json"):
-        raise _fetch_error("FLUX.1 Fill pipeline", model, OSError("not cached, hub unreachable"))
+    if not _is_local(model):
+        check_repo_id(model, "FLUX.1 Fill pipeline")
+        if unavailable(model, "model_index.json", revision):
+            raise _fetch_error("FLUX.1 Fill pipeline", model, OSError("not cached, hub unreachable"), revision)
     try:
         pipe = FluxFillPipeline.from_pretrained(str(Path(model).expanduser()) if _is_local(model) else model,
-                                                dtype=dtype)
+                                                dtype=dtype, revision=None if _is_local(model) else revision)
     except Exception as e:  # noqa: BLE001 - every loader failure becomes one line
-        raise _fetch_error("FLUX.1 Fill pipeline", model, e) from None
+        raise _fetch_error("FLUX.1 Fill pipeline", model, e, revision) from None
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def adapter_kind(lora: str | None) -> str:
+def adapter_kind(lora: str | None, revision: str | None = None) -> str:
     """'lora-moe', 'lora', 'none', or 'unknown' (not on disk yet), without loading any weights."""
     if not lora or lora == "none":
         return "none"
@@ -128,7 +140,10 @@ def adapter_kind(lora: str | None) -> str:
     if not path.is_file() and not _is_local(lora):
         from huggingface_hub import try_to_load_from_cache
 
-        cached = try_to_load_from_cache(lora, WEIGHTS_NAME)
+        try:
+            cached = try_to_load_from_cache(lora, WEIGHTS_NAME, revision=revision)
+        except ValueError:  # not a hub id either: the load will say so
+            cached = None
         path = Path(cached) if isinstance(cached, str) else path
     try:
         with safe_open(str(path), "pt") as f:
@@ -141,29 +156,35 @@ def adapter_kind(lora: str | None) -> str:
 def _load_adapter(pipe, lora: str, settings: Settings) -> AdapterInfo:
     from plugins.icedit import moe
 
+    path = Path(lora).expanduser()
+    if path.is_file() and path.suffix != ".safetensors":
+        raise UserError(f"{lora}: adapters are read from .safetensors files only (pickle files can run code)")
     if lora == TINY_MOE:
         state = moe.synthetic_checkpoint(pipe.transformer, num_experts=4, rank=4, seed=1, scale=0.3)
-    elif adapter_kind(lora) == "lora-moe":
-        state = moe.read_checkpoint(lora)
+    elif adapter_kind(lora, settings.lora_revision) == "lora-moe":
+        state = moe.read_checkpoint(lora, settings.lora_revision)
     else:
-        return _load_stock_lora(pipe, lora, settings.lora_scale)
+        return _load_stock_lora(pipe, lora, settings.lora_scale, settings.lora_revision)
     report = moe.load_lora_moe(pipe.transformer, state, top_k=settings.top_k)
     moe.set_scale(pipe.transformer, settings.lora_scale)
     return AdapterInfo(kind="lora-moe", source=lora, keys=report.keys, num_experts=report.num_experts,
                        top_k=report.top_k, scale=settings.lora_scale)
 
 
-def _load_stock_lora(pipe, lora: str, scale: float) -> AdapterInfo:
+def _load_stock_lora(pipe, lora: str, scale: float, revision: str | None = None) -> AdapterInfo:
     if _is_local(lora) and not Path(lora).expanduser().exists():
         raise UserError(f"{lora}: no such LoRA file or folder")
     ref = str(Path(lora).expanduser()) if _is_local(lora) else lora
-    if not _is_local(lora) and unavailable(lora, "pytorch_lora_weights.safetensors"):
-        raise _fetch_error("LoRA", lora, OSError("not cached, hub unreachable"))
-    try:
-        state = pipe.lora_state_dict(ref, use_safetensors=True)
+    hub = {} if _is_local(lora) else {"revision": revision}
+    if not _is_local(lora):
+        check_repo_id(lora, "LoRA")
+        if unavailable(lora, "pytorch_lora_weights.safetensors", revision):
+            raise _fetch_error("LoRA", lora, OSError("not cached, hub unreachable"), revision)
+    try:  # use_safetensors=True: diffusers never falls back to unpickling a .bin
+        state = pipe.lora_state_dict(ref, use_safetensors=True, **hub)
         keys = len(state[0] if isinstance(state, tuple) else state)
-        pipe.load_lora_weights(ref, adapter_name="icedit", use_safetensors=True)
+        pipe.load_lora_weights(ref, adapter_name="icedit", use_safetensors=True, **hub)
     except Exception as e:  # noqa: BLE001 - every loader failure becomes one line
-        raise _fetch_error("LoRA", lora, e) from None
+        raise _fetch_error("LoRA", lora, e, revision) from None
     pipe.set_adapters(["icedit"], adapter_weights=[scale])
     return AdapterInfo(kind="lora", source=lora, keys=keys, scale=scale)

@@ -26,11 +26,11 @@ class ImageOnlyProcessor(Qwen2_5_VLProcessor):
         ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
 
 
-def load_processor(ref: str) -> ImageOnlyProcessor:
+def load_processor(ref: str, revision: str | None = None) -> ImageOnlyProcessor:
     """Tokenizer (left padding, for batches that end where the answer starts) + image processor + template."""
-    tokenizer = AutoTokenizer.from_pretrained(ref, padding_side="left")
-    image_processor = Qwen2VLImageProcessorPil.from_pretrained(ref)
-    processor_dict, _ = ProcessorMixin.get_processor_dict(ref)
+    tokenizer = AutoTokenizer.from_pretrained(ref, padding_side="left", revision=revision)
+    image_processor = Qwen2VLImageProcessorPil.from_pretrained(ref, revision=revision)
+    processor_dict, _ = ProcessorMixin.get_processor_dict(ref, revision=revision)
     chat_template = processor_dict.get("chat_template") or tokenizer.chat_template
     if not chat_template:
         raise ValueError(f"{ref} has no chat template (chat_template.jinja, chat_template.json or tokenizer_config)")

@@ -8,6 +8,8 @@ from textual.widgets import Static
 
 LABELS = {"user": "you", "assistant": "assistant", "prompt": "IC prompt", "error": "error", "info": ""}
 """Roles a line can have and the label in front of it (the store's transcript uses user and assistant)."""
+MAX_SHOWN = 4000
+"""Longer lines are cut on screen: wrapping a 10 MB paste would freeze the chat for seconds."""
 
 
 class ChatLog(VerticalScroll):
@@ -20,7 +22,8 @@ class ChatLog(VerticalScroll):
     def add(self, role: str, text: str) -> None:
         self.lines.append((role, text))
         label = LABELS.get(role, role)
-        line = Text.assemble((f"{label}: ", "bold") if label else "", text)
+        shown = text if len(text) <= MAX_SHOWN else f"{text[:MAX_SHOWN]}… ({len(text)} characters)"
+        line = Text.assemble((f"{label}: ", "bold") if label else "", shown)
         self.mount(Static(line, classes=f"line {role}", markup=False))
         self.scroll_end(animate=False)
 
