@@ -116,17 +116,21 @@ def cli() -> None:
 engine_options = [
     click.option("--preset", help="engine preset: default (real FLUX.1 Fill + ICEdit LoRA) or tiny (random, offline)"),
     click.option("--model", help="FLUX.1 Fill hub id or local folder (overrides the preset)"),
+    click.option("--revision", help="pin the FLUX.1 Fill hub revision (commit, tag or branch)"),
     click.option("--lora", help="LoRA hub id or path (overrides the preset); 'none' for none"),
+    click.option("--lora-revision", help="pin the LoRA's hub revision"),
     click.option("--lora-scale", type=click.FloatRange(0, 4), help="adapter strength (default 1, as trained)"),
     click.option("--top-k", type=click.IntRange(1, 64), help="experts per token of a LoRA-MoE adapter (default 1)"),
     click.option("--offload", type=click.Choice(["none", "model", "sequential"]), help="CPU offload on small GPUs"),
     click.option("--quantize", type=click.Choice(["none", "int8", "fp8"]), help="weight-only quantized transformer"),
+    click.option("--compile/--no-compile", default=None, help="torch.compile the transformer (GPU fast path)"),
     click.option("--candidates", type=click.IntRange(1, 16), help="early filter: noises to try (default 1 = off)"),
     click.option("--early-steps", type=click.IntRange(1, 199), help="early filter: steps before judging (default 4)"),
     click.option("--judge", help="judge plugin for the early filter (default qwen_vl)"),
     click.option("--engine", help="engine plugin (see `icedit plugins`)"),
     click.option("--rewriter", help="rewriter plugin: rules (default, offline) or another registered one"),
     click.option("--vlm", help="Qwen2.5-VL hub id or local folder for --rewriter/--judge qwen_vl ('none': no VLM)"),
+    click.option("--vlm-revision", help="pin the VLM's hub revision"),
     click.option("--device", help="torch device (default: cuda when available, else cpu)"),
     click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), help="default: bf16 on CUDA"),
 ]
@@ -159,6 +163,7 @@ def edit(image, instruction, output, session, seed, steps, guidance, native_size
 
     settings = _settings(**options)
     check_message(instruction)
+    _check_output(output)
     source = load_image(image)
     store = _store(settings) if session else Store(":memory:")
     agent = Agent(store, session or "edit", settings)
@@ -186,7 +191,8 @@ def edit(image, instruction, output, session, seed, steps, guidance, native_size
                 for c in outcome.result.candidates:
                     c.preview.save(save_candidates / f"candidate-{c.seed}.png")
         except OSError as e:
-            raise UserError(f"cannot write {e.filename}: {e.strerror}") from None
+            kept = f" (the edit is kept as turn {turn.id} of session {session})" if session else ""
+            raise UserError(f"cannot write {e.filename}: {e.strerror}{kept}") from None
     if json_:
         _emit(describe(outcome, session=session, output=str(output) if output else None))
     else:
@@ -197,6 +203,18 @@ def edit(image, instruction, output, session, seed, steps, guidance, native_size
     if outcome.result is not None and outcome.result.random_weights:
         click.echo(RANDOM_WEIGHTS_NOTE, err=True)
     _fallback_note(outcome.rewriter)
+
+
+def _check_output(path: Path | None) -> None:
+    """Refuse an -o the edit could not be written to before the edit runs (and is kept in a session)."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise UserError(f"{path} is a folder: give -o a file name ending in .png")
+    if path.suffix.lower() != ".png":
+        raise UserError(f"{path}: edits are written as PNG: give -o a name ending in .png")
+    if not path.parent.is_dir():
+        raise UserError(f"{path.parent}: no such folder for -o")
 
 
 def _fallback_note(rewriter: str) -> None:
@@ -234,7 +252,7 @@ def rewrite(image, request, rewriter, vlm, json_) -> None:
 
 @cli.group(cls=_Group)
 def sessions() -> None:
-    """List, show and export stored sessions."""
+    """List, show, export and import stored sessions."""
 
 
 @sessions.command("list")
@@ -296,12 +314,35 @@ def sessions_show(name, json_) -> None:
 @click.argument("name")
 @click.argument("script", type=click.Path(path_type=Path))
 def sessions_export(name, script) -> None:
-    """Write NAME as a replay script (TOML, plus the opened images beside it)."""
+    """Write NAME as a replay script (TOML, plus the opened images beside it), or whole as an archive (.zip)."""
+    from sessions.archive import export_archive
     from sessions.export import export_script
 
     with _store(_settings()) as store:
+        if script.suffix.lower() == ".zip":
+            archived = export_archive(store, name, script)
+            click.echo(f"wrote {script} (session {name}: {len(archived.turns)} turns, "
+                       f"{len({t.image_sha256 for t in archived.turns})} images)")
+            return
         written = export_script(store, name, script)
     click.echo(f"wrote {script} and {len(written) - 1} image(s) beside it")
+
+
+@sessions.command("import")
+@click.argument("archive", type=click.Path(path_type=Path))
+@click.option("--as", "name", help="import under this name (default: the name in the archive)")
+@click.option("--json", "json_", is_flag=True)
+def sessions_import(archive, name, json_) -> None:
+    """Add the session in ARCHIVE (a .zip from `icedit sessions export NAME FILE.zip`) to the store."""
+    from sessions.archive import import_archive
+
+    with _store(_settings()) as store:
+        name, archived = import_archive(store, archive, name)
+        cursor = store.history(name).cursor
+    if json_:
+        _emit({"session": name, "turns": len(archived.turns), "cursor": cursor, "archive": str(archive)})
+    else:
+        click.echo(f"imported session {name} ({len(archived.turns)} turns, cursor at #{cursor}) from {archive}")
 
 
 @sessions.command("sheet")
@@ -348,9 +389,10 @@ def redo(name, json_) -> None:
 @click.argument("script", type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="folder for the PNGs")
 @click.option("--session", help="also keep the run as this named session")
+@click.option("--allow-outside", is_flag=True, help="let a script you trust read images outside its folder")
 @with_engine_options
 @click.option("--json", "json_", is_flag=True, help="one JSON line per turn")
-def replay(script, out_dir, session, json_, **options) -> None:
+def replay(script, out_dir, session, allow_outside, json_, **options) -> None:
     """Run a replay script (TOML) headless; the same script gives the same images."""
     from sessions.replay import load_script, run_script
     from sessions.store import Store
@@ -360,7 +402,7 @@ def replay(script, out_dir, session, json_, **options) -> None:
     store = _store(settings) if session else Store(":memory:")
     random_weights = False
     with _cancel_on_sigint() as cancel:
-        for row in run_script(parsed, script, out_dir, store, session or "replay", settings, cancel):
+        for row in run_script(parsed, script, out_dir, store, session or "replay", settings, cancel, allow_outside):
             random_weights |= bool(row.get("random_weights"))
             if json_:
                 _emit(row)
@@ -403,6 +445,113 @@ def chat(image, session, **options) -> None:
     if app.store.exists(app.session):
         click.echo(f"session {app.session} is kept: icedit chat --session {app.session}")
     app.store.close()
+
+
+def _options(model, **values: Any):
+    """A pydantic options model from the given values (None = its default); a bad one is one line naming it."""
+    from pydantic import ValidationError
+
+    try:
+        return model(**{k: v for k, v in values.items() if v is not None})
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise UserError(f"bad option --{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
+
+
+data_options = [
+    click.option("--data", required=True, help="folder (metadata.jsonl: source, target, instruction) or hub dataset id"),
+    click.option("--columns", help="map our columns to the dataset's: source=source_img,target=target_img,..."),
+    click.option("--split", help="dataset split (default train)"),
+    click.option("--limit", type=click.IntRange(1), help="use the first N examples only"),
+    click.option("--seed", type=click.IntRange(0), help="seed (default 0)"),
+    click.option("--preset", help="model preset: default (real FLUX.1 Fill) or tiny (random, offline)"),
+    click.option("--model", help="FLUX.1 Fill hub id or local folder (overrides the preset)"),
+    click.option("--device", help="cpu to stay off the GPU; otherwise accelerate places each process"),
+]
+
+
+def with_data_options(fn):
+    for option in reversed(data_options):
+        fn = option(fn)
+    return fn
+
+
+@cli.command("train")
+@with_data_options
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="folder for checkpoints and the adapter")
+@click.option("--steps", type=click.IntRange(1), help="optimizer steps (default 1000)")
+@click.option("--experts", type=click.IntRange(1, 64), help="LoRA-MoE experts (default 4)")
+@click.option("--rank", type=click.IntRange(1, 1024), help="LoRA and expert rank (default 32)")
+@click.option("--top-k", type=click.IntRange(1, 64), help="experts per token (default 1)")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), help="AdamW learning rate (default 1e-4)")
+@click.option("--warmup-steps", type=click.IntRange(0), help="linear learning-rate warm-up (default 0)")
+@click.option("--max-grad-norm", type=click.FloatRange(0, min_open=True), help="gradient clipping (default 1)")
+@click.option("--batch-size", type=click.IntRange(1), help="examples per process and step (default 1)")
+@click.option("--grad-accum", type=click.IntRange(1), help="gradient accumulation steps (default 1)")
+@click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), help="default: bf16 on CUDA, else no")
+@click.option("--gradient-checkpointing", is_flag=True, default=None, help="recompute activations to save memory")
+@click.option("--panel-width", type=click.IntRange(16), help="diptych panel width, a multiple of 16 (default 512)")
+@click.option("--guidance", type=click.FloatRange(0, min_open=True), help="FLUX guidance embedding (default 1)")
+@click.option("--checkpoint-every", type=click.IntRange(1), help="save_state every N steps (default 500)")
+@click.option("--resume", help="continue from a checkpoint folder, or 'latest' under OUT/checkpoints")
+@click.option("--json", "json_", is_flag=True, help="print the report as JSON")
+def train_cmd(data, columns, preset, model, device, json_, **options) -> None:
+    """Fine-tune the ICEdit LoRA-MoE on (source, target, instruction) edits; many GPUs: `accelerate launch`."""
+    from plugins.icedit.data import parse_columns
+    from plugins.icedit.train import TrainConfig, train
+
+    settings = _settings(preset=preset, model=model, device=device)
+    config = _options(TrainConfig, data=data, columns=parse_columns(columns), **options)
+    report = train(config, settings)
+    if report is None:  # not the main process
+        return
+    if json_:
+        _emit(report.model_dump())
+    else:
+        click.echo(f"trained to step {report.steps} on {report.num_processes} process(es): "
+                   f"loss {report.loss_first:.4f} -> {report.loss_last:.4f}")
+        click.echo(f"adapter {report.adapter} (icedit edit IMAGE TEXT --lora {Path(report.adapter).parent})")
+        click.echo(f"metrics {report.metrics}; checkpoints {', '.join(report.checkpoints) or 'none'}")
+    if report.random_weights:
+        click.echo("note: the tiny preset has random weights: this checks the training loop, not quality", err=True)
+
+
+@cli.command("eval")
+@with_data_options
+@click.option("--out", type=click.Path(path_type=Path), help="folder for edits, metrics and sheet (default icedit-eval)")
+@click.option("--steps", type=click.IntRange(1, 200), help="denoising steps (default 28)")
+@click.option("--guidance", type=click.FloatRange(0, 200, min_open=True), help="guidance (default 50)")
+@click.option("--batch-size", type=click.IntRange(1), help="examples per scoring round (default 8)")
+@click.option("--judge", type=click.Choice(["qwen_vl"]), help="also rate each edit with the VLM (VIEScore SC/PQ)")
+@click.option("--lora", help="LoRA hub id or path (overrides the preset); 'none' for none")
+@click.option("--lora-scale", type=click.FloatRange(0, 4), help="adapter strength (default 1)")
+@click.option("--top-k", "engine_top_k", type=click.IntRange(1, 64), help="experts per token of a LoRA-MoE adapter")
+@click.option("--offload", type=click.Choice(["none", "model", "sequential"]), help="CPU offload on small GPUs")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), help="default: bf16 on CUDA")
+@click.option("--engine", help="engine plugin (see `icedit plugins`)")
+@click.option("--vlm", help="Qwen2.5-VL hub id or local folder for --judge qwen_vl")
+@click.option("--clip-model", help="CLIP hub id or folder (default openai/clip-vit-base-patch32)")
+@click.option("--dino-model", help="DINO ViT hub id or folder (default facebook/dino-vits16)")
+@click.option("--json", "json_", is_flag=True, help="print the report (means and per example) as JSON")
+def eval_cmd(data, columns, split, limit, seed, out, steps, guidance, batch_size, judge, json_, engine_top_k,
+             **options) -> None:
+    """Edit every example of a dataset and score the edits (MagicBrush and Emu Edit metrics)."""
+    from plugins.icedit.data import parse_columns
+    from plugins.icedit.evaluate import EvalConfig, evaluate
+
+    settings = _settings(top_k=engine_top_k, **options)
+    config = _options(EvalConfig, data=data, columns=parse_columns(columns), split=split, limit=limit, seed=seed,
+                      out=out, steps=steps, guidance=guidance, batch_size=batch_size, judge=judge)
+    report = evaluate(config, settings)
+    if report is None:  # not the main process
+        return
+    if json_:
+        _emit(report.model_dump())
+    else:
+        click.echo(Path(report.table).read_text(), nl=False)
+        click.echo(f"wrote {report.report}, {report.table}, {report.sheet} and {report.count} edits")
+    if report.random_weights:
+        click.echo("note: random weights (tiny preset): the numbers check the pipeline, not editing quality", err=True)
 
 
 def main() -> None:

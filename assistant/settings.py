@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     preset: str = Field("default", description="engine preset: 'default' (real weights) or 'tiny'")
     model: str | None = Field(None, description="FLUX.1 Fill hub id or local folder (overrides the preset)")
     lora: str | None = Field(None, description="LoRA hub id or path (overrides the preset); 'none' for none")
+    revision: str | None = Field(None, description="hub revision (commit, tag, branch) of the FLUX.1 Fill model")
+    lora_revision: str | None = Field(None, description="hub revision of the LoRA")
+    vlm_revision: str | None = Field(None, description="hub revision of the VLM")
     lora_scale: float = Field(1.0, ge=0, le=4, description="strength of the adapter (1 = as trained)")
     top_k: int = Field(1, ge=1, le=64, description="experts per token for a LoRA-MoE adapter (published: 1)")
     device: str | None = Field(None, description="cuda, cpu, ... (default: cuda when available)")
@@ -46,6 +49,12 @@ class Settings(BaseSettings):
     vlm_max_new_tokens: int = Field(256, ge=1, le=4096, description="longest answer the VLM rewriter may give")
     candidates: int = Field(1, ge=1, le=16, description="early filter: noises tried per edit (1 = off)")
     early_steps: int = Field(4, ge=1, le=199, description="early filter: steps each candidate runs before judging")
+    clip_model: str | None = Field(
+        None, description="CLIP for icedit eval: hub id or folder (default openai/clip-vit-base-patch32; random with tiny)"
+    )
+    dino_model: str | None = Field(
+        None, description="DINO ViT for icedit eval: hub id or folder (default facebook/dino-vits16; random with tiny)"
+    )
     steps: int = Field(28, ge=1, le=200)
     guidance: float = Field(50.0, gt=0, le=200)
 

@@ -20,7 +20,7 @@ def _describe(settings):
         "preset": preset.name,
         "model": settings.model or preset.model or "built in-process (random weights)",
         "lora": lora,
-        "adapter": adapter_kind(lora),
+        "adapter": adapter_kind(lora, settings.lora_revision),
         "top_k": settings.top_k,
         "lora_scale": settings.lora_scale,
         "offload": settings.offload,

@@ -93,8 +93,8 @@ class LoadReport(BaseModel):
     top_k: int
 
 
-def _resolve(path_or_hub_id: str | Path) -> Path:
-    """A local .safetensors file, a folder holding the published file name, or a hub repo id."""
+def _resolve(path_or_hub_id: str | Path, revision: str | None = None) -> Path:
+    """A local .safetensors file, a folder holding the published file name, or a hub repo id (at `revision`)."""
     path = Path(path_or_hub_id).expanduser()
     if path.is_dir():
         path = path / WEIGHTS_NAME
@@ -107,24 +107,25 @@ def _resolve(path_or_hub_id: str | Path) -> Path:
         raise UserError(f"{ref}: no such adapter file or folder")
     from huggingface_hub import hf_hub_download
 
-    from plugins.hub import unavailable
+    from plugins.hub import at_revision, unavailable
 
     try:
-        if unavailable(ref, WEIGHTS_NAME):
+        if unavailable(ref, WEIGHTS_NAME, revision):
             raise OSError("not cached, hub unreachable")
-        return Path(hf_hub_download(ref, WEIGHTS_NAME))
+        return Path(hf_hub_download(ref, WEIGHTS_NAME, revision=revision))
     except Exception:  # noqa: BLE001 - hub clients raise OSError or their HTTP library's errors
+        download = ref if revision is None else f"{ref} --revision {revision}"
         raise WeightsMissing(
-            f"the LoRA-MoE adapter '{ref}' is not in the Hugging Face cache and the hub is unreachable: "
-            f"download it on a machine with internet (`hf download {ref}`) or pass a local file"
+            f"the LoRA-MoE adapter '{at_revision(ref, revision)}' is not in the Hugging Face cache and the hub is "
+            f"unreachable: download it on a machine with internet (`hf download {download}`) or pass a local file"
         ) from None
 
 
-def read_checkpoint(path_or_hub_id: str | Path) -> dict[str, torch.Tensor]:
+def read_checkpoint(path_or_hub_id: str | Path, revision: str | None = None) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = _resolve(path_or_hub_id)
+    path = _resolve(path_or_hub_id, revision)
     try:
         return load_file(path)
     except (SafetensorError, OSError) as e:
@@ -352,3 +353,66 @@ def synthetic_checkpoint(
                 state[f"{key}.lora_B.expert_{i}.weight"] = rand(module.out_features, rank)
             state[f"{key}.lora_route.weight"] = rand(num_experts, module.in_features)
     return state
+
+
+def _uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    """nn.Linear's (and peft's) default init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), drawn on the CPU."""
+    bound = shape[1] ** -0.5
+    return (torch.rand(shape, generator=generator) * 2 - 1) * bound
+
+
+def add_lora_moe(transformer: nn.Module, num_experts: int = 4, rank: int = 32, top_k: int = 1, seed: int = 0):
+    """Freeze the model and give it a fresh, trainable adapter that `save_lora_moe` writes in the published format.
+
+    Plain LoRA (stock peft, alpha = rank) on PLAIN_TARGETS and `LoraMoeLinear` on MOE_TARGETS. Every A and
+    router starts as nn.Linear does, every B at zero, so the model's function is unchanged at step 0. The
+    draws come from a CPU generator seeded with `seed`: the same adapter on every device and process.
+    Returns the trainable parameters.
+    """
+    from peft import LoraConfig
+
+    transformer.requires_grad_(False)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    linears = [(n, m) for n, m in transformer.named_modules() if isinstance(m, nn.Linear)]
+    for name, linear in linears:
+        if any(re.fullmatch(p, name) for p in MOE_TARGETS):
+            parent_name, _, child = name.rpartition(".")
+            layer = LoraMoeLinear(linear, num_experts, rank, top_k)
+            with torch.no_grad():
+                layer.lora_A.copy_(_uniform(tuple(layer.lora_A.shape), generator))
+                layer.lora_route.copy_(_uniform(tuple(layer.lora_route.shape), generator))
+            setattr(transformer.get_submodule(parent_name), child, layer)
+    plain = [n for n, _ in linears if any(re.fullmatch(p, n) for p in PLAIN_TARGETS)]
+    if plain:
+        pattern = "|".join(f"(?:{p})" for p in PLAIN_TARGETS)
+        transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=pattern), adapter_name=ADAPTER)
+        with torch.no_grad():
+            for name in plain:
+                a = transformer.get_submodule(name).lora_A[ADAPTER].weight
+                a.copy_(_uniform(tuple(a.shape), generator))
+    return [p for p in transformer.parameters() if p.requires_grad]
+
+
+def restore_adapter(transformer: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Copy a published-format state into the adapter the model already carries (resuming training).
+
+    The keys must be exactly those `adapter_state` gives for this model, with the same shapes.
+    """
+    current = adapter_state(transformer)
+    if missing := sorted(set(current) - set(state)):
+        raise UserError(f"{missing[0]}: missing from the checkpoint")
+    if extra := sorted(set(state) - set(current)):
+        raise UserError(f"{extra[0]}: the model's adapter has no such weight")
+    for key, value in state.items():
+        _check(key, value, tuple(current[key].shape))
+    with torch.no_grad():
+        for name, layer in transformer.named_modules():
+            prefix = f"transformer.{name}"
+            if isinstance(layer, LoraMoeLinear):
+                experts = range(layer.num_experts)
+                layer.lora_A.copy_(torch.cat([state[f"{prefix}.lora_A.expert_{i}.weight"] for i in experts]))
+                layer.lora_B.copy_(torch.cat([state[f"{prefix}.lora_B.expert_{i}.weight"] for i in experts], 1))
+                layer.lora_route.copy_(state[f"{prefix}.lora_route.weight"])
+            elif isinstance(getattr(layer, "lora_A", None), nn.ModuleDict) and ADAPTER in layer.lora_A:
+                layer.lora_A[ADAPTER].weight.copy_(state[f"{prefix}.lora_A.weight"])
+                layer.lora_B[ADAPTER].weight.copy_(state[f"{prefix}.lora_B.weight"])

@@ -1,0 +1,136 @@
+"""The feature models behind the editing metrics: CLIP (image and text) and a DINO ViT, unit-norm embeddings out.
+
+Both load by hub id or local folder (defaults: the models MagicBrush and Emu Edit report with) through
+transformers' PIL image processors, so no torchvision is needed. `tiny()` builds random, seeded
+stand-ins in-process for `--preset tiny` and tests: their numbers check the plumbing, not quality.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from assistant.errors import UserError, WeightsMissing
+
+DEFAULT_CLIP = "openai/clip-vit-base-patch32"
+DEFAULT_DINO = "facebook/dino-vits16"
+TINY_SEED = 0
+
+
+@dataclass(frozen=True)
+class FeatureModels:
+    clip: Any
+    clip_processor: Any
+    tokenizer: Any
+    dino: Any
+    dino_processor: Any
+    random_weights: bool = False
+
+    @property
+    def device(self) -> torch.device:
+        return self.clip.device
+
+    def _pixels(self, processor, images: list[Image.Image]) -> torch.Tensor:
+        pixels = processor(images=[i.convert("RGB") for i in images], return_tensors="pt")["pixel_values"]
+        return pixels.to(self.device, self.clip.dtype)
+
+    @torch.no_grad()
+    def clip_images(self, images: list[Image.Image]) -> torch.Tensor:
+        out = self.clip.get_image_features(pixel_values=self._pixels(self.clip_processor, images))
+        return F.normalize(out.pooler_output.float(), dim=-1)
+
+    @torch.no_grad()
+    def clip_texts(self, texts: list[str]) -> torch.Tensor:
+        tokens = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(self.device)
+        out = self.clip.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+        return F.normalize(out.pooler_output.float(), dim=-1)
+
+    @torch.no_grad()
+    def dino_images(self, images: list[Image.Image]) -> torch.Tensor:
+        """The CLS token of the last layer, as MagicBrush and Emu Edit compare DINO features."""
+        out = self.dino(pixel_values=self._pixels(self.dino_processor, images).to(self.dino.dtype))
+        return F.normalize(out.last_hidden_state[:, 0].float(), dim=-1)
+
+
+def _source(ref: str, what: str, option: str) -> str:
+    """A local folder (checked) or a hub id that is cached or downloadable now; else one line saying what to do."""
+    from plugins.hub import unavailable
+
+    local = ref.startswith((".", "/", "~")) or Path(ref).exists()
+    if local:
+        folder = Path(ref).expanduser()
+        if not (folder / "config.json").is_file():
+            raise UserError(f"{ref} is not a {what} model folder (no config.json in it)")
+        return str(folder)
+    if unavailable(ref, "config.json"):
+        raise WeightsMissing(f"the {what} model '{ref}' is not in the Hugging Face cache and the hub is unreachable: "
+                             f"download it on a machine with internet (`hf download {ref}`) or pass a local folder "
+                             f"with {option}; --preset tiny uses random offline ones")
+    return ref
+
+
+def load(clip_ref: str, dino_ref: str, device: str | torch.device) -> FeatureModels:
+    from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel, ViTImageProcessorPil, ViTModel
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # a weights bar per load is noise in a report
+    clip_src = _source(clip_ref, "CLIP", "--clip-model")
+    dino_src = _source(dino_ref, "DINO", "--dino-model")
+    try:
+        clip = CLIPModel.from_pretrained(clip_src).eval().to(device)
+        clip_processor = CLIPImageProcessorPil.from_pretrained(clip_src)
+        tokenizer = AutoTokenizer.from_pretrained(clip_src)
+    except Exception as e:  # noqa: BLE001 - every loader failure becomes one line
+        raise UserError(f"cannot load the CLIP model from {clip_ref}: {_first_line(e)}") from None
+    try:
+        dino = ViTModel.from_pretrained(dino_src, add_pooling_layer=False).eval().to(device)
+        dino_processor = ViTImageProcessorPil.from_pretrained(dino_src)
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"cannot load the DINO model from {dino_ref}: {_first_line(e)}") from None
+    return FeatureModels(clip, clip_processor, tokenizer, dino, dino_processor)
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def tiny(device: str | torch.device = "cpu") -> FeatureModels:
+    """Random CLIP and DINO ViT at toy widths (32x32 inputs), identical on every call."""
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessorPil,
+        CLIPModel,
+        CLIPTokenizer,
+        ViTConfig,
+        ViTImageProcessorPil,
+        ViTModel,
+    )
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars])}
+    vocab |= {"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1}
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    side = {"height": 32, "width": 32}
+    clip_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size=side)
+    dino_processor = ViTImageProcessorPil(size=side)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        clip = CLIPModel(CLIPConfig(
+            text_config={"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1,
+                         "num_attention_heads": 4, "max_position_embeddings": 77,
+                         "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                         "pad_token_id": tokenizer.pad_token_id},
+            vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1,
+                           "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
+            projection_dim=16,
+        ))
+        dino = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37,
+                                  image_size=32, patch_size=8), add_pooling_layer=False)
+    return FeatureModels(clip.eval().to(device), clip_processor, tokenizer, dino.eval().to(device), dino_processor,
+                         random_weights=True)

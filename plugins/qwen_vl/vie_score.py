@@ -1,0 +1,81 @@
+"""VIEScore-style absolute ratings of an edit by the shared Qwen2.5-VL: semantic consistency and quality.
+
+SC asks how well the edit follows the instruction and how little it over-edits; PQ how natural and
+artifact-free the picture is. Each answer holds two 0-10 scores; as in VIEScore, SC and PQ are the
+minimum of their two, and the overall score is sqrt(SC * PQ). Prompts: prompts/vie_sc.md, vie_pq.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from PIL import Image
+from pydantic import BaseModel, Field
+
+import prompts
+from assistant.settings import Settings
+from plugins.qwen_vl import model
+from plugins.qwen_vl.vision import image_part
+
+
+class VieScore(BaseModel):
+    sc: float | None = Field(None, description="semantic consistency, 0-10: min of its two scores")
+    pq: float | None = Field(None, description="perceptual quality, 0-10: min of its two scores")
+    overall: float | None = Field(None, description="sqrt(sc * pq)")
+    sc_scores: list[float] = []
+    pq_scores: list[float] = []
+    error: str | None = Field(None, description="why a score is missing (an answer that was not two 0-10 scores)")
+
+
+def parse_scores(answer: str) -> list[float]:
+    """The two 0-10 scores of an answer's outermost JSON object; ValueError when it holds anything else."""
+    start, end = answer.find("{"), answer.rfind("}")
+    try:
+        scores = json.loads(answer[start:end + 1])["score"] if 0 <= start < end else None
+    except (json.JSONDecodeError, KeyError, TypeError):
+        scores = None
+    if not (isinstance(scores, list) and len(scores) == 2
+            and all(isinstance(s, int | float) and not isinstance(s, bool) and 0 <= s <= 10 for s in scores)):
+        raise ValueError(f"not two 0-10 scores: {answer.strip()[:80]!r}")
+    return [float(s) for s in scores]
+
+
+class QwenVieScorer:
+    """Two greedy answers per edit from the shared VLM: SC on (source, edit, instruction), PQ on the edit."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+
+    def _image(self, picture: Image.Image) -> dict[str, Any]:
+        return image_part(picture, self.settings.min_pixels, self.settings.max_pixels)
+
+    def conversations(self, instruction: str, source: Image.Image, edit: Image.Image) -> tuple[list, list]:
+        sc = [
+            {"role": "system", "content": prompts.load("vie_sc.md")},
+            {"role": "user", "content": [
+                {"type": "text", "text": "Source:"}, self._image(source),
+                {"type": "text", "text": "Edited:"}, self._image(edit),
+                {"type": "text", "text": f"Instruction: {instruction}"},
+            ]},
+        ]
+        pq = [
+            {"role": "system", "content": prompts.load("vie_pq.md")},
+            {"role": "user", "content": [self._image(edit), {"type": "text", "text": "Rate this picture."}]},
+        ]
+        return sc, pq
+
+    def score(self, instruction: str, source: Image.Image, edit: Image.Image) -> VieScore:
+        vlm = model.load(self.settings)
+        scores, errors = {}, []
+        for key, chat in zip(("sc", "pq"), self.conversations(instruction, source, edit), strict=True):
+            try:
+                scores[key] = parse_scores(vlm.generate(chat, self.settings.vlm_max_new_tokens))
+            except ValueError as e:
+                errors.append(f"{key}: {e}")
+        sc = min(scores["sc"]) if "sc" in scores else None
+        pq = min(scores["pq"]) if "pq" in scores else None
+        return VieScore(sc=sc, pq=pq, overall=None if sc is None or pq is None else math.sqrt(sc * pq),
+                        sc_scores=scores.get("sc", []), pq_scores=scores.get("pq", []),
+                        error="; ".join(errors) or None)
