@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from PIL import Image
+from store_checks import dump
 
 import prompts
 from assistant.cli import RANDOM_WEIGHTS_NOTE, cli
@@ -50,22 +51,6 @@ def icedit(*args: object, home: Path, cwd: Path, timeout: float = 120, **extra: 
         [str(ICEDIT), *map(str, args)], cwd=cwd, env=env_for(home, **extra), capture_output=True, text=True,
         timeout=timeout, check=False,
     )
-
-
-def dump(home: Path) -> dict | None:
-    """Every row of every table of the store (None when there is no store file)."""
-    path = home / "sessions.sqlite3"
-    if not path.exists():
-        return None
-    con = sqlite3.connect(path)
-    try:
-        query = "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name"
-        tables = [r[0] for r in con.execute(query)]
-        out = {t: con.execute(f"SELECT * FROM {t} ORDER BY rowid").fetchall() for t in tables}
-        out["user_version"] = con.execute("PRAGMA user_version").fetchone()[0]
-        return out
-    finally:
-        con.close()
 
 
 def sha(path: Path) -> str:
