@@ -320,21 +320,7 @@ class Store:
                     "INSERT OR IGNORE INTO images (sha256, png, width, height) VALUES (?, ?, ?, ?)",
                     (draft.image_sha256, draft.png, *draft.size),
                 )
-                parent = db.execute(
-                    "INSERT INTO turns (session_id, parent_id, kind, message, plan_json, params_json,"
-                    " image_sha256, timings_json, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        session_id,
-                        parent,
-                        draft.kind,
-                        draft.message,
-                        None if draft.plan is None else json.dumps(draft.plan),
-                        json.dumps(draft.params),
-                        draft.image_sha256,
-                        json.dumps(draft.timings),
-                        now,
-                    ),
-                ).lastrowid
+                parent = self._insert_turn(db, session_id, parent, draft, now)
                 ids.append(parent)
                 self._log(db, session_id, draft.replies, parent, now)
             db.execute("UPDATE sessions SET cursor = ?, updated = ? WHERE id = ?", (parent, now, session_id))
@@ -366,21 +352,8 @@ class Store:
                 if db.execute("SELECT 1 FROM images WHERE sha256 = ?", (turn.image_sha256,)).fetchone() is None:
                     db.execute("INSERT INTO images (sha256, png, width, height) VALUES (?, ?, ?, ?)",
                                (turn.image_sha256, *image(turn.image_sha256)))
-                ids[turn.id] = db.execute(
-                    "INSERT INTO turns (session_id, parent_id, kind, message, plan_json, params_json,"
-                    " image_sha256, timings_json, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        session_id,
-                        None if turn.parent is None else ids[turn.parent],
-                        turn.kind,
-                        turn.message,
-                        None if turn.plan is None else json.dumps(turn.plan),
-                        json.dumps(turn.params),
-                        turn.image_sha256,
-                        json.dumps(turn.timings),
-                        turn.created,
-                    ),
-                ).lastrowid
+                parent = None if turn.parent is None else ids[turn.parent]
+                ids[turn.id] = self._insert_turn(db, session_id, parent, turn, turn.created)
             for entry in transcript:
                 db.execute(
                     "INSERT INTO log (session_id, role, text, turn_id, created) VALUES (?, ?, ?, ?, ?)",
@@ -390,6 +363,26 @@ class Store:
             cursor = None if info.cursor is None else ids[info.cursor]
             db.execute("UPDATE sessions SET cursor = ? WHERE id = ?", (cursor, session_id))
         return self.history(name)
+
+    @staticmethod
+    def _insert_turn(db: sqlite3.Connection, session_id: int, parent: int | None, turn: NewTurn | Turn,
+                     created: str) -> int:
+        """One row of `turns` (a new draft or an imported turn); its id."""
+        return db.execute(
+            "INSERT INTO turns (session_id, parent_id, kind, message, plan_json, params_json, image_sha256,"
+            " timings_json, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                session_id,
+                parent,
+                turn.kind,
+                turn.message,
+                None if turn.plan is None else json.dumps(turn.plan),
+                json.dumps(turn.params),
+                turn.image_sha256,
+                json.dumps(turn.timings),
+                created,
+            ),
+        ).lastrowid
 
     @staticmethod
     def _check_turn(db: sqlite3.Connection, name: str, session_id: int, turn_id: int) -> None:
