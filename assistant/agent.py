@@ -102,19 +102,20 @@ class Agent:
             self._last_image = (turn.image_sha256, decode_png(self.store.image(turn.image_sha256)).convert("RGB"))
         return self._last_image[1]
 
-    def current(self) -> Turn:
-        history = self.history()
+    def current(self, history: History | None = None) -> Turn:
+        """The cursor's turn (of `history` when the caller has it already)."""
+        history = history or self.history()
         if history is None or history.cursor is None:
             raise UserError(f"session '{self.session}' has no image yet: open one first")
         return history.current()
 
     # ------------------------------------------------------------------ turns
 
-    def _place(self, image: Image.Image, message: str) -> Turn | NewTurn:
-        """Where `image` stands in the session: the newest turn showing exactly it, else a new "open"."""
+    @staticmethod
+    def _place(history: History | None, image: Image.Image, message: str) -> Turn | NewTurn:
+        """Where `image` stands: the cursor or the newest turn showing exactly it, else a new "open"."""
         png = encode_png(image)
         digest = sha256(png)
-        history = self.history()
         if history is not None:
             if history.current().image_sha256 == digest:
                 return history.current()
@@ -126,12 +127,12 @@ class Agent:
 
     def open(self, image: Image.Image, message: str) -> Turn:
         """Make `image` the current one: a jump to a turn showing it, or a new "open" turn under the cursor."""
-        place = self._place(image, message)
+        history = self.history()
+        place = self._place(history, image, message)
         if isinstance(place, Turn):
-            if place.id != self.current().id:
+            if place.id != history.cursor:
                 self.store.move_cursor(self.session, place.id, [("user", message)])
             return place
-        history = self.history()
         return self.store.add_turns(self.session, history and history.cursor, [place])[0]
 
     def turn(
@@ -157,8 +158,8 @@ class Agent:
         """
         started = time.perf_counter()
         message = check_message(message)
-        place = self._place(*source) if source else self.current()
         history = self.history()
+        place = self._place(history, *source) if source else self.current(history)
         opening = place if isinstance(place, NewTurn) else None
         if opening is None:
             current = place
