@@ -9,9 +9,15 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 from urllib.parse import urlparse
 
 from assistant.errors import UserError
+
+
+def is_local(ref: str) -> bool:
+    """A path (it exists, or is spelt like one) rather than a hub repo id."""
+    return ref.startswith((".", "/", "~")) or Path(ref).exists()
 
 
 def check_repo_id(ref: str, what: str) -> None:

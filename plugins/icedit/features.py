@@ -59,9 +59,9 @@ class FeatureModels:
 
 def _source(ref: str, what: str, option: str) -> str:
     """A local folder (checked) or a hub id that is cached or downloadable now; else one line saying what to do."""
-    from plugins.hub import unavailable
+    from plugins.hub import is_local, unavailable
 
-    local = ref.startswith((".", "/", "~")) or Path(ref).exists()
+    local = is_local(ref)
     if local:
         folder = Path(ref).expanduser()
         if not (folder / "config.json").is_file():

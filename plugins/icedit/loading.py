@@ -12,7 +12,7 @@ from pathlib import Path
 from assistant.errors import UserError, WeightsMissing
 from assistant.models import AdapterInfo
 from assistant.settings import Settings
-from plugins.hub import at_revision, check_repo_id, unavailable
+from plugins.hub import at_revision, check_repo_id, is_local, unavailable
 from plugins.icedit.presets import build_tiny, get_preset
 
 DOWNLOAD_HINT = (
@@ -37,16 +37,13 @@ def resolve_dtype(dtype: str | None, device: str):
     return getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
 
 
-def _is_local(ref: str) -> bool:
-    return ref.startswith((".", "/", "~")) or Path(ref).exists()
-
 
 def _fetch_error(what: str, ref: str, error: Exception, revision: str | None = None) -> UserError:
     """One line for a failed load. Hub clients raise OSError, ValueError or their HTTP library's errors."""
     if isinstance(error, UserError):
         return error
     reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    if _is_local(ref):
+    if is_local(ref):
         return UserError(f"cannot load the {what} from {ref}: {reason}")
     download = ref if revision is None else f"{ref} --revision {revision}"
     return WeightsMissing(f"the {what} '{at_revision(ref, revision)}' is not in the Hugging Face cache and the hub "
@@ -109,15 +106,15 @@ def _quantize(transformer, mode: str, device: str) -> None:
 def _from_pretrained(model: str, dtype, revision: str | None = None):
     from diffusers import FluxFillPipeline
 
-    if _is_local(model) and not (Path(model).expanduser() / "model_index.json").is_file():
+    if is_local(model) and not (Path(model).expanduser() / "model_index.json").is_file():
         raise UserError(f"{model} is not a FLUX.1 Fill pipeline folder (no model_index.json in it)")
-    if not _is_local(model):
+    if not is_local(model):
         check_repo_id(model, "FLUX.1 Fill pipeline")
         if unavailable(model, "model_index.json", revision):
             raise _fetch_error("FLUX.1 Fill pipeline", model, OSError("not cached, hub unreachable"), revision)
     try:
-        pipe = FluxFillPipeline.from_pretrained(str(Path(model).expanduser()) if _is_local(model) else model,
-                                                dtype=dtype, revision=None if _is_local(model) else revision)
+        pipe = FluxFillPipeline.from_pretrained(str(Path(model).expanduser()) if is_local(model) else model,
+                                                dtype=dtype, revision=None if is_local(model) else revision)
     except Exception as e:  # noqa: BLE001 - every loader failure becomes one line
         raise _fetch_error("FLUX.1 Fill pipeline", model, e, revision) from None
     pipe.set_progress_bar_config(disable=True)
@@ -137,7 +134,7 @@ def adapter_kind(lora: str | None, revision: str | None = None) -> str:
     path = Path(lora).expanduser()
     if path.is_dir():
         path = path / WEIGHTS_NAME
-    if not path.is_file() and not _is_local(lora):
+    if not path.is_file() and not is_local(lora):
         from huggingface_hub import try_to_load_from_cache
 
         try:
@@ -172,11 +169,11 @@ def _load_adapter(pipe, lora: str, settings: Settings) -> AdapterInfo:
 
 
 def _load_stock_lora(pipe, lora: str, scale: float, revision: str | None = None) -> AdapterInfo:
-    if _is_local(lora) and not Path(lora).expanduser().exists():
+    if is_local(lora) and not Path(lora).expanduser().exists():
         raise UserError(f"{lora}: no such LoRA file or folder")
-    ref = str(Path(lora).expanduser()) if _is_local(lora) else lora
-    hub = {} if _is_local(lora) else {"revision": revision}
-    if not _is_local(lora):
+    ref = str(Path(lora).expanduser()) if is_local(lora) else lora
+    hub = {} if is_local(lora) else {"revision": revision}
+    if not is_local(lora):
         check_repo_id(lora, "LoRA")
         if unavailable(lora, "pytorch_lora_weights.safetensors", revision):
             raise _fetch_error("LoRA", lora, OSError("not cached, hub unreachable"), revision)

@@ -16,7 +16,7 @@ import torch
 
 from assistant.errors import UserError, WeightsMissing
 from assistant.settings import Settings
-from plugins.hub import at_revision, check_repo_id, unavailable
+from plugins.hub import at_revision, check_repo_id, is_local, unavailable
 from plugins.qwen_vl.processor import ImageOnlyProcessor, load_processor
 from plugins.qwen_vl.vision import images_of
 
@@ -85,9 +85,6 @@ def load(settings: Settings) -> Vlm:
         return _loaded[key]
 
 
-def _is_local(ref: str) -> bool:
-    return ref.startswith((".", "/", "~")) or Path(ref).exists()
-
 
 def _missing(ref: str, revision: str | None) -> WeightsMissing:
     download = ref if revision is None else f"{ref} --revision {revision}"
@@ -102,7 +99,7 @@ def _load(ref: str, device: str, dtype: str, attn_implementation: str | None, re
 
     transformers_logging.disable_progress_bar()  # a weights bar per load is noise in a chat or a pipe
     source = ref
-    if _is_local(ref):
+    if is_local(ref):
         folder = Path(ref).expanduser()
         if not folder.is_dir():
             raise WeightsMissing(f"no VLM folder at {ref}: download one (`hf download {DEFAULT_VLM} --local-dir "
@@ -124,7 +121,7 @@ def _load(ref: str, device: str, dtype: str, attn_implementation: str | None, re
     except torch.OutOfMemoryError:
         raise UserError(f"out of memory loading the VLM onto {device}: {OOM_HINT}") from None
     except Exception as e:  # noqa: BLE001 - every loader failure becomes one line
-        if _is_local(ref):  # a hub id fails with OSError or the HTTP client's own errors: all mean "not here"
+        if is_local(ref):  # a hub id fails with OSError or the HTTP client's own errors: all mean "not here"
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise UserError(f"cannot load the VLM from {ref}: {reason}") from None
         raise _missing(ref, revision) from None
