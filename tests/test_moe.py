@@ -45,7 +45,9 @@ def fixture_io():
 
 
 @needs_fixture
-def test_reference_checkpoint_computes_the_reference_outputs():
+@pytest.mark.parametrize("route_min_features", [LoraMoeLinear.ROUTE_MIN_FEATURES, 0], ids=["dense", "routed"])
+def test_reference_checkpoint_computes_the_reference_outputs(route_min_features, monkeypatch):
+    monkeypatch.setattr(LoraMoeLinear, "ROUTE_MIN_FEATURES", route_min_features)
     model = fixture_transformer()
     inputs, io = fixture_io()
     report = load_lora_moe(model, FIXTURE / "moe_lora")
@@ -148,6 +150,55 @@ def test_gates_are_softmax_over_top_k_only():
     gates = layer.gates(torch.tensor([[3.0, 1.0, 0.0]]))
     expected = torch.softmax(torch.tensor([3.0, 1.0]), 0)
     assert torch.allclose(gates, torch.tensor([[expected[0], expected[1], 0.0, 0.0]]))
+
+
+def random_moe(num_experts, rank, top_k, fan_in=24, fan_out=10, seed=0):
+    torch.manual_seed(seed)
+    layer = LoraMoeLinear(nn.Linear(fan_in, fan_out), num_experts, rank, top_k)
+    with torch.no_grad():
+        for p in (layer.lora_A, layer.lora_B, layer.lora_route):
+            p.normal_()
+    return layer
+
+
+@pytest.mark.parametrize(("num_experts", "top_k"), [(4, 1), (4, 2), (3, 2), (5, 3)])
+def test_routed_and_dense_agree_in_values_and_gradients(num_experts, top_k, monkeypatch):
+    layer = random_moe(num_experts, rank=3, top_k=top_k)
+    monkeypatch.setattr(LoraMoeLinear, "ROUTE_BLOCK", 7)  # 2 x 20 tokens: blocks cross the batch boundary
+    x = torch.randn(2, 20, 24, requires_grad=True)
+    results = []
+    for delta in (layer.routed_delta, layer.dense_delta):
+        out = delta(x)
+        grads = torch.autograd.grad((out * torch.arange(10.0)).sum(), [x, layer.lora_A, layer.lora_B, layer.lora_route])
+        results.append((out, grads))
+    (routed, routed_grads), (dense, dense_grads) = results
+    assert routed.shape == dense.shape == (2, 20, 10)
+    assert torch.allclose(routed, dense, atol=1e-5)
+    for r, d in zip(routed_grads, dense_grads, strict=True):
+        assert torch.allclose(r, d, atol=1e-4)
+    assert dense_grads[3].abs().sum() > 0 if top_k > 1 else dense_grads[3].abs().sum() == 0  # top-1: gate is 1
+
+
+def test_routed_delta_runs_only_the_experts_tokens_chose():
+    layer = random_moe(4, rank=2, top_k=1)
+    with torch.no_grad():
+        layer.lora_route.zero_()
+        layer.lora_route[2, 0] = 1.0  # x[0] > 0: every token's top logit is expert 2's
+        expected = layer.dense_delta(x := torch.randn(16, 24).abs())
+        layer.lora_A[[0, 1, 2, 3, 6, 7]] = float("nan")  # the other experts: running one would spread NaN
+        assert torch.isnan(layer.dense_delta(x)).all()
+        torch.testing.assert_close(layer.routed_delta(x), expected, atol=1e-5, rtol=0)
+
+
+def test_delta_routes_on_cpu_only_where_it_saves_work(monkeypatch):
+    picked = []
+    monkeypatch.setattr(LoraMoeLinear, "routed_delta", lambda self, x: picked.append(self.top_k) or self.dense_delta(x))
+    monkeypatch.setattr(LoraMoeLinear, "ROUTE_MIN_FEATURES", 24)
+    x = torch.randn(3, 24)
+    random_moe(4, rank=2, top_k=1).delta(x)
+    random_moe(2, rank=2, top_k=2).delta(x)  # every expert on every token: nothing to skip
+    random_moe(4, rank=2, top_k=3, fan_in=23).delta(x[:, :23])  # too narrow: the loop costs more than it saves
+    assert picked == [1]
 
 
 def test_save_then_load_round_trips_exactly(tmp_path):

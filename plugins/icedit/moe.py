@@ -5,7 +5,8 @@ The published adapter (``pytorch_lora_weights.safetensors``) holds plain LoRA la
 and the single blocks' ``proj_out``, N experts and a router
 (``lora_A.expert_<i>.weight`` [r, in], ``lora_B.expert_<i>.weight`` [out, r], ``lora_route.weight`` [N, in]).
 No alphas are stored: every scaling is 1. Plain layers go through stock peft; MoE layers through
-`LoraMoeLinear`, which stacks the experts so a forward is two matmuls and a gate, not N pairs.
+`LoraMoeLinear`, which stacks the experts so a forward is two matmuls and a gate, not N pairs
+(on a CPU it routes tokens instead; see `LoraMoeLinear`).
 """
 
 from __future__ import annotations
@@ -39,9 +40,23 @@ _KEY = re.compile(
 class LoraMoeLinear(nn.Module):
     """`base(x) + sum_i w_i(x) B_i A_i x`, with w the softmax over each token's top-k router logits.
 
-    Experts are stacked: A is [N*r, in], B is [out, N*r], so the gate scales the N rank-r slices
-    of A x and one matmul with B sums the chosen experts.
+    Experts are stacked: A is [N*r, in], B is [out, N*r]. Two ways to compute the same sum, picked
+    by measurement (`benchmarks/moe.py`, figures in `benchmarks/RESULTS.md`):
+
+    - dense (CUDA, and under `torch.compile`): the gate scales the N rank-r slices of A x and one
+      matmul with B sums the chosen experts. Every expert sees every token, as in DESIGN.md's
+      two-matmul layout; it has no host syncs and fixed shapes, and on a GPU the adapter is bound
+      by reading x, not by FLOPs.
+    - routed (CPU): each expert runs only on the tokens that chose it, so top-k of N does k/N of
+      the FLOPs. A CPU is compute-bound here, and this is what gets the CPU past the issue's 2x
+      over the reference loop (the dense form does the reference's FLOPs and tops out near 1.5x
+      at 512 tokens). Tokens go in blocks of `ROUTE_BLOCK` so each gathered slice stays small.
+      Layers narrower than `ROUTE_MIN_FEATURES` stay dense: there the per-expert Python loop
+      costs more than the FLOPs it saves (the tiny preset's edit is 8% slower routed).
     """
+
+    ROUTE_BLOCK = 512
+    ROUTE_MIN_FEATURES = 1024
 
     def __init__(self, base: nn.Linear, num_experts: int, rank: int, top_k: int = 1):
         super().__init__()
@@ -71,9 +86,37 @@ class LoraMoeLinear(nn.Module):
         return torch.zeros_like(logits).scatter(-1, index, top.softmax(dim=-1))
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        """The experts' contribution: gate the N rank-r slices of A x, then one matmul with B."""
+        """The experts' contribution, routed on a CPU and dense elsewhere (equal up to float rounding)."""
+        if (
+            x.device.type == "cpu"
+            and self.top_k < self.num_experts
+            and self.in_features >= self.ROUTE_MIN_FEATURES
+            and not torch.compiler.is_compiling()
+        ):
+            return self.routed_delta(x)
+        return self.dense_delta(x)
+
+    def dense_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """Gate the N rank-r slices of A x, then one matmul with B."""
         hidden = F.linear(x, self.lora_A).unflatten(-1, (self.num_experts, self.rank))
         return F.linear((hidden * self.gates(x).unsqueeze(-1)).flatten(-2), self.lora_B)
+
+    def routed_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """Per block of tokens, each expert's A and B on just the tokens whose top-k chose it."""
+        flat = x.reshape(-1, self.in_features)
+        a = self.lora_A.view(self.num_experts, self.rank, self.in_features)
+        b = self.lora_B.view(self.out_features, self.num_experts, self.rank)
+        out = flat.new_zeros(len(flat), self.out_features)
+        for start in range(0, len(flat), self.ROUTE_BLOCK):
+            xb, ob = flat[start : start + self.ROUTE_BLOCK], out[start : start + self.ROUTE_BLOCK]
+            top, experts = F.linear(xb, self.lora_route).topk(self.top_k, dim=-1)
+            weights = top.softmax(dim=-1)
+            for e in range(self.num_experts):
+                token, slot = (experts == e).nonzero(as_tuple=True)
+                if len(token):
+                    hidden = F.linear(xb.index_select(0, token), a[e]) * weights[token, slot].unsqueeze(-1)
+                    ob.index_add_(0, token, F.linear(hidden, b[:, e]))
+        return out.view(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
