@@ -1,36 +1,53 @@
-"""Seconds per edit and peak memory: the stock FluxFillPipeline call vs our sampler and its fast paths.
+"""Seconds per edit and peak memory: the official ICEdit call vs our sampler and its fast paths.
 
-Variants, each on the same diptych, prompt and seed, measured in one run:
-- `baseline`: `FluxFillPipeline.__call__` as the official ICEdit code calls it;
-- `ours`: our sampler (prompt and mask encoded once, our Euler loop, no host syncs);
-- `ours+fused-qkv`: with the transformer's Q/K/V projections fused;
-- `ours+compile`: with `torch.compile` on the transformer (`--compile`; slow to compile on a CPU);
-- `ours+int8` / `ours+fp8`: torchao weight-only quantization (fp8 on CUDA compute 8.9+ only);
-- `offload-model` / `offload-sequential`: diffusers CPU offload (CUDA only).
+Every variant carries the same random LoRA-MoE adapter in the published layout (4 experts of rank
+32 on ff.net.2 / proj_out, plain rank-32 LoRA elsewhere) and edits the same diptych with the same
+prompt and seed, in one run:
+- `baseline`: `FluxFillPipeline.__call__` as the official ICEdit code calls it, its MoE layers
+  computed as the reference does (every expert on every token, `benchmarks/moe.py`);
+- `ours`: our sampler (prompt and mask encoded once, our Euler loop, no host syncs) and our
+  LoRA-MoE layer, as `icedit edit` runs them;
+- `ours+merged`: the plain LoRA merged into the base weights (peft `merge`), MoE layers as they are;
+- `ours+merged+fused-qkv`: then the Q/K/V projections fused (merging comes first: diffusers fuses
+  the base weights only, so fusing an unmerged model silently drops the LoRA on to_q/to_k/to_v);
+- `ours+compile`: `torch.compile` on the transformer (`--compile`; slow to compile on a CPU);
+- `ours+int8` / `ours+fp8`: `--quantize`, torchao weight-only (fp8 on CUDA compute 8.9+ only);
+- `offload-model` / `offload-sequential`: `--offload` (CUDA only).
 
-On a CPU the transformer is a scaled-down FLUX (same channels, VAE and packing; fewer and narrower
-blocks) and the sources are 512 wide and 256/512/768 tall, so the table shows how time grows with
-tokens. On CUDA (`--full`) it is the real FLUX.1 Fill architecture (19 + 38 blocks, dim 3072) with
-random weights at a 512x768 source (1024x768 diptych), 28 steps.
+`max |diff|` is the largest difference from the baseline's picture, in 8-bit levels. Peak memory
+is CUDA's allocator peak during the timed runs; on a CPU it is the process's resident high-water
+mark so far (it only grows down the table). On a CPU the transformer is a scaled-down FLUX (same
+channels, VAE and packing; fewer and narrower blocks) and the sources are 512 wide and 256/512/768
+tall, so the table shows how time grows with tokens. On CUDA (`--full`) it is the real FLUX.1 Fill
+architecture (19 + 38 blocks, dim 3072) with random weights at a 512x768 source (1024x768
+diptych), 28 steps. Each variant starts from its own copy of a CPU master, so one variant's
+weights never count in another's peak.
 
     python benchmarks/edit.py --quick
     python benchmarks/edit.py --full --compile          # on a GPU
+    python benchmarks/edit.py --full --only baseline,ours,offload-model
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
+import gc
 import platform
 import resource
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
+from moe import reference_delta
 from PIL import Image
 
 import prompts
 from plugins.icedit.diptych import make_diptych
+from plugins.icedit.loading import place, quantize
+from plugins.icedit.moe import LoraMoeLinear, load_lora_moe, synthetic_checkpoint
 from plugins.icedit.presets import build_tiny
 from plugins.icedit.sampler import FillSampler
 
@@ -44,7 +61,8 @@ SCALED = FLUX_FILL | {"num_layers": 2, "num_single_layers": 4, "num_attention_he
 
 
 def build(full: bool, device: str, dtype: torch.dtype):
-    """The tiny pipeline's VAE and prompt encoders around a FLUX-shaped transformer (random weights)."""
+    """A CPU master: the tiny pipeline's VAE and prompt encoders around a FLUX-shaped transformer
+    with a random LoRA-MoE adapter (random weights, built on `device` because that is faster)."""
     from diffusers import FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -67,7 +85,9 @@ def build(full: bool, device: str, dtype: torch.dtype):
                     decoder_start_token_id=0)).eval()
     finally:
         torch.set_default_dtype(previous)
-    return pipe.to(device=device, dtype=dtype)
+    pipe = pipe.to(device=device, dtype=dtype)
+    load_lora_moe(pipe.transformer, synthetic_checkpoint(pipe.transformer, num_experts=4, rank=32, scale=0.01))
+    return pipe.to("cpu")
 
 
 def peak_memory(device: str) -> float:
@@ -77,8 +97,8 @@ def peak_memory(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def measure(fn: Callable[[], None], device: str, repeats: int) -> tuple[float, float]:
-    fn()  # warm-up (and compile)
+def measure(fn: Callable[[], Image.Image], device: str, repeats: int) -> tuple[float, float, Image.Image]:
+    image = fn()  # warm-up (and compile)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -89,21 +109,42 @@ def measure(fn: Callable[[], None], device: str, repeats: int) -> tuple[float, f
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
-    return best, peak_memory(device)
+    return best, peak_memory(device), image
 
 
-def variants(args, device: str, dtype: torch.dtype):
-    """(name, make pipeline, edit function) for every variant this machine can run."""
-    out = []
+def reference_moe(pipe):
+    """The MoE layers computed the reference's way: every expert on every token."""
+    for layer in pipe.transformer.modules():
+        if isinstance(layer, LoraMoeLinear):
+            layer.delta = functools.partial(reference_delta, layer)
+    return pipe
+
+
+def merged(pipe):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for layer in pipe.transformer.modules():
+        if isinstance(layer, BaseTunerLayer):
+            layer.merge()
+    return pipe
+
+
+def variants(args, device: str) -> list[tuple[str, list[Callable], Callable]]:
+    """(name, steps that prepare a CPU copy for the device, edit function) for every variant this machine can run."""
 
     def ours(pipe, canvas, mask, prompt):
         sampler = FillSampler(pipe)
         cond = sampler.prepare(canvas, mask, prompt, args.steps, 50.0)
-        sampler.decode(cond, sampler.denoise(cond, sampler.start(cond, [0]), args.steps).x)
+        return sampler.decode(cond, sampler.denoise(cond, sampler.start(cond, [0]), args.steps).x)[0]
 
     def stock(pipe, canvas, mask, prompt):
-        pipe(prompt=prompt, image=canvas, mask_image=mask, height=canvas.height, width=canvas.width,
-             guidance_scale=50.0, num_inference_steps=args.steps, generator=torch.Generator("cpu").manual_seed(0))
+        return pipe(prompt=prompt, image=canvas, mask_image=mask, height=canvas.height, width=canvas.width,
+                    guidance_scale=50.0, num_inference_steps=args.steps,
+                    generator=torch.Generator("cpu").manual_seed(0)).images[0]
+
+    def to_device(pipe):
+        place(pipe, device, "none")
+        return pipe
 
     def fused(pipe):
         pipe.transformer.fuse_qkv_projections()
@@ -114,35 +155,31 @@ def variants(args, device: str, dtype: torch.dtype):
         return pipe
 
     def quantized(mode):
-        def apply(pipe):
-            from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
-
-            quantize_(pipe.transformer, Float8WeightOnlyConfig() if mode == "fp8" else Int8WeightOnlyConfig())
-            return pipe
-
-        return apply
+        return lambda pipe: quantize(pipe.transformer, mode, device) or pipe
 
     def offloaded(mode):
-        def apply(pipe):
-            pipe.to("cpu")
-            getattr(pipe, f"enable_{mode}_cpu_offload")(device=device)
-            return pipe
+        return lambda pipe: place(pipe, device, mode) or pipe
 
-        return apply
-
-    out += [("baseline", None, stock), ("ours", None, ours), ("ours+fused-qkv", fused, ours)]
+    out = [
+        ("baseline", [to_device, reference_moe], stock),
+        ("ours", [to_device], ours),
+        ("ours+merged", [merged, to_device], ours),
+        ("ours+merged+fused-qkv", [merged, fused, to_device], ours),
+    ]
     if args.compile:
-        out.append(("ours+compile", compiled, ours))
+        out.append(("ours+compile", [to_device, compiled], ours))
     try:
         import torchao  # noqa: F401
 
-        out.append(("ours+int8", quantized("int8"), ours))
+        out.append(("ours+int8", [quantized("int8"), to_device], ours))
         if device.startswith("cuda") and torch.cuda.get_device_capability() >= (8, 9):
-            out.append(("ours+fp8", quantized("fp8"), ours))
+            out.append(("ours+fp8", [quantized("fp8"), to_device], ours))
     except ImportError:
         pass
     if device.startswith("cuda"):
-        out += [("offload-model", offloaded("model"), ours), ("offload-sequential", offloaded("sequential"), ours)]
+        out += [("offload-model", [offloaded("model")], ours), ("offload-sequential", [offloaded("sequential")], ours)]
+    if args.only:
+        out = [v for v in out if v[0] in args.only or v[0] == "baseline"]
     return out
 
 
@@ -151,6 +188,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="4 steps, two sizes, one repeat")
     parser.add_argument("--full", action="store_true", help="the real FLUX.1 Fill architecture (needs a GPU)")
     parser.add_argument("--compile", action="store_true", help="add the torch.compile variant")
+    parser.add_argument("--only", type=lambda s: s.split(","), help="comma-separated variants (baseline always runs)")
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
@@ -161,29 +199,37 @@ def main() -> None:
         args.steps, args.repeats = 4, 1
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     heights = [768] if args.full else ([256, 512] if args.quick else [256, 512, 768])
-    base = build(args.full, device, dtype)
+    master = build(args.full, device, dtype)
     prompt = prompts.render("ic_edit.txt", instruction="make it look like winter")
     where = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
-    print(f"{'full FLUX.1 Fill' if args.full else 'scaled-down FLUX'} transformer, random weights, {args.steps} "
-          f"steps, {dtype}, {where}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{'variant':<20} {'source':>8} {'tokens':>6} {'s/edit':>8} {'peak GiB':>9} {'vs baseline':>11}")
+    print(f"{'full FLUX.1 Fill' if args.full else 'scaled-down FLUX'} transformer + random LoRA-MoE, random weights, "
+          f"{args.steps} steps, {dtype}, {where}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{'variant':<22} {'source':>8} {'tokens':>6} {'s/edit':>8} {'peak GiB':>9} {'vs baseline':>11} "
+          f"{'max |diff|':>10}")
     ratios = []
     for height in heights:
         source = Image.new("RGB", (512, height), (120, 140, 160))
         canvas, mask = make_diptych(source)
         tokens = (canvas.width // 16) * (canvas.height // 16)
         baseline = None
-        for name, prepare, edit in variants(args, device, dtype):
-            pipe = prepare(copy.deepcopy(base)) if prepare else base
+        for name, prepare, edit in variants(args, device):
+            pipe = copy.deepcopy(master)
+            for step in prepare:
+                pipe = step(pipe)
             with torch.no_grad():
-                seconds, peak = measure(
+                seconds, peak, image = measure(
                     lambda p=pipe, e=edit, c=canvas, m=mask: e(p, c, m, prompt), device, args.repeats
                 )
-            baseline = baseline or seconds
+            del pipe
+            gc.collect()
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            baseline = baseline or (seconds, np.asarray(image, dtype=np.int16))
+            diff = np.abs(np.asarray(image, dtype=np.int16) - baseline[1]).max()
             if name == "ours":
-                ratios.append(baseline / seconds)
-            print(f"{name:<20} {f'512x{height}':>8} {tokens:>6} {seconds:>8.3f} {peak:>9.2f} "
-                  f"{baseline / seconds:>10.2f}x")
+                ratios.append(baseline[0] / seconds)
+            print(f"{name:<22} {f'512x{height}':>8} {tokens:>6} {seconds:>8.3f} {peak:>9.2f} "
+                  f"{baseline[0] / seconds:>10.2f}x {diff:>10}")
     print(f"speedup {sum(ratios) / len(ratios):.2f}")
 
 

@@ -123,7 +123,7 @@ def test_a_full_disk_during_a_replay_names_the_turn(demo, full_disk_for_pngs, tm
     [
         ("plugins.icedit.sampler.FillSampler.denoise",
          "out of memory for a 1024x336 diptych on cpu: try --offload model (or sequential), or a smaller image"),
-        ("plugins.icedit.loading._place",
+        ("plugins.icedit.loading.place",
          "out of memory placing the model on cpu: try --offload model (or sequential), or a smaller image"),
     ],
     ids=["while denoising", "while placing the model"],

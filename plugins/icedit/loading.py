@@ -68,8 +68,8 @@ def load_pipeline(settings: Settings):
     adapter = _load_adapter(pipe, lora, settings) if lora and lora != "none" else None
     try:
         if settings.quantize != "none":
-            _quantize(pipe.transformer, settings.quantize, device)
-        _place(pipe, device, settings.offload)
+            quantize(pipe.transformer, settings.quantize, device)
+        place(pipe, device, settings.offload)
     except torch.OutOfMemoryError:
         raise UserError(f"out of memory placing the model on {device}: {OOM_HINT}") from None
     if settings.compile:
@@ -77,7 +77,8 @@ def load_pipeline(settings: Settings):
     return pipe, preset.random_weights and settings.model is None, adapter
 
 
-def _place(pipe, device: str, offload: str) -> None:
+def place(pipe, device: str, offload: str) -> None:
+    """Move the pipeline to `device`, or hand it to diffusers' model / sequential CPU offload."""
     if offload == "none":
         pipe.to(device)
     elif not device.startswith("cuda"):
@@ -88,7 +89,7 @@ def _place(pipe, device: str, offload: str) -> None:
         pipe.enable_sequential_cpu_offload(device=device)
 
 
-def _quantize(transformer, mode: str, device: str) -> None:
+def quantize(transformer, mode: str, device: str) -> None:
     """Weight-only quantization of the transformer's base Linear layers; adapters stay in full precision."""
     import torch
 
