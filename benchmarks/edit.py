@@ -12,7 +12,8 @@ prompt and seed, in one run:
   the base weights only, so fusing an unmerged model silently drops the LoRA on to_q/to_k/to_v);
 - `ours+compile`: `torch.compile` on the transformer (`--compile`; slow to compile on a CPU);
 - `ours+int8` / `ours+fp8`: `--quantize`, torchao weight-only (fp8 on CUDA compute 8.9+ only);
-- `offload-model` / `offload-sequential`: `--offload` (CUDA only).
+- `offload-model` / `offload-sequential`: `--offload` (CUDA only; sequential streams every layer
+  from the CPU at every step, minutes per full-size edit, so it runs only when `--only` names it).
 
 `max |diff|` is the largest difference from the baseline's picture, in 8-bit levels. Peak memory
 is CUDA's allocator peak during the timed runs; on a CPU it is the process's resident high-water
@@ -177,7 +178,9 @@ def variants(args, device: str) -> list[tuple[str, list[Callable], Callable]]:
     except ImportError:
         pass
     if device.startswith("cuda"):
-        out += [("offload-model", [offloaded("model")], ours), ("offload-sequential", [offloaded("sequential")], ours)]
+        out.append(("offload-model", [offloaded("model")], ours))
+        if args.only and "offload-sequential" in args.only:
+            out.append(("offload-sequential", [offloaded("sequential")], ours))
     if args.only:
         out = [v for v in out if v[0] in args.only or v[0] == "baseline"]
     return out

@@ -169,8 +169,11 @@ def test_routed_and_dense_agree_in_values_and_gradients(num_experts, top_k, monk
     results = []
     for delta in (layer.routed_delta, layer.dense_delta):
         out = delta(x)
-        grads = torch.autograd.grad((out * torch.arange(10.0)).sum(), [x, layer.lora_A, layer.lora_B, layer.lora_route])
-        results.append((out, grads))
+        x_grad, down_grad, b_grad = torch.autograd.grad(
+            (out * torch.arange(10.0)).sum(), [x, layer.lora_down, layer.lora_B]
+        )
+        a_grad, route_grad = down_grad.split([num_experts * 3, num_experts])
+        results.append((out, (x_grad, a_grad, b_grad, route_grad)))
     (routed, routed_grads), (dense, dense_grads) = results
     assert routed.shape == dense.shape == (2, 20, 10)
     assert torch.allclose(routed, dense, atol=1e-5)
@@ -196,9 +199,11 @@ def test_delta_routes_on_cpu_only_where_it_saves_work(monkeypatch):
     monkeypatch.setattr(LoraMoeLinear, "ROUTE_MIN_FEATURES", 24)
     x = torch.randn(3, 24)
     random_moe(4, rank=2, top_k=1).delta(x)
+    random_moe(5, rank=2, top_k=2).delta(x)
     random_moe(2, rank=2, top_k=2).delta(x)  # every expert on every token: nothing to skip
-    random_moe(4, rank=2, top_k=3, fan_in=23).delta(x[:, :23])  # too narrow: the loop costs more than it saves
-    assert picked == [1]
+    random_moe(4, rank=2, top_k=2).delta(x)  # half the experts: the gathers cost what the FLOPs save
+    random_moe(4, rank=2, top_k=1, fan_in=23).delta(x[:, :23])  # too narrow: the loop costs more than it saves
+    assert picked == [1, 2]
 
 
 def test_save_then_load_round_trips_exactly(tmp_path):
