@@ -49,15 +49,10 @@ import prompts
 from plugins.icedit.diptych import make_diptych
 from plugins.icedit.loading import place, quantize
 from plugins.icedit.moe import LoraMoeLinear, load_lora_moe, synthetic_checkpoint
-from plugins.icedit.presets import build_tiny
+from plugins.icedit.presets import FLUX_FILL_TRANSFORMER, build_tiny
 from plugins.icedit.sampler import FillSampler
 
-FLUX_FILL = {  # black-forest-labs/FLUX.1-Fill-dev transformer/config.json
-    "patch_size": 1, "in_channels": 384, "out_channels": 64, "num_layers": 19, "num_single_layers": 38,
-    "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 4096,
-    "pooled_projection_dim": 768, "guidance_embeds": True, "axes_dims_rope": (16, 56, 56),
-}
-SCALED = FLUX_FILL | {"num_layers": 2, "num_single_layers": 4, "num_attention_heads": 4, "attention_head_dim": 64,
+SCALED = FLUX_FILL_TRANSFORMER | {"num_layers": 2, "num_single_layers": 4, "num_attention_heads": 4, "attention_head_dim": 64,
                       "axes_dims_rope": (16, 24, 24), "joint_attention_dim": 32, "pooled_projection_dim": 32}
 
 
@@ -73,7 +68,7 @@ def build(full: bool, device: str, dtype: torch.dtype):
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            pipe.transformer = FluxTransformer2DModel(**(FLUX_FILL if full else SCALED)).eval()
+            pipe.transformer = FluxTransformer2DModel(**(FLUX_FILL_TRANSFORMER if full else SCALED)).eval()
             if full:  # prompt encoders with the real widths (pooled 768, joint 4096), one layer each
                 pipe.text_encoder = CLIPTextModel(CLIPTextConfig(
                     vocab_size=len(pipe.tokenizer), hidden_size=768, intermediate_size=1024, num_hidden_layers=1,

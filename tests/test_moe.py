@@ -22,13 +22,9 @@ from plugins.icedit.moe import (
     save_lora_moe,
     synthetic_checkpoint,
 )
+from plugins.icedit.presets import FLUX_FILL_TRANSFORMER
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "icedit_moe_lora"
-FLUX_FILL = {  # black-forest-labs/FLUX.1-Fill-dev transformer/config.json
-    "patch_size": 1, "in_channels": 384, "out_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
-    "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768, "guidance_embeds": True,
-    "axes_dims_rope": (16, 56, 56),
-}
 needs_fixture = pytest.mark.skipif(not FIXTURE.exists(), reason="../shared/fixtures is not beside this checkout")
 
 
@@ -288,7 +284,8 @@ def test_pickle_files_and_bad_top_k_are_refused(tmp_path):
 
 def test_full_size_flux_fill_checkpoint_is_placed_entirely_on_the_meta_device():
     with torch.device("meta"):
-        model = FluxTransformer2DModel(**FLUX_FILL)
+        model = FluxTransformer2DModel(**FLUX_FILL_TRANSFORMER)
+    assert round(sum(p.numel() for p in model.parameters()) / 1e9, 2) == 11.90  # FLUX.1's published size
     state = synthetic_checkpoint(model, num_experts=4, rank=32)
     report = load_lora_moe(model, state)
     plain = 1 + 19 * 5 + 38 * 5

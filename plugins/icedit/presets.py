@@ -40,6 +40,13 @@ PRESETS = {
 }
 
 TINY_SEED = 0
+FLUX_FILL_TRANSFORMER = {  # black-forest-labs/FLUX.1-Fill-dev transformer/config.json: the architecture
+    "patch_size": 1, "in_channels": 384, "out_channels": 64, "num_layers": 19, "num_single_layers": 38,
+    "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768, "guidance_embeds": True, "axes_dims_rope": (16, 56, 56),
+}
+"""`FluxTransformer2DModel(**FLUX_FILL_TRANSFORMER)` is the real model's shape, with random weights
+(the full-size placement test and `benchmarks/edit.py --full`)."""
 
 
 def get_preset(name: str) -> Preset:
