@@ -16,8 +16,8 @@ prompt and seed, in one run:
   from the CPU at every step, minutes per full-size edit, so it runs only when `--only` names it).
 
 `max |diff|` is the largest difference from the baseline's picture, in 8-bit levels. Peak memory
-is CUDA's allocator peak during the timed runs; on a CPU it is the process's resident high-water
-mark so far (it only grows down the table). On a CPU the transformer is a scaled-down FLUX (same
+is CUDA's allocator peak during the timed runs. On a CPU it is the process's resident peak during
+the timed runs (Linux's VmHWM, reset after the warm-up), so it also holds the CPU master below. On a CPU the transformer is a scaled-down FLUX (same
 channels, VAE and packing; fewer and narrower blocks) and the sources are 512 wide and 256/512/768
 tall, so the table shows how time grows with tokens. On CUDA (`--full`) it is the real FLUX.1 Fill
 architecture (19 + 38 blocks, dim 3072) with random weights at a 512x768 source (1024x768
@@ -36,9 +36,9 @@ import copy
 import functools
 import gc
 import platform
-import resource
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -86,18 +86,25 @@ def build(full: bool, device: str, dtype: torch.dtype):
     return pipe.to("cpu")
 
 
+def reset_peak_memory(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: the resident peak starts again from now
+
+
 def peak_memory(device: str) -> float:
-    """GiB: CUDA's allocator peak, or the process's resident high-water mark on a CPU."""
+    """GiB since the last reset: CUDA's allocator peak, or the process's resident peak on a CPU."""
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) / 2**20
 
 
 def measure(fn: Callable[[], Image.Image], device: str, repeats: int) -> tuple[float, float, Image.Image]:
     image = fn()  # warm-up (and compile)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak_memory(device)
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()

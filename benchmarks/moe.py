@@ -6,9 +6,10 @@ dense (two matmuls and a gate, every expert on every token) and routed (each exp
 tokens that chose it). `LoraMoeLinear.delta` routes on a CPU when fewer than half the experts
 are chosen and runs dense otherwise; the `ours` column is that choice, and the `speedup` line
 (geometric mean over the rows) compares it with the reference. All columns of a row are timed in
-interleaved rounds, best of `--repeats`. Shapes are the
-two MoE targets of FLUX.1 Fill: double blocks' ff.net.2 (12288 -> 3072) and single blocks'
-proj_out (15360 -> 3072), 4 experts of rank 32, 3584 tokens (a 1024x768 diptych + 512 text tokens).
+interleaved rounds, best of `--repeats`. Shapes are the two MoE targets of FLUX.1 Fill: double
+blocks' ff.net.2 (12288 -> 3072) and single blocks' proj_out (15360 -> 3072), 4 experts of rank
+32, 3584 tokens: what proj_out sees for a 1024x768 diptych (3072 image + 512 text tokens);
+ff.net.2 sees the 3072 image tokens alone, so its row runs slightly more tokens than it would.
 
     python benchmarks/moe.py --quick      # 512 tokens, for a CPU
     python benchmarks/moe.py --device cuda
@@ -83,8 +84,10 @@ def main() -> None:
                 for p in (layer.lora_A, layer.lora_B, layer.lora_route):
                     p.normal_(std=0.02)
                 reference = functools.partial(reference_delta, layer)
-                for delta in (layer.delta, layer.dense_delta, layer.routed_delta):
-                    torch.testing.assert_close(delta(x), reference(x), atol=1e-4, rtol=1e-2)
+                expected = reference(x).float()
+                for delta in (layer.delta, layer.dense_delta, layer.routed_delta):  # equal up to rounding:
+                    error = (delta(x).float() - expected).norm() / expected.norm()  # bf16 sums round per expert
+                    assert error < (2e-2 if dtype == torch.bfloat16 else 1e-5), f"{delta.__name__}: {error:.1e}"
                 t_base, t_ref, t_dense, t_routed, t_ours = timed(
                     [base, reference, layer.dense_delta, layer.routed_delta, layer.delta], x, args.repeats
                 )

@@ -141,7 +141,7 @@ def test_int8_quantized_transformer_runs_and_stays_close(photo):
     quantized = run(engine, request(photo))[0]
     weight = engine.pipeline().transformer.transformer_blocks[0].ff.net[2].base.weight
     assert type(weight).__name__ == "Int8Tensor"  # the base layer is quantized ...
-    assert type(engine.pipeline().transformer.transformer_blocks[0].ff.net[2].lora_down) is torch.nn.Parameter
+    assert type(engine.pipeline().transformer.transformer_blocks[0].ff.net[2].lora_A) is torch.nn.Parameter
     diff = np.abs(pixels(plain.image) - pixels(quantized.image))
     assert 0 < diff.mean() < 8  # ... so the picture moves a little, not a lot
 

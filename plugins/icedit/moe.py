@@ -40,15 +40,13 @@ _KEY = re.compile(
 class LoraMoeLinear(nn.Module):
     """`base(x) + sum_i w_i(x) B_i A_i x`, with w the softmax over each token's top-k router logits.
 
-    Experts are stacked: A is [N*r, in], B is [out, N*r]. A and the router share one parameter,
-    `lora_down` ([N*r + N, in]: A's rows, then the router's), so one matmul reads x once for both;
-    `lora_A` and `lora_route` are views of it. Two ways to compute the same sum, picked by
-    measurement (`benchmarks/moe.py`, figures in `benchmarks/RESULTS.md`):
+    Experts are stacked: A is [N*r, in], B is [out, N*r]. Two ways to compute the same sum, picked
+    by measurement (`benchmarks/moe.py`, figures in `benchmarks/RESULTS.md`):
 
-    - dense (CUDA, and under `torch.compile`): one matmul gives A x and the router logits, the gate
-      scales the N rank-r slices of A x and one matmul with B sums the chosen experts. Every expert
-      sees every token, as in DESIGN.md's two-matmul layout; it has no host syncs and fixed shapes,
-      and on a GPU the adapter is bound by reading x, not by FLOPs.
+    - dense (CUDA, and under `torch.compile`): the gate scales the N rank-r slices of A x and one
+      matmul with B sums the chosen experts. Every expert sees every token, as in DESIGN.md's
+      two-matmul layout; it has no host syncs and fixed shapes, and on a GPU the adapter is bound
+      by reading x, not by FLOPs.
     - routed (CPU, when fewer than half the experts are chosen): each expert runs only on the
       tokens that chose it, so top-k of N does k/N of the FLOPs. A CPU is compute-bound here, and
       this is what gets the CPU past the issue's 2x over the reference loop at top-1 (the dense
@@ -70,8 +68,9 @@ class LoraMoeLinear(nn.Module):
         self.base = base
         self.num_experts, self.rank, self.top_k = num_experts, rank, top_k
         kw = {"device": base.weight.device, "dtype": base.weight.dtype}
-        self.lora_down = nn.Parameter(torch.zeros(num_experts * (rank + 1), base.in_features, **kw))
+        self.lora_A = nn.Parameter(torch.zeros(num_experts * rank, base.in_features, **kw))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, num_experts * rank, **kw))
+        self.lora_route = nn.Parameter(torch.zeros(num_experts, base.in_features, **kw))
         self.enabled = True
         self.scale = 1.0
 
@@ -83,21 +82,9 @@ class LoraMoeLinear(nn.Module):
     def out_features(self) -> int:
         return self.base.out_features
 
-    @property
-    def lora_A(self) -> torch.Tensor:
-        """[N*r, in]: the experts' A matrices, stacked (a view of `lora_down`)."""
-        return self.lora_down[: self.num_experts * self.rank]
-
-    @property
-    def lora_route(self) -> torch.Tensor:
-        """[N, in]: the router (a view of `lora_down`)."""
-        return self.lora_down[self.num_experts * self.rank :]
-
     def gates(self, x: torch.Tensor) -> torch.Tensor:
         """[..., N] expert weights per token: softmax over the top-k logits, zero elsewhere."""
-        return self._gates(F.linear(x, self.lora_route))
-
-    def _gates(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(x, self.lora_route)
         top, index = logits.topk(self.top_k, dim=-1)
         return torch.zeros_like(logits).scatter(-1, index, top.softmax(dim=-1))
 
@@ -113,10 +100,9 @@ class LoraMoeLinear(nn.Module):
         return self.dense_delta(x)
 
     def dense_delta(self, x: torch.Tensor) -> torch.Tensor:
-        """A x and the router logits in one matmul, gate the N rank-r slices of A x, then one matmul with B."""
-        hidden, logits = F.linear(x, self.lora_down).split([self.num_experts * self.rank, self.num_experts], dim=-1)
-        gated = hidden.unflatten(-1, (self.num_experts, self.rank)) * self._gates(logits).unsqueeze(-1)
-        return F.linear(gated.flatten(-2), self.lora_B)
+        """Gate the N rank-r slices of A x, then one matmul with B."""
+        hidden = F.linear(x, self.lora_A).unflatten(-1, (self.num_experts, self.rank))
+        return F.linear((hidden * self.gates(x).unsqueeze(-1)).flatten(-2), self.lora_B)
 
     def routed_delta(self, x: torch.Tensor) -> torch.Tensor:
         """Per block of tokens, each expert's A and B on just the tokens whose top-k chose it."""
@@ -132,7 +118,7 @@ class LoraMoeLinear(nn.Module):
                 token, slot = (experts == e).nonzero(as_tuple=True)
                 if len(token):
                     hidden = F.linear(xb.index_select(0, token), a[e]) * weights[token, slot].unsqueeze(-1)
-                    ob.index_add_(0, token, F.linear(hidden, b[:, e]))
+                    ob.index_add_(0, token, F.linear(hidden, b[:, e]).to(ob.dtype))  # autocast may narrow it
         return out.view(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
