@@ -190,7 +190,7 @@ def variants(args, device: str) -> list[tuple[str, list[Callable], Callable]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="4 steps, two sizes, one repeat")
+    parser.add_argument("--quick", action="store_true", help="4 steps, two sizes, best of two")
     parser.add_argument("--full", action="store_true", help="the real FLUX.1 Fill architecture (needs a GPU)")
     parser.add_argument("--compile", action="store_true", help="add the torch.compile variant")
     parser.add_argument("--only", type=lambda s: s.split(","), help="comma-separated variants (baseline always runs)")
@@ -201,7 +201,7 @@ def main() -> None:
     if args.full and device == "cpu":
         parser.error("--full needs a CUDA GPU (a 12B-parameter transformer)")
     if args.quick:
-        args.steps, args.repeats = 4, 1
+        args.steps, args.repeats = 4, 2
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     heights = [768] if args.full else ([256, 512] if args.quick else [256, 512, 768])
     master = build(args.full, device, dtype)
