@@ -17,9 +17,10 @@ prompt and seed, in one run:
 
 `max |diff|` is the largest difference from the baseline's picture, in 8-bit levels. Peak memory
 is CUDA's allocator peak during the timed runs. On a CPU it is the process's resident peak during
-the timed runs (Linux's VmHWM, reset after the warm-up), so it also holds the CPU master below. On a CPU the transformer is a scaled-down FLUX (same
-channels, VAE and packing; fewer and narrower blocks) and the sources are 512 wide and 256/512/768
-tall, so the table shows how time grows with tokens. On CUDA (`--full`) it is the real FLUX.1 Fill
+the timed runs (Linux's VmHWM, reset after the warm-up), so it also holds the CPU master below.
+On a CPU the transformer is a scaled-down FLUX (same channels, VAE and packing; fewer and narrower
+blocks) and the sources are 512 wide and 256/512/768 tall, so the table shows how time grows with
+tokens. On CUDA (`--full`) it is the real FLUX.1 Fill
 architecture (19 + 38 blocks, dim 3072) with random weights at a 512x768 source (1024x768
 diptych), 28 steps. Each variant starts from its own copy of a CPU master, so one variant's
 weights never count in another's peak.
@@ -52,8 +53,10 @@ from plugins.icedit.moe import LoraMoeLinear, load_lora_moe, synthetic_checkpoin
 from plugins.icedit.presets import FLUX_FILL_TRANSFORMER, build_tiny
 from plugins.icedit.sampler import FillSampler
 
-SCALED = FLUX_FILL_TRANSFORMER | {"num_layers": 2, "num_single_layers": 4, "num_attention_heads": 4, "attention_head_dim": 64,
-                      "axes_dims_rope": (16, 24, 24), "joint_attention_dim": 32, "pooled_projection_dim": 32}
+SCALED = FLUX_FILL_TRANSFORMER | {
+    "num_layers": 2, "num_single_layers": 4, "num_attention_heads": 4, "attention_head_dim": 64,
+    "axes_dims_rope": (16, 24, 24), "joint_attention_dim": 32, "pooled_projection_dim": 32,
+}
 
 
 def build(full: bool, device: str, dtype: torch.dtype):
@@ -145,10 +148,6 @@ def variants(args, device: str) -> list[tuple[str, list[Callable], Callable]]:
                     guidance_scale=50.0, num_inference_steps=args.steps,
                     generator=torch.Generator("cpu").manual_seed(0)).images[0]
 
-    def to_device(pipe):
-        place(pipe, device, "none")
-        return pipe
-
     def fused(pipe):
         pipe.transformer.fuse_qkv_projections()
         return pipe
@@ -160,8 +159,10 @@ def variants(args, device: str) -> list[tuple[str, list[Callable], Callable]]:
     def quantized(mode):
         return lambda pipe: quantize(pipe.transformer, mode, device) or pipe
 
-    def offloaded(mode):
-        return lambda pipe: place(pipe, device, mode) or pipe
+    def placed(offload):
+        return lambda pipe: place(pipe, device, offload) or pipe
+
+    to_device = placed("none")
 
     out = [
         ("baseline", [to_device, reference_moe], stock),
@@ -180,9 +181,9 @@ def variants(args, device: str) -> list[tuple[str, list[Callable], Callable]]:
     except ImportError:
         pass
     if device.startswith("cuda"):
-        out.append(("offload-model", [offloaded("model")], ours))
+        out.append(("offload-model", [placed("model")], ours))
         if args.only and "offload-sequential" in args.only:
-            out.append(("offload-sequential", [offloaded("sequential")], ours))
+            out.append(("offload-sequential", [placed("sequential")], ours))
     if args.only:
         out = [v for v in out if v[0] in args.only or v[0] == "baseline"]
     return out
