@@ -113,6 +113,7 @@ def cli() -> None:
     """icedit: edit images by telling it what you want."""
 
 
+OFFLOAD_MODES = ["none", "encoders", "model", "sequential"]
 engine_options = [
     click.option("--preset", help="engine preset: default (real FLUX.1 Fill + ICEdit LoRA) or tiny (random, offline)"),
     click.option("--model", help="FLUX.1 Fill hub id or local folder (overrides the preset)"),
@@ -121,7 +122,7 @@ engine_options = [
     click.option("--lora-revision", help="pin the LoRA's hub revision"),
     click.option("--lora-scale", type=click.FloatRange(0, 4), help="adapter strength (default 1, as trained)"),
     click.option("--top-k", type=click.IntRange(1, 64), help="experts per token of a LoRA-MoE adapter (default 1)"),
-    click.option("--offload", type=click.Choice(["none", "model", "sequential"]), help="CPU offload on small GPUs"),
+    click.option("--offload", type=click.Choice(OFFLOAD_MODES), help="memory modes for small GPUs (see README)"),
     click.option("--quantize", type=click.Choice(["none", "int8", "fp8"]), help="weight-only quantized transformer"),
     click.option("--compile/--no-compile", default=None, help="torch.compile the transformer (GPU fast path)"),
     click.option("--candidates", type=click.IntRange(1, 16), help="early filter: noises to try (default 1 = off)"),
@@ -526,7 +527,7 @@ def train_cmd(data, columns, preset, model, device, json_, **options) -> None:
 @click.option("--lora", help="LoRA hub id or path (overrides the preset); 'none' for none")
 @click.option("--lora-scale", type=click.FloatRange(0, 4), help="adapter strength (default 1)")
 @click.option("--top-k", "engine_top_k", type=click.IntRange(1, 64), help="experts per token of a LoRA-MoE adapter")
-@click.option("--offload", type=click.Choice(["none", "model", "sequential"]), help="CPU offload on small GPUs")
+@click.option("--offload", type=click.Choice(OFFLOAD_MODES), help="memory modes for small GPUs (see README)")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), help="default: bf16 on CUDA")
 @click.option("--engine", help="engine plugin (see `icedit plugins`)")
 @click.option("--vlm", help="Qwen2.5-VL hub id or local folder for --judge qwen_vl")

@@ -35,8 +35,10 @@ class Settings(BaseSettings):
     quantize: Literal["none", "int8", "fp8"] = Field(
         "none", description="weight-only quantized transformer (torchao; fp8 needs a CUDA GPU of compute 8.9+)"
     )
-    offload: Literal["none", "model", "sequential"] = Field(
-        "none", description="diffusers CPU offload: model (~24 GB GPU) or sequential (least memory, slowest)"
+    offload: Literal["none", "encoders", "model", "sequential"] = Field(
+        "none",
+        description="encoders: prompt encoders stay on the CPU, the rest on the GPU (~24 GB, no per-edit transfers); "
+        "model / sequential: diffusers CPU offload (model ~24 GB; sequential least memory, slowest)",
     )
     dtype: Literal["bfloat16", "float16", "float32"] | None = None
     judge: str = Field("qwen_vl", description="judge plugin for the early filter")

@@ -12,16 +12,21 @@ prompt and seed, in one run:
   the base weights only, so fusing an unmerged model silently drops the LoRA on to_q/to_k/to_v);
 - `ours+compile`: `torch.compile` on the transformer (`--compile`; slow to compile on a CPU);
 - `ours+int8` / `ours+fp8`: `--quantize`, torchao weight-only (fp8 on CUDA compute 8.9+ only);
+- `offload-encoders`, `ours+fp8+offload-encoders`: `--offload encoders` (CUDA only): the prompt
+  encoders stay on the CPU and run there, the transformer and the VAE stay on the GPU;
 - `offload-model` / `offload-sequential`: `--offload` (CUDA only; sequential streams every layer
   from the CPU at every step, minutes per full-size edit, so it runs only when `--only` names it).
+
+Every edit encodes its prompt again, as a new instruction does (the engine caches repeated
+prompts; these figures do not count on that), so `offload-encoders` includes a T5-XXL run on the CPU.
 
 `max |diff|` is the largest difference from the baseline's picture, in 8-bit levels. Peak memory
 is CUDA's allocator peak during the timed runs. On a CPU it is the process's resident peak during
 the timed runs (Linux's VmHWM, reset after the warm-up), so it also holds the CPU master below.
 On a CPU the transformer is a scaled-down FLUX (same channels, VAE and packing; fewer and narrower
 blocks) and the sources are 512 wide and 256/512/768 tall, so the table shows how time grows with
-tokens. On CUDA (`--full`) it is the real FLUX.1 Fill
-architecture (19 + 38 blocks, dim 3072) with random weights at a 512x768 source (1024x768
+tokens. On CUDA (`--full`) it is the real FLUX.1 Fill architecture (19 + 38 blocks, dim 3072) and
+the real prompt encoders' shapes (CLIP-L, T5-XXL), random weights, at a 512x768 source (1024x768
 diptych), 28 steps. Each variant starts from its own copy of a CPU master, so one variant's
 weights never count in another's peak.
 
@@ -72,14 +77,14 @@ def build(full: bool, device: str, dtype: torch.dtype):
     try:
         with torch.device(device):
             pipe.transformer = FluxTransformer2DModel(**(FLUX_FILL_TRANSFORMER if full else SCALED)).eval()
-            if full:  # prompt encoders with the real widths (pooled 768, joint 4096), one layer each
+            if full:  # the real prompt encoders' shapes: CLIP ViT-L/14's text tower, T5-XXL's encoder (4.8B)
                 pipe.text_encoder = CLIPTextModel(CLIPTextConfig(
-                    vocab_size=len(pipe.tokenizer), hidden_size=768, intermediate_size=1024, num_hidden_layers=1,
-                    num_attention_heads=12, max_position_embeddings=77, projection_dim=768,
+                    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                    num_attention_heads=12, max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu",
                     bos_token_id=pipe.tokenizer.bos_token_id, eos_token_id=pipe.tokenizer.eos_token_id,
                     pad_token_id=pipe.tokenizer.pad_token_id)).eval()
                 pipe.text_encoder_2 = T5EncoderModel(T5Config(
-                    vocab_size=len(pipe.tokenizer_2), d_model=4096, d_kv=64, d_ff=1024, num_layers=1, num_heads=8,
+                    vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
                     feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1,
                     decoder_start_token_id=0)).eval()
     finally:
@@ -181,6 +186,9 @@ def variants(args, device: str) -> list[tuple[str, list[Callable], Callable]]:
     except ImportError:
         pass
     if device.startswith("cuda"):
+        out.append(("offload-encoders", [placed("encoders")], ours))
+        if torch.cuda.get_device_capability() >= (8, 9):
+            out.append(("ours+fp8+offload-encoders", [quantized("fp8"), placed("encoders")], ours))
         out.append(("offload-model", [placed("model")], ours))
         if args.only and "offload-sequential" in args.only:
             out.append(("offload-sequential", [placed("sequential")], ours))

@@ -129,9 +129,41 @@ def test_tiny_moe_adapter_runs_end_to_end_and_top_k_and_scale_matter(photo):
     assert np.abs(pixels(plain.image) - pixels(off.image)).max() <= 1
 
 
-def test_offload_needs_a_gpu(photo):
-    with pytest.raises(UserError, match="no GPU here"):
-        run(IceditEngine(Settings(preset="tiny", offload="model")), request(photo))
+def test_a_repeated_prompt_skips_the_text_encoders_and_paints_the_same(photo):
+    engine = IceditEngine(Settings(preset="tiny"))
+    calls = []
+    engine.pipeline().text_encoder_2.register_forward_hook(lambda *_: calls.append(1))
+    first, _ = run(engine, request(photo))
+    again, _ = run(engine, request(photo, seed=6))  # another seed: the same prompt
+    assert len(calls) == 1
+    assert again.image.tobytes() == run(IceditEngine(Settings(preset="tiny")), request(photo, seed=6))[0].image.tobytes()
+    other = EditPlan(intent="edit", instruction="make it night")
+    run(engine, EditRequest(source=photo, plan=other, seed=5, steps=3))
+    assert len(calls) == 2
+
+
+def test_the_prompt_cache_keeps_the_latest_prompts():
+    from plugins.icedit.sampler import PromptCache
+
+    class Pipe:
+        def encode_prompt(self, prompt, prompt_2, device):
+            calls.append(prompt)
+            return (torch.tensor([len(calls)]),)
+
+    calls, cache, pipe = [], PromptCache(size=2), Pipe()
+    for prompt in ["a", "b", "a", "c", "a", "b"]:
+        cache.encode(pipe, prompt, torch.device("cpu"))
+    assert calls == ["a", "b", "c", "b"]  # "b" fell out when "c" came; "a" stayed, used most recently
+    uncached = PromptCache(size=0)
+    uncached.encode(pipe, "a", torch.device("cpu"))
+    uncached.encode(pipe, "a", torch.device("cpu"))
+    assert calls[4:] == ["a", "a"]
+
+
+@pytest.mark.parametrize("mode", ["encoders", "model", "sequential"])
+def test_offload_needs_a_gpu(photo, mode):
+    with pytest.raises(UserError, match=f"--offload {mode} moves weights between the CPU and a GPU; there is no GPU"):
+        run(IceditEngine(Settings(preset="tiny", offload=mode)), request(photo))
 
 
 def test_int8_quantized_transformer_runs_and_stays_close(photo):

@@ -14,7 +14,8 @@ from assistant.models import AdapterInfo, EditRequest, EditResult, EngineEvent, 
 from assistant.settings import Settings
 from plugins.icedit.diptych import make_diptych, right_panel
 from plugins.icedit.early_filter import early_filter
-from plugins.icedit.sampler import FillSampler
+from plugins.icedit.loading import OOM_HINT, load_pipeline
+from plugins.icedit.sampler import FillSampler, PromptCache
 
 
 class IceditEngine:
@@ -25,11 +26,10 @@ class IceditEngine:
         self._pipe = None
         self.random_weights = False
         self.adapter: AdapterInfo | None = None
+        self.prompts = PromptCache()
 
     def pipeline(self):
         if self._pipe is None:
-            from plugins.icedit.loading import load_pipeline
-
             self._pipe, self.random_weights, self.adapter = load_pipeline(self.settings)
         return self._pipe
 
@@ -46,7 +46,7 @@ class IceditEngine:
         loaded = time.perf_counter()
         if cancel.is_set():
             raise Cancelled("edit cancelled: nothing was saved")
-        sampler = FillSampler(pipe)
+        sampler = FillSampler(pipe, self.prompts)
         events(Step(i=0, n=request.steps, phase="encode"))
         try:
             cond = sampler.prepare(canvas, mask, ic_prompt, request.steps, request.guidance)
@@ -78,8 +78,7 @@ class IceditEngine:
             painted = sampler.decode(cond, latents.x)[0]
         except torch.OutOfMemoryError:
             raise UserError(
-                f"out of memory for a {canvas.width}x{canvas.height} diptych on {pipe.device}: "
-                "try --offload model (or sequential), or a smaller image"
+                f"out of memory for a {canvas.width}x{canvas.height} diptych on {pipe.device}: {OOM_HINT}"
             ) from None
         finished = time.perf_counter()
         image = right_panel(painted, None if request.native_size else request.source.size)

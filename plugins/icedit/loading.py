@@ -19,7 +19,7 @@ DOWNLOAD_HINT = (
     "download it on a machine with internet (`hf download {id}`; FLUX.1 dev repos are gated: accept the "
     "licence on huggingface.co first) or pass a local folder; `--preset tiny` runs offline with random weights"
 )
-OOM_HINT = "try --offload model (or sequential), or a smaller image"
+OOM_HINT = "try --offload encoders (or model, sequential), --quantize int8, or a smaller image"
 TINY_MOE = "tiny-moe"
 """A random LoRA-MoE adapter in the published format, built for the loaded model (4 experts, rank 4)."""
 
@@ -78,11 +78,23 @@ def load_pipeline(settings: Settings):
 
 
 def place(pipe, device: str, offload: str) -> None:
-    """Move the pipeline to `device`, or hand it to diffusers' model / sequential CPU offload."""
+    """Move the pipeline to `device`, or split it between the CPU and the GPU.
+
+    - encoders: the prompt encoders (T5-XXL: 9.5 GB in bf16) stay on the CPU and run there; the
+      transformer and the VAE live on the GPU for good. That is the weights model offload holds at
+      its peak (the transformer), without moving them in and out at every edit; a new prompt costs
+      a T5 run on the CPU instead (repeated ones are cached, see `sampler.PromptCache`).
+    - model / sequential: diffusers' CPU offload, one model or one layer at a time on the GPU.
+    """
     if offload == "none":
         pipe.to(device)
     elif not device.startswith("cuda"):
         raise UserError(f"--offload {offload} moves weights between the CPU and a GPU; there is no GPU here")
+    elif offload == "encoders":
+        for part in (pipe.text_encoder, pipe.text_encoder_2):
+            part.to("cpu")
+        for part in (pipe.transformer, pipe.vae):
+            part.to(device)
     elif offload == "model":
         pipe.enable_model_cpu_offload(device=device)
     else:

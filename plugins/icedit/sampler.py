@@ -13,6 +13,7 @@ by zero, so we draw its sample without running the encoder.
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -62,11 +63,35 @@ class Latents:
         return Latents((self.seeds[index],), self.x[keep], self.condition[keep], self.step, v)
 
 
+class PromptCache:
+    """The embeddings of the last `size` prompts. A repeated prompt (another seed, a retry) skips the
+    text encoders: a T5 run on the CPU under `--offload encoders`, T5's trip to the GPU and back
+    under `--offload model`. Keep one per pipeline: the embeddings are its encoders'."""
+
+    def __init__(self, size: int = 8):
+        self.size = size
+        self._entries: OrderedDict[tuple[str, str], tuple[torch.Tensor, ...]] = OrderedDict()
+
+    def encode(self, pipe, prompt: str, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """(prompt embeddings, pooled embeddings, text ids) on `device`."""
+        key = (prompt, str(device))
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return self._entries[key]
+        value = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=device)
+        if self.size:
+            self._entries[key] = value
+            if len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+        return value
+
+
 class FillSampler:
     """Runs a FluxFillPipeline's components step by step."""
 
-    def __init__(self, pipe):
+    def __init__(self, pipe, prompts: PromptCache | None = None):
         self.pipe = pipe
+        self.prompts = prompts or PromptCache(size=0)
 
     @property
     def device(self) -> torch.device:
@@ -83,7 +108,7 @@ class FillSampler:
 
         pipe, device = self.pipe, self.device
         height, width = canvas.height, canvas.width
-        prompt_embeds, pooled, text_ids = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=device)
+        prompt_embeds, pooled, text_ids = self.prompts.encode(pipe, prompt, device)
         dtype = prompt_embeds.dtype
         image = pipe.image_processor.preprocess(canvas, height=height, width=width).to(torch.float32)
         mask_image = pipe.mask_processor.preprocess(mask, height=height, width=width)
