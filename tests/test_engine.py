@@ -166,6 +166,16 @@ def test_offload_needs_a_gpu(photo, mode):
         run(IceditEngine(Settings(preset="tiny", offload=mode)), request(photo))
 
 
+
+def test_offload_encoders_keeps_the_prompt_encoders_on_the_cpu(monkeypatch):
+    from plugins.icedit.loading import place
+
+    pipe, moved = build_tiny(), {}
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        monkeypatch.setattr(getattr(pipe, name), "to", lambda device, name=name: moved.setdefault(name, device))
+    place(pipe, "cuda:1", "encoders")  # no GPU needed: where each part is sent is the behaviour
+    assert moved == {"transformer": "cuda:1", "vae": "cuda:1", "text_encoder": "cpu", "text_encoder_2": "cpu"}
+
 def test_int8_quantized_transformer_runs_and_stays_close(photo):
     pytest.importorskip("torchao")
     plain = run(IceditEngine(Settings(preset="tiny", lora="tiny-moe")), request(photo))[0]
