@@ -176,6 +176,30 @@ def test_offload_encoders_keeps_the_prompt_encoders_on_the_cpu(monkeypatch):
     place(pipe, "cuda:1", "encoders")  # no GPU needed: where each part is sent is the behaviour
     assert moved == {"transformer": "cuda:1", "vae": "cuda:1", "text_encoder": "cpu", "text_encoder_2": "cpu"}
 
+
+def test_layer_by_layer_offload_hooks_stream_the_moe_layers_too(photo):
+    """`--offload sequential` is accelerate's hooks on every module with weights of its own; the
+    LoRA-MoE layer has its experts and a child Linear. Streamed from `meta`, it paints the same."""
+    from accelerate import cpu_offload
+
+    from plugins.icedit.moe import LoraMoeLinear, load_lora_moe, synthetic_checkpoint
+    from plugins.icedit.sampler import FillSampler
+
+    pipe = build_tiny()
+    load_lora_moe(pipe.transformer, synthetic_checkpoint(pipe.transformer, seed=1, scale=0.3))
+    canvas, mask = make_diptych(photo)
+
+    def edit():
+        sampler = FillSampler(pipe)
+        cond = sampler.prepare(canvas, mask, "add snow", 2, 50.0)
+        return pixels(sampler.decode(cond, sampler.denoise(cond, sampler.start(cond, [0]), 2).x)[0])
+
+    plain = edit()
+    cpu_offload(pipe.transformer, torch.device("cpu"))
+    layer = next(m for m in pipe.transformer.modules() if isinstance(m, LoraMoeLinear))
+    assert layer.lora_A.device.type == layer.base.weight.device.type == "meta"
+    assert np.array_equal(edit(), plain)
+
 def test_int8_quantized_transformer_runs_and_stays_close(photo):
     pytest.importorskip("torchao")
     plain = run(IceditEngine(Settings(preset="tiny", lora="tiny-moe")), request(photo))[0]
