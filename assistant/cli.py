@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import signal
@@ -479,23 +478,6 @@ def with_data_options(fn):
     return fn
 
 
-def _ends_at_once_when_launched(command):
-    """Under torchrun / `accelerate launch`, a finished command leaves its process at once (output
-    flushed) instead of through Python's shutdown. gloo's worker threads outlive the process group
-    (libraries keep references to it), and one that still frees a tensor then needs the GIL;
-    Python ends such a thread, which aborts the whole process (SIGABRT) and fails the launch."""
-
-    @functools.wraps(command)
-    def run(*args, **kwargs):
-        command(*args, **kwargs)
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(0)
-
-    return run
-
-
 @cli.command("train")
 @with_data_options
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="folder for checkpoints and the adapter")
@@ -515,7 +497,6 @@ def _ends_at_once_when_launched(command):
 @click.option("--checkpoint-every", type=click.IntRange(1), help="save_state every N steps (default 500)")
 @click.option("--resume", help="continue from a checkpoint folder, or 'latest' under OUT/checkpoints")
 @click.option("--json", "json_", is_flag=True, help="print the report as JSON")
-@_ends_at_once_when_launched
 def train_cmd(data, columns, preset, model, device, json_, **options) -> None:
     """Fine-tune the ICEdit LoRA-MoE on (source, target, instruction) edits; many GPUs: `accelerate launch`."""
     from plugins.icedit.data import parse_columns
@@ -554,7 +535,6 @@ def train_cmd(data, columns, preset, model, device, json_, **options) -> None:
 @click.option("--clip-model", help="CLIP hub id or folder (default openai/clip-vit-base-patch32)")
 @click.option("--dino-model", help="DINO ViT hub id or folder (default facebook/dino-vits16)")
 @click.option("--json", "json_", is_flag=True, help="print the report (means and per example) as JSON")
-@_ends_at_once_when_launched
 def eval_cmd(data, columns, split, limit, seed, out, steps, guidance, batch_size, judge, json_, engine_top_k,
              **options) -> None:
     """Edit every example of a dataset and score the edits (MagicBrush and Emu Edit metrics)."""
@@ -577,4 +557,18 @@ def eval_cmd(data, columns, split, limit, seed, out, steps, guidance, batch_size
 
 
 def main() -> None:
-    cli(prog_name="icedit")
+    """The `icedit` command. Under torchrun / `accelerate launch` (WORLD_SIZE > 1) each process
+    leaves at once when its command is done, output flushed, instead of through Python's shutdown:
+    gloo's worker threads outlive the process group (libraries keep references to it), and one
+    that still frees a tensor then needs the GIL; Python ends such a thread, which aborts the whole
+    process (SIGABRT) and fails the launch."""
+    try:
+        cli(prog_name="icedit")
+    except SystemExit as done:
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            raise
+        if done.code is not None and not isinstance(done.code, int):
+            print(done.code, file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(done.code if isinstance(done.code, int) else int(done.code is not None))

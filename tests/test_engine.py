@@ -163,7 +163,7 @@ def test_the_prompt_cache_keeps_the_latest_prompts():
 @pytest.mark.parametrize("mode", ["encoders", "model", "sequential"])
 def test_offload_needs_a_gpu(photo, mode):
     with pytest.raises(UserError, match=f"--offload {mode} moves weights between the CPU and a GPU; there is no GPU"):
-        run(IceditEngine(Settings(preset="tiny", offload=mode)), request(photo))
+        run(IceditEngine(Settings(preset="tiny", offload=mode, device="cpu")), request(photo))
 
 
 
@@ -176,6 +176,18 @@ def test_offload_encoders_keeps_the_prompt_encoders_on_the_cpu(monkeypatch):
     place(pipe, "cuda:1", "encoders")  # no GPU needed: where each part is sent is the behaviour
     assert moved == {"transformer": "cuda:1", "vae": "cuda:1", "text_encoder": "cpu", "text_encoder_2": "cpu"}
 
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_offload_encoders_paints_what_the_gpu_alone_paints(photo):
+    kw = {"preset": "tiny", "device": "cuda", "dtype": "float32"}
+    on_gpu = run(IceditEngine(Settings(**kw)), request(photo))[0]
+    engine = IceditEngine(Settings(**kw, offload="encoders"))
+    split = run(engine, request(photo))[0]
+    pipe = engine.pipeline()
+    assert (pipe.text_encoder_2.device.type, pipe.transformer.device.type, pipe.vae.device.type) == (
+        "cpu", "cuda", "cuda")
+    assert np.abs(pixels(split.image) - pixels(on_gpu.image)).mean() < 1
 
 def test_layer_by_layer_offload_hooks_stream_the_moe_layers_too(photo):
     """`--offload sequential` is accelerate's hooks on every module with weights of its own; the
