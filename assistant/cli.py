@@ -567,8 +567,10 @@ def main() -> None:
     except SystemExit as done:
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
             raise
-        if done.code is not None and not isinstance(done.code, int):
-            print(done.code, file=sys.stderr)
+        code = done.code or 0
+        if not isinstance(code, int):  # a message: Python would print it and exit 1
+            print(code, file=sys.stderr)
+            code = 1
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(done.code if isinstance(done.code, int) else int(done.code is not None))
+        os._exit(code)

@@ -133,7 +133,7 @@ def test_a_repeated_prompt_skips_the_text_encoders_and_paints_the_same(photo):
     engine = IceditEngine(Settings(preset="tiny"))
     calls = []
     engine.pipeline().text_encoder_2.register_forward_hook(lambda *_: calls.append(1))
-    first, _ = run(engine, request(photo))
+    run(engine, request(photo))
     again, _ = run(engine, request(photo, seed=6))  # another seed: the same prompt
     assert len(calls) == 1
     assert again.image.tobytes() == run(IceditEngine(Settings(preset="tiny")), request(photo, seed=6))[0].image.tobytes()
@@ -166,7 +166,6 @@ def test_offload_needs_a_gpu(photo, mode):
         run(IceditEngine(Settings(preset="tiny", offload=mode, device="cpu")), request(photo))
 
 
-
 def test_offload_encoders_keeps_the_prompt_encoders_on_the_cpu(monkeypatch):
     from plugins.icedit.loading import place
 
@@ -175,7 +174,6 @@ def test_offload_encoders_keeps_the_prompt_encoders_on_the_cpu(monkeypatch):
         monkeypatch.setattr(getattr(pipe, name), "to", lambda device, name=name: moved.setdefault(name, device))
     place(pipe, "cuda:1", "encoders")  # no GPU needed: where each part is sent is the behaviour
     assert moved == {"transformer": "cuda:1", "vae": "cuda:1", "text_encoder": "cpu", "text_encoder_2": "cpu"}
-
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -189,28 +187,21 @@ def test_offload_encoders_paints_what_the_gpu_alone_paints(photo):
         "cpu", "cuda", "cuda")
     assert np.abs(pixels(split.image) - pixels(on_gpu.image)).mean() < 1
 
+
 def test_layer_by_layer_offload_hooks_stream_the_moe_layers_too(photo):
     """`--offload sequential` is accelerate's hooks on every module with weights of its own; the
     LoRA-MoE layer has its experts and a child Linear. Streamed from `meta`, it paints the same."""
     from accelerate import cpu_offload
 
-    from plugins.icedit.moe import LoraMoeLinear, load_lora_moe, synthetic_checkpoint
-    from plugins.icedit.sampler import FillSampler
+    from plugins.icedit.moe import LoraMoeLinear
 
-    pipe = build_tiny()
-    load_lora_moe(pipe.transformer, synthetic_checkpoint(pipe.transformer, seed=1, scale=0.3))
-    canvas, mask = make_diptych(photo)
-
-    def edit():
-        sampler = FillSampler(pipe)
-        cond = sampler.prepare(canvas, mask, "add snow", 2, 50.0)
-        return pixels(sampler.decode(cond, sampler.denoise(cond, sampler.start(cond, [0]), 2).x)[0])
-
-    plain = edit()
-    cpu_offload(pipe.transformer, torch.device("cpu"))
-    layer = next(m for m in pipe.transformer.modules() if isinstance(m, LoraMoeLinear))
+    engine = IceditEngine(Settings(preset="tiny", lora="tiny-moe"))
+    plain = run(engine, request(photo))[0]
+    cpu_offload(engine.pipeline().transformer, torch.device("cpu"))
+    layer = next(m for m in engine.pipeline().transformer.modules() if isinstance(m, LoraMoeLinear))
     assert layer.lora_A.device.type == layer.base.weight.device.type == "meta"
-    assert np.array_equal(edit(), plain)
+    assert run(engine, request(photo))[0].image.tobytes() == plain.image.tobytes()
+
 
 def test_int8_quantized_transformer_runs_and_stays_close(photo):
     pytest.importorskip("torchao")
