@@ -20,6 +20,7 @@ from assistant import plugins
 from assistant.errors import UserError
 from assistant.images import decode_png, encode_png, sha256
 from assistant.models import EditPlan, EditRequest, EditResult, EngineEvent, TurnSummary
+from assistant.preflight import rewriter_name
 from assistant.settings import Settings
 from sessions.history import History, Turn
 from sessions.store import NewTurn, Store
@@ -88,7 +89,7 @@ class Agent:
     @property
     def rewriter(self):
         if self._rewriter is None:
-            self._rewriter = plugins.get("rewriters", self.settings.rewriter).factory(self.settings)
+            self._rewriter = plugins.get("rewriters", rewriter_name(self.settings)).factory(self.settings)
         return self._rewriter
 
     # ------------------------------------------------------------------ state
@@ -172,7 +173,7 @@ class Agent:
         else:
             context = self._context(history, current.id) if current else []
             plan = self.rewriter.rewrite(image, message, context)
-            rewriter = self.settings.rewriter + (f" -> {plan.fallback}" if plan.fallback else "")
+            rewriter = rewriter_name(self.settings) + (f" -> {plan.fallback}" if plan.fallback else "")
         rewritten = time.perf_counter()
         common = {"message": message, "intent": plan.intent, "plan": plan, "rewriter": rewriter}
 

@@ -65,6 +65,17 @@ def _settings(**overrides: Any):
     return settings
 
 
+def _prepare(settings, extra=None, *, quiet: bool = False, **needs: Any):
+    """Check (and fetch) every artifact the command will load before anything loads; choose the rewriter."""
+    from assistant.preflight import prepare
+
+    prepared = prepare(settings, extra, **needs)
+    if not quiet:
+        for note in prepared.notes:
+            click.echo(f"note: {note}", err=True)
+    return prepared
+
+
 def _store(settings):
     from sessions.store import Store
 
@@ -116,11 +127,12 @@ def cli() -> None:
 
 OFFLOAD_MODES = ["none", "encoders", "model", "sequential"]
 engine_options = [
-    click.option("--preset", help="engine preset: default (real FLUX.1 Fill + ICEdit LoRA) or tiny (random, offline)"),
+    click.option("--preset", help="engine preset: default (FLUX.1 Fill + ICEdit LoRA), moe (+ LoRA-MoE), tiny (random)"),
     click.option("--model", help="FLUX.1 Fill hub id or local folder (overrides the preset)"),
     click.option("--revision", help="pin the FLUX.1 Fill hub revision (commit, tag or branch)"),
     click.option("--lora", help="LoRA hub id or path (overrides the preset); 'none' for none"),
     click.option("--lora-revision", help="pin the LoRA's hub revision"),
+    click.option("--lora-weight-name", help="the adapter's file in its repo or folder (pytorch_lora_weights.safetensors)"),
     click.option("--lora-scale", type=click.FloatRange(0, 4), help="adapter strength (default 1, as trained)"),
     click.option("--top-k", type=click.IntRange(1, 64), help="experts per token of a LoRA-MoE adapter (default 1)"),
     click.option("--offload", type=click.Choice(OFFLOAD_MODES), help="memory modes for small GPUs (see README)"),
@@ -130,7 +142,7 @@ engine_options = [
     click.option("--early-steps", type=click.IntRange(1, 199), help="early filter: steps before judging (default 4)"),
     click.option("--judge", help="judge plugin for the early filter (default qwen_vl)"),
     click.option("--engine", help="engine plugin (see `icedit plugins`)"),
-    click.option("--rewriter", help="rewriter plugin: rules (default, offline) or another registered one"),
+    click.option("--rewriter", help="qwen_vl (default with real weights), rules (default with tiny), verbatim, ..."),
     click.option("--vlm", help="Qwen2.5-VL hub id or local folder for --rewriter/--judge qwen_vl ('none': no VLM)"),
     click.option("--vlm-revision", help="pin the VLM's hub revision"),
     click.option("--device", help="torch device (default: cuda when available, else cpu)"),
@@ -167,6 +179,7 @@ def edit(image, instruction, output, session, seed, steps, guidance, native_size
     check_message(instruction)
     _check_output(output)
     source = load_image(image)
+    settings = _prepare(settings).settings
     store = _store(settings) if session else Store(":memory:")
     agent = Agent(store, session or "edit", settings)
     with _cancel_on_sigint() as cancel:
@@ -228,7 +241,7 @@ def _fallback_note(rewriter: str) -> None:
 @cli.command()
 @click.argument("image", type=click.Path(path_type=Path))
 @click.argument("request")
-@click.option("--rewriter", help="rewriter plugin: rules (default, offline), qwen_vl or another registered one")
+@click.option("--rewriter", help="qwen_vl (default), rules, verbatim or another registered one")
 @click.option("--vlm", help="Qwen2.5-VL hub id or local folder for --rewriter qwen_vl ('none': no VLM)")
 @click.option("--json", "json_", is_flag=True, help="print the plan as JSON")
 def rewrite(image, request, rewriter, vlm, json_) -> None:
@@ -240,6 +253,7 @@ def rewrite(image, request, rewriter, vlm, json_) -> None:
     settings = _settings(rewriter=rewriter, vlm=vlm)
     message = check_message(request)
     source = load_image(image)
+    settings = _prepare(settings, engine=False, judge=False).settings
     plan = plugins.get("rewriters", settings.rewriter).factory(settings).rewrite(source, message, [])
     label = settings.rewriter + (f" -> {plan.fallback}" if plan.fallback else "")
     if json_:
@@ -401,6 +415,7 @@ def replay(script, out_dir, session, allow_outside, json_, **options) -> None:
 
     parsed = load_script(script)
     settings = _settings(**(parsed.settings() | {k: v for k, v in options.items() if v is not None}))
+    settings = _prepare(settings, judge=parsed.needs_judge() or None).settings
     store = _store(settings) if session else Store(":memory:")
     random_weights = False
     with _cancel_on_sigint() as cancel:
@@ -433,16 +448,118 @@ def plugins_cmd(json_, **options) -> None:
             click.echo(f"  {engine}: " + ", ".join(f"{k} {v}" for k, v in info.items()))
 
 
+def _model_rows(settings, with_vlm: bool, with_eval: bool) -> list[tuple[list[str], Any]]:
+    """[(what needs it, artifact)] for `models` and `download`, one row per artifact."""
+    from assistant.preflight import needs
+    from plugins.icedit.features import artifacts as feature_artifacts
+
+    groups = [("edit", needs(settings, rewriter=False, judge=False))]
+    if with_vlm:
+        groups += [("rewriter", needs(settings, engine=False, judge=False)),
+                   ("early filter", needs(settings, engine=False, rewriter=False, judge=True))]
+    if with_eval:
+        groups.append(("eval", feature_artifacts(settings)))
+    rows: dict[tuple, tuple[list[str], Any]] = {}
+    for purpose, found in groups:
+        for a in found:
+            key = (a.ref, a.revision, a.layout, a.filename)
+            rows.setdefault(key, ([], a.model_copy(update={"required": True, "fallback": None})))[0].append(purpose)
+    return list(rows.values())
+
+
+def _models_report(rows, remote: bool) -> dict[str, Any]:
+    from assistant import hub
+
+    statuses = [(purposes, hub.status(a, remote=remote)) for purposes, a in rows]
+    return {
+        "cache": str(hub.cache_folder()),
+        "offline_mode": hub.offline_mode(),
+        "artifacts": [
+            {"for": purposes, "role": s.artifact.role, "ref": s.artifact.ref, "revision": s.artifact.revision,
+             "option": s.artifact.option, **s.model_dump(exclude={"artifact"})}
+            for purposes, s in statuses
+        ],
+    }
+
+
+def _print_models(report: dict[str, Any]) -> None:
+    from assistant.hub import gib
+
+    mode = "offline mode (HF_HUB_OFFLINE)" if report["offline_mode"] else "online"
+    click.echo(f"Hugging Face cache: {report['cache']} ({mode})")
+    for row in report["artifacts"]:
+        state = "cached" if row["cached"] else "missing"
+        facts = [state, f"{gib(row['size_on_disk'])} on disk"]
+        if row["commit"]:
+            facts.append(f"revision {row['commit'][:12]}")
+        if row["to_download"]:
+            facts.append(f"{gib(row['to_download'])} to download")
+        if row["gated"]:
+            facts.append("gated, " + {True: "access granted", False: "no access", None: "access unknown"}[row["access"]])
+        name = row["ref"] + (f"@{row['revision']}" if row["revision"] else "")
+        click.echo(f"{row['role']} ({', '.join(row['for'])}): {name}: {', '.join(facts)}")
+        if row["problem"]:
+            click.echo(f"  {row['problem']}" + (f"; {row['fix']}" if row["fix"] else ""))
+        if row["download_command"] and not row["cached"]:
+            click.echo(f"  get it: icedit download (or {row['download_command']})")
+    if report.get("plan"):
+        click.echo(f"memory plan: {report['plan']['explain']}")
+
+
+def _memory_plan(settings, gpu_memory):
+    return None
+
+
+@cli.command()
+@with_engine_options
+@click.option("--gpu-memory", type=click.FloatRange(1, 4096), help="plan for a GPU of this many GiB (default: this one)")
+@click.option("--json", "json_", is_flag=True, help="print the report as JSON")
+def models(gpu_memory, json_, **options) -> None:
+    """The model weights these options need: cached or not, sizes, access, how to download; the memory plan."""
+    from assistant import hub
+
+    settings = _settings(**options)
+    report = _models_report(_model_rows(settings, with_vlm=True, with_eval=True), remote=not hub.offline_mode())
+    report["plan"] = _memory_plan(settings, gpu_memory)
+    if json_:
+        _emit(report)
+    else:
+        _print_models(report)
+
+
+@cli.command()
+@with_engine_options
+@click.option("--with-vlm", is_flag=True, help="also the Qwen2.5-VL (rewriter and judge)")
+@click.option("--with-eval-models", is_flag=True, help="also CLIP and DINO for icedit eval")
+@click.option("--json", "json_", is_flag=True, help="print what `icedit models` then says, as JSON")
+def download(with_vlm, with_eval_models, json_, **options) -> None:
+    """Fetch exactly the files the pipeline loads (free space checked first, interrupted downloads resumed)."""
+    from assistant import hub
+
+    settings = _settings(**options)
+    rows = _model_rows(settings, with_vlm=with_vlm, with_eval=with_eval_models)
+    hub.preflight([a for _, a in rows])
+    report = _models_report(rows, remote=False)
+    if json_:
+        _emit(report)
+    else:
+        _print_models(report)
+
+
 @cli.command()
 @click.argument("image", required=False, type=click.Path(path_type=Path))
 @click.option("--session", help="session to continue or start (default: a new chat-<timestamp>)")
 @with_engine_options
 def chat(image, session, **options) -> None:
     """Chat about IMAGE (optional; /open PATH later) in a terminal app; the session is kept."""
+    from assistant.images import load_image
     from assistant.tui.app import make_app
 
     settings = _settings(**options)
-    app = make_app(settings, session=session, image=image)
+    if image is not None:
+        load_image(image)  # a bad path is one line before any weights are looked for
+    prepared = _prepare(settings, quiet=True)
+    app = make_app(prepared.settings, session=session, image=image, notes=prepared.notes)
     app.run()
     if app.store.exists(app.session):
         click.echo(f"session {app.session} is kept: icedit chat --session {app.session}")
@@ -502,8 +619,9 @@ def train_cmd(data, columns, preset, model, device, json_, **options) -> None:
     from plugins.icedit.data import parse_columns
     from plugins.icedit.train import TrainConfig, train
 
-    settings = _settings(preset=preset, model=model, device=device)
+    settings = _settings(preset=preset, model=model, device=device, lora="none")
     config = _options(TrainConfig, data=data, columns=parse_columns(columns), **options)
+    _prepare(settings, rewriter=False, judge=False)
     report = train(config, settings)
     if report is None:  # not the main process
         return
@@ -540,10 +658,12 @@ def eval_cmd(data, columns, split, limit, seed, out, steps, guidance, batch_size
     """Edit every example of a dataset and score the edits (MagicBrush and Emu Edit metrics)."""
     from plugins.icedit.data import parse_columns
     from plugins.icedit.evaluate import EvalConfig, evaluate
+    from plugins.icedit.features import artifacts as feature_artifacts
 
     settings = _settings(top_k=engine_top_k, **options)
     config = _options(EvalConfig, data=data, columns=parse_columns(columns), split=split, limit=limit, seed=seed,
                       out=out, steps=steps, guidance=guidance, batch_size=batch_size, judge=judge)
+    _prepare(settings, feature_artifacts(settings), rewriter=False, judge=bool(judge))
     report = evaluate(config, settings)
     if report is None:  # not the main process
         return

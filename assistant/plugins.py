@@ -20,9 +20,15 @@ ENTRY_POINT_GROUP = "icedit_assistant"
 
 @dataclass(frozen=True)
 class _FactorySpec:
+    """factory(settings) builds the plugin's object. artifacts(settings), if given, names the model
+    weights it will load (`assistant.hub.Artifact`), so the host checks and fetches them all before
+    any loads; memory(settings), if given, the ways its models can be placed (`assistant.memory.Part`)."""
+
     name: str
     factory: Callable[..., Any]
     description: str = ""
+    artifacts: Callable[..., list[Any]] | None = None
+    memory: Callable[..., list[Any]] | None = None
 
 
 @dataclass(frozen=True)

@@ -21,12 +21,17 @@ class Settings(BaseSettings):
 
     home: Path = Field(default_factory=_default_home, description="folder of the session store")
     engine: str = "icedit"
-    rewriter: str = "rules"
+    rewriter: str | None = Field(
+        None, description="rewriter plugin (default: qwen_vl with real weights, rules with random ones)"
+    )
     preset: str = Field("default", description="engine preset: 'default' (real weights) or 'tiny'")
     model: str | None = Field(None, description="FLUX.1 Fill hub id or local folder (overrides the preset)")
     lora: str | None = Field(None, description="LoRA hub id or path (overrides the preset); 'none' for none")
     revision: str | None = Field(None, description="hub revision (commit, tag, branch) of the FLUX.1 Fill model")
     lora_revision: str | None = Field(None, description="hub revision of the LoRA")
+    lora_weight_name: str | None = Field(
+        None, description="the adapter's file in its repo or folder (default pytorch_lora_weights.safetensors)"
+    )
     vlm_revision: str | None = Field(None, description="hub revision of the VLM")
     lora_scale: float = Field(1.0, ge=0, le=4, description="strength of the adapter (1 = as trained)")
     top_k: int = Field(1, ge=1, le=64, description="experts per token for a LoRA-MoE adapter (published: 1)")

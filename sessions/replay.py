@@ -95,6 +95,10 @@ class ReplayScript(BaseModel):
         keys = ("steps", "guidance", "candidates", "early_steps", "judge", "preset", "engine", "rewriter")
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
+    def needs_judge(self) -> bool:
+        """Whether a turn runs the early filter, so the judge's weights are checked up front too."""
+        return any((t.candidates or 0) > 1 for t in self.turns)
+
 
 def load_script(path: Path) -> ReplayScript:
     """Parse and validate; errors name the file and the line or field."""

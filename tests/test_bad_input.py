@@ -112,16 +112,14 @@ CASES = {
     "invalid vlm id": (None, "add snow", lambda d: [*FAKE, "--rewriter", "qwen_vl", "--vlm", "bad id!"],
                        "the VLM 'bad id!' is neither a local path nor a hub id (owner/name)"),
     "vlm folder missing": (None, "add snow", lambda d: [*FAKE, "--rewriter", "qwen_vl", "--vlm", "../../etc"],
-                       ("no VLM folder at ../../etc: download one (`hf download Qwen/Qwen2.5-VL-7B-Instruct "
-                       "--local-dir ../../etc`), pass a hub id with --vlm, or use --vlm none (--rewriter rules runs "
-                       "without a VLM)")),
+                       ("VLM '../../etc' (--vlm): no such file or folder; check the path, or give --vlm a hub id "
+                        "(owner/name)")),
     "uncached lora at a revision": (None, "add snow", lambda d: [*TINY, "--lora", "nobody/nothing",
                                                                 "--lora-revision", "abc123"],
-                                    ("the LoRA 'nobody/nothing@abc123' is not in the Hugging Face cache and the hub "
-                                    "is unreachable: download it on a machine with internet (`hf download "
-                                    "nobody/nothing --revision abc123`; FLUX.1 dev repos are gated: accept the "
-                                    "licence on huggingface.co first) or pass a local folder; `--preset tiny` runs "
-                                    "offline with random weights")),
+                                    ("LoRA 'nobody/nothing@abc123' (--lora): not in the Hugging Face cache and "
+                                    "offline mode is set (HF_HUB_OFFLINE); unset HF_HUB_OFFLINE to download it, or "
+                                    "fetch it elsewhere with `hf download nobody/nothing --revision abc123 --include "
+                                    "'pytorch_lora_weights.safetensors'`")),
     "adapter of the wrong shape": (None, "add snow", lambda d: [*TINY, "--lora", _adapter(d, lambda s: s.__setitem__(
         ROUTE, torch.zeros(2, 32)))], ("transformer.single_transformer_blocks.0.proj_out.lora_route.weight: shape "
                                       "(2, 32) does not fit the model (expected (2, 160))")),

@@ -11,7 +11,6 @@ import os
 import pty
 import select
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -120,11 +119,11 @@ BAD_INPUTS = {
     "empty instruction": (None, "", FAKE, EMPTY),
     "whitespace instruction": (None, "   ", FAKE, EMPTY),
     "unknown preset": (None, "add snow", ["--preset", "nope"],
-                       "Error: unknown preset 'nope' (available: default, tiny)"),
+                       "Error: unknown preset 'nope' (available: default, moe, tiny)"),
     "unknown engine": (None, "add snow", ["--engine", "nope"],
                        "Error: unknown engine 'nope' (available: fake, icedit)"),
     "unknown rewriter": (None, "add snow", [*FAKE, "--rewriter", "nope"],
-                         "Error: unknown rewriter 'nope' (available: qwen_vl, rules)"),
+                         "Error: unknown rewriter 'nope' (available: qwen_vl, rules, verbatim)"),
 }
 
 
@@ -323,21 +322,57 @@ def test_tiny_edits_say_their_weights_are_random_on_stderr_only(tiny):
         assert RANDOM_WEIGHTS_NOTE not in run.stdout
 
 
-def test_missing_real_weights_is_one_line_naming_the_download(tmp_path):
-    proc = icedit("edit", CHELSEA, WINTER, "--preset", "default", "--steps", "2", "--session", "real",
-                  home=tmp_path / "home", cwd=tmp_path, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
+def test_offline_and_nothing_cached_names_offline_mode_and_every_missing_artifact_at_once(tmp_path):
+    started = time.monotonic()
+    proc = icedit("edit", CHELSEA, "add snow", "--session", "real", home=tmp_path / "home", cwd=tmp_path,
+                  HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
     assert proc.returncode == 2
+    assert time.monotonic() - started < 30  # no retries, nothing loaded
     assert proc.stdout == ""
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith(
-        "Error: the FLUX.1 Fill pipeline 'black-forest-labs/FLUX.1-Fill-dev' is not in the Hugging Face cache"
-    )
-    assert "`hf download black-forest-labs/FLUX.1-Fill-dev`" in lines[0]
-    assert "--preset tiny" in lines[0]
-    with sqlite3.connect(tmp_path / "home" / "sessions.sqlite3") as con:  # --session opened the store ...
-        assert con.execute("SELECT COUNT(*) FROM sessions").fetchone() == (0,)  # ... and left nothing in it
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]
+    summary, *lines = proc.stderr.splitlines()
+    assert summary.startswith("Error: 2 of the 3 model artifacts this command needs cannot be had now "
+                              "(offline mode is set: HF_HUB_OFFLINE)")
+    assert "`icedit download`" in summary and "--preset tiny" in summary
+    assert [line.split(" (")[0].strip() for line in lines] == [
+        "FLUX.1 Fill pipeline 'black-forest-labs/FLUX.1-Fill-dev'", "LoRA 'RiverZ/normal-lora'",
+        "VLM 'Qwen/Qwen2.5-VL-7B-Instruct'"]
+    assert all(": not in the Hugging Face cache and offline mode is set (HF_HUB_OFFLINE); unset HF_HUB_OFFLINE to "
+               "download it, or fetch it elsewhere with `hf download " in line for line in lines)
+    assert "--include 'model_index.json' '*/*.json'" in lines[0]
+    assert lines[2].endswith("(optional: without it the rules rewriter runs)")
+    assert "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []  # no store opened, no cache made, no picture written
+
+
+def test_verbatim_paints_what_the_official_inference_script_paints(tmp_path):
+    """scripts/inference.py of River-Zhang/ICEdit, on the tiny pipeline: its diptych, mask, call and crop."""
+    import numpy as np
+    import torch
+
+    from plugins.icedit.presets import build_tiny
+
+    instruction = "Make her hair dark green and her clothes checked."
+    result = invoke("edit", EXAMPLES / "astronaut.png", instruction, "--rewriter", "verbatim", "--preset", "tiny",
+                    "--seed", "42", "--native-size", "-o", tmp_path / "ours.png", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["rewriter"] == "verbatim"
+
+    image = Image.open(EXAMPLES / "astronaut.png").convert("RGB")
+    assert image.size[0] == 512
+    prompt = ("A diptych with two side-by-side images of the same scene. On the right, the scene is exactly the "
+              f"same as on the left but {instruction}")
+    width, height = image.size
+    combined = Image.new("RGB", (width * 2, height))
+    combined.paste(image, (0, 0))
+    combined.paste(image, (width, 0))
+    mask_array = np.zeros((height, width * 2), dtype=np.uint8)
+    mask_array[:, width:] = 255
+    official = build_tiny()(
+        prompt=prompt, image=combined, mask_image=Image.fromarray(mask_array), height=height, width=width * 2,
+        guidance_scale=50, num_inference_steps=28, generator=torch.Generator("cpu").manual_seed(42),
+    ).images[0].crop((width, 0, width * 2, height))
+    assert json.loads(result.stdout)["ic_prompt"] == prompt
+    assert Image.open(tmp_path / "ours.png").convert("RGB").tobytes() == official.tobytes()
 
 
 def test_ctrl_c_while_denoising_exits_130_and_saves_nothing(icedit_home, tmp_path):

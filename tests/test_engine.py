@@ -107,7 +107,7 @@ def test_a_stock_diffusers_lora_file_changes_the_edit(photo, tmp_path):
 def test_missing_weights_are_one_line_naming_what_to_get(photo, tmp_path):
     with pytest.raises(UserError, match="no model_index.json"):
         run(IceditEngine(Settings(model=str(tmp_path))), request(photo))
-    with pytest.raises(UserError, match="no such LoRA"):
+    with pytest.raises(UserError, match=r"LoRA '.*nope\.safetensors' \(--lora\): no such file or folder"):
         run(IceditEngine(Settings(preset="tiny", lora=str(tmp_path / "nope.safetensors"))), request(photo))
     with pytest.raises(WeightsMissing) as e:
         run(IceditEngine(Settings(preset="tiny", lora="nobody/no-such-lora")), request(photo))

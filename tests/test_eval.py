@@ -226,15 +226,18 @@ def test_cli_eval_on_the_tiny_preset_runs_offline_in_one_process_or_two(tmp_path
     assert sorted(p.name for p in (tmp_path / "two" / "edits").iterdir()) == [f"{i:05d}.png" for i in range(4)]
 
 
-def test_default_feature_models_offline_are_one_line(tmp_path, monkeypatch):
+def test_default_models_offline_are_reported_together_before_anything_loads(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     result = invoke("eval", "--data", TOY, "--out", tmp_path)  # the default preset: real feature models
     assert result.exit_code == 2
-    assert result.stderr == (
-        "Error: the CLIP model 'openai/clip-vit-base-patch32' is not in the Hugging Face cache and the hub is "
-        "unreachable: download it on a machine with internet (`hf download openai/clip-vit-base-patch32`) or pass "
-        "a local folder with --clip-model; --preset tiny uses random offline ones\n"
-    )
+    summary, *lines = result.stderr.splitlines()
+    assert summary.startswith("Error: 4 of the 4 model artifacts this command needs cannot be had now (offline mode "
+                              "is set: HF_HUB_OFFLINE)")
+    assert [line.split(": not in the Hugging Face cache and offline mode is set")[0] for line in lines] == [
+        "  FLUX.1 Fill pipeline 'black-forest-labs/FLUX.1-Fill-dev' (--model)", "  LoRA 'RiverZ/normal-lora' (--lora)",
+        "  CLIP model 'openai/clip-vit-base-patch32' (--clip-model)", "  DINO model 'facebook/dino-vits16' (--dino-model)"]
+    assert "`hf download openai/clip-vit-base-patch32 --include '*.json' '*.safetensors'" in lines[2]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_tiny_feature_models_are_the_same_on_every_build():

@@ -23,7 +23,7 @@ def test_plugins_command_lists_what_each_plugin_registers():
     assert result.exit_code == 0
     rows = {r["name"]: r for r in json.loads(result.output)}
     assert rows["plugins.icedit"]["engines"] == ["icedit"]
-    assert rows["plugins.rules"]["rewriters"] == ["rules"]
+    assert rows["plugins.rules"]["rewriters"] == ["rules", "verbatim"]
     text = CliRunner().invoke(cli, ["plugins"]).output
     assert "plugins.icedit\tengines: icedit" in text
 

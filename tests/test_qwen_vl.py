@@ -274,8 +274,8 @@ def test_cli_missing_vlm_folder_is_one_line_naming_the_download(tmp_path):
     assert result.exit_code == 2
     assert result.stdout == ""
     (line,) = result.stderr.splitlines()
-    assert line.startswith(f"Error: no VLM folder at {tmp_path / 'nope'}: ")
-    assert "`hf download Qwen/Qwen2.5-VL-7B-Instruct --local-dir" in line
+    assert line == f"Error: VLM '{tmp_path / 'nope'}' (--vlm): no such file or folder; check the path, or give --vlm " \
+                   "a hub id (owner/name)"
 
 
 def test_cli_uncached_hub_id_offline_is_one_line_naming_the_download(monkeypatch):
@@ -286,5 +286,6 @@ def test_cli_uncached_hub_id_offline_is_one_line_naming_the_download(monkeypatch
                                       "nobody/no-such-vlm"])
     assert result.exit_code == 2
     (line,) = result.stderr.splitlines()
-    assert line.startswith("Error: the VLM 'nobody/no-such-vlm' is not in the Hugging Face cache")
-    assert "`hf download nobody/no-such-vlm`" in line
+    assert line.startswith("Error: VLM 'nobody/no-such-vlm' (--vlm): not in the Hugging Face cache and offline mode "
+                           "is set (HF_HUB_OFFLINE)")
+    assert "`hf download nobody/no-such-vlm --include '*.json' '*.safetensors'" in line

@@ -1,9 +1,10 @@
-"""The offline rules rewriter: a plain request in, an EditPlan in ICEdit's instruction form out."""
+"""The offline rewriters: a plain request in, an EditPlan in ICEdit's instruction form out."""
 
 import pytest
+from PIL import Image
 
 import prompts
-from plugins.rules.rewriter import RulesRewriter
+from plugins.rules.rewriter import RulesRewriter, VerbatimRewriter
 
 IC_PREFIX = (
     "A diptych with two side-by-side images of the same scene. "
@@ -93,3 +94,11 @@ def test_undo_inside_a_longer_request_is_an_edit_not_a_history_move():
     plan = rewrite("undo the snow and add rain")
     assert plan.intent == "edit"
     assert plan.instruction == "undo the snow and add rain"
+
+
+@pytest.mark.parametrize("message", ["Make her hair dark green and her clothes checked.", "undo",
+                                     "  please   add a hat!  ", "try another seed"])
+def test_verbatim_passes_the_message_unchanged_as_the_edit_instruction(message):
+    plan = VerbatimRewriter().rewrite(Image.new("RGB", (8, 8)), message, [])
+    assert (plan.intent, plan.instruction) == ("edit", message)
+    assert plan.ic_prompt == prompts.render("ic_edit.txt", instruction=message)

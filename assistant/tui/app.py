@@ -22,16 +22,19 @@ class ChatApp(App):
     CSS_PATH = "app.tcss"
     TITLE = "icedit chat"
 
-    def __init__(self, store: Store, session: str, settings: Settings, renderer: Renderer | None = None):
+    def __init__(self, store: Store, session: str, settings: Settings, renderer: Renderer | None = None,
+                 notes: list[str] | None = None):
         super().__init__()
         self.store = store
         self.session = session
         """The session on screen (/session NAME changes it)."""
         self.settings = settings
         self.renderer = renderer
+        self.notes = notes or []
+        """Said once in the log when the chat opens (e.g. the rules rewriter runs: no VLM weights)."""
 
     def on_mount(self) -> None:
-        self.push_screen(ChatScreen(self.store, self.session, self.settings, self.renderer))
+        self.push_screen(ChatScreen(self.store, self.session, self.settings, self.renderer, self.notes))
 
 
 def default_session() -> str:
@@ -43,6 +46,7 @@ def make_app(
     session: str | None = None,
     image: Path | None = None,
     renderer: Renderer | None = None,
+    notes: list[str] | None = None,
 ) -> ChatApp:
     """The chat on session `session` (default: a new "chat-<timestamp>") of the settings' store.
 
@@ -59,4 +63,4 @@ def make_app(
         except BaseException:
             store.close()
             raise
-    return ChatApp(store, session, settings, renderer)
+    return ChatApp(store, session, settings, renderer, notes)

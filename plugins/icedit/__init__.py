@@ -10,6 +10,12 @@ def _engine(settings):
     return IceditEngine(settings)
 
 
+def _artifacts(settings):
+    from plugins.icedit.loading import artifacts
+
+    return artifacts(settings)
+
+
 def _describe(settings):
     from plugins.icedit.loading import adapter_kind
     from plugins.icedit.presets import get_preset
@@ -20,7 +26,7 @@ def _describe(settings):
         "preset": preset.name,
         "model": settings.model or preset.model or "built in-process (random weights)",
         "lora": lora,
-        "adapter": adapter_kind(lora, settings.lora_revision),
+        "adapter": adapter_kind(settings),
         "top_k": settings.top_k,
         "lora_scale": settings.lora_scale,
         "offload": settings.offload,
@@ -37,5 +43,6 @@ def register_engines(register):
             _engine,
             "ICEdit: FLUX.1 Fill paints the right half of an in-context diptych",
             describe=_describe,
+            artifacts=_artifacts,
         )
     )

@@ -47,17 +47,13 @@ def _offline() -> Iterator[None]:
         datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE = saved
 
 
-def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
-
 def load_edits(data: str, columns: dict[str, str] | None = None, split: str = "train", limit: int | None = None,
                need_target: bool = True):
     """A `datasets.Dataset` with columns source, target (when there), instruction and any captions."""
     import datasets
     from datasets import load_dataset
 
-    from plugins.hub import reachable
+    from assistant.hub import first_line, offline_mode, reachable
 
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
@@ -68,7 +64,7 @@ def load_edits(data: str, columns: dict[str, str] | None = None, split: str = "t
         try:
             dataset = load_dataset("imagefolder", data_dir=str(path), split=split)
         except Exception as e:  # noqa: BLE001 - a bad folder is one line
-            raise UserError(f"cannot read the edits in {data}: {_first_line(e)}") from None
+            raise UserError(f"cannot read the edits in {data}: {first_line(e)}") from None
     elif data.startswith((".", "/", "~")) or data.count("/") != 1:
         raise UserError(f"{data}: no such folder (or a hub dataset id like osunlp/MagicBrush)")
     else:
@@ -80,9 +76,10 @@ def load_edits(data: str, columns: dict[str, str] | None = None, split: str = "t
                     dataset = load_dataset(data, split=split)
         except Exception as e:  # noqa: BLE001 - hub clients raise OSError, ValueError or their own errors
             if reachable():
-                raise UserError(f"cannot load the dataset '{data}' (split {split}): {_first_line(e)}") from None
+                raise UserError(f"cannot load the dataset '{data}' (split {split}): {first_line(e)}") from None
+            why = "offline mode is set (HF_HUB_OFFLINE)" if offline_mode() else "the hub is unreachable"
             raise WeightsMissing(
-                f"the dataset '{data}' is not in the Hugging Face cache and the hub is unreachable: download it on "
+                f"the dataset '{data}' is not in the Hugging Face cache and {why}: download it on "
                 f"a machine with internet (`hf download --repo-type dataset {data}`) or pass a local folder"
             ) from None
     mapping = {ours: (columns or {}).get(ours, ours) for ours in COLUMNS}

@@ -68,11 +68,10 @@ class EvalReport(BaseModel):
 
 def load_features(settings: Settings, device: str):
     """The CLIP and DINO of the settings; random tiny ones for the tiny preset unless a model is named."""
-    if settings.clip_model is None and settings.dino_model is None and settings.preset == "tiny" \
-            and settings.model is None:
+    chosen = feature_models.refs(settings)
+    if chosen is None:
         return feature_models.tiny(device), {"clip": "tiny (random)", "dino": "tiny (random)"}
-    clip = settings.clip_model or feature_models.DEFAULT_CLIP
-    dino = settings.dino_model or feature_models.DEFAULT_DINO
+    clip, dino = chosen
     return feature_models.load(clip, dino, device), {"clip": clip, "dino": dino}
 
 

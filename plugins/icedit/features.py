@@ -8,14 +8,15 @@ stand-ins in-process for `--preset tiny` and tests: their numbers check the plum
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from assistant.errors import UserError, WeightsMissing
+from assistant import hub
+from assistant.errors import UserError
+from assistant.hub import Artifact
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 DEFAULT_DINO = "facebook/dino-vits16"
@@ -57,21 +58,25 @@ class FeatureModels:
         return F.normalize(out.last_hidden_state[:, 0].float(), dim=-1)
 
 
-def _source(ref: str, what: str, option: str) -> str:
-    """A local folder (checked) or a hub id that is cached or downloadable now; else one line saying what to do."""
-    from plugins.hub import is_local, unavailable
+def refs(settings) -> tuple[str, str] | None:
+    """(CLIP, DINO) hub ids or folders of the settings; None for random tiny ones (the tiny preset,
+    neither named)."""
+    if settings.clip_model is None and settings.dino_model is None and settings.preset == "tiny" \
+            and settings.model is None:
+        return None
+    return settings.clip_model or DEFAULT_CLIP, settings.dino_model or DEFAULT_DINO
 
-    local = is_local(ref)
-    if local:
-        folder = Path(ref).expanduser()
-        if not (folder / "config.json").is_file():
-            raise UserError(f"{ref} is not a {what} model folder (no config.json in it)")
-        return str(folder)
-    if unavailable(ref, "config.json"):
-        raise WeightsMissing(f"the {what} model '{ref}' is not in the Hugging Face cache and the hub is unreachable: "
-                             f"download it on a machine with internet (`hf download {ref}`) or pass a local folder "
-                             f"with {option}; --preset tiny uses random offline ones")
-    return ref
+
+def artifacts(settings) -> list[Artifact]:
+    """The feature models' weights `icedit eval` will read."""
+    chosen = refs(settings)
+    if chosen is None:
+        return []
+    return [_artifact(chosen[0], "CLIP", "--clip-model"), _artifact(chosen[1], "DINO", "--dino-model")]
+
+
+def _artifact(ref: str, what: str, option: str) -> Artifact:
+    return Artifact(role=f"{what} model", ref=ref, layout="transformers", option=option)
 
 
 def load(clip_ref: str, dino_ref: str, device: str | torch.device) -> FeatureModels:
@@ -79,24 +84,20 @@ def load(clip_ref: str, dino_ref: str, device: str | torch.device) -> FeatureMod
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # a weights bar per load is noise in a report
-    clip_src = _source(clip_ref, "CLIP", "--clip-model")
-    dino_src = _source(dino_ref, "DINO", "--dino-model")
+    clip_src = str(hub.locate(_artifact(clip_ref, "CLIP", "--clip-model")))
+    dino_src = str(hub.locate(_artifact(dino_ref, "DINO", "--dino-model")))
     try:
-        clip = CLIPModel.from_pretrained(clip_src).eval().to(device)
+        clip = CLIPModel.from_pretrained(clip_src, use_safetensors=True).eval().to(device)
         clip_processor = CLIPImageProcessorPil.from_pretrained(clip_src)
         tokenizer = AutoTokenizer.from_pretrained(clip_src)
     except Exception as e:  # noqa: BLE001 - every loader failure becomes one line
-        raise UserError(f"cannot load the CLIP model from {clip_ref}: {_first_line(e)}") from None
+        raise UserError(f"cannot load the CLIP model from {clip_ref}: {hub.first_line(e)}") from None
     try:
-        dino = ViTModel.from_pretrained(dino_src, add_pooling_layer=False).eval().to(device)
+        dino = ViTModel.from_pretrained(dino_src, add_pooling_layer=False, use_safetensors=True).eval().to(device)
         dino_processor = ViTImageProcessorPil.from_pretrained(dino_src)
     except Exception as e:  # noqa: BLE001
-        raise UserError(f"cannot load the DINO model from {dino_ref}: {_first_line(e)}") from None
+        raise UserError(f"cannot load the DINO model from {dino_ref}: {hub.first_line(e)}") from None
     return FeatureModels(clip, clip_processor, tokenizer, dino, dino_processor)
-
-
-def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def tiny(device: str | torch.device = "cpu") -> FeatureModels:

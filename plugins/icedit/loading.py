@@ -2,23 +2,27 @@
 then the adapter (a LoRA-MoE when the checkpoint has `lora_route` keys, else a stock diffusers
 LoRA), then the device or an offload mode.
 
-Weights are untrusted files: adapters load from safetensors only, nothing is unpickled, no remote
-code runs, and hub references can be pinned to a revision (`--revision`, `--lora-revision`)."""
+Both are `Artifact`s (`artifacts`): the host checks and fetches them before anything loads, and
+the loaders read them from disk (`hub.locate`). An adapter given by hub id is resolved to its
+file first, so the keys that tell a LoRA-MoE from a stock LoRA are read from the real file.
+
+Weights are untrusted files: everything loads from safetensors only, nothing is unpickled, no
+remote code runs, and hub references can be pinned to a revision (`--revision`, `--lora-revision`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from assistant.errors import UserError, WeightsMissing
+from assistant import hub
+from assistant.errors import UserError
+from assistant.hub import Artifact
 from assistant.models import AdapterInfo
 from assistant.settings import Settings
-from plugins.hub import at_revision, check_repo_id, is_local, unavailable
 from plugins.icedit.presets import build_tiny, get_preset
 
-DOWNLOAD_HINT = (
-    "download it on a machine with internet (`hf download {id}`; FLUX.1 dev repos are gated: accept the "
-    "licence on huggingface.co first) or pass a local folder; `--preset tiny` runs offline with random weights"
-)
+WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+"""diffusers' default adapter file name, which the published ICEdit adapters (normal and MoE) use."""
+
 OOM_HINT = "try --offload encoders (or model, sequential), --quantize int8, or a smaller image"
 TINY_MOE = "tiny-moe"
 """A random LoRA-MoE adapter in the published format, built for the loaded model (4 experts, rank 4)."""
@@ -38,16 +42,33 @@ def resolve_dtype(dtype: str | None, device: str):
 
 
 
-def _fetch_error(what: str, ref: str, error: Exception, revision: str | None = None) -> UserError:
-    """One line for a failed load. Hub clients raise OSError, ValueError or their HTTP library's errors."""
-    if isinstance(error, UserError):
-        return error
-    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    if is_local(ref):
-        return UserError(f"cannot load the {what} from {ref}: {reason}")
-    download = ref if revision is None else f"{ref} --revision {revision}"
-    return WeightsMissing(f"the {what} '{at_revision(ref, revision)}' is not in the Hugging Face cache and the hub "
-                          "is unreachable: " + DOWNLOAD_HINT.format(id=download))
+def flux_artifact(model: str, revision: str | None = None) -> Artifact:
+    return Artifact(role="FLUX.1 Fill pipeline", ref=model, revision=None if hub.is_local(model) else revision,
+                    layout="diffusers", option="--model")
+
+
+def lora_artifact(lora: str, revision: str | None = None, weight_name: str | None = None) -> Artifact:
+    """The adapter file: a .safetensors file, a folder holding it, a training run folder (its adapter/),
+    or a hub repo; `--lora-weight-name` names a file other than the diffusers default."""
+    name = weight_name or WEIGHTS_NAME
+    ref = lora
+    if hub.is_local(lora):
+        path = Path(lora).expanduser()
+        if path.is_dir() and not (path / name).exists() and (path / "adapter" / name).is_file():
+            ref = str(path / "adapter")  # an `icedit train` run folder
+    return Artifact(role="LoRA", ref=ref, revision=None if hub.is_local(lora) else revision,
+                    layout="file", filename=name, option="--lora", adapter=True)
+
+
+def artifacts(settings: Settings) -> list[Artifact]:
+    """The weights `load_pipeline` will read for these settings (none for the in-process tiny model)."""
+    preset = get_preset(settings.preset)
+    model = settings.model or preset.model
+    lora = settings.lora or preset.lora
+    found = [flux_artifact(model, settings.revision)] if model else []
+    if lora and lora not in ("none", TINY_MOE):
+        found.append(lora_artifact(lora, settings.lora_revision, settings.lora_weight_name))
+    return found
 
 
 def load_pipeline(settings: Settings):
@@ -117,84 +138,65 @@ def quantize(transformer, mode: str, device: str) -> None:
 
 
 def _from_pretrained(model: str, dtype, revision: str | None = None):
+    """FluxFillPipeline from a folder or a hub id (fetched first), safetensors only."""
     from diffusers import FluxFillPipeline
 
-    if is_local(model) and not (Path(model).expanduser() / "model_index.json").is_file():
-        raise UserError(f"{model} is not a FLUX.1 Fill pipeline folder (no model_index.json in it)")
-    if not is_local(model):
-        check_repo_id(model, "FLUX.1 Fill pipeline")
-        if unavailable(model, "model_index.json", revision):
-            raise _fetch_error("FLUX.1 Fill pipeline", model, OSError("not cached, hub unreachable"), revision)
+    folder = hub.locate(flux_artifact(model, revision))
     try:
-        pipe = FluxFillPipeline.from_pretrained(str(Path(model).expanduser()) if is_local(model) else model,
-                                                dtype=dtype, revision=None if is_local(model) else revision)
+        pipe = FluxFillPipeline.from_pretrained(str(folder), dtype=dtype, use_safetensors=True)
     except Exception as e:  # noqa: BLE001 - every loader failure becomes one line
-        raise _fetch_error("FLUX.1 Fill pipeline", model, e, revision) from None
+        raise UserError(f"cannot load the FLUX.1 Fill pipeline from {model}: {hub.first_line(e)}") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def adapter_kind(lora: str | None, revision: str | None = None) -> str:
+def adapter_kind(settings: Settings) -> str:
     """'lora-moe', 'lora', 'none', or 'unknown' (not on disk yet), without loading any weights."""
+    lora = settings.lora or get_preset(settings.preset).lora
     if not lora or lora == "none":
         return "none"
     if lora == TINY_MOE:
         return "lora-moe"
+    try:
+        path = hub.on_disk(lora_artifact(lora, settings.lora_revision, settings.lora_weight_name))
+    except UserError:
+        return "unknown"
+    return _kind_of(path) if path is not None else "unknown"
+
+
+def _kind_of(path: Path) -> str:
     from safetensors import safe_open
 
-    from plugins.icedit.moe import WEIGHTS_NAME
-
-    path = Path(lora).expanduser()
-    if path.is_dir():
-        path = path / WEIGHTS_NAME
-    if not path.is_file() and not is_local(lora):
-        from huggingface_hub import try_to_load_from_cache
-
-        try:
-            cached = try_to_load_from_cache(lora, WEIGHTS_NAME, revision=revision)
-        except ValueError:  # not a hub id either: the load will say so
-            cached = None
-        path = Path(cached) if isinstance(cached, str) else path
     try:
         with safe_open(str(path), "pt") as f:
             keys = list(f.keys())
-        return "lora-moe" if any(".lora_route." in k for k in keys) else "lora"
-    except Exception:  # noqa: BLE001 - missing or unreadable: the load will say why
+    except Exception:  # noqa: BLE001 - unreadable: the load will say why
         return "unknown"
+    return "lora-moe" if any(".lora_route." in k for k in keys) else "lora"
 
 
 def _load_adapter(pipe, lora: str, settings: Settings) -> AdapterInfo:
     from plugins.icedit import moe
 
-    path = Path(lora).expanduser()
-    if path.is_file() and path.suffix != ".safetensors":
-        raise UserError(f"{lora}: adapters are read from .safetensors files only (pickle files can run code)")
     if lora == TINY_MOE:
         state = moe.synthetic_checkpoint(pipe.transformer, num_experts=4, rank=4, seed=1, scale=0.3)
-    elif adapter_kind(lora, settings.lora_revision) == "lora-moe":
-        state = moe.read_checkpoint(lora, settings.lora_revision)
     else:
-        return _load_stock_lora(pipe, lora, settings.lora_scale, settings.lora_revision)
+        path = hub.locate(lora_artifact(lora, settings.lora_revision, settings.lora_weight_name))
+        if _kind_of(path) != "lora-moe":
+            return _load_stock_lora(pipe, lora, path, settings.lora_scale)
+        state = moe.read_checkpoint(path)
     report = moe.load_lora_moe(pipe.transformer, state, top_k=settings.top_k)
     moe.set_scale(pipe.transformer, settings.lora_scale)
     return AdapterInfo(kind="lora-moe", source=lora, keys=report.keys, num_experts=report.num_experts,
                        top_k=report.top_k, scale=settings.lora_scale)
 
 
-def _load_stock_lora(pipe, lora: str, scale: float, revision: str | None = None) -> AdapterInfo:
-    if is_local(lora) and not Path(lora).expanduser().exists():
-        raise UserError(f"{lora}: no such LoRA file or folder")
-    ref = str(Path(lora).expanduser()) if is_local(lora) else lora
-    hub = {} if is_local(lora) else {"revision": revision}
-    if not is_local(lora):
-        check_repo_id(lora, "LoRA")
-        if unavailable(lora, "pytorch_lora_weights.safetensors", revision):
-            raise _fetch_error("LoRA", lora, OSError("not cached, hub unreachable"), revision)
+def _load_stock_lora(pipe, lora: str, path: Path, scale: float) -> AdapterInfo:
     try:  # use_safetensors=True: diffusers never falls back to unpickling a .bin
-        state = pipe.lora_state_dict(ref, use_safetensors=True, **hub)
+        state = pipe.lora_state_dict(str(path.parent), weight_name=path.name, use_safetensors=True)
         keys = len(state[0] if isinstance(state, tuple) else state)
-        pipe.load_lora_weights(ref, adapter_name="icedit", use_safetensors=True, **hub)
+        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="icedit", use_safetensors=True)
     except Exception as e:  # noqa: BLE001 - every loader failure becomes one line
-        raise _fetch_error("LoRA", lora, e, revision) from None
+        raise UserError(f"cannot load the LoRA from {lora}: {hub.first_line(e)}") from None
     pipe.set_adapters(["icedit"], adapter_weights=[scale])
     return AdapterInfo(kind="lora", source=lora, keys=keys, scale=scale)

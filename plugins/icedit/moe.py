@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from pydantic import BaseModel
 from torch import nn
 
-from assistant.errors import UserError, WeightsMissing
+from assistant.errors import UserError
+from plugins.icedit.loading import WEIGHTS_NAME
 
 ADAPTER = "icedit"
-WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 PLAIN_TARGETS = (
     r"x_embedder",
     r"transformer_blocks\.\d+\.(norm1\.linear|attn\.to_q|attn\.to_k|attn\.to_v|attn\.to_out\.0)",
@@ -141,30 +141,10 @@ class LoadReport(BaseModel):
 
 def _resolve(path_or_hub_id: str | Path, revision: str | None = None) -> Path:
     """A local .safetensors file, a folder holding the published file name, or a hub repo id (at `revision`)."""
-    path = Path(path_or_hub_id).expanduser()
-    if path.is_dir():
-        path = path / WEIGHTS_NAME
-    if path.exists():
-        if path.suffix != ".safetensors":
-            raise UserError(f"{path}: adapters are read from .safetensors files only (pickle files can run code)")
-        return path
-    ref = str(path_or_hub_id)
-    if ref.startswith((".", "/", "~")) or ref.endswith(".safetensors") or ref.count("/") != 1:
-        raise UserError(f"{ref}: no such adapter file or folder")
-    from huggingface_hub import hf_hub_download
+    from assistant import hub
+    from plugins.icedit.loading import lora_artifact
 
-    from plugins.hub import at_revision, unavailable
-
-    try:
-        if unavailable(ref, WEIGHTS_NAME, revision):
-            raise OSError("not cached, hub unreachable")
-        return Path(hf_hub_download(ref, WEIGHTS_NAME, revision=revision))
-    except Exception:  # noqa: BLE001 - hub clients raise OSError or their HTTP library's errors
-        download = ref if revision is None else f"{ref} --revision {revision}"
-        raise WeightsMissing(
-            f"the LoRA-MoE adapter '{at_revision(ref, revision)}' is not in the Hugging Face cache and the hub is "
-            f"unreachable: download it on a machine with internet (`hf download {download}`) or pass a local file"
-        ) from None
+    return hub.locate(lora_artifact(str(path_or_hub_id), revision))
 
 
 def read_checkpoint(path_or_hub_id: str | Path, revision: str | None = None) -> dict[str, torch.Tensor]:

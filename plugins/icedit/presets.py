@@ -1,4 +1,5 @@
-"""Engine presets: the real FLUX.1 Fill + ICEdit LoRA, and `tiny`, random weights built in-process.
+"""Engine presets: the real FLUX.1 Fill + ICEdit LoRA (`default`) or LoRA-MoE (`moe`), and `tiny`,
+random weights built in-process.
 
 `tiny` has the real pipeline's code and geometry (VAE factor 8, 2x2 packing, CLIP + T5 prompt
 encoders) at toy widths, so the whole flow runs offline on a CPU in about a second. Its output is
@@ -30,6 +31,12 @@ PRESETS = {
             model="black-forest-labs/FLUX.1-Fill-dev",
             lora="RiverZ/normal-lora",
             description="FLUX.1 Fill dev + ICEdit LoRA (real weights; a GPU with ~24 GB or offload)",
+        ),
+        Preset(
+            name="moe",
+            model="black-forest-labs/FLUX.1-Fill-dev",
+            lora="sanaka87/ICEdit-MoE-LoRA",
+            description="FLUX.1 Fill dev + ICEdit LoRA-MoE, the official demo's default (real weights)",
         ),
         Preset(
             name="tiny",

@@ -16,11 +16,20 @@ def _judge(settings):
     return QwenJudge(settings)
 
 
+def _artifacts(settings):
+    from plugins.qwen_vl.model import artifact
+
+    found = artifact(settings)
+    return [found] if found else []
+
+
 @hookimpl
 def register_rewriters(register):
-    register(RewriterSpec("qwen_vl", _rewriter, "Qwen2.5-VL reads the image and the request (rules as fallback)"))
+    register(RewriterSpec("qwen_vl", _rewriter, "Qwen2.5-VL reads the image and the request (rules as fallback)",
+                          artifacts=_artifacts))
 
 
 @hookimpl
 def register_judges(register):
-    register(JudgeSpec("qwen_vl", _judge, "Qwen2.5-VL: which of two candidates follows the instruction"))
+    register(JudgeSpec("qwen_vl", _judge, "Qwen2.5-VL: which of two candidates follows the instruction",
+                       artifacts=_artifacts))

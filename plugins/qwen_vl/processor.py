@@ -26,12 +26,12 @@ class ImageOnlyProcessor(Qwen2_5_VLProcessor):
         ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
 
 
-def load_processor(ref: str, revision: str | None = None) -> ImageOnlyProcessor:
+def load_processor(folder: str) -> ImageOnlyProcessor:
     """Tokenizer (left padding, for batches that end where the answer starts) + image processor + template."""
-    tokenizer = AutoTokenizer.from_pretrained(ref, padding_side="left", revision=revision)
-    image_processor = Qwen2VLImageProcessorPil.from_pretrained(ref, revision=revision)
-    processor_dict, _ = ProcessorMixin.get_processor_dict(ref, revision=revision)
+    tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")
+    image_processor = Qwen2VLImageProcessorPil.from_pretrained(folder)
+    processor_dict, _ = ProcessorMixin.get_processor_dict(folder)
     chat_template = processor_dict.get("chat_template") or tokenizer.chat_template
     if not chat_template:
-        raise ValueError(f"{ref} has no chat template (chat_template.jinja, chat_template.json or tokenizer_config)")
+        raise ValueError(f"{folder} has no chat template (chat_template.jinja, chat_template.json or tokenizer_config)")
     return ImageOnlyProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)

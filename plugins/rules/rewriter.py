@@ -86,3 +86,16 @@ class RulesRewriter:
             ic_prompt=prompts.render("ic_edit.txt", instruction=instruction),
             rationale="rules: used your request as the edit instruction",
         )
+
+
+class VerbatimRewriter:
+    """Every message is an edit whose instruction is the message itself: no case, wording or punctuation
+    changed, so `--rewriter verbatim` paints what the official inference script paints for the same text."""
+
+    def rewrite(self, image: Image.Image, message: str, context: list[TurnSummary]) -> EditPlan:
+        return EditPlan(
+            intent="edit",
+            instruction=message,
+            ic_prompt=prompts.render("ic_edit.txt", instruction=message),
+            rationale="verbatim: your message is the instruction",
+        )

@@ -23,6 +23,7 @@ from textual.widgets import Footer, Header, Input
 from assistant import plugins
 from assistant.agent import Agent
 from assistant.errors import Cancelled, UserError
+from assistant.preflight import rewriter_name
 from assistant.settings import Settings
 from assistant.tui.commands import BUILTINS, Chat, ChatOptions, history_text, whole_number
 from assistant.tui.messages import EditFailed, EditFinished, EditProgress
@@ -48,10 +49,12 @@ class ChatScreen(Screen):
         Binding("b", "toggle_before", "before/after", show=False),
     ]
 
-    def __init__(self, store: Store, session: str, settings: Settings, renderer: Renderer | None = None):
+    def __init__(self, store: Store, session: str, settings: Settings, renderer: Renderer | None = None,
+                 notes: list[str] | None = None):
         super().__init__()
         self.store = store
         self.settings = settings
+        self.notes = notes or []
         self.renderer = renderer or DEFAULT_RENDERER
         self.chat = Chat(Agent(store, session, settings), ChatOptions())
         self.cancel: threading.Event | None = None
@@ -86,6 +89,8 @@ class ChatScreen(Screen):
 
     def on_mount(self) -> None:
         self.load_session()
+        for note in self.notes:
+            self.query_one(ChatLog).add("info", f"note: {note}")
         self.query_one(PromptInput).focus()
 
     def on_unmount(self) -> None:
@@ -140,6 +145,7 @@ class ChatScreen(Screen):
             steps=options.steps or settings.steps,
             candidates=options.candidates or settings.candidates,
             engine=engine,
+            rewriter=rewriter_name(settings),
         )
 
     def fail(self, text: str, error: str) -> None:
