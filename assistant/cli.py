@@ -500,14 +500,12 @@ def _print_models(report: dict[str, Any]) -> None:
         click.echo(f"{row['role']} ({', '.join(row['for'])}): {name}: {', '.join(facts)}")
         if row["problem"]:
             click.echo(f"  {row['problem']}" + (f"; {row['fix']}" if row["fix"] else ""))
-        if row["download_command"] and not row["cached"]:
+        elif not row["cached"]:
             click.echo(f"  get it: icedit download (or {row['download_command']})")
     if report.get("plan"):
         click.echo(f"memory plan: {report['plan']['explain']}")
-
-
-def _memory_plan(settings, gpu_memory):
-    return None
+        for note in report["plan"]["notes"]:
+            click.echo(f"  {note}")
 
 
 @cli.command()
@@ -517,10 +515,12 @@ def _memory_plan(settings, gpu_memory):
 def models(gpu_memory, json_, **options) -> None:
     """The model weights these options need: cached or not, sizes, access, how to download; the memory plan."""
     from assistant import hub
+    from assistant.preflight import memory_plan, rewriter_name
 
     settings = _settings(**options)
     report = _models_report(_model_rows(settings, with_vlm=True, with_eval=True), remote=not hub.offline_mode())
-    report["plan"] = _memory_plan(settings, gpu_memory)
+    plan = memory_plan(settings.model_copy(update={"rewriter": rewriter_name(settings)}), gpu_memory)
+    report["plan"] = plan.model_dump(mode="json") | {"explain": plan.explain()}
     if json_:
         _emit(report)
     else:
@@ -559,7 +559,8 @@ def chat(image, session, **options) -> None:
     if image is not None:
         load_image(image)  # a bad path is one line before any weights are looked for
     prepared = _prepare(settings, quiet=True)
-    app = make_app(prepared.settings, session=session, image=image, notes=prepared.notes)
+    app = make_app(prepared.settings, session=session, image=image, notes=prepared.notes,
+                   memory=prepared.plan.explain() if prepared.plan else None)
     app.run()
     if app.store.exists(app.session):
         click.echo(f"session {app.session} is kept: icedit chat --session {app.session}")

@@ -248,18 +248,25 @@ def _snapshot(artifact: Artifact) -> tuple[Path | None, str | None]:
 def status(artifact: Artifact, remote: bool = False) -> ArtifactStatus:
     """Where `artifact` stands. Local paths and complete cached repos are answered from disk alone;
     a hub artifact that is not complete (or any, with `remote`) is looked up on the hub too."""
+    found = _disk_status(artifact)
+    if artifact.local or (found.cached and not remote):
+        return found
+    return _remote_status(found, Path(found.path) if found.path else None)
+
+
+def _disk_status(artifact: Artifact) -> ArtifactStatus:
+    """What the disk alone says: a local path's problem, or how much of a hub artifact is cached."""
     found = ArtifactStatus(artifact=artifact, download_command=download_command(artifact))
     if artifact.local:
         return _local_status(found)
     check_repo_id(artifact.ref, artifact.role)
-    folder, commit = _snapshot(artifact)
-    found.commit = commit
+    folder, found.commit = _snapshot(artifact)
     if folder is not None:
         found.path, found.size_on_disk = str(folder), _size(folder)
         found.cached = folder_problem(artifact, folder) is None
-    if found.cached and not remote:
-        return found
-    return _remote_status(found, folder)
+    if found.cached:
+        found.to_download = 0
+    return found
 
 
 def _local_status(found: ArtifactStatus) -> ArtifactStatus:
@@ -297,7 +304,7 @@ def _remote_status(found: ArtifactStatus, folder: Path | None) -> ArtifactStatus
     try:
         info = HfApi().model_info(a.ref, revision=a.revision, files_metadata=True)
         found.commit, found.gated = info.sha, bool(info.gated)
-        model_index = _model_index(a, info.sha) if a.layout == "diffusers" else None
+        model_index = _read_model_index(a, info.sha) if a.layout == "diffusers" else None
         wanted = _wanted((s.rfilename for s in info.siblings or []), patterns(a, model_index))
         if not wanted:
             found.problem = f"the repo has none of the files icedit loads ({', '.join(patterns(a, model_index))})"
@@ -327,7 +334,20 @@ def _remote_status(found: ArtifactStatus, folder: Path | None) -> ArtifactStatus
     return found
 
 
+def _read_model_index(artifact: Artifact, commit: str | None) -> dict:
+    """The pipeline's model_index.json, read from the hub into memory: a status writes nothing to the
+    cache, so `to_download` counts every file a download will fetch, on every call."""
+    from huggingface_hub import constants, hf_hub_url
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    url = hf_hub_url(artifact.ref, "model_index.json", revision=commit or artifact.revision)
+    response = get_session().get(url, headers=build_hf_headers(), timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT)
+    hf_raise_for_status(response)
+    return json.loads(response.content)
+
+
 def _model_index(artifact: Artifact, commit: str | None) -> dict:
+    """The pipeline's model_index.json, fetched into the cache (as part of a download)."""
     from huggingface_hub import hf_hub_download
 
     path = hf_hub_download(artifact.ref, "model_index.json", revision=commit or artifact.revision)
@@ -361,7 +381,8 @@ def _why(error: Exception, artifact: Artifact) -> tuple[str, str | None]:
         return ("401: gated repo and not logged in",
                 f"log in (`hf auth login`, or set HF_TOKEN) and accept the licence at {url}")
     if isinstance(error, RevisionNotFoundError):
-        return f"no revision '{artifact.revision}' in the repo", "check --revision (a commit, tag or branch)"
+        return (f"no revision '{artifact.revision}' in the repo",
+                f"check {_revision_option(artifact)} (a commit, tag or branch)")
     if isinstance(error, RepositoryNotFoundError):
         return "no such repo on the hub", f"check {artifact.option} (a private repo also needs `hf auth login`)"
     if isinstance(error, OfflineModeIsEnabled):
@@ -372,6 +393,11 @@ def _why(error: Exception, artifact: Artifact) -> tuple[str, str | None]:
         return "no space left on the disk of the Hugging Face cache", "free some space or point HF_HOME elsewhere"
     return (f"the hub at {constants.ENDPOINT} cannot be reached ({type(error).__name__}: {first_line(error)})",
             "check the network or proxy (HTTPS_PROXY), or download it elsewhere: " + download_command(artifact))
+
+
+def _revision_option(artifact: Artifact) -> str:
+    """The flag that pins `artifact`'s revision: --revision for the pipeline (--model), else --lora-revision, ..."""
+    return "--revision" if artifact.option == "--model" else f"{artifact.option}-revision"
 
 
 def _existing(path: Path) -> Path:
@@ -456,7 +482,9 @@ def _fetch(found: ArtifactStatus, progress: bool | None = None) -> ArtifactStatu
         disable_progress_bars()
     try:
         model_index = _model_index(a, found.commit) if a.layout == "diffusers" else None
-        folder = snapshot_download(a.ref, revision=found.commit or a.revision, allow_patterns=patterns(a, model_index))
+        # by the revision asked for, not the commit it resolved to: only then does the cache record
+        # refs/<revision>, which is how `status` finds the snapshot again, offline
+        folder = snapshot_download(a.ref, revision=a.revision, allow_patterns=patterns(a, model_index))
     except Exception as e:  # noqa: BLE001 - one line with the hub's reason
         problem, fix = _why(e, a)
         raise WeightsMissing(f"downloading the {a.role} '{a.name}' failed: {problem}" + (f"; {fix}" if fix else "")) \
@@ -471,8 +499,9 @@ def _fetch(found: ArtifactStatus, progress: bool | None = None) -> ArtifactStatu
 
 
 def on_disk(artifact: Artifact) -> Path | None:
-    """The folder (or file, for layout 'file') to load `artifact` from, when it is complete on disk."""
-    found = status(artifact)
+    """The folder (or file, for layout 'file') to load `artifact` from, when it is complete on disk;
+    None when it is not (the hub is not asked)."""
+    found = _disk_status(artifact)
     return _load_path(found) if found.cached else None
 
 

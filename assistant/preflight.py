@@ -5,6 +5,10 @@ command adds its own (the eval feature models). With real weights the VLM rewrit
 default; when its weights cannot be had now, the rules rewriter runs instead and the person is
 told once (`Prepared.notes`). Anything else missing stops the command before anything loads, with
 every missing artifact on its own line (`hub.preflight`).
+
+On a CUDA machine the memory plan (`assistant.memory`, over the parts the specs' `memory` name)
+then places each model; the settings the person gave explicitly (flags, ICEDIT_* variables) are
+kept as they are, so any placement can still be forced.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from pydantic import BaseModel, ConfigDict
 
 from assistant import hub, plugins
 from assistant.hub import Artifact, ArtifactStatus
+from assistant.memory import MemoryPlan
 from assistant.settings import Settings
 
 VLM_REWRITER, RULES_REWRITER = "qwen_vl", "rules"
@@ -26,6 +31,7 @@ class Prepared(BaseModel):
     settings: Settings
     statuses: list[ArtifactStatus] = []
     notes: list[str] = []
+    plan: MemoryPlan | None = None
 
 
 def _artifacts(kind: str, name: str, settings: Settings) -> list[Artifact]:
@@ -73,4 +79,29 @@ def prepare(settings: Settings, extra: list[Artifact] | None = None, *, engine: 
                          "fetches the VLM)")
             name = RULES_REWRITER
         settings = settings.model_copy(update={"rewriter": name})
-    return Prepared(settings=settings, statuses=statuses, notes=notes)
+    plan = None
+    if _has_gpu():  # a command without the rewriter (eval, train) plans without its VLM
+        plan = memory_plan(settings if rewriter else settings.model_copy(update={"rewriter": RULES_REWRITER}))
+        settings = settings.model_copy(update=plan.settings_update())
+        notes += plan.notes
+    return Prepared(settings=settings, statuses=statuses, notes=notes, plan=plan)
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def memory_plan(settings: Settings, gpu_memory_gib: float | None = None) -> MemoryPlan:
+    """Where each model of these settings goes on this machine's GPU (or one of `gpu_memory_gib`)."""
+    from assistant.memory import plan_for
+
+    parts = {}
+    for kind, name in (("engines", settings.engine), ("rewriters", rewriter_name(settings)),
+                       ("judges", settings.judge)):
+        spec = plugins.get(kind, name)
+        for part in spec.memory(settings) if spec.memory else []:
+            parts.setdefault(part.name, part)  # the rewriter and the judge share one VLM
+    forced = {k: getattr(settings, k) for k in settings.model_fields_set}
+    return plan_for(list(parts.values()), gpu_memory_gib, forced, device=settings.device)

@@ -55,7 +55,7 @@ import prompts
 from plugins.icedit.diptych import make_diptych
 from plugins.icedit.loading import place, quantize
 from plugins.icedit.moe import LoraMoeLinear, load_lora_moe, synthetic_checkpoint
-from plugins.icedit.presets import FLUX_FILL_TRANSFORMER, build_tiny
+from plugins.icedit.presets import CLIP_L_TEXT, FLUX_FILL_TRANSFORMER, T5_XXL_ENCODER, build_tiny
 from plugins.icedit.sampler import FillSampler
 
 SCALED = FLUX_FILL_TRANSFORMER | {
@@ -79,14 +79,10 @@ def build(full: bool, device: str, dtype: torch.dtype):
             pipe.transformer = FluxTransformer2DModel(**(FLUX_FILL_TRANSFORMER if full else SCALED)).eval()
             if full:  # the real prompt encoders' shapes: CLIP ViT-L/14's text tower, T5-XXL's encoder (4.8B)
                 pipe.text_encoder = CLIPTextModel(CLIPTextConfig(
-                    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                    num_attention_heads=12, max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu",
-                    bos_token_id=pipe.tokenizer.bos_token_id, eos_token_id=pipe.tokenizer.eos_token_id,
+                    **CLIP_L_TEXT, bos_token_id=pipe.tokenizer.bos_token_id,
+                    eos_token_id=pipe.tokenizer.eos_token_id,
                     pad_token_id=pipe.tokenizer.pad_token_id)).eval()
-                pipe.text_encoder_2 = T5EncoderModel(T5Config(
-                    vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-                    feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1,
-                    decoder_start_token_id=0)).eval()
+                pipe.text_encoder_2 = T5EncoderModel(T5Config(**T5_XXL_ENCODER)).eval()
     finally:
         torch.set_default_dtype(previous)
     pipe = pipe.to(device=device, dtype=dtype)

@@ -23,7 +23,7 @@ class ChatApp(App):
     TITLE = "icedit chat"
 
     def __init__(self, store: Store, session: str, settings: Settings, renderer: Renderer | None = None,
-                 notes: list[str] | None = None):
+                 notes: list[str] | None = None, memory: str | None = None):
         super().__init__()
         self.store = store
         self.session = session
@@ -32,9 +32,12 @@ class ChatApp(App):
         self.renderer = renderer
         self.notes = notes or []
         """Said once in the log when the chat opens (e.g. the rules rewriter runs: no VLM weights)."""
+        self.memory = memory
+        """The memory plan's one line (where each model runs), on the status line."""
 
     def on_mount(self) -> None:
-        self.push_screen(ChatScreen(self.store, self.session, self.settings, self.renderer, self.notes))
+        self.push_screen(ChatScreen(self.store, self.session, self.settings, self.renderer, self.notes,
+                                    self.memory))
 
 
 def default_session() -> str:
@@ -47,6 +50,7 @@ def make_app(
     image: Path | None = None,
     renderer: Renderer | None = None,
     notes: list[str] | None = None,
+    memory: str | None = None,
 ) -> ChatApp:
     """The chat on session `session` (default: a new "chat-<timestamp>") of the settings' store.
 
@@ -63,4 +67,4 @@ def make_app(
         except BaseException:
             store.close()
             raise
-    return ChatApp(store, session, settings, renderer, notes)
+    return ChatApp(store, session, settings, renderer, notes, memory)

@@ -16,6 +16,12 @@ def _artifacts(settings):
     return artifacts(settings)
 
 
+def _memory(settings):
+    from plugins.icedit.memory import parts
+
+    return parts(settings)
+
+
 def _describe(settings):
     from plugins.icedit.loading import adapter_kind
     from plugins.icedit.presets import get_preset
@@ -44,5 +50,6 @@ def register_engines(register):
             "ICEdit: FLUX.1 Fill paints the right half of an in-context diptych",
             describe=_describe,
             artifacts=_artifacts,
+            memory=_memory,
         )
     )

@@ -23,13 +23,19 @@ def _artifacts(settings):
     return [found] if found else []
 
 
+def _memory(settings):
+    from plugins.qwen_vl.memory import parts
+
+    return parts(settings)
+
+
 @hookimpl
 def register_rewriters(register):
     register(RewriterSpec("qwen_vl", _rewriter, "Qwen2.5-VL reads the image and the request (rules as fallback)",
-                          artifacts=_artifacts))
+                          artifacts=_artifacts, memory=_memory))
 
 
 @hookimpl
 def register_judges(register):
     register(JudgeSpec("qwen_vl", _judge, "Qwen2.5-VL: which of two candidates follows the instruction",
-                       artifacts=_artifacts))
+                       artifacts=_artifacts, memory=_memory))

@@ -50,11 +50,12 @@ class ChatScreen(Screen):
     ]
 
     def __init__(self, store: Store, session: str, settings: Settings, renderer: Renderer | None = None,
-                 notes: list[str] | None = None):
+                 notes: list[str] | None = None, memory: str | None = None):
         super().__init__()
         self.store = store
         self.settings = settings
         self.notes = notes or []
+        self.memory = memory
         self.renderer = renderer or DEFAULT_RENDERER
         self.chat = Chat(Agent(store, session, settings), ChatOptions())
         self.cancel: threading.Event | None = None
@@ -146,6 +147,7 @@ class ChatScreen(Screen):
             candidates=options.candidates or settings.candidates,
             engine=engine,
             rewriter=rewriter_name(settings),
+            memory=self.memory,
         )
 
     def fail(self, text: str, error: str) -> None:

@@ -1,0 +1,108 @@
+"""What a command needs before anything loads: the artifacts of each part, the default rewriter, the
+memory plan applied on a GPU (simulated capacities) with the person's own settings kept."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from assistant import preflight
+from assistant.cli import cli
+from assistant.memory import GiB
+from assistant.settings import Settings
+from plugins.icedit.presets import build_tiny
+
+
+def refs(artifacts):
+    return [(a.role, a.ref, a.required) for a in artifacts]
+
+
+def test_real_weights_make_the_vlm_the_default_rewriter_and_its_weights_optional():
+    settings = Settings()
+    assert preflight.rewriter_name(settings) == "qwen_vl"
+    assert refs(preflight.needs(settings)) == [
+        ("FLUX.1 Fill pipeline", "black-forest-labs/FLUX.1-Fill-dev", True), ("LoRA", "RiverZ/normal-lora", True),
+        ("VLM", "Qwen/Qwen2.5-VL-7B-Instruct", False)]
+    chosen = Settings(rewriter="qwen_vl", preset="moe")
+    assert refs(preflight.needs(chosen)) == [
+        ("FLUX.1 Fill pipeline", "black-forest-labs/FLUX.1-Fill-dev", True),
+        ("LoRA", "sanaka87/ICEdit-MoE-LoRA", True), ("VLM", "Qwen/Qwen2.5-VL-7B-Instruct", True)]
+
+
+@pytest.mark.parametrize("kw", [{"preset": "tiny"}, {"preset": "tiny", "lora": "tiny-moe"},
+                                {"preset": "tiny", "lora": "someone/adapter"}])
+def test_random_weights_keep_the_rules_rewriter_even_with_an_adapter(kw):
+    settings = Settings(**kw)
+    assert preflight.rewriter_name(settings) == "rules"
+    assert all(a.role == "LoRA" for a in preflight.needs(settings))
+
+
+def test_the_judge_is_needed_when_the_early_filter_runs_and_shares_the_rewriters_vlm():
+    assert refs(preflight.needs(Settings(preset="tiny", candidates=3, vlm="someone/vlm"))) == [
+        ("VLM", "someone/vlm", True)]
+    assert preflight.needs(Settings(preset="tiny", candidates=1, vlm="someone/vlm")) == []
+    assert preflight.needs(Settings(preset="tiny", candidates=3, vlm="none")) == []
+
+
+def test_a_training_run_folder_gives_its_adapter_and_a_weight_name_is_honoured(tmp_path):
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    (lora,) = preflight.needs(Settings(preset="tiny", lora=str(run)))
+    assert (lora.ref, lora.filename) == (str(run / "adapter"), "pytorch_lora_weights.safetensors")
+    (named,) = preflight.needs(Settings(preset="tiny", lora="someone/lora", lora_weight_name="edit.safetensors"))
+    assert (named.ref, named.filename, named.layout) == ("someone/lora", "edit.safetensors", "file")
+
+
+@pytest.fixture
+def flux_folder(tmp_path):
+    folder = tmp_path / "flux"
+    build_tiny().save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("gib", [16, 24, 48, 80])
+def test_on_a_gpu_the_plan_places_the_models_and_keeps_what_the_person_set(flux_folder, monkeypatch, gib):
+    monkeypatch.setattr(preflight, "_has_gpu", lambda: True)
+    monkeypatch.setattr("assistant.memory.gpu_capacity", lambda device=None: (gib * GiB, (8, 9)))
+    prepared = preflight.prepare(Settings(model=str(flux_folder), lora="none", rewriter="qwen_vl", vlm="none"))
+    assert prepared.plan is not None and prepared.plan.fits
+    assert prepared.plan.estimated_peak <= gib * GiB * (1 - prepared.plan.headroom)
+    s = prepared.settings
+    if gib >= 48:  # FLUX.1 Fill alone (no VLM here) fits whole in bf16: ~36 GiB
+        assert (s.device, s.offload, s.quantize) == ("cuda", "none", "none")
+    else:
+        assert s.quantize != "none" or s.offload != "none"
+    forced = preflight.prepare(Settings(model=str(flux_folder), lora="none", rewriter="rules", vlm="none",
+                                        offload="none", quantize="none"))
+    assert (forced.settings.offload, forced.settings.quantize) == ("none", "none")
+    assert forced.plan.fits == (gib >= 48)
+    if not forced.plan.fits:
+        assert "expect out-of-memory errors" in forced.notes[0]
+
+
+def test_without_a_gpu_nothing_is_planned_or_changed(flux_folder, monkeypatch):
+    monkeypatch.setattr(preflight, "_has_gpu", lambda: False)
+    settings = Settings(model=str(flux_folder), lora="none", rewriter="rules")
+    prepared = preflight.prepare(settings)
+    assert prepared.plan is None and prepared.settings == settings
+
+
+@pytest.mark.parametrize("gib", [16, 24, 48, 80])
+def test_models_json_plans_for_the_gpu_memory_given(monkeypatch, gib):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = CliRunner().invoke(cli, ["models", "--json", "--gpu-memory", str(gib)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    plan = report["plan"]
+    assert plan["capacity"] == gib * GiB and plan["fits"]
+    assert plan["estimated_peak"] <= plan["usable"] <= gib * GiB
+    assert set(plan["choices"]) == {"flux", "vlm"} and plan["explain"].startswith(f"{gib} GiB GPU: ")
+    assert [a["role"] for a in report["artifacts"]] == ["FLUX.1 Fill pipeline", "LoRA", "VLM", "CLIP model",
+                                                       "DINO model"]
+    assert all(a["cached"] is False and a["download_command"].startswith(f"hf download {a['ref']} --include ")
+               for a in report["artifacts"])
+    if gib == 24:
+        assert any("Qwen2.5-VL-3B" in note and "--vlm Qwen/Qwen2.5-VL-3B-Instruct" in note for note in plan["notes"])
