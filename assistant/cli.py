@@ -451,7 +451,7 @@ def plugins_cmd(json_, **options) -> None:
 def _model_rows(settings, with_vlm: bool, with_eval: bool) -> list[tuple[list[str], Any]]:
     """[(what needs it, artifact)] for `models` and `download`, one row per artifact."""
     from assistant.preflight import needs
-    from plugins.icedit.features import artifacts as feature_artifacts
+    from plugins.icedit.loading import feature_artifacts
 
     groups = [("edit", needs(settings, rewriter=False, judge=False))]
     if with_vlm:
@@ -659,7 +659,7 @@ def eval_cmd(data, columns, split, limit, seed, out, steps, guidance, batch_size
     """Edit every example of a dataset and score the edits (MagicBrush and Emu Edit metrics)."""
     from plugins.icedit.data import parse_columns
     from plugins.icedit.evaluate import EvalConfig, evaluate
-    from plugins.icedit.features import artifacts as feature_artifacts
+    from plugins.icedit.loading import feature_artifacts
 
     settings = _settings(top_k=engine_top_k, **options)
     config = _options(EvalConfig, data=data, columns=parse_columns(columns), split=split, limit=limit, seed=seed,

@@ -15,6 +15,8 @@ from assistant.plugins import EngineSpec, get_plugin_manager
 from assistant.settings import Settings
 from sessions.store import Store
 
+pytest_plugins = ["hub_server"]  # the `hub` fixture: a Hugging Face hub on 127.0.0.1 (asserts rewritten)
+
 sys._called_from_test = True  # the plugin manager skips third-party entry points under tests
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

@@ -269,7 +269,7 @@ def test_a_misfit_names_the_first_bad_key_and_leaves_the_model_untouched(mutate,
 def test_pickle_files_and_bad_top_k_are_refused(tmp_path):
     model = small_flux()
     torch.save({"x": torch.zeros(1)}, tmp_path / "adapter.bin")
-    with pytest.raises(UserError, match="safetensors files only"):
+    with pytest.raises(UserError, match=r"pickle weights only \(\.bin/\.pt/\.ckpt\): icedit loads \.safetensors only"):
         load_lora_moe(model, tmp_path / "adapter.bin")
     (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(UserError, match="not a readable safetensors file"):

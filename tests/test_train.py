@@ -177,7 +177,8 @@ def test_an_uncached_hub_dataset_offline_is_one_line(tmp_path, monkeypatch):
     result = invoke("train", "--preset", "tiny", "--data", "nobody/no-such-edits", "--out", tmp_path)
     assert result.exit_code == 2
     assert result.stderr == (
-        "Error: the dataset 'nobody/no-such-edits' is not in the Hugging Face cache and the hub is unreachable: "
+        "Error: the dataset 'nobody/no-such-edits' is not in the Hugging Face cache and offline mode is set "
+        "(HF_HUB_OFFLINE): "
         "download it on a machine with internet (`hf download --repo-type dataset nobody/no-such-edits`) or pass "
         "a local folder\n"
     )

@@ -24,6 +24,7 @@ from assistant.models import EditPlan, EditRequest
 from assistant.settings import Settings
 from plugins.icedit import features as feature_models
 from plugins.icedit.data import load_edits
+from plugins.icedit.loading import feature_refs
 from plugins.icedit.metrics import Example, means, score
 from plugins.icedit.scorecard import contact_sheet, markdown_table
 
@@ -68,7 +69,7 @@ class EvalReport(BaseModel):
 
 def load_features(settings: Settings, device: str):
     """The CLIP and DINO of the settings; random tiny ones for the tiny preset unless a model is named."""
-    chosen = feature_models.refs(settings)
+    chosen = feature_refs(settings)
     if chosen is None:
         return feature_models.tiny(device), {"clip": "tiny (random)", "dino": "tiny (random)"}
     clip, dino = chosen

@@ -16,10 +16,8 @@ from PIL import Image
 
 from assistant import hub
 from assistant.errors import UserError
-from assistant.hub import Artifact
+from plugins.icedit.loading import feature_artifact
 
-DEFAULT_CLIP = "openai/clip-vit-base-patch32"
-DEFAULT_DINO = "facebook/dino-vits16"
 TINY_SEED = 0
 
 
@@ -58,34 +56,13 @@ class FeatureModels:
         return F.normalize(out.last_hidden_state[:, 0].float(), dim=-1)
 
 
-def refs(settings) -> tuple[str, str] | None:
-    """(CLIP, DINO) hub ids or folders of the settings; None for random tiny ones (the tiny preset,
-    neither named)."""
-    if settings.clip_model is None and settings.dino_model is None and settings.preset == "tiny" \
-            and settings.model is None:
-        return None
-    return settings.clip_model or DEFAULT_CLIP, settings.dino_model or DEFAULT_DINO
-
-
-def artifacts(settings) -> list[Artifact]:
-    """The feature models' weights `icedit eval` will read."""
-    chosen = refs(settings)
-    if chosen is None:
-        return []
-    return [_artifact(chosen[0], "CLIP", "--clip-model"), _artifact(chosen[1], "DINO", "--dino-model")]
-
-
-def _artifact(ref: str, what: str, option: str) -> Artifact:
-    return Artifact(role=f"{what} model", ref=ref, layout="transformers", option=option)
-
-
 def load(clip_ref: str, dino_ref: str, device: str | torch.device) -> FeatureModels:
     from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel, ViTImageProcessorPil, ViTModel
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # a weights bar per load is noise in a report
-    clip_src = str(hub.locate(_artifact(clip_ref, "CLIP", "--clip-model")))
-    dino_src = str(hub.locate(_artifact(dino_ref, "DINO", "--dino-model")))
+    clip_src = str(hub.locate(feature_artifact(clip_ref, "CLIP", "--clip-model")))
+    dino_src = str(hub.locate(feature_artifact(dino_ref, "DINO", "--dino-model")))
     try:
         clip = CLIPModel.from_pretrained(clip_src, use_safetensors=True).eval().to(device)
         clip_processor = CLIPImageProcessorPil.from_pretrained(clip_src)

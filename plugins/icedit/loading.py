@@ -22,6 +22,9 @@ from plugins.icedit.presets import build_tiny, get_preset
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 """diffusers' default adapter file name, which the published ICEdit adapters (normal and MoE) use."""
+DEFAULT_CLIP = "openai/clip-vit-base-patch32"
+DEFAULT_DINO = "facebook/dino-vits16"
+"""The feature models MagicBrush and Emu Edit report with (`icedit eval`)."""
 
 OOM_HINT = "try --offload encoders (or model, sequential), --quantize int8, or a smaller image"
 TINY_MOE = "tiny-moe"
@@ -58,6 +61,27 @@ def lora_artifact(lora: str, revision: str | None = None, weight_name: str | Non
             ref = str(path / "adapter")  # an `icedit train` run folder
     return Artifact(role="LoRA", ref=ref, revision=None if hub.is_local(lora) else revision,
                     layout="file", filename=name, option="--lora", adapter=True)
+
+
+def feature_refs(settings: Settings) -> tuple[str, str] | None:
+    """(CLIP, DINO) hub ids or folders for `icedit eval`; None for random tiny ones (the tiny preset,
+    neither named)."""
+    if settings.clip_model is None and settings.dino_model is None and settings.preset == "tiny" \
+            and settings.model is None:
+        return None
+    return settings.clip_model or DEFAULT_CLIP, settings.dino_model or DEFAULT_DINO
+
+
+def feature_artifact(ref: str, what: str, option: str) -> Artifact:
+    return Artifact(role=f"{what} model", ref=ref, layout="transformers", option=option)
+
+
+def feature_artifacts(settings: Settings) -> list[Artifact]:
+    """The feature models' weights `icedit eval` will read."""
+    chosen = feature_refs(settings)
+    if chosen is None:
+        return []
+    return [feature_artifact(chosen[0], "CLIP", "--clip-model"), feature_artifact(chosen[1], "DINO", "--dino-model")]
 
 
 def artifacts(settings: Settings) -> list[Artifact]:
@@ -142,6 +166,9 @@ def _from_pretrained(model: str, dtype, revision: str | None = None):
     from diffusers import FluxFillPipeline
 
     folder = hub.locate(flux_artifact(model, revision))
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()  # a bar per component load is noise in a chat or a pipe
     try:
         pipe = FluxFillPipeline.from_pretrained(str(folder), dtype=dtype, use_safetensors=True)
     except Exception as e:  # noqa: BLE001 - every loader failure becomes one line

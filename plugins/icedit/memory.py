@@ -10,6 +10,7 @@ reports ~35 GB and 24 GB.
 
 from __future__ import annotations
 
+import importlib.util
 from functools import cache
 
 from pydantic import BaseModel
@@ -184,7 +185,8 @@ def _flops(settings: Settings) -> tuple[float, float]:
 
 def parts(settings: Settings) -> list[Part]:
     """FLUX.1 Fill's placements: bf16 / int8 / fp8 with the prompt encoders on the GPU or the CPU, model
-    offload, sequential offload, and all on the CPU. [] for the tiny preset (a few MB of random weights)."""
+    offload, sequential offload, and all on the CPU (int8 / fp8 only where torchao is installed, as
+    `--quantize` needs it). [] for the tiny preset (a few MB of random weights)."""
     if settings.model is None and get_preset(settings.preset).model is None:
         return []
     dtype = settings.dtype or "bfloat16"
@@ -194,7 +196,7 @@ def parts(settings: Settings) -> list[Part]:
     t, clip, t5, vae = (base[n] for n in ("transformer", "text_encoder", "text_encoder_2", "vae"))
     encoders = clip.weights + t5.weights
     options = []
-    for mode in ("none", "int8", "fp8"):
+    for mode in ("none", "int8", "fp8") if importlib.util.find_spec("torchao") else ("none",):  # the [quantize] extra
         c = components(settings.model_copy(update={"quantize": mode}))["transformer"]
         what = label if mode == "none" else mode
         gpu_seconds = denoise / GPU_FLOPS * QUANTIZED_SLOWDOWN[mode]

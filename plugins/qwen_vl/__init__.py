@@ -17,7 +17,7 @@ def _judge(settings):
 
 
 def _artifacts(settings):
-    from plugins.qwen_vl.model import artifact
+    from plugins.qwen_vl.weights import artifact
 
     found = artifact(settings)
     return [found] if found else []

@@ -20,6 +20,7 @@ from assistant.errors import UserError
 from assistant.settings import Settings
 from plugins.qwen_vl.processor import ImageOnlyProcessor, load_processor
 from plugins.qwen_vl.vision import images_of
+from plugins.qwen_vl.weights import artifact
 
 NO_VLM_HINT = "--rewriter rules runs without a VLM"
 OOM_HINT = "set ICEDIT_VLM_DEVICE=cpu to run it on the CPU, or use --rewriter rules (no VLM)"
@@ -84,14 +85,6 @@ def load(settings: Settings) -> Vlm:
         if key not in _loaded:
             _loaded[key] = _load(weights, device, dtype, settings.attn_implementation)
         return _loaded[key]
-
-
-def artifact(settings: Settings) -> hub.Artifact | None:
-    """The VLM's weights, or None for `--vlm none`."""
-    if settings.vlm == "none":
-        return None
-    return hub.Artifact(role="VLM", ref=settings.vlm, revision=None if hub.is_local(settings.vlm) else
-                        settings.vlm_revision, layout="transformers", option="--vlm")
 
 
 def _load(weights: hub.Artifact, device: str, dtype: str, attn_implementation: str | None) -> Vlm:
