@@ -485,7 +485,7 @@ def _models_report(rows, remote: bool) -> dict[str, Any]:
 def _print_models(report: dict[str, Any]) -> None:
     from assistant.hub import gib
 
-    mode = "offline mode (HF_HUB_OFFLINE)" if report["offline_mode"] else "online"
+    mode = "offline mode: HF_HUB_OFFLINE is set" if report["offline_mode"] else "HF_HUB_OFFLINE not set"
     click.echo(f"Hugging Face cache: {report['cache']} ({mode})")
     for row in report["artifacts"]:
         state = "cached" if row["cached"] else "missing"
@@ -515,11 +515,11 @@ def _print_models(report: dict[str, Any]) -> None:
 def models(gpu_memory, json_, **options) -> None:
     """The model weights these options need: cached or not, sizes, access, how to download; the memory plan."""
     from assistant import hub
-    from assistant.preflight import memory_plan, rewriter_name
+    from assistant.preflight import memory_plan
 
     settings = _settings(**options)
     report = _models_report(_model_rows(settings, with_vlm=True, with_eval=True), remote=not hub.offline_mode())
-    plan = memory_plan(settings.model_copy(update={"rewriter": rewriter_name(settings)}), gpu_memory)
+    plan = memory_plan(settings, gpu_memory, judge=True)
     report["plan"] = plan.model_dump(mode="json") | {"explain": plan.explain()}
     if json_:
         _emit(report)
@@ -622,7 +622,7 @@ def train_cmd(data, columns, preset, model, device, json_, **options) -> None:
 
     settings = _settings(preset=preset, model=model, device=device, lora="none")
     config = _options(TrainConfig, data=data, columns=parse_columns(columns), **options)
-    _prepare(settings, rewriter=False, judge=False)
+    _prepare(settings, rewriter=False, judge=False, plan=False)  # accelerate places each process
     report = train(config, settings)
     if report is None:  # not the main process
         return
@@ -664,7 +664,7 @@ def eval_cmd(data, columns, split, limit, seed, out, steps, guidance, batch_size
     settings = _settings(top_k=engine_top_k, **options)
     config = _options(EvalConfig, data=data, columns=parse_columns(columns), split=split, limit=limit, seed=seed,
                       out=out, steps=steps, guidance=guidance, batch_size=batch_size, judge=judge)
-    _prepare(settings, feature_artifacts(settings), rewriter=False, judge=bool(judge))
+    settings = _prepare(settings, feature_artifacts(settings), rewriter=False, judge=bool(judge)).settings
     report = evaluate(config, settings)
     if report is None:  # not the main process
         return

@@ -43,6 +43,8 @@ class Artifact(BaseModel):
     revision: str | None = Field(None, description="hub commit, tag or branch (None: main)")
     layout: Layout = Field(description="diffusers pipeline folder, transformers model folder, or one file")
     filename: str | None = Field(None, description="layout 'file': the file's name in the repo or folder")
+    guess_filename: bool = Field(False, description="layout 'file': when `filename` is not there, take the only "
+                                 ".safetensors file (diffusers' own rule for adapters)")
     option: str = Field(description="the flag that chooses it, for fixes: --model, --lora, --vlm")
     adapter: bool = Field(False, description="weights added to a base model (a LoRA), not a model of their own")
     required: bool = Field(True, description="False: the command runs without it (`fallback` instead)")
@@ -152,7 +154,7 @@ def patterns(artifact: Artifact, model_index: dict | None = None) -> list[str]:
     the index yet, every component folder's files of those kinds.
     """
     if artifact.layout == "file":
-        return [artifact.filename or ""]
+        return ["*.safetensors"] if artifact.guess_filename else [artifact.filename or ""]
     if artifact.layout == "transformers":
         return list(TRANSFORMERS_PATTERNS)
     folders = sorted(components(model_index)) if model_index is not None else ["*"]
@@ -169,6 +171,20 @@ def _wanted(names: Iterable[str], allow: list[str]) -> list[str]:
     from huggingface_hub.utils import filter_repo_objects
 
     return sorted(filter_repo_objects(list(names), allow_patterns=allow))
+
+
+def _named(artifact: Artifact, names: Iterable[str]) -> Artifact:
+    """`artifact` with its file settled among `names` (a folder's or a repo's files): its own name when
+    there, else (guess_filename) the only .safetensors at the top; unchanged when neither."""
+    if artifact.layout != "file" or not artifact.guess_filename:
+        return artifact
+    names = list(names)
+    if artifact.filename not in names:
+        found = [n for n in names if n.endswith(".safetensors") and "/" not in n]
+        if len(found) != 1:
+            return artifact
+        return artifact.model_copy(update={"filename": found[0], "guess_filename": False})
+    return artifact.model_copy(update={"guess_filename": False})
 
 
 # ---------------------------------------------------------------------------------------------- on disk
@@ -262,8 +278,9 @@ def _disk_status(artifact: Artifact) -> ArtifactStatus:
     check_repo_id(artifact.ref, artifact.role)
     folder, found.commit = _snapshot(artifact)
     if folder is not None:
+        found.artifact = _named(artifact, (p.name for p in folder.iterdir()))
         found.path, found.size_on_disk = str(folder), _size(folder)
-        found.cached = folder_problem(artifact, folder) is None
+        found.cached = folder_problem(found.artifact, folder) is None
     if found.cached:
         found.to_download = 0
     return found
@@ -284,6 +301,7 @@ def _local_status(found: ArtifactStatus) -> ArtifactStatus:
         elif path.suffix != ".safetensors":
             found.problem = PICKLE_ONLY
     else:
+        found.artifact = a = _named(a, (p.name for p in path.iterdir()))
         found.size_on_disk = _size(path)
         found.problem = folder_problem(a, path)
     found.cached = found.problem is None
@@ -304,8 +322,14 @@ def _remote_status(found: ArtifactStatus, folder: Path | None) -> ArtifactStatus
     try:
         info = HfApi().model_info(a.ref, revision=a.revision, files_metadata=True)
         found.commit, found.gated = info.sha, bool(info.gated)
+        names = [s.rfilename for s in info.siblings or []]
+        if a.layout == "diffusers" and "model_index.json" not in names:
+            found.problem = "not a diffusers pipeline repo (no model_index.json in it)"
+            found.fix = f"give {a.option} a FLUX.1 Fill pipeline in the diffusers layout"
+            return found
+        found.artifact = a = _named(a, names)
         model_index = _read_model_index(a, info.sha) if a.layout == "diffusers" else None
-        wanted = _wanted((s.rfilename for s in info.siblings or []), patterns(a, model_index))
+        wanted = _wanted(names, patterns(a, model_index))
         if not wanted:
             found.problem = f"the repo has none of the files icedit loads ({', '.join(patterns(a, model_index))})"
             if a.layout == "file":
@@ -319,6 +343,10 @@ def _remote_status(found: ArtifactStatus, folder: Path | None) -> ArtifactStatus
         found.problem, found.fix = _why(e, a)
         if found.gated and found.problem.startswith(("401", "403")):
             found.access = False
+        return found
+    if a.layout == "file" and a.guess_filename:  # several .safetensors, none of the default name
+        found.problem = f"the repo has no {a.filename} and several other .safetensors files"
+        found.fix = f"name one with {a.option}-weight-name ({', '.join(wanted)})"
         return found
     if a.layout != "file" and not any(n.endswith(".safetensors") for n in wanted):
         found.problem = PICKLE_ONLY
@@ -387,6 +415,9 @@ def _why(error: Exception, artifact: Artifact) -> tuple[str, str | None]:
         return "no such repo on the hub", f"check {artifact.option} (a private repo also needs `hf auth login`)"
     if isinstance(error, OfflineModeIsEnabled):
         return "offline mode is set (HF_HUB_OFFLINE)", "unset HF_HUB_OFFLINE to download it"
+    if isinstance(error, HfHubHTTPError) and status == 401:
+        return ("401: the hub refused the token (expired or invalid)",
+                "log in again (`hf auth login`) or unset HF_TOKEN")
     if isinstance(error, HfHubHTTPError):
         return f"the hub answered {status or 'an error'}: {first_line(error)}", None
     if isinstance(error, OSError) and getattr(error, "errno", None) == 28:
@@ -415,41 +446,49 @@ def gib(n: int) -> str:
 
 
 def download_command(artifact: Artifact) -> str | None:
-    """The `hf download` line that fetches exactly what `patterns` allows (before the index is known)."""
+    """The `hf download` line that fetches exactly what `patterns` allows (before the index is known);
+    `hf` takes one pattern per --include."""
     if artifact.local:
         return None
     revision = f" --revision {artifact.revision}" if artifact.revision else ""
-    include = " ".join(f"'{p}'" for p in patterns(artifact))
-    return f"hf download {artifact.ref}{revision} --include {include}"
+    include = " ".join(f"--include '{p}'" for p in patterns(artifact))
+    return f"hf download {artifact.ref}{revision} {include}"
 
 
 # ---------------------------------------------------------------------------------------------- acting
 
 
-def preflight(artifacts: list[Artifact], fetch: bool = True) -> list[ArtifactStatus]:
+def preflight(artifacts: list[Artifact]) -> list[ArtifactStatus]:
     """Check every artifact; raise one WeightsMissing listing each required one that can't be had now
-    (optional ones with their fallback too); else fetch what is missing and return the statuses."""
+    (optional ones with their fallback too); else fetch what is missing and return the statuses. The
+    free space must hold what the required ones still need; an optional one that does not fit too is
+    left out (its fallback runs)."""
     statuses = [status(a) for a in _unique(artifacts)]
     missing = [s for s in statuses if not s.usable]
     if any(s.artifact.required for s in missing):
-        local = [s for s in missing if s.artifact.local and s.artifact.required]
-        if local or len(missing) == 1:  # a mistyped path, or the one thing missing: one line
-            raise WeightsMissing((local or missing)[0].line())
+        if len(missing) == 1:
+            raise WeightsMissing(missing[0].line())
         blocked = sum(s.artifact.required for s in missing)
-        summary = (f"{blocked} of the {len(statuses)} model artifacts this command needs cannot be had now"
+        optional = f" (and {len(missing) - blocked} optional)" if len(missing) > blocked else ""
+        summary = (f"{blocked} of the {len(statuses)} model artifacts this command needs{optional} cannot be had now"
                    f"{' (offline mode is set: HF_HUB_OFFLINE)' if offline_mode() else ''}; `icedit models` shows "
                    "them all, `icedit download` fetches them, `--preset tiny` runs offline with random weights:")
         raise WeightsMissing("\n".join([summary, *(f"  {s.line()}" for s in missing)]))
     fetching = [s for s in statuses if s.usable and not s.cached]
-    need = sum(s.to_download or 0 for s in fetching)
-    free = shutil.disk_usage(_existing(cache_folder())).free
+    free, where = shutil.disk_usage(_existing(cache_folder())).free, _existing(cache_folder())
+    need = sum(s.to_download or 0 for s in fetching if s.artifact.required)
     if need > free:
         raise WeightsMissing(f"no space left for the download: {gib(need)} to fetch ("
-                             f"{', '.join(s.artifact.name for s in fetching)}), {gib(free)} free on "
-                             f"{_existing(cache_folder())}; free some space or point HF_HOME at a bigger disk")
-    if fetch:
-        statuses = [_fetch(s) if s in fetching else s for s in statuses]
-    return statuses
+                             f"{', '.join(s.artifact.name for s in fetching if s.artifact.required)}), {gib(free)} "
+                             f"free on {where}; free some space or point HF_HOME at a bigger disk")
+    for s in fetching:
+        if not s.artifact.required:
+            if need + (s.to_download or 0) > free:
+                s.problem = f"no space left: {gib(s.to_download or 0)} more to download, {gib(free - need)} free"
+                s.fix = "free some space, or point HF_HOME (or HF_HUB_CACHE) at a bigger disk"
+            else:
+                need += s.to_download or 0
+    return [_fetch(s) if s.usable and not s.cached else s for s in statuses]
 
 
 def _unique(artifacts: list[Artifact]) -> list[Artifact]:
@@ -460,14 +499,6 @@ def _unique(artifacts: list[Artifact]) -> list[Artifact]:
         if key not in seen or (a.required and not seen[key].required):
             seen[key] = a
     return list(seen.values())
-
-
-def download(artifact: Artifact, progress: bool | None = None) -> ArtifactStatus:
-    """Fetch exactly the files the loader reads (resuming any partial file), free space checked first."""
-    found = status(artifact, remote=True)
-    if not found.usable:
-        raise WeightsMissing(found.line())
-    return found if found.cached and not found.to_download else _fetch(found, progress)
 
 
 def _fetch(found: ArtifactStatus, progress: bool | None = None) -> ArtifactStatus:

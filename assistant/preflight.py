@@ -16,6 +16,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict
 
 from assistant import hub, plugins
+from assistant.errors import WeightsMissing
 from assistant.hub import Artifact, ArtifactStatus
 from assistant.memory import MemoryPlan
 from assistant.settings import Settings
@@ -64,11 +65,23 @@ def needs(settings: Settings, *, engine: bool = True, rewriter: bool = True, jud
     return found
 
 
+def require_on_disk(settings: Settings, **which: bool | None) -> None:
+    """One line when something `needs(settings, **which)` names is not complete on disk: a running chat
+    turning on the early filter downloads nothing in the middle of the conversation."""
+    for artifact in needs(settings, **which):
+        found = hub.status(artifact)
+        if not found.cached:
+            if found.problem is None:
+                found.problem, found.fix = "not downloaded yet", "`icedit download --with-vlm` fetches it"
+            raise WeightsMissing(found.line())
+
+
 def prepare(settings: Settings, extra: list[Artifact] | None = None, *, engine: bool = True, rewriter: bool = True,
-            judge: bool | None = None, fetch: bool = True) -> Prepared:
-    """Check every artifact (one report of all that are missing), fetch the missing ones, choose the rewriter."""
-    statuses = hub.preflight([*needs(settings, engine=engine, rewriter=rewriter, judge=judge), *(extra or [])],
-                             fetch=fetch)
+            judge: bool | None = None, plan: bool = True) -> Prepared:
+    """Check every artifact (one report of all that are missing), fetch the missing ones, choose the
+    rewriter, and on a CUDA machine place the models (`plan`: False where the command places them
+    itself, as training does)."""
+    statuses = hub.preflight([*needs(settings, engine=engine, rewriter=rewriter, judge=judge), *(extra or [])])
     notes = []
     if rewriter and settings.rewriter is None:
         name = default_rewriter(settings)
@@ -79,29 +92,37 @@ def prepare(settings: Settings, extra: list[Artifact] | None = None, *, engine: 
                          "fetches the VLM)")
             name = RULES_REWRITER
         settings = settings.model_copy(update={"rewriter": name})
-    plan = None
-    if _has_gpu():  # a command without the rewriter (eval, train) plans without its VLM
-        plan = memory_plan(settings if rewriter else settings.model_copy(update={"rewriter": RULES_REWRITER}))
-        settings = settings.model_copy(update=plan.settings_update())
-        notes += plan.notes
-    return Prepared(settings=settings, statuses=statuses, notes=notes, plan=plan)
+    placed = None
+    if plan and _on_gpu(settings):
+        placed = memory_plan(settings, engine=engine, rewriter=rewriter, judge=judge)
+        settings = settings.model_copy(update=placed.settings_update())
+        notes += placed.notes
+    return Prepared(settings=settings, statuses=statuses, notes=notes, plan=placed)
 
 
-def _has_gpu() -> bool:
+def _on_gpu(settings: Settings) -> bool:
+    """A CUDA GPU is there and the person did not send the engine elsewhere (--device cpu)."""
     import torch
 
-    return torch.cuda.is_available()
+    return torch.cuda.is_available() and (settings.device or "cuda").startswith("cuda")
 
 
-def memory_plan(settings: Settings, gpu_memory_gib: float | None = None) -> MemoryPlan:
-    """Where each model of these settings goes on this machine's GPU (or one of `gpu_memory_gib`)."""
-    from assistant.memory import plan_for
+def memory_plan(settings: Settings, gpu_memory_gib: float | None = None, *, engine: bool = True,
+                rewriter: bool = True, judge: bool | None = None) -> MemoryPlan:
+    """Where each model these settings run goes on this machine's GPU (or on one of `gpu_memory_gib`);
+    the parts are those `needs` would check. Only placement settings the person gave are forced."""
+    from assistant.memory import plan_for, plan_memory
 
+    chosen = [("engines", settings.engine)] if engine else []
+    chosen += [("rewriters", rewriter_name(settings))] if rewriter else []
+    chosen += [("judges", settings.judge)] if judge or (judge is None and settings.candidates > 1) else []
     parts = {}
-    for kind, name in (("engines", settings.engine), ("rewriters", rewriter_name(settings)),
-                       ("judges", settings.judge)):
+    for kind, name in chosen:
         spec = plugins.get(kind, name)
         for part in spec.memory(settings) if spec.memory else []:
             parts.setdefault(part.name, part)  # the rewriter and the judge share one VLM
-    forced = {k: getattr(settings, k) for k in settings.model_fields_set}
+    keys = {k for part in parts.values() for option in part.options for k in option.settings}
+    forced = {k: getattr(settings, k) for k in settings.model_fields_set & keys}
+    if gpu_memory_gib is None and settings.device and not settings.device.startswith("cuda"):
+        return plan_memory(list(parts.values()), None, forced)
     return plan_for(list(parts.values()), gpu_memory_gib, forced, device=settings.device)

@@ -119,7 +119,7 @@ CASES = {
                                     ("LoRA 'nobody/nothing@abc123' (--lora): not in the Hugging Face cache and "
                                     "offline mode is set (HF_HUB_OFFLINE); unset HF_HUB_OFFLINE to download it, or "
                                     "fetch it elsewhere with `hf download nobody/nothing --revision abc123 --include "
-                                    "'pytorch_lora_weights.safetensors'`")),
+                                    "'*.safetensors'`")),
     "adapter of the wrong shape": (None, "add snow", lambda d: [*TINY, "--lora", _adapter(d, lambda s: s.__setitem__(
         ROUTE, torch.zeros(2, 32)))], ("transformer.single_transformer_blocks.0.proj_out.lora_route.weight: shape "
                                       "(2, 32) does not fit the model (expected (2, 160))")),

@@ -10,7 +10,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 def test_moe_benchmark_checks_all_three_formulations_at_flux_shapes():
     run = subprocess.run(
         [sys.executable, str(BENCHMARKS / "moe.py"), "--tokens", "24", "--repeats", "1"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, check=False,
     )
     assert run.returncode == 0, run.stderr[-2000:]
     lines = run.stdout.strip().splitlines()
@@ -22,7 +22,7 @@ def test_moe_benchmark_checks_all_three_formulations_at_flux_shapes():
 def test_edit_benchmark_compares_the_official_call_with_ours_on_the_same_picture():
     run = subprocess.run(
         [sys.executable, str(BENCHMARKS / "edit.py"), "--steps", "1", "--repeats", "1", "--only", "ours,ours+merged"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, check=False,
     )
     assert run.returncode == 0, run.stderr[-2000:]
     rows = [line.split() for line in run.stdout.strip().splitlines()[2:-1]]

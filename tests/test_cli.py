@@ -330,15 +330,15 @@ def test_offline_and_nothing_cached_names_offline_mode_and_every_missing_artifac
     assert time.monotonic() - started < 30  # no retries, nothing loaded
     assert proc.stdout == ""
     summary, *lines = proc.stderr.splitlines()
-    assert summary.startswith("Error: 2 of the 3 model artifacts this command needs cannot be had now "
-                              "(offline mode is set: HF_HUB_OFFLINE)")
+    assert summary.startswith("Error: 2 of the 3 model artifacts this command needs (and 1 optional) cannot be had "
+                              "now (offline mode is set: HF_HUB_OFFLINE)")
     assert "`icedit download`" in summary and "--preset tiny" in summary
     assert [line.split(" (")[0].strip() for line in lines] == [
         "FLUX.1 Fill pipeline 'black-forest-labs/FLUX.1-Fill-dev'", "LoRA 'RiverZ/normal-lora'",
         "VLM 'Qwen/Qwen2.5-VL-7B-Instruct'"]
     assert all(": not in the Hugging Face cache and offline mode is set (HF_HUB_OFFLINE); unset HF_HUB_OFFLINE to "
                "download it, or fetch it elsewhere with `hf download " in line for line in lines)
-    assert "--include 'model_index.json' '*/*.json'" in lines[0]
+    assert "--include 'model_index.json' --include '*/*.json'" in lines[0]
     assert lines[2].endswith("(optional: without it the rules rewriter runs)")
     assert "Traceback" not in proc.stderr
     assert list(tmp_path.iterdir()) == []  # no store opened, no cache made, no picture written

@@ -236,7 +236,7 @@ def test_default_models_offline_are_reported_together_before_anything_loads(tmp_
     assert [line.split(": not in the Hugging Face cache and offline mode is set")[0] for line in lines] == [
         "  FLUX.1 Fill pipeline 'black-forest-labs/FLUX.1-Fill-dev' (--model)", "  LoRA 'RiverZ/normal-lora' (--lora)",
         "  CLIP model 'openai/clip-vit-base-patch32' (--clip-model)", "  DINO model 'facebook/dino-vits16' (--dino-model)"]
-    assert "`hf download openai/clip-vit-base-patch32 --include '*.json' '*.safetensors'" in lines[2]
+    assert "`hf download openai/clip-vit-base-patch32 --include '*.json' --include '*.safetensors'" in lines[2]
     assert list(tmp_path.iterdir()) == []
 
 

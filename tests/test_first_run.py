@@ -46,13 +46,15 @@ LORA = "pytorch_lora_weights.safetensors"
 WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"
 CLIP, DINO = "openai/clip-vit-base-patch32", "facebook/dino-vits16"  # the eval models `icedit models` lists
 BIG = "test/flux-big"
+NAMED_MOE = "test/moe-named"  # the MoE adapter under another file name, as repos often keep it
 CHUNK = 10 * 2**20  # huggingface_hub writes a download in chunks of this size: a cut file resumes after one
 PICKLE_ONLY = ("pickle weights only (.bin/.pt/.ckpt): icedit loads .safetensors only, since pickle files can "
                "run code")
-FLUX_GET = (f"hf download {FLUX} --include 'model_index.json' '*/*.json' '*/*.txt' '*/*.model' "
-            "'*/*.safetensors'")
-LORA_GET = f"hf download {{}} --include '{LORA}'"
-VLM_GET = f"hf download {QWEN_7B} --include '*.json' '*.safetensors' '*.txt' '*.model' '*.jinja'"
+FLUX_GET = (f"hf download {FLUX} --include 'model_index.json' --include '*/*.json' --include '*/*.txt' "
+            "--include '*/*.model' --include '*/*.safetensors'")
+LORA_GET = "hf download {} --include '*.safetensors'"
+VLM_GET = (f"hf download {QWEN_7B} --include '*.json' --include '*.safetensors' --include '*.txt' "
+           "--include '*.model' --include '*.jinja'")
 OPTIONAL = "(optional: without it the rules rewriter runs)"
 PIN = "check --{}revision (a commit, tag or branch)"
 LOG_IN = "log in (`hf auth login`, or set HF_TOKEN) and accept the licence at {}/" + FLUX
@@ -61,8 +63,9 @@ LOG_IN = "log in (`hf auth login`, or set HF_TOKEN) and accept the licence at {}
 # -------------------------------------------------------------------------------------------------- helpers
 
 
-def summary(blocked: int, needed: int, offline: bool = False) -> str:
-    return (f"Error: {blocked} of the {needed} model artifacts this command needs cannot be had now"
+def summary(blocked: int, needed: int, offline: bool = False, optional: int = 0) -> str:
+    return (f"Error: {blocked} of the {needed} model artifacts this command needs"
+            f"{f' (and {optional} optional)' if optional else ''} cannot be had now"
             f"{' (offline mode is set: HF_HUB_OFFLINE)' if offline else ''}; `icedit models` shows them all, "
             "`icedit download` fetches them, `--preset tiny` runs offline with random weights:")
 
@@ -165,6 +168,7 @@ def repos() -> dict[str, Repo]:
                                   "tokenizer_config.json": b"{}", "special_tokens_map.json": b"{}"}),
         DINO: _eval_model_repo({}),
         BIG: Repo({p: flux[p] for p in selected(flux, "diffusers")} | {WEIGHTS: big}),
+        NAMED_MOE: Repo({"ICEdit-MoE-LoRA.safetensors": standard[MOE_LORA].files[LORA], "README.md": b"# moe\n"}),
     }
 
 
@@ -293,7 +297,7 @@ def test_offline_mode_with_an_empty_cache_stops_at_once_listing_every_artifact(s
     fix = "unset HF_HUB_OFFLINE to download it, or fetch it elsewhere with `{}`"
     missing = "not in the Hugging Face cache and offline mode is set (HF_HUB_OFFLINE)"
     assert run.lines == [
-        summary(2, 3, offline=True),
+        summary(2, 3, offline=True, optional=1),
         f"  FLUX.1 Fill pipeline '{FLUX}' (--model): {missing}; {fix.format(FLUX_GET)}",
         f"  LoRA '{NORMAL_LORA}' (--lora): {missing}; {fix.format(LORA_GET.format(NORMAL_LORA))}",
         f"  VLM '{QWEN_7B}' (--vlm): {missing}; {fix.format(VLM_GET)} {OPTIONAL}",
@@ -407,8 +411,8 @@ def test_models_lists_every_artifact_with_the_exact_bytes_to_download_and_writes
         }, ref
         # the command a person copies to another machine fetches the same files
         words = shlex.split(row["download_command"])
-        assert words[:3] == ["hf", "download", ref] and words[3] == "--include"
-        assert {p for p in files if any(fnmatch.fnmatch(p, pattern) for pattern in words[4:])} == wanted, ref
+        assert words[:3] == ["hf", "download", ref] and words[3::2] == ["--include"] * len(words[4::2])
+        assert {p for p in files if any(fnmatch.fnmatch(p, pattern) for pattern in words[4::2])} == wanted, ref
     assert left == []  # listing fetched nothing into the cache
     assert not [r for r in run.requests if r.method == "GET" and "/resolve/" in r.path
                 and not r.path.endswith("/model_index.json")]
@@ -420,7 +424,7 @@ def test_models_without_a_token_names_the_cache_and_says_the_gated_repo_has_no_a
     assert run.code == 0 and run.stderr == ""
     lines = run.stdout.splitlines()
     flux_sha = Snapshot.of(repos[FLUX].files).sha[:12]
-    assert lines[0] == f"Hugging Face cache: {hf_home / 'hub'} (online)"
+    assert lines[0] == f"Hugging Face cache: {hf_home / 'hub'} (HF_HUB_OFFLINE not set)"
     assert lines[1:3] == [
         f"FLUX.1 Fill pipeline (edit): {FLUX}: missing, 0.0 MiB on disk, revision {flux_sha}, gated, no access",
         f"  401: gated repo and not logged in; {LOG_IN.format(server.endpoint)}",
@@ -501,3 +505,26 @@ def test_too_little_free_space_is_reported_before_any_weight_is_fetched(server, 
     assert run.lines == [line]
     assert run.gets(FLUX) == ["model_index.json"] and run.gets(NORMAL_LORA) == []  # read to plan; no weights
     assert blobs(hf_home) == []
+
+
+def test_an_adapter_repo_whose_one_safetensors_has_another_name_is_found_fetched_and_loaded(server, tmp_path):
+    run = edit(server, tmp_path / "hf", "--preset", "tiny", "--lora", NAMED_MOE)
+    assert run.code == 0, run.stderr
+    assert run.gets(NAMED_MOE) == ["ICEdit-MoE-LoRA.safetensors"]
+    adapter = run.json["adapter"]
+    assert (adapter["kind"], adapter["num_experts"]) == ("lora-moe", 4)
+
+
+def test_the_printed_hf_download_command_fetches_what_icedit_loads(server, repos, tmp_path):
+    """A person on another machine runs the command the report prints; icedit then finds it complete."""
+    listed = icedit(server, tmp_path / "hf", "models", "--json", token=GRANTED)
+    rows = {row["ref"]: row for row in listed.json["artifacts"]}
+    for repo_id in (FLUX, QWEN_7B):
+        hf = Path(sys.executable).with_name("hf")
+        fetched = icedit(server, tmp_path / "hf", *shlex.split(rows[repo_id]["download_command"])[2:],
+                         token=GRANTED, program=(str(hf), "download"))
+        assert fetched.code == 0, fetched.stderr
+        layout = "diffusers" if repo_id == FLUX else "transformers"
+        assert set(fetched.gets(repo_id)) == selected(repos[repo_id].files, layout)
+    after = icedit(server, tmp_path / "hf", "models", "--json", token=GRANTED).json["artifacts"]
+    assert {row["ref"]: row["cached"] for row in after if row["ref"] in (FLUX, QWEN_7B)} == {FLUX: True, QWEN_7B: True}

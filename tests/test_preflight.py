@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from assistant import preflight
 from assistant.cli import cli
+from assistant.errors import UserError
 from assistant.memory import GiB
 from assistant.settings import Settings
 from plugins.icedit.presets import build_tiny
@@ -63,10 +64,28 @@ def flux_folder(tmp_path):
     return folder
 
 
+@pytest.fixture
+def gpu(monkeypatch):
+    """A CUDA GPU of the given GiB as far as the planner can tell (torch says so; its size is given)."""
+    import torch
+
+    def lend(gib: float) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr("assistant.memory.gpu_capacity", lambda device=None: (int(gib * GiB), (8, 9)))
+
+    return lend
+
+
+@pytest.fixture(autouse=True)
+def empty_hub_cache(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+
+
 @pytest.mark.parametrize("gib", [16, 24, 48, 80])
-def test_on_a_gpu_the_plan_places_the_models_and_keeps_what_the_person_set(flux_folder, monkeypatch, gib):
-    monkeypatch.setattr(preflight, "_has_gpu", lambda: True)
-    monkeypatch.setattr("assistant.memory.gpu_capacity", lambda device=None: (gib * GiB, (8, 9)))
+def test_on_a_gpu_the_plan_places_the_models_and_keeps_what_the_person_set(flux_folder, gpu, gib):
+    gpu(gib)
     prepared = preflight.prepare(Settings(model=str(flux_folder), lora="none", rewriter="qwen_vl", vlm="none"))
     assert prepared.plan is not None and prepared.plan.fits
     assert prepared.plan.estimated_peak <= gib * GiB * (1 - prepared.plan.headroom)
@@ -76,18 +95,50 @@ def test_on_a_gpu_the_plan_places_the_models_and_keeps_what_the_person_set(flux_
     else:
         assert s.quantize != "none" or s.offload != "none"
     forced = preflight.prepare(Settings(model=str(flux_folder), lora="none", rewriter="rules", vlm="none",
-                                        offload="none", quantize="none"))
+                                        offload="none", quantize="none", steps=3))
     assert (forced.settings.offload, forced.settings.quantize) == ("none", "none")
+    assert forced.plan.forced == {"offload": "none", "quantize": "none"}  # placements only, not steps or home
     assert forced.plan.fits == (gib >= 48)
     if not forced.plan.fits:
         assert "expect out-of-memory errors" in forced.notes[0]
 
 
-def test_without_a_gpu_nothing_is_planned_or_changed(flux_folder, monkeypatch):
-    monkeypatch.setattr(preflight, "_has_gpu", lambda: False)
+def test_without_a_gpu_or_with_the_engine_sent_to_the_cpu_nothing_is_planned_or_changed(flux_folder, gpu):
     settings = Settings(model=str(flux_folder), lora="none", rewriter="rules")
-    prepared = preflight.prepare(settings)
+    prepared = preflight.prepare(settings)  # this machine: no CUDA
     assert prepared.plan is None and prepared.settings == settings
+    gpu(24)
+    on_cpu = Settings(model=str(flux_folder), lora="none", rewriter="rules", device="cpu")
+    prepared = preflight.prepare(on_cpu)
+    assert prepared.plan is None and prepared.settings == on_cpu
+    assert preflight.memory_plan(on_cpu).capacity is None  # icedit models --device cpu: the CPU's plan
+
+
+def test_a_command_without_the_engine_plans_the_vlm_alone(gpu):
+    gpu(24)
+    alone = preflight.memory_plan(Settings(rewriter="qwen_vl"), engine=False, judge=False)
+    assert set(alone.choices) == {"vlm"} and alone.choices["vlm"].on_gpu  # 7B fits a 24 GiB GPU by itself
+    both = preflight.memory_plan(Settings(rewriter="qwen_vl"))
+    assert set(both.choices) == {"flux", "vlm"} and not both.choices["vlm"].on_gpu
+
+
+@pytest.mark.parametrize("name", ["ICEdit-MoE-LoRA.safetensors", "pytorch_lora_weights.safetensors"])
+def test_an_adapter_folder_holding_one_safetensors_file_of_another_name_loads_it(tmp_path, name):
+    from assistant import hub
+    from plugins.icedit.loading import lora_artifact
+
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / name).write_bytes(b"x")
+    (folder / "README.md").write_text("an adapter")
+    assert hub.locate(lora_artifact(str(folder))) == folder / name
+    (folder / "other.safetensors").write_bytes(b"y")
+    if name == "pytorch_lora_weights.safetensors":  # the default name wins over the others
+        assert hub.locate(lora_artifact(str(folder))) == folder / name
+    else:
+        with pytest.raises(UserError, match="no pytorch_lora_weights.safetensors in it"):
+            hub.locate(lora_artifact(str(folder)))
+        assert hub.locate(lora_artifact(str(folder), weight_name="other.safetensors")) == folder / "other.safetensors"
 
 
 @pytest.mark.parametrize("gib", [16, 24, 48, 80])

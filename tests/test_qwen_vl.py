@@ -288,4 +288,4 @@ def test_cli_uncached_hub_id_offline_is_one_line_naming_the_download(monkeypatch
     (line,) = result.stderr.splitlines()
     assert line.startswith("Error: VLM 'nobody/no-such-vlm' (--vlm): not in the Hugging Face cache and offline mode "
                            "is set (HF_HUB_OFFLINE)")
-    assert "`hf download nobody/no-such-vlm --include '*.json' '*.safetensors'" in line
+    assert "`hf download nobody/no-such-vlm --include '*.json' --include '*.safetensors'" in line

@@ -143,8 +143,12 @@ async def test_undo_redo_and_a_branch(fake_settings, fake, cat):
         assert log_lines(app)[-2][1] == "/branch 2" and "▶" in tree_nodes(app)[2][1]
 
 
-async def test_retry_seed_and_steps_reach_the_engine(fake_settings, fake, cat):
-    app = app_for(fake_settings, image=cat)
+async def test_retry_seed_and_steps_reach_the_engine(fake_settings, fake, cat, tmp_path):
+    from tiny_qwen import save_tiny_qwen
+
+    vlm = tmp_path / "vlm"  # the judge's weights are on disk, so /candidates is taken
+    save_tiny_qwen(vlm)
+    app = app_for(fake_settings.model_copy(update={"vlm": str(vlm)}), image=cat)
     async with app.run_test(size=SIZE) as pilot:
         await say(pilot, "/seed 7")
         await say(pilot, "/steps 2")
@@ -410,3 +414,17 @@ def test_sessions_sheet_command(fake_settings, fake, photo, tmp_path):
     result = CliRunner().invoke(cli, ["sessions", "sheet", "sheet", str(tmp_path / "sheet.xyz")])
     error = f"Error: {tmp_path / 'sheet.xyz'}: unknown image type (use .png, .jpg, .webp, ...)\n"
     assert (result.exit_code, result.output) == (2, error)
+
+
+async def test_candidates_are_refused_in_one_line_while_the_judges_weights_are_not_on_disk(fake_settings, fake, cat,
+                                                                                          monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    app = app_for(fake_settings, image=cat)
+    async with app.run_test(size=SIZE) as pilot:
+        await say(pilot, "/candidates 3")
+        refused = ("VLM 'Qwen/Qwen2.5-VL-7B-Instruct' (--vlm): not in the Hugging Face cache and offline mode is set "
+                   "(HF_HUB_OFFLINE); unset HF_HUB_OFFLINE to download it, or fetch it elsewhere with `hf download "
+                   "Qwen/Qwen2.5-VL-7B-Instruct --include '*.json' --include '*.safetensors' --include '*.txt' "
+                   "--include '*.model' --include '*.jinja'`")
+        assert log_lines(app)[-1] == ("error", refused)
+        assert "candidates 1" in str(app.screen.query_one(StatusLine).render())

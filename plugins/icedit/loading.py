@@ -52,7 +52,8 @@ def flux_artifact(model: str, revision: str | None = None) -> Artifact:
 
 def lora_artifact(lora: str, revision: str | None = None, weight_name: str | None = None) -> Artifact:
     """The adapter file: a .safetensors file, a folder holding it, a training run folder (its adapter/),
-    or a hub repo; `--lora-weight-name` names a file other than the diffusers default."""
+    or a hub repo. Without `--lora-weight-name`, the diffusers default name, else the only .safetensors
+    there, as diffusers' own `load_lora_weights` guesses (the official demo loads repos that way)."""
     name = weight_name or WEIGHTS_NAME
     ref = lora
     if hub.is_local(lora):
@@ -60,7 +61,7 @@ def lora_artifact(lora: str, revision: str | None = None, weight_name: str | Non
         if path.is_dir() and not (path / name).exists() and (path / "adapter" / name).is_file():
             ref = str(path / "adapter")  # an `icedit train` run folder
     return Artifact(role="LoRA", ref=ref, revision=None if hub.is_local(lora) else revision,
-                    layout="file", filename=name, option="--lora", adapter=True)
+                    layout="file", filename=name, guess_filename=weight_name is None, option="--lora", adapter=True)
 
 
 def feature_refs(settings: Settings) -> tuple[str, str] | None:

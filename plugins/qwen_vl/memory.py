@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from assistant.hub import is_local
+from assistant import hub
 from assistant.memory import CPU_BYTES_PER_S, CPU_FLOPS, GPU_BYTES_PER_S, GPU_FLOPS, Part, Placement
 from assistant.settings import Settings
 
@@ -98,13 +98,14 @@ def _size(config_json: str) -> VlmSize:
 
 
 def config_of(vlm: str) -> tuple[str, dict[str, Any]]:
-    """(title, config.json) of a hub id or local folder: a folder's own config when it has one, else the
-    published config of the size its name says (7B unless it says 3B)."""
-    folder = Path(vlm).expanduser()
-    if is_local(vlm) and (folder / "config.json").is_file():
+    """(title, config.json) of a hub id or local folder: its own config when it is on disk (a folder, or a
+    cached hub repo), else the published config of the size its name says (7B unless it says 3B)."""
+    folder = Path(vlm).expanduser() if hub.is_local(vlm) else \
+        hub.on_disk(hub.Artifact(role="VLM", ref=vlm, layout="transformers", option="--vlm"))
+    if folder is not None and (folder / "config.json").is_file():
         config = json.loads((folder / "config.json").read_text())
         known = [ref for ref, c in CONFIGS.items() if c["hidden_size"] == config.get("hidden_size")]
-        return (_title(known[0]) if known else f"Qwen2.5-VL ({folder.name})"), config
+        return (_title(known[0]) if known else f"Qwen2.5-VL ({Path(vlm).name})"), config
     ref = next((r for r in CONFIGS if _title(r).lower() in vlm.lower()), "Qwen/Qwen2.5-VL-7B-Instruct")
     return _title(ref), CONFIGS[ref]
 

@@ -23,7 +23,7 @@ from textual.widgets import Footer, Header, Input
 from assistant import plugins
 from assistant.agent import Agent
 from assistant.errors import Cancelled, UserError
-from assistant.preflight import rewriter_name
+from assistant.preflight import require_on_disk, rewriter_name
 from assistant.settings import Settings
 from assistant.tui.commands import BUILTINS, Chat, ChatOptions, history_text, whole_number
 from assistant.tui.messages import EditFailed, EditFinished, EditProgress
@@ -308,7 +308,11 @@ class ChatScreen(Screen):
         return f"{self.chat.options.steps} steps for the next edits"
 
     def command_candidates(self, argument: str) -> str:
-        self.chat.options.candidates = whole_number(argument, BUILTINS["candidates"].usage, 1, 16)
+        n = whole_number(argument, BUILTINS["candidates"].usage, 1, 16)
+        if n > 1:  # the judge's weights must be here already
+            require_on_disk(self.settings.model_copy(update={"candidates": n}), engine=False, rewriter=False,
+                            judge=True)
+        self.chat.options.candidates = n
         self.show_status()
         n = self.chat.options.candidates
         return "early filter off: one noise per edit" if n == 1 else f"{n} candidates per edit; the judge keeps one"
