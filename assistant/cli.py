@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
@@ -35,6 +36,17 @@ class _Group(click.Group):
             raise _fail("interrupted: nothing was saved", 130) from None
         finally:
             _Progress.end()
+
+
+class FiniteRange(click.FloatRange):
+    """click's FloatRange lets NaN through (every comparison with NaN is false) and infinity where a side
+    is open-ended; neither is a setting, so both are refused here, once, for every float option."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
 
 
 def _fail(message: str, exit_code: int) -> click.ClickException:
@@ -133,7 +145,7 @@ engine_options = [
     click.option("--lora", help="LoRA hub id or path (overrides the preset); 'none' for none"),
     click.option("--lora-revision", help="pin the LoRA's hub revision"),
     click.option("--lora-weight-name", help="the adapter's file in its repo or folder (pytorch_lora_weights.safetensors)"),
-    click.option("--lora-scale", type=click.FloatRange(0, 4), help="adapter strength (default 1, as trained)"),
+    click.option("--lora-scale", type=FiniteRange(0, 4), help="adapter strength (default 1, as trained)"),
     click.option("--top-k", type=click.IntRange(1, 64), help="experts per token of a LoRA-MoE adapter (default 1)"),
     click.option("--offload", type=click.Choice(OFFLOAD_MODES), help="memory modes for small GPUs (see README)"),
     click.option("--quantize", type=click.Choice(["none", "int8", "fp8"]), help="weight-only quantized transformer"),
@@ -163,7 +175,7 @@ def with_engine_options(fn):
 @click.option("--session", help="add the edit to this named session (created if new)")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), help="noise seed (default: random, printed)")
 @click.option("--steps", type=click.IntRange(1, 200), help="denoising steps (default 28)")
-@click.option("--guidance", type=click.FloatRange(0, 200, min_open=True), help="guidance (default 50)")
+@click.option("--guidance", type=FiniteRange(0, 200, min_open=True), help="guidance (default 50)")
 @click.option("--native-size", is_flag=True, help="keep the 512-wide panel instead of the source's size")
 @click.option("--save-candidates", type=click.Path(path_type=Path), help="folder for the early filter's previews")
 @with_engine_options
@@ -172,13 +184,13 @@ def edit(image, instruction, output, session, seed, steps, guidance, native_size
          **options) -> None:
     """Edit IMAGE as INSTRUCTION says, e.g. icedit edit cat.png "make it look like winter"."""
     from assistant.agent import Agent, check_message, describe
-    from assistant.images import load_image, sha256
+    from assistant.images import load_source, sha256
     from sessions.store import Store
 
     settings = _settings(**options)
     check_message(instruction)
     _check_output(output)
-    source = load_image(image)
+    source = load_source(image)
     settings = _prepare(settings).settings
     store = _store(settings) if session else Store(":memory:")
     agent = Agent(store, session or "edit", settings)
@@ -248,11 +260,11 @@ def rewrite(image, request, rewriter, vlm, json_) -> None:
     """Show the plan a rewriter makes of REQUEST for IMAGE; nothing is edited or stored."""
     from assistant import plugins
     from assistant.agent import check_message
-    from assistant.images import load_image
+    from assistant.images import load_source
 
     settings = _settings(rewriter=rewriter, vlm=vlm)
     message = check_message(request)
-    source = load_image(image)
+    source = load_source(image)
     settings = _prepare(settings, engine=False, judge=False).settings
     plan = plugins.get("rewriters", settings.rewriter).factory(settings).rewrite(source, message, [])
     label = settings.rewriter + (f" -> {plan.fallback}" if plan.fallback else "")
@@ -510,7 +522,7 @@ def _print_models(report: dict[str, Any]) -> None:
 
 @cli.command()
 @with_engine_options
-@click.option("--gpu-memory", type=click.FloatRange(1, 4096), help="plan for a GPU of this many GiB (default: this one)")
+@click.option("--gpu-memory", type=FiniteRange(1, 4096), help="plan for a GPU of this many GiB (default: this one)")
 @click.option("--json", "json_", is_flag=True, help="print the report as JSON")
 def models(gpu_memory, json_, **options) -> None:
     """The model weights these options need: cached or not, sizes, access, how to download; the memory plan."""
@@ -552,12 +564,12 @@ def download(with_vlm, with_eval_models, json_, **options) -> None:
 @with_engine_options
 def chat(image, session, **options) -> None:
     """Chat about IMAGE (optional; /open PATH later) in a terminal app; the session is kept."""
-    from assistant.images import load_image
+    from assistant.images import load_source
     from assistant.tui.app import make_app
 
     settings = _settings(**options)
     if image is not None:
-        load_image(image)  # a bad path is one line before any weights are looked for
+        load_source(image)  # a bad path is one line before any weights are looked for
     prepared = _prepare(settings, quiet=True)
     app = make_app(prepared.settings, session=session, image=image, notes=prepared.notes,
                    memory=prepared.plan.explain() if prepared.plan else None)
@@ -603,15 +615,15 @@ def with_data_options(fn):
 @click.option("--experts", type=click.IntRange(1, 64), help="LoRA-MoE experts (default 4)")
 @click.option("--rank", type=click.IntRange(1, 1024), help="LoRA and expert rank (default 32)")
 @click.option("--top-k", type=click.IntRange(1, 64), help="experts per token (default 1)")
-@click.option("--lr", type=click.FloatRange(0, min_open=True), help="AdamW learning rate (default 1e-4)")
+@click.option("--lr", type=FiniteRange(0, min_open=True), help="AdamW learning rate (default 1e-4)")
 @click.option("--warmup-steps", type=click.IntRange(0), help="linear learning-rate warm-up (default 0)")
-@click.option("--max-grad-norm", type=click.FloatRange(0, min_open=True), help="gradient clipping (default 1)")
+@click.option("--max-grad-norm", type=FiniteRange(0, min_open=True), help="gradient clipping (default 1)")
 @click.option("--batch-size", type=click.IntRange(1), help="examples per process and step (default 1)")
 @click.option("--grad-accum", type=click.IntRange(1), help="gradient accumulation steps (default 1)")
 @click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), help="default: bf16 on CUDA, else no")
 @click.option("--gradient-checkpointing", is_flag=True, default=None, help="recompute activations to save memory")
 @click.option("--panel-width", type=click.IntRange(16), help="diptych panel width, a multiple of 16 (default 512)")
-@click.option("--guidance", type=click.FloatRange(0, min_open=True), help="FLUX guidance embedding (default 1)")
+@click.option("--guidance", type=FiniteRange(0, min_open=True), help="FLUX guidance embedding (default 1)")
 @click.option("--checkpoint-every", type=click.IntRange(1), help="save_state every N steps (default 500)")
 @click.option("--resume", help="continue from a checkpoint folder, or 'latest' under OUT/checkpoints")
 @click.option("--json", "json_", is_flag=True, help="print the report as JSON")
@@ -641,11 +653,11 @@ def train_cmd(data, columns, preset, model, device, json_, **options) -> None:
 @with_data_options
 @click.option("--out", type=click.Path(path_type=Path), help="folder for edits, metrics and sheet (default icedit-eval)")
 @click.option("--steps", type=click.IntRange(1, 200), help="denoising steps (default 28)")
-@click.option("--guidance", type=click.FloatRange(0, 200, min_open=True), help="guidance (default 50)")
+@click.option("--guidance", type=FiniteRange(0, 200, min_open=True), help="guidance (default 50)")
 @click.option("--batch-size", type=click.IntRange(1), help="examples per scoring round (default 8)")
 @click.option("--judge", type=click.Choice(["qwen_vl"]), help="also rate each edit with the VLM (VIEScore SC/PQ)")
 @click.option("--lora", help="LoRA hub id or path (overrides the preset); 'none' for none")
-@click.option("--lora-scale", type=click.FloatRange(0, 4), help="adapter strength (default 1)")
+@click.option("--lora-scale", type=FiniteRange(0, 4), help="adapter strength (default 1)")
 @click.option("--top-k", "engine_top_k", type=click.IntRange(1, 64), help="experts per token of a LoRA-MoE adapter")
 @click.option("--offload", type=click.Choice(OFFLOAD_MODES), help="memory modes for small GPUs (see README)")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), help="default: bf16 on CUDA")

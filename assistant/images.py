@@ -13,7 +13,18 @@ from assistant.errors import UserError
 
 MAX_PIXELS = 64_000_000
 """Larger images are refused (PIL's decompression-bomb guard, set deliberately)."""
+MIN_SIDE = 32
+"""Smaller sources are refused: a 512-wide panel made from a few pixels is an upscaled blur, not an edit."""
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+
+
+def load_source(path: str | Path) -> Image.Image:
+    """`load_image` for a picture to edit: at least MIN_SIDE pixels on each side."""
+    image = load_image(path)
+    if min(image.size) < MIN_SIDE:
+        raise UserError(f"{path}: {image.width}x{image.height} is too small to edit (at least {MIN_SIDE} pixels "
+                        "on each side)")
+    return image
 
 
 def load_image(path: str | Path) -> Image.Image:

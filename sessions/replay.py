@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from assistant.agent import Agent, check_message
 from assistant.errors import Cancelled, UserError
-from assistant.images import load_image
+from assistant.images import load_source
 from assistant.settings import Settings
 from sessions.history import Turn
 from sessions.store import Store
@@ -146,12 +146,12 @@ def _open_image(base: Path, relative: str, allow_outside: bool) -> Image.Image:
         try:
             with Image.open(path) as img:
                 width, height = img.size
-        except Exception:  # noqa: BLE001 - load_image below says what is wrong with the file
+        except Exception:  # noqa: BLE001 - load_source below says what is wrong with the file
             width = height = 0
         if width * height > MAX_IMAGE_PIXELS:
             raise UserError(f"{relative}: a {width}x{height} image; replay scripts may open images of at most "
                             f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels")
-    return load_image(path)
+    return load_source(path)
 
 
 def _outside(out_dir: Path, output: Path) -> UserError | None:

@@ -86,10 +86,24 @@ CASES = {
                     "add snow", lambda d: FAKE, "{img}: not an image PIL can read (PNG, JPEG, WebP, ...)"),
     "decompression bomb": (_write("bomb.png", lambda p: Image.new("1", (9000, 8000)).save(p)), "add snow",
                            lambda d: FAKE, "{img}: image too large (over 64 megapixels)"),
-    "too wide": (_write("wide.png", lambda p: Image.new("RGB", (2000, 10)).save(p)), "add snow", lambda d: TINY,
-                 "a 2000x10 image is too wide: height/width must be between 1/4 and 4"),
-    "too tall": (_write("tall.png", lambda p: Image.new("RGB", (3, 400)).save(p)), "add snow", lambda d: TINY,
-                 "a 3x400 image is too tall: height/width must be between 1/4 and 4"),
+    "too wide": (_write("wide.png", lambda p: Image.new("RGB", (2000, 40)).save(p)), "add snow", lambda d: TINY,
+                 "a 2000x40 image is too wide: height/width must be between 1/4 and 4"),
+    "too tall": (_write("tall.png", lambda p: Image.new("RGB", (32, 400)).save(p)), "add snow", lambda d: TINY,
+                 "a 32x400 image is too tall: height/width must be between 1/4 and 4"),
+    "one pixel": (_write("dot.png", lambda p: Image.new("RGB", (1, 1)).save(p)), "add snow", lambda d: FAKE,
+                  "{img}: 1x1 is too small to edit (at least 32 pixels on each side)"),
+    "31 pixels wide": (_write("narrow.png", lambda p: Image.new("RGB", (31, 100)).save(p)), "add snow",
+                       lambda d: FAKE, "{img}: 31x100 is too small to edit (at least 32 pixels on each side)"),
+    "31 pixels tall, as a JPEG": (_write("low.jpg", lambda p: Image.new("RGB", (120, 31)).save(p)), "add snow",
+                                  lambda d: FAKE,
+                                  "{img}: 120x31 is too small to edit (at least 32 pixels on each side)"),
+    "guidance nan": (None, "add snow", lambda d: [*FAKE, "--guidance", "nan"],
+                     "Invalid value for '--guidance': 'nan' is not a finite number. (see `icedit edit --help`)"),
+    "guidance NaN, other case": (None, "add snow", lambda d: [*FAKE, "--guidance", "NaN"],
+                                 ("Invalid value for '--guidance': 'NaN' is not a finite number. (see `icedit edit "
+                                  "--help`)")),
+    "lora scale nan": (None, "add snow", lambda d: [*FAKE, "--lora-scale", "nan"],
+                       "Invalid value for '--lora-scale': 'nan' is not a finite number. (see `icedit edit --help`)"),
     "10 MB instruction": (None, "x" * 10_000_000, lambda d: FAKE,
                           "the instruction is 10000000 characters long; at most 2000 are accepted"),
     "escape sequence": (None, "add \x1b[31ma red hat", lambda d: FAKE,
@@ -179,7 +193,8 @@ def test_an_unreadable_file_is_one_line(demo, tmp_path, fake, monkeypatch):
     assert dump(demo) == before
 
 
-@pytest.mark.parametrize(("size", "mode"), [((1, 1), "RGB"), ((64, 16), "RGBA")], ids=["1x1", "4:1 with alpha"])
+@pytest.mark.parametrize(("size", "mode"), [((32, 32), "RGB"), ((128, 32), "RGBA"), ((33, 131), "L")],
+                         ids=["32x32, the smallest", "4:1 with alpha", "odd sides, grey"])
 def test_odd_but_valid_images_are_edited_at_their_own_size(fake, icedit_home, tmp_path, size, mode):
     """The tiny engine runs them through the diptych and back: the edit has the source's size, in RGB.
 

@@ -253,7 +253,7 @@ def test_exporting_an_unknown_session_is_one_line(tmp_path):
 def test_an_open_turn_opens_a_new_image_or_jumps_to_one_already_shown(folder, fake):
     from PIL import Image
 
-    Image.new("RGB", (40, 30), (200, 10, 10)).save(folder / "red.png")
+    Image.new("RGB", (40, 32), (200, 10, 10)).save(folder / "red.png")
     text = ('source = "cat.png"\n' + OK_TURN + '[[turns]]\nopen = "red.png"\n[[turns]]\nsay = "add a dog"\n'
             '[[turns]]\nopen = "cat.png"\n')
     rows = rows_of(replay(script(folder, text), "--out", folder / "out", "--session", "o", "--engine", "fake",

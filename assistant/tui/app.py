@@ -57,13 +57,13 @@ def make_app(
     `image` is opened into the session before the app starts, so a bad path is a one-line error
     from the CLI; an image the session already shows is not added twice.
     """
-    from assistant.images import load_image
+    from assistant.images import load_source
 
     store = Store(settings.store_path)
     session = session or default_session()
     if image is not None:
         try:
-            Agent(store, session, settings).open(load_image(image), f"open {image.name}")
+            Agent(store, session, settings).open(load_source(image), f"open {image.name}")
         except BaseException:
             store.close()
             raise

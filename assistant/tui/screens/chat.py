@@ -318,12 +318,12 @@ class ChatScreen(Screen):
         return "early filter off: one noise per edit" if n == 1 else f"{n} candidates per edit; the judge keeps one"
 
     def command_open(self, argument: str) -> str:
-        from assistant.images import load_image
+        from assistant.images import load_source
 
         if not argument:
             raise UserError(f"usage: {BUILTINS['open'].usage}")
         path = Path(argument).expanduser()
-        image = load_image(path)
+        image = load_source(path)
         turn = self.agent.open(image, f"open {path.name}")
         self.refresh_view()
         return f"opened {path} ({image.width}x{image.height}) as turn #{turn.id}"
