@@ -68,6 +68,7 @@ class ArtifactStatus(BaseModel):
     commit: str | None = None
     size_on_disk: int = 0
     to_download: int | None = Field(None, description="bytes still to fetch (None: not known offline)")
+    files: list[str] = Field([], description="the repo's files a download fetches (from the hub's listing)")
     gated: bool | None = None
     access: bool | None = Field(None, description="whether this account may download it (gated repos)")
     problem: str | None = Field(None, description="why it can neither load now nor be downloaded now")
@@ -329,7 +330,7 @@ def _remote_status(found: ArtifactStatus, folder: Path | None) -> ArtifactStatus
             return found
         found.artifact = a = _named(a, names)
         model_index = _read_model_index(a, info.sha) if a.layout == "diffusers" else None
-        wanted = _wanted(names, patterns(a, model_index))
+        found.files = wanted = _wanted(names, patterns(a, model_index))
         if not wanted:
             found.problem = f"the repo has none of the files icedit loads ({', '.join(patterns(a, model_index))})"
             if a.layout == "file":
@@ -372,14 +373,6 @@ def _read_model_index(artifact: Artifact, commit: str | None) -> dict:
     response = get_session().get(url, headers=build_hf_headers(), timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT)
     hf_raise_for_status(response)
     return json.loads(response.content)
-
-
-def _model_index(artifact: Artifact, commit: str | None) -> dict:
-    """The pipeline's model_index.json, fetched into the cache (as part of a download)."""
-    from huggingface_hub import hf_hub_download
-
-    path = hf_hub_download(artifact.ref, "model_index.json", revision=commit or artifact.revision)
-    return json.loads(Path(path).read_text())
 
 
 def _check_access(artifact: Artifact, filename: str) -> None:
@@ -501,21 +494,21 @@ def _unique(artifacts: list[Artifact]) -> list[Artifact]:
     return list(seen.values())
 
 
-def _fetch(found: ArtifactStatus, progress: bool | None = None) -> ArtifactStatus:
+def _fetch(found: ArtifactStatus) -> ArtifactStatus:
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
     a = found.artifact
-    show = sys.stderr.isatty() if progress is None else progress
+    show = sys.stderr.isatty()
     was_disabled = are_progress_bars_disabled()
     print(f"downloading the {a.role} {a.name} ({gib(found.to_download or 0)})", file=sys.stderr)
     if not show:
         disable_progress_bars()
     try:
-        model_index = _model_index(a, found.commit) if a.layout == "diffusers" else None
-        # by the revision asked for, not the commit it resolved to: only then does the cache record
-        # refs/<revision>, which is how `status` finds the snapshot again, offline
-        folder = snapshot_download(a.ref, revision=a.revision, allow_patterns=patterns(a, model_index))
+        # the files the status listed (its model_index.json read already); by the revision asked for, not
+        # the commit it resolved to: only then does the cache record refs/<revision>, which is how
+        # `status` finds the snapshot again, offline
+        folder = snapshot_download(a.ref, revision=a.revision, allow_patterns=found.files)
     except Exception as e:  # noqa: BLE001 - one line with the hub's reason
         problem, fix = _why(e, a)
         raise WeightsMissing(f"downloading the {a.role} '{a.name}' failed: {problem}" + (f"; {fix}" if fix else "")) \
