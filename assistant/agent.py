@@ -6,7 +6,6 @@ turn logic directly. A turn that fails or is cancelled commits nothing.
 
 from __future__ import annotations
 
-import re
 import secrets
 import threading
 import time
@@ -19,15 +18,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from assistant import plugins
 from assistant.errors import UserError
 from assistant.images import decode_png, encode_png, sha256
-from assistant.models import EditPlan, EditRequest, EditResult, EngineEvent, TurnSummary
+from assistant.models import EditPlan, EditRequest, EditResult, EngineEvent, TurnSummary, next_seed
 from assistant.preflight import rewriter_name
 from assistant.settings import Settings
+from assistant.text import check_message
 from sessions.history import History, Turn
 from sessions.store import NewTurn, Store
 
-MAX_MESSAGE = 2000
 CONTEXT_TURNS = 6
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 class TurnOutcome(BaseModel):
@@ -44,18 +42,6 @@ class TurnOutcome(BaseModel):
     rewriter: str
     engine: str | None = None
     timings: dict[str, float] = {}
-
-
-def check_message(message: str) -> str:
-    """The message stripped, or a one-line error saying what is accepted."""
-    text = message.strip()
-    if not text:
-        raise UserError('the instruction is empty: say what to change, e.g. "make it look like winter"')
-    if len(text) > MAX_MESSAGE:
-        raise UserError(f"the instruction is {len(text)} characters long; at most {MAX_MESSAGE} are accepted")
-    if m := _CONTROL.search(text):
-        raise UserError(f"the instruction contains a control character ({m.group()!r}): type plain text")
-    return " ".join(text.split())
 
 
 def new_seed() -> int:
@@ -192,7 +178,7 @@ class Agent:
                 raise UserError("nothing to retry: the current image is not an edit")
             params = current.params
             plan = EditPlan.model_validate(current.plan | {"rationale": f"retry of turn {current.id}, new seed"})
-            seed = current.seed + 1 if seed is None else seed
+            seed = next_seed(current.seed) if seed is None else seed
             current = history.turn(current.parent)
             image = self.image(current)
         candidates = candidates or params.get("candidates") or self.settings.candidates

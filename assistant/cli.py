@@ -16,6 +16,8 @@ from typing import Any
 import click
 
 from assistant.errors import UserError
+from assistant.files import in_the_way, kind_problem, refuse_existing, write_file
+from assistant.text import printable
 
 RANDOM_WEIGHTS_NOTE = "note: the tiny preset has random weights: its pictures are noise, not edits"
 
@@ -31,7 +33,7 @@ class _Group(click.Group):
                 raise
             raise _fail(f"{e.format_message()} (see `{e.ctx.command_path} --help`)", 2) from None
         except UserError as e:
-            raise _fail(str(e), e.exit_code) from None
+            raise _fail(printable(str(e), lines=True), e.exit_code) from None  # a path in it may hold controls
         except KeyboardInterrupt:
             raise _fail("interrupted: nothing was saved", 130) from None
         finally:
@@ -47,6 +49,26 @@ class FiniteRange(click.FloatRange):
         if not math.isfinite(number):
             self.fail(f"{value!r} is not a finite number.", param, ctx)
         return number
+
+
+def _session_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--session given: a valid name, checked before anything runs (an empty one would store nothing)."""
+    from assistant.text import check_name
+
+    return None if value is None else check_name(value)
+
+
+class PathArg(click.Path):
+    """click's Path stats the value and lets the ValueError of a NUL byte escape; that is one line here."""
+
+    def __init__(self) -> None:
+        super().__init__(path_type=Path)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        try:
+            return super().convert(value, param, ctx)
+        except ValueError:
+            raise UserError(kind_problem(value, "bad name")) from None
 
 
 def _fail(message: str, exit_code: int) -> click.ClickException:
@@ -70,7 +92,8 @@ def _settings(**overrides: Any):
         settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as e:
         first = e.errors()[0]
-        raise UserError(f"bad setting {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        why = first["msg"].removeprefix("Value error, ")
+        raise UserError(f"bad setting {'.'.join(map(str, first['loc']))}: {why}") from None
     spec = plugins.get("engines", settings.engine)
     if spec.describe is not None:
         spec.describe(settings)  # an unknown preset fails here, in one line
@@ -169,27 +192,29 @@ def with_engine_options(fn):
 
 
 @cli.command()
-@click.argument("image", type=click.Path(path_type=Path))
+@click.argument("image", type=PathArg())
 @click.argument("instruction")
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="where to write the PNG")
-@click.option("--session", help="add the edit to this named session (created if new)")
+@click.option("-o", "--output", type=PathArg(), help="where to write the PNG")
+@click.option("--force", is_flag=True, help="let -o replace a file that is already there")
+@click.option("--session", callback=_session_name, help="add the edit to this named session (created if new)")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), help="noise seed (default: random, printed)")
 @click.option("--steps", type=click.IntRange(1, 200), help="denoising steps (default 28)")
 @click.option("--guidance", type=FiniteRange(0, 200, min_open=True), help="guidance (default 50)")
 @click.option("--native-size", is_flag=True, help="keep the 512-wide panel instead of the source's size")
-@click.option("--save-candidates", type=click.Path(path_type=Path), help="folder for the early filter's previews")
+@click.option("--save-candidates", type=PathArg(), help="folder for the early filter's previews")
 @with_engine_options
 @click.option("--json", "json_", is_flag=True, help="print the result as JSON")
-def edit(image, instruction, output, session, seed, steps, guidance, native_size, save_candidates, json_,
+def edit(image, instruction, output, force, session, seed, steps, guidance, native_size, save_candidates, json_,
          **options) -> None:
     """Edit IMAGE as INSTRUCTION says, e.g. icedit edit cat.png "make it look like winter"."""
-    from assistant.agent import Agent, check_message, describe
+    from assistant.agent import Agent, describe
     from assistant.images import load_source, sha256
+    from assistant.text import check_message, file_name, path_text
     from sessions.store import Store
 
     settings = _settings(**options)
     check_message(instruction)
-    _check_output(output)
+    _check_output(output, image, force)
     source = load_source(image)
     settings = _prepare(settings).settings
     store = _store(settings) if session else Store(":memory:")
@@ -197,7 +222,7 @@ def edit(image, instruction, output, session, seed, steps, guidance, native_size
     with _cancel_on_sigint() as cancel:
         outcome = agent.turn(
             instruction,
-            source=(source, f"open {image.name}"),
+            source=(source, f"open {file_name(image)}"),
             seed=seed,
             steps=steps,
             guidance=guidance,
@@ -210,30 +235,28 @@ def edit(image, instruction, output, session, seed, steps, guidance, native_size
         # undo/redo/answer: nothing was painted; say what happened.
         output = None
     else:
-        output = output or Path(f"{image.stem}-{outcome.result.seed}.png")
+        output = output or _free_name(Path(f"{image.stem}-{outcome.result.seed}.png"))
         try:
-            output.write_bytes(store.image(turn.image_sha256))
+            write_file(output, store.image(turn.image_sha256), force=force)
             if save_candidates and outcome.result.candidates:
-                save_candidates.mkdir(parents=True, exist_ok=True)
-                for c in outcome.result.candidates:
-                    c.preview.save(save_candidates / f"candidate-{c.seed}.png")
-        except OSError as e:
+                _save_candidates(save_candidates, outcome.result.candidates)
+        except UserError as e:
             kept = f" (the edit is kept as turn {turn.id} of session {session})" if session else ""
-            raise UserError(f"cannot write {e.filename}: {e.strerror}{kept}") from None
+            raise UserError(f"{e}{kept}") from None
     if json_:
         _emit(describe(outcome, session=session, output=str(output) if output else None))
     else:
         click.echo(outcome.reply)
         if output:
-            click.echo(f"wrote {output}  (seed {outcome.result.seed}, {outcome.result.image.size[0]}x"
+            click.echo(f"wrote {path_text(output)}  (seed {outcome.result.seed}, {outcome.result.image.size[0]}x"
                        f"{outcome.result.image.size[1]}, sha256 {sha256(output.read_bytes())[:12]})")
     if outcome.result is not None and outcome.result.random_weights:
         click.echo(RANDOM_WEIGHTS_NOTE, err=True)
     _fallback_note(outcome.rewriter)
 
 
-def _check_output(path: Path | None) -> None:
-    """Refuse an -o the edit could not be written to before the edit runs (and is kept in a session)."""
+def _check_output(path: Path | None, source: Path, force: bool) -> None:
+    """Refuse an -o the edit could not or should not be written to, before the edit runs (and is kept)."""
     if path is None:
         return
     if path.is_dir():
@@ -242,6 +265,36 @@ def _check_output(path: Path | None) -> None:
         raise UserError(f"{path}: edits are written as PNG: give -o a name ending in .png")
     if not path.parent.is_dir():
         raise UserError(f"{path.parent}: no such folder for -o")
+    if not force and _same_file(path, source):
+        raise UserError(f"{path} is the picture being edited: give -o another name, or pass --force to replace it")
+    refuse_existing([path], force)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _free_name(path: Path) -> Path:
+    """`path`, or `stem-2.png`, `stem-3.png`, ... when a file holds that name: a default name replaces nothing."""
+    n = 1
+    candidate = path
+    while in_the_way(candidate):
+        n += 1
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    return candidate
+
+
+def _save_candidates(folder: Path, candidates) -> None:
+    """The early filter's previews, each under a name no file holds yet."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {folder}: {e.strerror or e}") from None
+    for c in candidates:
+        write_file(_free_name(folder / f"candidate-{c.seed}.png"), lambda f, image=c.preview: image.save(f, "PNG"))
 
 
 def _fallback_note(rewriter: str) -> None:
@@ -251,7 +304,7 @@ def _fallback_note(rewriter: str) -> None:
 
 
 @cli.command()
-@click.argument("image", type=click.Path(path_type=Path))
+@click.argument("image", type=PathArg())
 @click.argument("request")
 @click.option("--rewriter", help="qwen_vl (default), rules, verbatim or another registered one")
 @click.option("--vlm", help="Qwen2.5-VL hub id or local folder for --rewriter qwen_vl ('none': no VLM)")
@@ -259,8 +312,8 @@ def _fallback_note(rewriter: str) -> None:
 def rewrite(image, request, rewriter, vlm, json_) -> None:
     """Show the plan a rewriter makes of REQUEST for IMAGE; nothing is edited or stored."""
     from assistant import plugins
-    from assistant.agent import check_message
     from assistant.images import load_source
+    from assistant.text import check_message
 
     settings = _settings(rewriter=rewriter, vlm=vlm)
     message = check_message(request)
@@ -291,7 +344,8 @@ def sessions_list(json_) -> None:
         rows = store.sessions()
     if json_:
         _emit([r.model_dump() for r in rows])
-    elif not rows:
+        return
+    if not rows:
         click.echo("no sessions yet (icedit edit IMAGE TEXT --session NAME starts one)")
     for r in rows:
         click.echo(f"{r.name}\t{r.turns} turns\tcursor {r.cursor}\tupdated {r.updated}")
@@ -301,7 +355,10 @@ def sessions_list(json_) -> None:
 @click.argument("name")
 @click.option("--json", "json_", is_flag=True)
 def sessions_show(name, json_) -> None:
-    """A session's turns as a tree; * marks the cursor."""
+    """A session's turns as a tree; * marks the cursor. Past 40 levels the indent stops and the depth shows."""
+    from assistant.text import printable
+    from sessions.history import indent
+
     with _store(_settings()) as store:
         history = store.history(name)
     if json_:
@@ -326,63 +383,89 @@ def sessions_show(name, json_) -> None:
             }
         )
         return
-
-    def walk(parent, depth):
-        for t in history.children(parent):
-            mark = "*" if t.id == history.cursor else " "
-            seed = f"  seed {t.seed}" if t.seed is not None else ""
-            click.echo(f"{mark} {'  ' * depth}#{t.id} {t.kind}: {t.message}{seed}  [{t.image_sha256[:12]}]")
-            walk(t.id, depth + 1)
-
-    click.echo(f"session {history.name} (cursor at #{history.cursor})")
-    walk(None, 0)
+    click.echo(f"session {printable(history.name)} (cursor at #{history.cursor})")
+    for t, depth in history.walk():
+        mark = "*" if t.id == history.cursor else " "
+        seed = f"  seed {t.seed}" if t.seed is not None else ""
+        click.echo(f"{mark} {indent(depth)}#{t.id} {t.kind}: {printable(t.message)}{seed}  [{t.image_sha256[:12]}]")
 
 
 @sessions.command("export")
 @click.argument("name")
-@click.argument("script", type=click.Path(path_type=Path))
-def sessions_export(name, script) -> None:
+@click.argument("script", type=PathArg())
+@click.option("--force", is_flag=True, help="replace files that are already there")
+def sessions_export(name, script, force) -> None:
     """Write NAME as a replay script (TOML, plus the opened images beside it), or whole as an archive (.zip)."""
     from sessions.archive import export_archive
-    from sessions.export import export_script
+    from sessions.export import LeftOut, export_script
+    from sessions.history import numbered
 
     with _store(_settings()) as store:
         if script.suffix.lower() == ".zip":
-            archived = export_archive(store, name, script)
-            click.echo(f"wrote {script} (session {name}: {len(archived.turns)} turns, "
-                       f"{len({t.image_sha256 for t in archived.turns})} images)")
+            archived, damaged = export_archive(store, name, script, force)
+            images = {t.image_sha256 for t in archived.turns if t.n not in damaged}
+            click.echo(f"wrote {script} (session {name}: {len(archived.turns)} turns, {len(images)} images)")
+            if damaged:  # the rest is saved; exit 1 so a script notices the archive is not whole
+                their = "their images are" if len(damaged) > 1 else "its image is"
+                click.echo(f"warning: {numbered(damaged)}: {their} damaged in the store and not in the archive "
+                           "(icedit sessions import --partial restores the rest)", err=True)
+                click.get_current_context().exit(1)
             return
-        written = export_script(store, name, script)
+        try:
+            written, left_out = export_script(store, name, script, force), None
+        except LeftOut as e:
+            written, left_out = e.written, e
     click.echo(f"wrote {script} and {len(written) - 1} image(s) beside it")
+    if left_out:  # the rest is written; exit 1 so a script notices the export is not whole
+        click.echo(f"warning: {left_out}", err=True)
+        click.get_current_context().exit(1)
 
 
 @sessions.command("import")
-@click.argument("archive", type=click.Path(path_type=Path))
+@click.argument("archive", type=PathArg())
 @click.option("--as", "name", help="import under this name (default: the name in the archive)")
+@click.option("--partial", is_flag=True,
+              help="restore what can be when images are missing or damaged (their turns and the edits below them "
+              "are left out); --json then lists them as dropped")
 @click.option("--json", "json_", is_flag=True)
-def sessions_import(archive, name, json_) -> None:
+def sessions_import(archive, name, partial, json_) -> None:
     """Add the session in ARCHIVE (a .zip from `icedit sessions export NAME FILE.zip`) to the store."""
     from sessions.archive import import_archive
+    from sessions.history import numbered
 
     with _store(_settings()) as store:
-        name, archived = import_archive(store, archive, name)
-        cursor = store.history(name).cursor
+        history, damaged, dropped = import_archive(store, archive, name, partial)
     if json_:
-        _emit({"session": name, "turns": len(archived.turns), "cursor": cursor, "archive": str(archive)})
+        _emit({"session": history.name, "turns": len(history.turns), "cursor": history.cursor,
+               "archive": str(archive)} | ({"dropped": dropped} if partial else {}))
     else:
-        click.echo(f"imported session {name} ({len(archived.turns)} turns, cursor at #{cursor}) from {archive}")
+        click.echo(f"imported session {history.name} ({len(history.turns)} turns, cursor at #{history.cursor}) "
+                   f"from {archive}")
+    if dropped:
+        images = "image of" if len(damaged) == 1 else "images of"
+        click.echo(f"warning: {numbered(dropped)} of the archive not restored: the {images} {numbered(damaged)} "
+                   f"{'is' if len(damaged) == 1 else 'are'} missing or damaged, and an edit needs the picture it was "
+                   "made from", err=True)
 
 
 @sessions.command("sheet")
 @click.argument("name")
-@click.argument("output", type=click.Path(path_type=Path))
-def sessions_sheet(name, output) -> None:
-    """Write a contact sheet of NAME: every turn's image with its message, one row per branch."""
-    from sessions.sheet import write_sheet
+@click.argument("output", type=PathArg())
+@click.option("--force", is_flag=True, help="replace OUTPUT if it is already there")
+def sessions_sheet(name, output, force) -> None:
+    """Write a contact sheet of NAME: every turn's image with its message, one row per branch.
+
+    A tree too big for one picture shows the cursor's path. Damaged images are drawn as grey boxes,
+    named in a warning, and the exit code is 1.
+    """
+    from sessions.sheet import damaged_note, write_sheet
 
     with _store(_settings()) as store:
-        sheet = write_sheet(store, name, output)
+        sheet = write_sheet(store, name, output, force)
     click.echo(f"wrote {output} ({sheet.width}x{sheet.height})")
+    if sheet.info["damaged"]:
+        click.echo(f"warning: {damaged_note(sheet.info['damaged'])}", err=True)
+        raise SystemExit(1)
 
 
 def _move(name: str, intent: str, json_: bool) -> None:
@@ -414,9 +497,9 @@ def redo(name, json_) -> None:
 
 
 @cli.command()
-@click.argument("script", type=click.Path(path_type=Path))
-@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="folder for the PNGs")
-@click.option("--session", help="also keep the run as this named session")
+@click.argument("script", type=PathArg())
+@click.option("--out", "out_dir", required=True, type=PathArg(), help="folder for the PNGs")
+@click.option("--session", callback=_session_name, help="also keep the run as this named session")
 @click.option("--allow-outside", is_flag=True, help="let a script you trust read images outside its folder")
 @with_engine_options
 @click.option("--json", "json_", is_flag=True, help="one JSON line per turn")
@@ -559,8 +642,8 @@ def download(with_vlm, with_eval_models, json_, **options) -> None:
 
 
 @cli.command()
-@click.argument("image", required=False, type=click.Path(path_type=Path))
-@click.option("--session", help="session to continue or start (default: a new chat-<timestamp>)")
+@click.argument("image", required=False, type=PathArg())
+@click.option("--session", callback=_session_name, help="session to continue or start (default: a new chat-<timestamp>)")
 @with_engine_options
 def chat(image, session, **options) -> None:
     """Chat about IMAGE (optional; /open PATH later) in a terminal app; the session is kept."""
@@ -570,6 +653,9 @@ def chat(image, session, **options) -> None:
     settings = _settings(**options)
     if image is not None:
         load_source(image)  # a bad path is one line before any weights are looked for
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise UserError("icedit chat needs a terminal (its input or output is a pipe or a file): run it in a "
+                        "terminal; scripts use icedit edit or icedit replay")
     prepared = _prepare(settings, quiet=True)
     app = make_app(prepared.settings, session=session, image=image, notes=prepared.notes,
                    memory=prepared.plan.explain() if prepared.plan else None)
@@ -595,7 +681,7 @@ data_options = [
     click.option("--columns", help="map our columns to the dataset's: source=source_img,target=target_img,..."),
     click.option("--split", help="dataset split (default train)"),
     click.option("--limit", type=click.IntRange(1), help="use the first N examples only"),
-    click.option("--seed", type=click.IntRange(0), help="seed (default 0)"),
+    click.option("--seed", type=click.IntRange(0, 2**32 - 1), help="seed (default 0)"),
     click.option("--preset", help="model preset: default (real FLUX.1 Fill) or tiny (random, offline)"),
     click.option("--model", help="FLUX.1 Fill hub id or local folder (overrides the preset)"),
     click.option("--device", help="cpu to stay off the GPU; otherwise accelerate places each process"),
@@ -610,7 +696,7 @@ def with_data_options(fn):
 
 @cli.command("train")
 @with_data_options
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="folder for checkpoints and the adapter")
+@click.option("--out", required=True, type=PathArg(), help="folder for checkpoints and the adapter")
 @click.option("--steps", type=click.IntRange(1), help="optimizer steps (default 1000)")
 @click.option("--experts", type=click.IntRange(1, 64), help="LoRA-MoE experts (default 4)")
 @click.option("--rank", type=click.IntRange(1, 1024), help="LoRA and expert rank (default 32)")
@@ -651,7 +737,7 @@ def train_cmd(data, columns, preset, model, device, json_, **options) -> None:
 
 @cli.command("eval")
 @with_data_options
-@click.option("--out", type=click.Path(path_type=Path), help="folder for edits, metrics and sheet (default icedit-eval)")
+@click.option("--out", type=PathArg(), help="folder for edits, metrics and sheet (default icedit-eval)")
 @click.option("--steps", type=click.IntRange(1, 200), help="denoising steps (default 28)")
 @click.option("--guidance", type=FiniteRange(0, 200, min_open=True), help="guidance (default 50)")
 @click.option("--batch-size", type=click.IntRange(1), help="examples per scoring round (default 8)")

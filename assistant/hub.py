@@ -26,6 +26,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from assistant.errors import UserError, WeightsMissing
+from assistant.files import kind, kind_problem
 
 Layout = Literal["diffusers", "transformers", "file"]
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -291,8 +292,12 @@ def _local_status(found: ArtifactStatus) -> ArtifactStatus:
     a = found.artifact
     path = Path(a.ref).expanduser()
     found.download_command = None
-    if not path.exists():
+    what = kind(path)
+    if what == "missing":
         found.problem, found.fix = "no such file or folder", f"check the path, or give {a.option} a hub id (owner/name)"
+        return found
+    if what not in ("file", "folder"):
+        found.problem = kind_problem(path, what).removeprefix(f"{path}: ")
         return found
     found.path = str(path)
     if path.is_file():

@@ -10,11 +10,14 @@ from pathlib import Path
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from assistant.errors import UserError
+from assistant.files import kind, kind_problem, refuse_existing, write_file
 
 MAX_PIXELS = 64_000_000
 """Larger images are refused (PIL's decompression-bomb guard, set deliberately)."""
 MIN_SIDE = 32
 """Smaller sources are refused: a 512-wide panel made from a few pixels is an upscaled blur, not an edit."""
+MAX_PIPE_BYTES = 256 * 2**20
+"""The most read from a pipe or device given as a picture (a 64-megapixel PNG is well below it)."""
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 
@@ -28,18 +31,22 @@ def load_source(path: str | Path) -> Image.Image:
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """Open a photo as RGB: EXIF orientation applied, alpha laid on white, first frame only."""
+    """Open a photo as RGB: EXIF orientation applied, alpha laid on white, first frame only.
+
+    A pipe (`cat photo.png | icedit edit /dev/stdin ...`) is read whole first, up to MAX_PIPE_BYTES."""
     path = Path(path)
-    if path.is_dir():
+    found = kind(path)
+    if found == "folder":
         raise UserError(f"{path} is a folder, not an image")
-    if not path.exists():
-        raise UserError(f"{path}: no such file")
-    if path.stat().st_size == 0:
+    if found not in ("file", "special"):
+        raise UserError(kind_problem(path, found))
+    source = path if found == "file" else io.BytesIO(_read_pipe(path))
+    if found == "file" and path.stat().st_size == 0:
         raise UserError(f"{path}: the file is empty")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 img.load()
                 return to_rgb(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -50,6 +57,19 @@ def load_image(path: str | Path) -> Image.Image:
         raise UserError(f"{path}: permission denied") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise UserError(f"{path}: broken image ({e})") from None
+
+
+def _read_pipe(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_PIPE_BYTES + 1)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+    if not data:
+        raise UserError(f"{path}: nothing came through (an empty pipe or device): pass a picture's bytes or a file")
+    if len(data) > MAX_PIPE_BYTES:
+        raise UserError(f"{path}: over {MAX_PIPE_BYTES // 2**20} MiB came through: not a picture")
+    return data
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -74,6 +94,16 @@ def encode_png(img: Image.Image) -> bytes:
     # (sha256): a change of encoder settings would stop stored turns matching re-opened pictures.
     img.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
+
+
+def save_image(img: Image.Image, path: Path, force: bool = False) -> Path:
+    """Write `img` as the type its name says (.png, .jpg, .webp, ...), atomically, replacing a file only with
+    `force`."""
+    kind = Image.registered_extensions().get(path.suffix.lower())
+    if kind is None or kind not in Image.SAVE:
+        raise UserError(f"{path}: unknown image type (use .png, .jpg, .webp, ...)")
+    refuse_existing([path], force)
+    return write_file(path, lambda f: img.save(f, kind), force=force)
 
 
 def decode_png(data: bytes) -> Image.Image:

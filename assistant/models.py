@@ -8,6 +8,13 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 Intent = Literal["edit", "undo", "redo", "retry", "answer", "clarify"]
+SEEDS = 2**63
+"""Seeds are 0 <= seed < SEEDS everywhere (torch's generators take 64 bits; JSON and SQLite integers 63)."""
+
+
+def next_seed(seed: int, k: int = 1) -> int:
+    """The k-th seed after `seed`, wrapping at SEEDS, so "try another seed" never leaves the range."""
+    return (seed + k) % SEEDS
 
 
 class EditPlan(BaseModel):
@@ -39,7 +46,7 @@ class EditRequest(BaseModel):
 
     source: Image.Image
     plan: EditPlan
-    seed: int = Field(ge=0, lt=2**63)
+    seed: int = Field(ge=0, lt=SEEDS)
     steps: int = Field(28, ge=1, le=200)
     guidance: float = Field(50.0, gt=0, le=200)
     native_size: bool = Field(False, description="keep the 512-wide panel instead of the source size")

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 import platformdirs
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -64,6 +64,14 @@ class Settings(BaseSettings):
     )
     steps: int = Field(28, ge=1, le=200)
     guidance: float = Field(50.0, gt=0, le=200)
+
+    @field_validator("home", mode="before")
+    @classmethod
+    def _a_folder(cls, value: object) -> object:
+        """ICEDIT_HOME set but empty would put the store in whatever folder the command runs in."""
+        if isinstance(value, str | Path) and not str(value).strip():
+            raise ValueError("ICEDIT_HOME is set but empty: unset it, or give the folder for the session store")
+        return value
 
     @property
     def store_path(self) -> Path:

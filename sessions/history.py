@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection, Iterator
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, PrivateAttr
 
 from assistant.errors import UserError
 
 TurnKind = Literal["open", "edit"]
+MAX_INDENT = 40
+"""Levels a printed tree indents; deeper turns show their depth instead, so lines stay short."""
 
 
 class Turn(BaseModel):
@@ -30,20 +33,47 @@ class Turn(BaseModel):
 
 
 class History(BaseModel):
-    """All turns of one session (ids ascending = creation order) and where the cursor is."""
+    """All turns of one session (ids ascending = creation order) and where the cursor is.
+
+    Turns are indexed by id and by parent once, so lookups stay cheap in sessions of thousands of
+    turns; nothing walks the tree by recursion, whose depth would be the session's.
+    """
 
     name: str
     cursor: int | None
     turns: list[Turn]
+    _by_id: dict[int, Turn] = PrivateAttr()
+    _children: dict[int | None, list[Turn]] = PrivateAttr()
+
+    def model_post_init(self, context: Any) -> None:
+        self._by_id = {t.id: t for t in self.turns}
+        self._children = {}
+        for t in self.turns:
+            self._children.setdefault(t.parent, []).append(t)
 
     def turn(self, turn_id: int) -> Turn:
-        for t in self.turns:
-            if t.id == turn_id:
-                return t
-        raise UserError(f"session '{self.name}' has no turn {turn_id}")
+        if turn_id not in self._by_id:
+            raise UserError(f"session '{self.name}' has no turn {turn_id}")
+        return self._by_id[turn_id]
 
     def children(self, turn_id: int | None) -> list[Turn]:
-        return [t for t in self.turns if t.parent == turn_id]
+        """The turns under `turn_id` (None: the roots), oldest first."""
+        return list(self._children.get(turn_id, ()))
+
+    def walk(self, last: Collection[int] = ()) -> Iterator[tuple[Turn, int]]:
+        """Every turn with its depth (roots 0), depth first, a parent before its children.
+
+        Children come oldest first, except that those whose id is in `last` come after the rest:
+        the export walks the cursor's branch last so its replay ends there.
+        """
+        stack = [(t, 0) for t in reversed(self._ordered(None, last))]
+        while stack:
+            turn, depth = stack.pop()
+            yield turn, depth
+            stack.extend((kid, depth + 1) for kid in reversed(self._ordered(turn.id, last)))
+
+    def _ordered(self, turn_id: int | None, last: Collection[int]) -> list[Turn]:
+        return sorted(self._children.get(turn_id, ()), key=lambda t: t.id in last)
 
     def current(self) -> Turn | None:
         return None if self.cursor is None else self.turn(self.cursor)
@@ -66,3 +96,25 @@ class History(BaseModel):
         while out[-1].parent is not None:
             out.append(self.turn(out[-1].parent))
         return out[::-1]
+
+    def newest_below(self, turn_id: int) -> list[Turn]:
+        """The turns redo would step through from turn_id: each one the newest child of the one before."""
+        out: list[Turn] = []
+        while kids := self._children.get(out[-1].id if out else turn_id):
+            out.append(kids[-1])
+        return out
+
+
+def numbered(turn_ids: list[int]) -> str:
+    """Turns named in one line ("turn 4", "turns 4, 7"), the first ten and a count when there are more."""
+    if len(turn_ids) == 1:
+        return f"turn {turn_ids[0]}"
+    shown = ", ".join(map(str, turn_ids[:10]))
+    return f"turns {shown}" + (f", ... ({len(turn_ids)} in all)" if len(turn_ids) > 10 else "")
+
+
+def indent(depth: int) -> str:
+    """A printed tree line's indent: two spaces a level, at most MAX_INDENT levels, then the depth itself."""
+    if depth <= MAX_INDENT:
+        return "  " * depth
+    return "  " * MAX_INDENT + f"({depth}) "

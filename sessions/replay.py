@@ -9,12 +9,18 @@ say = "make it look like winter"
 command = "undo"
 ```
 Scripts are data: parsed with tomllib, validated here (nothing in them is ever run), input paths
-confined to the script's folder (unless the person passes --allow-outside), outputs to --out, and
-the size of the run capped: MAX_SCRIPT_BYTES, MAX_TURNS, MAX_TOTAL_STEPS and MAX_IMAGE_PIXELS.
+confined to the script's folder (unless the person passes --allow-outside) and read only when they are
+regular files, outputs written as new files in --out (nothing planted there is opened or written
+through), and the size of the run capped: MAX_SCRIPT_BYTES, MAX_TURNS, MAX_TOTAL_NFE and
+MAX_IMAGE_PIXELS.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import stat
 import threading
 import tomllib
 from collections.abc import Iterator
@@ -24,17 +30,19 @@ from typing import Any, Literal
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from assistant.agent import Agent, check_message
+from assistant.agent import Agent
 from assistant.errors import Cancelled, UserError
+from assistant.files import SAID, kind
 from assistant.images import load_source
 from assistant.settings import Settings
+from assistant.text import check_message, path_text
 from sessions.history import Turn
 from sessions.store import Store
 
 MAX_SCRIPT_BYTES = 1_000_000
 MAX_TURNS = 500
-MAX_TOTAL_STEPS = 20_000
-"""Denoising steps of all edits together (a turn's steps, else the script's, else the setting's)."""
+MAX_TOTAL_NFE = 20_000
+"""Transformer evaluations of all edits together: n steps per edit, M*m + n - m with the early filter."""
 MAX_IMAGE_PIXELS = 16_000_000
 """Images a script opens: at most 16 megapixels each (the assistant edits at 512 pixels wide anyway)."""
 
@@ -100,21 +108,74 @@ class ReplayScript(BaseModel):
         return any((t.candidates or 0) > 1 for t in self.turns)
 
 
+Kind = Literal["file", "hard link", "folder", "special", "missing", "dangling", "loop", "outside", "bad name",
+               "unreadable"]
+
+_SAID: dict[str, str] = SAID | {
+    "hard link": "a hard link (the file has another name, maybe outside this folder)",
+    "folder": "a folder",
+    "dangling": "a link to nothing",
+}
+"""How a one-line error says what holds a path ("outside" names its folder, so each caller says it)."""
+
+
+def _what_is(path: Path, within: Path | None = None) -> Kind:
+    """`assistant.files.kind`, plus what matters where replay reads and writes: a link leading out of
+    `within` is "outside", a file with a second name a "hard link", a link to nothing "dangling".
+
+    Replay asks this of every file it reads and of every entry of --out before any turn runs, so a FIFO
+    (whose reader blocks forever), a device such as /dev/zero, a loop or a link out is refused by type.
+    """
+    try:
+        if within is not None and not path.resolve().is_relative_to(within.resolve()):
+            return "outside"
+    except RuntimeError:  # Path.resolve's symlink loop (Python 3.11)
+        return "loop"
+    except ValueError:
+        return "bad name"
+    found = kind(path)
+    if found == "missing" and os.path.islink(path):
+        return "dangling"
+    if found == "file" and os.stat(path).st_nlink > 1:
+        return "hard link"
+    return found
+
+
+def _read_script(path: Path) -> str:
+    """The script's text: a regular file's, of at most MAX_SCRIPT_BYTES by what is read, not by `stat()`."""
+    kind = _what_is(path)
+    if kind in ("missing", "dangling"):
+        raise UserError(f"{path_text(path)}: no such replay script")
+    if kind == "folder":
+        raise UserError(f"{path} is a folder, not a replay script")
+    if kind not in ("file", "hard link"):
+        raise UserError(f"{path_text(path)}: {_SAID[kind]}; replay scripts are files")
+    try:
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:  # a FIFO swapped in cannot block
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise UserError(f"{path}: {_SAID['special']}; replay scripts are files")
+            data = f.read(MAX_SCRIPT_BYTES + 1)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+    if len(data) > MAX_SCRIPT_BYTES:
+        size = st.st_size if st.st_size > MAX_SCRIPT_BYTES else f"over {MAX_SCRIPT_BYTES}"
+        raise UserError(f"{path}: {size} bytes; replay scripts of at most {MAX_SCRIPT_BYTES} bytes are accepted")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: cannot read ({e})") from None
+
+
 def load_script(path: Path) -> ReplayScript:
     """Parse and validate; errors name the file and the line or field."""
+    text = _read_script(path)
     try:
-        if path.is_file() and path.stat().st_size > MAX_SCRIPT_BYTES:
-            raise UserError(f"{path}: {path.stat().st_size} bytes; replay scripts of at most {MAX_SCRIPT_BYTES} "
-                            "bytes are accepted")
-        data = tomllib.loads(path.read_text("utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such replay script") from None
-    except IsADirectoryError:
-        raise UserError(f"{path} is a folder, not a replay script") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read ({e})") from None
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path}: not valid TOML: {e}") from None
+    except RecursionError:  # tomllib parses nested arrays and inline tables recursively
+        raise UserError(f"{path}: not valid TOML: nested too deeply") from None
     try:
         return ReplayScript.model_validate(data)
     except ValidationError as e:
@@ -127,16 +188,18 @@ def load_script(path: Path) -> ReplayScript:
 
 
 def confined(base: Path, relative: str, allow_outside: bool = False) -> Path:
-    """`relative` inside `base`, or an error: scripts only read beside themselves (unless allowed)."""
-    if allow_outside:
-        return (base / Path(relative).expanduser()).resolve()
-    candidate = Path(relative)
-    if candidate.is_absolute() or ".." in candidate.parts:
-        raise UserError(f"{relative}: replay scripts may only name files in their own folder")
-    resolved = (base / candidate).resolve()
-    if not resolved.is_relative_to(base.resolve()):
+    """`relative` inside `base`, or an error: scripts only read beside themselves (unless allowed), and
+    never a FIFO, device or loop, which would hang or flood the reader. Missing files and folders
+    pass, for the caller to name."""
+    candidate = Path(relative).expanduser() if allow_outside else Path(relative)
+    if not allow_outside and (candidate.is_absolute() or ".." in candidate.parts):
+        raise UserError(f"{path_text(relative)}: replay scripts may only name files in their own folder")
+    kind = _what_is(base / candidate, None if allow_outside else base)
+    if kind == "outside":
         raise UserError(f"{relative}: leads outside the script's folder")
-    return resolved
+    if kind in ("special", "loop", "bad name"):
+        raise UserError(f"{path_text(relative)}: {_SAID[kind]}; replay scripts open image files only")
+    return (base / candidate).resolve()
 
 
 def _open_image(base: Path, relative: str, allow_outside: bool) -> Image.Image:
@@ -154,29 +217,66 @@ def _open_image(base: Path, relative: str, allow_outside: bool) -> Image.Image:
     return load_source(path)
 
 
-def _outside(out_dir: Path, output: Path) -> UserError | None:
-    """The error for an output that would land outside `out_dir` (through a planted link), else None."""
-    if output.resolve().is_relative_to(out_dir.resolve()):
-        return None
-    return UserError(f"{output}: a link leading outside {out_dir}; replay writes only into --out")
+OUTPUT_NAME = re.compile(r"\d{2,}-[a-z]+\.png")
+"""What replay names its outputs (`01-edit.png`); a folder holding such a name is in the way."""
+
+
+def _prepare_out(out_dir: Path) -> None:
+    """Create --out, or refuse it in one line if anything in it is not a plain file or folder of its own:
+    a link out, a hard link, a FIFO, a device, a loop. Runs before any turn, so nothing is written then."""
+    kind = _what_is(out_dir)
+    if kind not in ("folder", "missing"):
+        raise UserError(f"{path_text(out_dir)}: {_SAID.get(kind, 'a file')}; --out must be a folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        entries = sorted(out_dir.iterdir())
+    except OSError as e:
+        raise UserError(f"cannot create {out_dir}: {e.strerror}") from None
+    for entry in entries:
+        kind = _what_is(entry, out_dir)
+        if kind == "file" or (kind == "folder" and not OUTPUT_NAME.fullmatch(entry.name)):
+            continue
+        said = f"a link leading outside {out_dir}" if kind == "outside" else _SAID[kind]
+        raise UserError(f"{entry}: {said}; replay writes only into --out")
 
 
 def _write(out_dir: Path, name: str, data: bytes) -> Path:
-    """Write one output inside `out_dir`: a name or a link there leading elsewhere is refused."""
+    """Write one output as a new file: the name is unlinked first (an earlier run's output; unlinking
+    never touches another name's data), then created with O_EXCL, so nothing there is written through."""
     output = out_dir / name
-    if error := _outside(out_dir, output):
-        raise error
     try:
-        output.write_bytes(data)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(output)
+        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
     except OSError as e:
+        raise UserError(f"cannot write {output}: {e.strerror or e}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        output.unlink(missing_ok=True)  # never half a picture
         raise UserError(f"cannot write {output}: {e.strerror or e}") from None
     return output
 
 
-def total_steps(script: ReplayScript, settings: Settings) -> int:
-    """Denoising steps the script's edits ask for, as the run will count them."""
-    default = script.steps or settings.steps
-    return sum(turn.steps or default for turn in script.turns if turn.say is not None)
+def total_nfe(script: ReplayScript, settings: Settings) -> int:
+    """Transformer evaluations the script's edits ask for, as the engine counts them (its `nfe`).
+
+    `settings` already merges the script's values with the command line's (which win), as the run uses them.
+    """
+    return sum(_nfe(turn, settings) for turn in script.turns if turn.say is not None)
+
+
+def _nfe(turn: ReplayTurn, settings: Settings) -> int:
+    """n steps, or M*m + n - m when M > 1 candidates run m early steps each (plugins/icedit/early_filter.py)."""
+    steps = turn.steps or settings.steps
+    candidates = turn.candidates or settings.candidates
+    if candidates == 1:
+        return steps
+    early = turn.early_steps or settings.early_steps
+    return candidates * early + steps - early
 
 
 def run_script(
@@ -196,20 +296,20 @@ def run_script(
     base = script_path.parent
     agent = Agent(store, session, settings)
     cancel = cancel or threading.Event()
-    if (steps := total_steps(script, settings)) > MAX_TOTAL_STEPS:
-        raise UserError(f"{script_path}: the edits ask for {steps} denoising steps in all; at most "
-                        f"{MAX_TOTAL_STEPS} are accepted")
+    if (nfe := total_nfe(script, settings)) > MAX_TOTAL_NFE:
+        raise UserError(f"{script_path}: the edits ask for {nfe} transformer evaluations in all; at most "
+                        f"{MAX_TOTAL_NFE} are accepted")
     pending = (_open_image(base, script.source, allow_outside), f"open {script.source}")
     for n, step in enumerate(script.turns, start=1):  # every file the script names, before any turn runs
-        if step.open is not None and not confined(base, step.open, allow_outside).is_file():
+        if step.open is None:
+            continue
+        try:
+            path = confined(base, step.open, allow_outside)
+        except UserError as e:
+            raise UserError(f"turn {n}: {e}") from None
+        if not path.is_file():
             raise UserError(f"turn {n}: {step.open}: no such file beside the script")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        planted = [error for entry in sorted(out_dir.iterdir()) if (error := _outside(out_dir, entry))]
-    except OSError as e:
-        raise UserError(f"cannot create {out_dir}: {e.strerror}") from None
-    if planted:
-        raise planted[0]
+    _prepare_out(out_dir)
     for n, step in enumerate(script.turns, start=1):
         try:
             if cancel.is_set():

@@ -8,6 +8,7 @@ damaged files and a store that stays busy are one line each (`UserError`), never
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import sqlite3
 import time
@@ -20,6 +21,8 @@ from typing import Any, Self
 from pydantic import BaseModel
 
 from assistant.errors import UserError
+from assistant.text import check_name
+from sessions import wal
 from sessions.history import History, Turn, TurnKind
 
 MIGRATIONS: list[str] = [
@@ -63,13 +66,17 @@ MIGRATIONS: list[str] = [
     CREATE INDEX turns_by_image ON turns(session_id, image_sha256);
     CREATE INDEX log_by_session ON log(session_id, id);
     """,
+    wal.SCHEMA,
 ]
 """Schema versions in order; `PRAGMA user_version` records how many have run.
 
 2: indexes for the two lookups that otherwise scan whole tables as a store grows over weeks:
 `add_turns` asking whether a session already holds an image (a turn "open"ed by a concurrent
 process is reused, not doubled) and `transcript`, which the chat reads on every start.
+3: `store_state`, which lets a later open tell whether a `-wal` file belongs to this file (sessions/wal.py).
 """
+APPLICATION_ID = 0x69636564
+"""`PRAGMA application_id` of a session store ("iced"): an SQLite file of another program is not taken for one."""
 BUSY_TIMEOUT_S = 30
 _STORE_ERRORS = {
     "disk is full": "the disk holding the session store {path} is full: free some space and try again",
@@ -83,6 +90,14 @@ _STORE_ERRORS = {
     "unable to open": "cannot open the session store {path} ({error}): is its folder writable?",
 }
 """SQLite's messages for what is wrong with the store's file or disk (not with our SQL) -> one line."""
+
+
+class DamagedImage(UserError):
+    """A stored image whose bytes no longer hash to its name; `sha256` says which."""
+
+    def __init__(self, sha256: str, message: str):
+        super().__init__(message)
+        self.sha256 = sha256
 
 
 class SessionInfo(BaseModel):
@@ -144,10 +159,14 @@ class Store:
             except OSError as e:
                 raise UserError(f"cannot create the store folder {Path(path).parent}: {e.strerror}") from None
         self.db = None
+        self._stamping = False
+        if self.path != ":memory:" and Path(path).is_file():
+            wal.check(Path(path))
         try:
             self.db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
                                       check_same_thread=False)
             self.db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_S * 1000}")
+            self._check_ours(self.db)  # before the journal mode is set: that would change another program's file
             self._wal()
             self.db.execute("PRAGMA foreign_keys = ON")
             self._migrate()
@@ -195,7 +214,12 @@ class Store:
         except sqlite3.DatabaseError as e:
             raise self._error(e) from None
         try:
+            seen = wal.header(Path(f"{self.path}-wal")) if self.path != ":memory:" else None
+            changes = self.db.total_changes
+            self._migrated = False
             yield self.db
+            if self._stamping and (self.db.total_changes != changes or self._migrated):
+                wal.stamp(self.db, seen)  # only commits that write count: a read-only open leaves the file as it was
             self.db.execute("COMMIT")
         except BaseException as e:
             if self.db.in_transaction:
@@ -217,6 +241,24 @@ class Store:
                     if statement.strip():
                         db.execute(statement)
                 db.execute(f"PRAGMA user_version = {i}")
+                self._migrated = True
+            if self._migrated:
+                db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            self._stamping = True
+
+    def _check_ours(self, db: sqlite3.Connection) -> None:
+        """Refuse an SQLite file of another program at the store's path instead of adding tables to it."""
+        db.execute("BEGIN")  # one snapshot: another icedit may be creating this store right now
+        try:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            app = db.execute("PRAGMA application_id").fetchone()[0]
+            tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+        finally:
+            db.execute("COMMIT")
+        if app not in (0, APPLICATION_ID) or (version == 0 and tables) or (version and "sessions" not in tables):
+            shown = ", ".join(tables[:5]) + (", ..." if len(tables) > 5 else "")
+            raise UserError(f"{self.path} is not a session store (an SQLite database of another program, "
+                            f"tables: {shown or 'none'}): move it away, or set ICEDIT_HOME to another folder")
 
     # ------------------------------------------------------------------ reading
 
@@ -270,9 +312,13 @@ class Store:
 
     @_reading
     def image(self, sha256: str) -> bytes:
+        """An image's PNG bytes, checked against its name: bit rot SQLite cannot see is caught here."""
         row = self.db.execute("SELECT png FROM images WHERE sha256 = ?", (sha256,)).fetchone()
         if row is None:
             raise UserError(f"image {sha256[:12]} is not in the store")
+        if hashlib.sha256(row[0]).hexdigest() != sha256:
+            raise DamagedImage(sha256, f"image {sha256[:12]} in the session store {self.path} is damaged (its bytes "
+                               "no longer match their hash): restore the store from a backup")
         return row[0]
 
     @_reading
@@ -298,6 +344,7 @@ class Store:
         with self._tx() as db:
             row = db.execute("SELECT id FROM sessions WHERE name = ?", (name,)).fetchone()
             if row is None:
+                check_name(name)
                 session_id = db.execute(
                     "INSERT INTO sessions (name, created, updated) VALUES (?, ?, ?)", (name, now, now)
                 ).lastrowid
@@ -342,6 +389,7 @@ class Store:
         (png, width, height) for images the store does not hold yet.
         """
         with self._tx() as db:
+            check_name(name)
             if db.execute("SELECT 1 FROM sessions WHERE name = ?", (name,)).fetchone() is not None:
                 raise UserError(f"a session named '{name}' already exists: import it under another name with --as")
             session_id = db.execute(
@@ -349,9 +397,13 @@ class Store:
             ).lastrowid
             ids: dict[int, int] = {}
             for turn in turns:
-                if db.execute("SELECT 1 FROM images WHERE sha256 = ?", (turn.image_sha256,)).fetchone() is None:
+                held = db.execute("SELECT png FROM images WHERE sha256 = ?", (turn.image_sha256,)).fetchone()
+                if held is None:
                     db.execute("INSERT INTO images (sha256, png, width, height) VALUES (?, ?, ?, ?)",
                                (turn.image_sha256, *image(turn.image_sha256)))
+                elif hashlib.sha256(held[0]).hexdigest() != turn.image_sha256:  # a rotten copy heals from the archive
+                    db.execute("UPDATE images SET png = ?, width = ?, height = ? WHERE sha256 = ?",
+                               (*image(turn.image_sha256), turn.image_sha256))
                 parent = None if turn.parent is None else ids[turn.parent]
                 ids[turn.id] = self._insert_turn(db, session_id, parent, turn, turn.created)
             for entry in transcript:

@@ -145,7 +145,76 @@ CASES = {
                                        lambda d: [*TINY, "--lora", _garbage(d / "junk.safetensors")],
                                        ("cannot load the LoRA from {d}/junk.safetensors: Error while deserializing "
                                        "header: header too large")),
+    # paths the file system answers oddly for: one word from assistant.files.kind, one line each
+    "a NUL byte in the path": (lambda d: Path(f"{d}/a\x00b.png"), "add snow", lambda d: FAKE,
+                               "{d}/a\\x00b.png: not a usable file name (a NUL byte, or too long)"),
+    "a name too long for the file system": (lambda d: d / ("x" * 300 + ".png"), "add snow", lambda d: FAKE,
+                                            "{img}: not a usable file name (a NUL byte, or too long)"),
+    "a loop of symbolic links": (lambda d: _loop(d / "loop.png"), "add snow", lambda d: FAKE,
+                                 "{img}: a loop of symbolic links"),
+    "a link to nothing": (_write("gone.png", lambda p: p.symlink_to(p.parent / "nowhere.png")), "add snow",
+                          lambda d: FAKE, "{img}: no such file"),
+    "a device that gives nothing": (lambda d: Path("/dev/null"), "add snow", lambda d: FAKE,
+                                    ("/dev/null: nothing came through (an empty pipe or device): pass a picture's "
+                                     "bytes or a file")),
+    "lora is a device": (None, "add snow", lambda d: [*TINY, "--lora", "/dev/zero"],
+                         "LoRA '/dev/zero' (--lora): a device, pipe or socket, not a file"),
+    "lora is a loop of links": (None, "add snow", lambda d: [*TINY, "--lora", _loop(d / "a.safetensors")],
+                                "LoRA '{d}/a.safetensors' (--lora): a loop of symbolic links"),
+    "adapter with NaN weights": (None, "add snow", lambda d: [*TINY, "--lora", _adapter(d, lambda s: s[ROUTE].fill_(
+        float("nan")))], (f"the adapter {{d}}/adapter.safetensors has NaN or infinite weights ({ROUTE}): it is "
+                          "damaged or its training diverged; nothing was loaded")),
+    "adapter with an infinite weight": (None, "add snow", lambda d: [*TINY, "--lora", _adapter(
+        d, lambda s: s[ROUTE].view(-1).__setitem__(3, float("-inf")))],
+        (f"the adapter {{d}}/adapter.safetensors has NaN or infinite weights ({ROUTE}): it is damaged or its "
+         "training diverged; nothing was loaded")),
+    # session names: the same rule wherever a name comes in (assistant.text.check_name)
+    "empty session name": (None, "add snow", lambda d: [*FAKE, "--session", ""],
+                           "the session name is empty: give a name, e.g. --session trip"),
+    "blank session name": (None, "add snow", lambda d: [*FAKE, "--session", "   "],
+                           "the session name is empty: give a name, e.g. --session trip"),
+    "session name that sets the window title": (None, "add snow", lambda d: [*FAKE, "--session", "a\x1b]0;x\x07"],
+                                                ("the session name contains a control character ('\\x1b'): use "
+                                                 "plain text")),
+    "session name with a newline": (None, "add snow", lambda d: [*FAKE, "--session", "a\nb"],
+                                    "the session name contains a control character ('\\n'): use plain text"),
+    "session name of 201 characters": (None, "add snow", lambda d: [*FAKE, "--session", "n" * 201],
+                                       "the session name is 201 characters long; at most 200 are accepted"),
+    # outputs in the way: refused before the edit runs
+    "-o onto the source": (_write("me.png", lambda p: p.write_bytes(CHELSEA.read_bytes())), "add snow",
+                           lambda d: [*FAKE, "-o", d / "me.png"],
+                           "{img} is the picture being edited: give -o another name, or pass --force to replace it"),
+    "-o onto a hard link of the source": (_write("me.png", lambda p: p.write_bytes(CHELSEA.read_bytes())),
+                                          "add snow", lambda d: [*FAKE, "-o", _hard_link(d / "me.png", d / "me2.png")],
+                                          ("{d}/me2.png is the picture being edited: give -o another name, or pass "
+                                           "--force to replace it")),
+    "-o onto a file of the person's": (None, "add snow", lambda d: [*FAKE, "-o", _taken(d / "mine.png")],
+                                       ("{d}/mine.png already exists: choose another name, or pass --force to "
+                                        "replace it")),
+    "-o onto a link to nothing": (None, "add snow", lambda d: [*FAKE, "-o", _dangling(d / "ln.png")],
+                                  "{d}/ln.png already exists: choose another name, or pass --force to replace it"),
 }
+
+
+def _loop(path: Path) -> Path:
+    path.symlink_to(path.with_name(path.name + ".2"))
+    path.with_name(path.name + ".2").symlink_to(path)
+    return path
+
+
+def _hard_link(source: Path, link: Path) -> Path:
+    link.hardlink_to(source)
+    return link
+
+
+def _taken(path: Path) -> Path:
+    path.write_bytes(b"the person's own file")
+    return path
+
+
+def _dangling(path: Path) -> Path:
+    path.symlink_to(path.with_name("nowhere"))
+    return path
 
 
 def _adapter(d: Path, mutate) -> Path:
@@ -242,7 +311,7 @@ CHAT_CASES = [
     ("/open {d}/pics", "{d}/pics is a folder, not an image"),
     ("/open {d}/page.png", "{d}/page.png: not an image PIL can read (PNG, JPEG, WebP, ...)"),
     ("/save {d}/nope/out.png", "cannot write {d}/nope/out.png: No such file or directory"),
-    ("/sheet", "usage: /sheet PATH"),
+    ("/sheet", "usage: /sheet PATH [--force]"),
     ("add a \x07 bell", "the instruction contains a control character ('\\x07'): type plain text"),
     ("x" * 10_000_000, "the instruction is 10000000 characters long; at most 2000 are accepted"),
 ]

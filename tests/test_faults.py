@@ -8,6 +8,7 @@ stores are real SQLite errors: the store's connection gets `max_page_count` / `q
 from __future__ import annotations
 
 import errno
+import os
 import sqlite3
 import types
 from pathlib import Path
@@ -86,7 +87,7 @@ def test_a_store_folder_that_cannot_exist_is_one_line(tmp_path, monkeypatch, fak
 
 @pytest.fixture
 def full_disk_for_pngs(monkeypatch, tmp_path):
-    """Writing any PNG under tmp_path fails with ENOSPC (the store's own file is elsewhere and unaffected)."""
+    """Writing any PNG under tmp_path/work fails with ENOSPC (the store's own file is elsewhere and unaffected)."""
     real = Path.write_bytes
 
     def write_bytes(self, data):
@@ -94,8 +95,17 @@ def full_disk_for_pngs(monkeypatch, tmp_path):
             raise OSError(errno.ENOSPC, "No space left on device", str(self))
         return real(self, data)
 
+    real_fsync = os.fsync
+
+    def fsync(fd):  # files written atomically fail where the data would reach the disk
+        path = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        if path.is_relative_to(tmp_path / "work") and (".png" in path.name):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
     (tmp_path / "work").mkdir()
     monkeypatch.setattr(Path, "write_bytes", write_bytes)
+    monkeypatch.setattr(os, "fsync", fsync)
     return tmp_path / "work"
 
 

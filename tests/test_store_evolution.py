@@ -49,9 +49,9 @@ def v1_home(icedit_home) -> Path:
 def test_a_v1_store_opens_upgrades_and_keeps_everything(v1_home):
     path = v1_home / "sessions.sqlite3"
     before = rows(path)
-    assert dump(v1_home)["user_version"] == 1 and len(MIGRATIONS) == 2
+    assert dump(v1_home)["user_version"] == 1 and len(MIGRATIONS) == 3
     with Store(path) as store:
-        assert store.db.execute("PRAGMA user_version").fetchone() == (2,)
+        assert store.db.execute("PRAGMA user_version").fetchone() == (3,)
         walk = store.history("walk")
         assert [(t.id, t.parent, t.kind, t.message) for t in walk.turns] == [
             (1, None, "open", "open cat.png"),
@@ -104,7 +104,7 @@ def test_a_store_from_a_newer_version_is_refused_in_one_line(v1_home):
     for args in (["sessions", "list"], ["undo", "walk"]):
         result = invoke(*args)
         assert (result.exit_code, result.stderr) == (2, (f"Error: the session store {path} is from a newer "
-                                                        "icedit-assistant (schema 9, this one knows 2): upgrade "
+                                                        "icedit-assistant (schema 9, this one knows 3): upgrade "
                                                         "icedit-assistant\n"))
     assert dump(v1_home) == before
 
@@ -204,10 +204,13 @@ BAD_ARCHIVES = {
                     "images/<sha256>.png)")),
     "image not matching its name": (
         lambda a, d: _rezip(a, d / "b.zip", lambda m: m.__setitem__(_first_image(m), m[_first_image(m)] + b"x")),
-        "{path}: {first} does not hash to its name: the archive is damaged"),
+        ("{path}: {first} does not hash to its name: the archive is damaged"
+         ": nothing was imported (turn 3 cannot be restored; --partial imports the rest)")),
     "image missing": (lambda a, d: _rezip(a, d / "b.zip", lambda m: m.pop(_first_image(m))),
-                      "{path}: image {short} of the session is not in the archive"),
-    "a jpeg": (lambda a, d: _rezip(a, d / "b.zip", _jpeg_named_by_its_hash), "{path}: {jpeg} is a JPEG, not a PNG"),
+                      ("{path}: image {short} of the session is not in the archive"
+         ": nothing was imported (turn 3 cannot be restored; --partial imports the rest)")),
+    "a jpeg": (lambda a, d: _rezip(a, d / "b.zip", _jpeg_named_by_its_hash), ("{path}: {jpeg} is a JPEG, not a PNG"
+         ": nothing was imported (turn 3 cannot be restored; --partial imports the rest)")),
     "cursor on no turn": (lambda a, d: _rezip(a, d / "b.zip", _session_json(lambda s: s.__setitem__("cursor", 99))),
                           "{path}: session.json: Value error, the cursor 99 is not one of the turns"),
     "parent after child": (

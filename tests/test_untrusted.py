@@ -201,7 +201,7 @@ def test_outputs_stay_in_the_out_folder(folder, tmp_path, icedit_home, fake):
         (lambda d: (d / "s.toml").write_text("# " + "x" * 1_000_000 + '\nsource = "cat.png"\n'),
          "{script}: 1000022 bytes; replay scripts of at most 1000000 bytes are accepted"),
         (lambda d: (d / "s.toml").write_text('source = "cat.png"\nsteps = 200\n' + '[[turns]]\nsay = "x"\n' * 101),
-         "{script}: the edits ask for 20200 denoising steps in all; at most 20000 are accepted"),
+         "{script}: the edits ask for 20200 transformer evaluations in all; at most 20000 are accepted"),
         (lambda d: (Image.new("1", (5000, 4000)).save(d / "big.png"),
                     (d / "s.toml").write_text('source = "big.png"\n[[turns]]\nsay = "x"\n')),
          "big.png: a 5000x4000 image; replay scripts may open images of at most 16 megapixels"),

@@ -13,6 +13,7 @@ from textual.app import App
 
 from assistant.agent import Agent
 from assistant.settings import Settings
+from assistant.text import file_name
 from assistant.tui.screens.chat import ChatScreen
 from assistant.tui.widgets.picture import Renderer
 from sessions.store import Store
@@ -63,7 +64,7 @@ def make_app(
     session = session or default_session()
     if image is not None:
         try:
-            Agent(store, session, settings).open(load_source(image), f"open {image.name}")
+            Agent(store, session, settings).open(load_source(image), f"open {file_name(image)}")
         except BaseException:
             store.close()
             raise

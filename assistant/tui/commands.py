@@ -31,11 +31,11 @@ BUILTINS: dict[str, Builtin] = {
     "candidates": Builtin("/candidates N", "early filter: noises tried per edit, the judge keeps one",
                           needs_store=False),
     "open": Builtin("/open PATH", "open an image (the next edit starts from it)"),
-    "save": Builtin("/save PATH", "write the current image to PATH (.png, .jpg, .webp, ...)"),
+    "save": Builtin("/save PATH [--force]", "write the current image to PATH (.png, .jpg, .webp, ...); --force replaces a file"),
     "history": Builtin("/history", "the session's turns as a tree; * marks where you are"),
     "branch": Builtin("/branch N", "jump to turn N; an edit from there starts a branch"),
     "session": Builtin("/session NAME", "switch to session NAME (a new name starts a new one)"),
-    "sheet": Builtin("/sheet PATH", "write a contact sheet of the session (a PNG of every turn)"),
+    "sheet": Builtin("/sheet PATH [--force]", "write a contact sheet of the session (a PNG of every turn)"),
     "help": Builtin("/help", "this list", needs_store=False),
     "quit": Builtin("/quit", "leave (the session is kept: icedit chat --session NAME)", needs_store=False),
 }

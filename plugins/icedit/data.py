@@ -97,6 +97,26 @@ def load_edits(data: str, columns: dict[str, str] | None = None, split: str = "t
     return dataset
 
 
+def example(edits, index: int) -> dict:
+    """Row `index` with its images decoded now: `datasets` and PIL decode lazily, so a file that is not an
+    image would otherwise fail deep inside a training step or an edit; here it is one line naming the row."""
+    from assistant.hub import first_line
+
+    try:
+        row = edits[index]
+    except Exception as e:  # noqa: BLE001 - datasets raises whatever its image decoder raised
+        raise UserError(f"example {index + 1} of the dataset cannot be read: {first_line(e)}") from None
+    for column in ("source", "target"):
+        if row.get(column) is None:
+            continue
+        try:
+            row[column].load()
+        except Exception as e:  # noqa: BLE001 - PIL raises many kinds for bad data; all mean "not an image"
+            raise UserError(f"example {index + 1} of the dataset: its {column} is not a readable image "
+                            f"({first_line(e)})") from None
+    return row
+
+
 def training_diptych(source: Image.Image, target: Image.Image, panel_width: int):
     """(input canvas, mask, target canvas): the engine's diptych, and the same with the target on the right."""
     canvas, mask = make_diptych(source, panel_width)
@@ -116,6 +136,6 @@ class Diptychs(Dataset):
         return len(self.edits)
 
     def __getitem__(self, index: int) -> dict:
-        row = self.edits[index]
+        row = example(self.edits, index)
         canvas, mask, target = training_diptych(row["source"], row["target"], self.panel_width)
         return {"canvas": canvas, "mask": mask, "target": target, "instruction": row["instruction"]}

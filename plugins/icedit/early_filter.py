@@ -21,7 +21,16 @@ from PIL import Image
 
 from assistant.errors import UserError
 from assistant.images import encode_png, sha256
-from assistant.models import CandidateInfo, Candidates, EngineEvent, Log, Step, Verdict, VerdictInfo
+from assistant.models import (
+    CandidateInfo,
+    Candidates,
+    EngineEvent,
+    Log,
+    Step,
+    Verdict,
+    VerdictInfo,
+    next_seed,
+)
 from plugins.icedit.diptych import right_panel
 from plugins.icedit.sampler import Conditioning, FillSampler, Latents
 
@@ -129,7 +138,7 @@ def early_filter(
         raise UserError("the early filter needs a judge (--judge)")
     if not 1 <= early_steps < cond.steps:
         raise UserError(f"--early-steps must be between 1 and --steps - 1 ({cond.steps - 1}), not {early_steps}")
-    seeds = [seed + i for i in range(candidates)]
+    seeds = [next_seed(seed, i) for i in range(candidates)]
     batch, canvases = run_candidates(sampler, cond, seeds, early_steps, events, cancel)
     previews = [right_panel(c) for c in canvases]
     infos = [

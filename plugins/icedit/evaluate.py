@@ -20,10 +20,12 @@ from pydantic import BaseModel, Field
 
 import prompts
 from assistant.errors import UserError
-from assistant.models import EditPlan, EditRequest
+from assistant.files import write_file
+from assistant.images import save_image
+from assistant.models import SEEDS, EditPlan, EditRequest, next_seed
 from assistant.settings import Settings
 from plugins.icedit import features as feature_models
-from plugins.icedit.data import load_edits
+from plugins.icedit.data import example, load_edits
 from plugins.icedit.loading import feature_refs
 from plugins.icedit.metrics import Example, means, score
 from plugins.icedit.scorecard import contact_sheet, markdown_table
@@ -38,7 +40,7 @@ class EvalConfig(BaseModel):
     split: str = "train"
     limit: int | None = Field(None, ge=1)
     out: Path = Path("icedit-eval")
-    seed: int = Field(0, ge=0, description="example i is edited with seed + i")
+    seed: int = Field(0, ge=0, lt=SEEDS, description="example i is edited with seed + i")
     steps: int | None = Field(None, ge=1, le=200, description="default: the settings' steps (28)")
     guidance: float | None = Field(None, gt=0, le=200)
     batch_size: int = Field(8, ge=1, description="examples per round: edited one by one, then scored in one batch")
@@ -113,12 +115,12 @@ def evaluate(config: EvalConfig, settings: Settings, progress: bool = True) -> E
         bar = tqdm(total=len(mine), desc="eval", disable=not (progress and state.is_main_process))
         for start in range(0, len(mine), config.batch_size):
             chunk = mine[start:start + config.batch_size]
-            rows = [edits[i] for i in chunk]
+            rows = [example(edits, i) for i in chunk]
             made = []
             for i, row in zip(chunk, rows, strict=True):
                 plan = EditPlan(intent="edit", instruction=row["instruction"],
                                 ic_prompt=prompts.render("ic_edit.txt", instruction=row["instruction"]))
-                request = EditRequest(source=row["source"].convert("RGB"), plan=plan, seed=config.seed + i,
+                request = EditRequest(source=row["source"].convert("RGB"), plan=plan, seed=next_seed(config.seed, i),
                                       steps=steps, guidance=guidance)
                 made.append(engine.edit(request, lambda event: None, threading.Event()))
                 bar.update(1)
@@ -127,7 +129,7 @@ def evaluate(config: EvalConfig, settings: Settings, progress: bool = True) -> E
             for i, row, result, metrics in zip(chunk, rows, made, score(features, examples, config.batch_size),
                                                strict=True):
                 path = edits_dir / f"{i:05d}.png"
-                result.image.save(path)
+                save_image(result.image, path, force=True)  # the run's own folder: a rerun replaces its edits
                 random_weights |= result.random_weights
                 verdict = scorer.score(row["instruction"], row["source"], result.image) if scorer else None
                 results.append(ExampleResult(index=i, instruction=row["instruction"], seed=result.seed, edit=str(path),
@@ -146,10 +148,10 @@ def evaluate(config: EvalConfig, settings: Settings, progress: bool = True) -> E
         judge = {k: _mean([r.judge[k] for r in results]) for k in ("sc", "pq", "overall")}
     averages = means([r.metrics for r in results])
     table, sheet_path, report_path = config.out / "metrics.md", config.out / "sheet.png", config.out / "metrics.json"
-    table.write_text(markdown_table(averages, len(results), judge))
-    contact_sheet([row[1:] for row in sheet]).save(sheet_path)
+    write_file(table, markdown_table(averages, len(results), judge).encode(), force=True)
+    save_image(contact_sheet([row[1:] for row in sheet]), sheet_path, force=True)
     report = EvalReport(metrics=averages, judge=judge, count=len(results), examples=results, table=str(table),
                         sheet=str(sheet_path), report=str(report_path), num_processes=state.num_processes,
                         random_weights=random_weights, feature_models=feature_names)
-    report_path.write_text(json.dumps(report.model_dump(), indent=2) + "\n")
+    write_file(report_path, (json.dumps(report.model_dump(), indent=2) + "\n").encode(), force=True)
     return report

@@ -213,17 +213,32 @@ def _load_adapter(pipe, lora: str, settings: Settings) -> AdapterInfo:
         if _kind_of(path) != "lora-moe":
             return _load_stock_lora(pipe, lora, path, settings.lora_scale)
         state = moe.read_checkpoint(path)
+    _check_finite(state, lora)
     report = moe.load_lora_moe(pipe.transformer, state, top_k=settings.top_k)
     moe.set_scale(pipe.transformer, settings.lora_scale)
     return AdapterInfo(kind="lora-moe", source=lora, keys=report.keys, num_experts=report.num_experts,
                        top_k=report.top_k, scale=settings.lora_scale)
 
 
+def _check_finite(state, lora: str) -> None:
+    """Refuse an adapter with NaN or infinite weights before it is placed: it would paint black pictures."""
+    import torch
+
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise UserError(f"the adapter {lora} has NaN or infinite weights ({key}): it is damaged or its training "
+                            "diverged; nothing was loaded")
+
+
 def _load_stock_lora(pipe, lora: str, path: Path, scale: float) -> AdapterInfo:
     try:  # use_safetensors=True: diffusers never falls back to unpickling a .bin
         state = pipe.lora_state_dict(str(path.parent), weight_name=path.name, use_safetensors=True)
-        keys = len(state[0] if isinstance(state, tuple) else state)
+        weights = state[0] if isinstance(state, tuple) else state
+        keys = len(weights)
+        _check_finite(weights, lora)
         pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="icedit", use_safetensors=True)
+    except UserError:
+        raise
     except Exception as e:  # noqa: BLE001 - every loader failure becomes one line
         raise UserError(f"cannot load the LoRA from {lora}: {hub.first_line(e)}") from None
     pipe.set_adapters(["icedit"], adapter_weights=[scale])

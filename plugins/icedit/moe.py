@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from torch import nn
 
 from assistant.errors import UserError
+from assistant.files import write_file
 from plugins.icedit.loading import WEIGHTS_NAME
 
 ADAPTER = "icedit"
@@ -313,7 +314,7 @@ def adapter_state(transformer: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_lora_moe(transformer: nn.Module, path: str | Path) -> Path:
     """Write the adapter in the published format (safetensors); a folder gets the published file name."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     path = Path(path)
     if path.is_dir() or not path.suffix:
@@ -322,8 +323,7 @@ def save_lora_moe(transformer: nn.Module, path: str | Path) -> Path:
     state = adapter_state(transformer)
     if not state:
         raise UserError("the model carries no LoRA-MoE adapter to save")
-    save_file(state, path, metadata={"format": "pt"})
-    return path
+    return write_file(path, save(state, metadata={"format": "pt"}), force=True)
 
 
 def set_scale(transformer: nn.Module, scale: float) -> None:

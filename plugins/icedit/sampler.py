@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from assistant.errors import Cancelled
+from assistant.errors import Cancelled, UserError
 
 
 @dataclass(frozen=True)
@@ -196,6 +196,9 @@ class FillSampler:
             )[0]
             dt = cond.sigmas[i + 1] - cond.sigmas[i]
             x = (x.to(torch.float32) + dt * v).to(v.dtype)  # FlowMatchEulerDiscreteScheduler.step
+            if not bool(torch.isfinite(x).all()):
+                raise UserError(f"the edit went numerically wrong at step {i + 1} of {cond.steps} (NaN or infinity "
+                                "in the latents): nothing was saved; try another --dtype or adapter")
             on_step(i + 1, cond.steps)
         return replace(latents, x=x, step=until, velocity=v)
 

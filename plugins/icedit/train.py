@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Sampler
 
 import prompts
 from assistant.errors import UserError
+from assistant.files import write_file
 from assistant.settings import Settings
 from plugins.icedit import moe
 from plugins.icedit.data import Diptychs, load_edits
@@ -53,7 +54,7 @@ class TrainConfig(BaseModel):
     grad_accum: int = Field(1, ge=1)
     mixed_precision: Literal["no", "fp16", "bf16"] | None = Field(None, description="default: bf16 on a GPU, no on a CPU")
     gradient_checkpointing: bool = False
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, lt=2**32, description="set_seed takes 32 bits (numpy)")
     panel_width: int = Field(512, ge=16, multiple_of=16, description="diptych panel width (the engine uses 512)")
     guidance: float = Field(1.0, gt=0, description="FLUX guidance embedding during training (the paper's trainer: 1)")
     checkpoint_every: int = Field(500, ge=1)
@@ -243,11 +244,11 @@ def train(config: TrainConfig, settings: Settings, progress: bool = True) -> Tra
     metrics_path = out / "metrics.jsonl"
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.json").write_text(config.model_dump_json(indent=2) + "\n")
+        write_file(out / "train_config.json", (config.model_dump_json(indent=2) + "\n").encode(), force=True)
         kept = []
         if step and metrics_path.is_file():
             kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        metrics_path.write_text("".join(line + "\n" for line in kept))
+        write_file(metrics_path, "".join(line + "\n" for line in kept).encode(), force=True)
 
     sampler = FillSampler(pipe)
     guidance = config.guidance if transformer.config.guidance_embeds else None
@@ -287,7 +288,7 @@ def train(config: TrainConfig, settings: Settings, progress: bool = True) -> Tra
                 where = out / "checkpoints" / f"step-{step:06d}"
                 accelerator.save_state(str(where))
                 if accelerator.is_main_process:
-                    (where / "trainer_state.json").write_text(json.dumps({"step": step}) + "\n")
+                    write_file(where / "trainer_state.json", (json.dumps({"step": step}) + "\n").encode(), force=True)
                 checkpoints.append(str(where))
             if step == config.steps:
                 break

@@ -25,6 +25,7 @@ from assistant.agent import Agent
 from assistant.errors import Cancelled, UserError
 from assistant.preflight import require_on_disk, rewriter_name
 from assistant.settings import Settings
+from assistant.text import file_name
 from assistant.tui.commands import BUILTINS, Chat, ChatOptions, history_text, whole_number
 from assistant.tui.messages import EditFailed, EditFinished, EditProgress
 from assistant.tui.widgets.candidate_strip import CandidateStrip
@@ -324,23 +325,19 @@ class ChatScreen(Screen):
             raise UserError(f"usage: {BUILTINS['open'].usage}")
         path = Path(argument).expanduser()
         image = load_source(path)
-        turn = self.agent.open(image, f"open {path.name}")
+        turn = self.agent.open(image, f"open {file_name(path)}")
         self.refresh_view()
         return f"opened {path} ({image.width}x{image.height}) as turn #{turn.id}"
 
     def command_save(self, argument: str) -> str:
-        from assistant.images import decode_png
+        from assistant.images import decode_png, save_image
 
         if not argument:
             raise UserError(f"usage: {BUILTINS['save'].usage}")
-        path = Path(argument).expanduser()
+        force = argument.endswith(" --force")
+        path = Path(argument.removesuffix(" --force").strip()).expanduser()
         turn = self.agent.current()
-        try:
-            decode_png(self.store.image(turn.image_sha256)).save(path)
-        except ValueError:
-            raise UserError(f"{path}: unknown image type (use .png, .jpg, .webp, ...)") from None
-        except OSError as e:
-            raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+        save_image(decode_png(self.store.image(turn.image_sha256)), path, force)
         return f"wrote {path} (turn #{turn.id})"
 
     def command_history(self, argument: str) -> str:
@@ -361,13 +358,15 @@ class ChatScreen(Screen):
         self.load_session()
 
     def command_sheet(self, argument: str) -> str:
-        from sessions.sheet import write_sheet
+        from sessions.sheet import damaged_note, write_sheet
 
         if not argument:
             raise UserError(f"usage: {BUILTINS['sheet'].usage}")
-        path = Path(argument).expanduser()
-        sheet = write_sheet(self.store, self.agent.session, path)
-        return f"wrote {path} ({sheet.width}x{sheet.height})"
+        force = argument.endswith(" --force")
+        path = Path(argument.removesuffix(" --force").strip()).expanduser()
+        sheet = write_sheet(self.store, self.agent.session, path, force)
+        damaged = sheet.info.get("damaged")
+        return f"wrote {path} ({sheet.width}x{sheet.height})" + (f"; {damaged_note(damaged)}" if damaged else "")
 
     def command_help(self, argument: str) -> str:
         rows = [f"{b.usage:<16} {b.help}" for b in BUILTINS.values()]

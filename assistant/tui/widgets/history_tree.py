@@ -11,6 +11,9 @@ from textual.widgets import Tree
 from sessions.history import History, Turn
 
 LABEL_WIDTH = 26
+MAX_DEPTH = 100
+"""Levels drawn nested; deeper turns continue in the last level's column, in walk order (Textual's Tree
+recurses once per level, so a session 1 000 turns deep would not draw at all)."""
 
 
 def label(turn: Turn, cursor: int | None) -> Text:
@@ -48,14 +51,15 @@ class HistoryTree(Tree[int]):
             return
         self.root.set_label(f"session {history.name}")
         cursor_node = None
-        stack = [(self.root, t) for t in reversed(history.children(None))]
+        stack = [(self.root, t, 0) for t in reversed(history.children(None))]
         while stack:
-            parent, turn = stack.pop()
+            parent, turn, depth = stack.pop()
             kids = history.children(turn.id)
-            node = parent.add(label(turn, history.cursor), data=turn.id, expand=True, allow_expand=bool(kids))
+            nest = depth < MAX_DEPTH
+            node = parent.add(label(turn, history.cursor), data=turn.id, expand=True, allow_expand=bool(kids) and nest)
             if turn.id == history.cursor:
                 cursor_node = node
-            stack.extend((node, kid) for kid in reversed(kids))
+            stack.extend((node, kid, depth + 1) if nest else (parent, kid, depth) for kid in reversed(kids))
         self.root.expand_all()
         if cursor_node is not None:
             self.call_after_refresh(self.move_cursor, cursor_node)
