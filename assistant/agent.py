@@ -13,12 +13,12 @@ from collections.abc import Callable
 from typing import Any
 
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from assistant import plugins
 from assistant.errors import UserError
 from assistant.images import decode_png, encode_png, sha256
-from assistant.models import EditPlan, EditRequest, EditResult, EngineEvent, TurnSummary, next_seed
+from assistant.models import SEEDS, EditPlan, EditRequest, EditResult, EngineEvent, TurnSummary, next_seed
 from assistant.preflight import rewriter_name
 from assistant.settings import Settings
 from assistant.text import check_message
@@ -177,8 +177,15 @@ class Agent:
             if current is None or current.kind != "edit" or not current.plan:
                 raise UserError("nothing to retry: the current image is not an edit")
             params = current.params
-            plan = EditPlan.model_validate(current.plan | {"rationale": f"retry of turn {current.id}, new seed"})
-            seed = next_seed(current.seed) if seed is None else seed
+            stored = current.seed
+            try:  # a turn imported before archives were validated may hold anything
+                plan = EditPlan.model_validate(current.plan | {"rationale": f"retry of turn {current.id}, new seed"})
+                if type(stored) is not int or not 0 <= stored < SEEDS:
+                    raise ValueError(stored)
+            except (ValidationError, TypeError, ValueError):
+                raise UserError(f"turn {current.id} holds a damaged plan or seed: it cannot be retried; edit again "
+                                "instead") from None
+            seed = next_seed(stored) if seed is None else seed
             current = history.turn(current.parent)
             image = self.image(current)
         candidates = candidates or params.get("candidates") or self.settings.candidates

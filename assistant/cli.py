@@ -348,7 +348,7 @@ def sessions_list(json_) -> None:
     if not rows:
         click.echo("no sessions yet (icedit edit IMAGE TEXT --session NAME starts one)")
     for r in rows:
-        click.echo(f"{r.name}\t{r.turns} turns\tcursor {r.cursor}\tupdated {r.updated}")
+        click.echo(f"{printable(r.name)}\t{r.turns} turns\tcursor {r.cursor}\tupdated {r.updated}")
 
 
 @sessions.command("show")
@@ -465,7 +465,7 @@ def sessions_sheet(name, output, force) -> None:
     click.echo(f"wrote {output} ({sheet.width}x{sheet.height})")
     if sheet.info["damaged"]:
         click.echo(f"warning: {damaged_note(sheet.info['damaged'])}", err=True)
-        raise SystemExit(1)
+        click.get_current_context().exit(1)
 
 
 def _move(name: str, intent: str, json_: bool) -> None:

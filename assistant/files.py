@@ -76,10 +76,14 @@ def refuse_existing(paths: Iterable[Path], force: bool = False) -> None:
             raise UserError(f"{path} already exists: choose another name, or pass --force to replace it")
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()
+"""Read once, at import: setting it to read it races with other threads creating files."""
 
 
 def write_file(path: Path, content: Content, *, force: bool = False) -> Path:
@@ -88,12 +92,13 @@ def write_file(path: Path, content: Content, *, force: bool = False) -> Path:
     refuse_existing([path], force)
     folder = path.parent
     try:
-        fd, temp = tempfile.mkstemp(dir=folder, prefix=f".{path.name[:100]}.", suffix=".part")
+        short = os.fsdecode(os.fsencode(path.name)[:100])  # bytes, not characters, count against NAME_MAX
+        fd, temp = tempfile.mkstemp(dir=folder, prefix=f".{short}.", suffix=".part")
     except OSError as e:
         raise _error(path, e) from None
     try:
         with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp's 0600 is for the temporary name only
+            os.fchmod(f.fileno(), 0o666 & ~_UMASK)  # mkstemp's 0600 is for the temporary name only
             if callable(content):
                 content(f)
             else:

@@ -26,7 +26,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from assistant.errors import UserError, WeightsMissing
-from assistant.files import kind, kind_problem
+from assistant.files import SAID, kind
 
 Layout = Literal["diffusers", "transformers", "file"]
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -297,7 +297,7 @@ def _local_status(found: ArtifactStatus) -> ArtifactStatus:
         found.problem, found.fix = "no such file or folder", f"check the path, or give {a.option} a hub id (owner/name)"
         return found
     if what not in ("file", "folder"):
-        found.problem = kind_problem(path, what).removeprefix(f"{path}: ")
+        found.problem = SAID[what]
         return found
     found.path = str(path)
     if path.is_file():

@@ -10,7 +10,7 @@ from pathlib import Path
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from assistant.errors import UserError
-from assistant.files import kind, kind_problem, refuse_existing, write_file
+from assistant.files import kind, kind_problem, write_file
 
 MAX_PIXELS = 64_000_000
 """Larger images are refused (PIL's decompression-bomb guard, set deliberately)."""
@@ -99,11 +99,10 @@ def encode_png(img: Image.Image) -> bytes:
 def save_image(img: Image.Image, path: Path, force: bool = False) -> Path:
     """Write `img` as the type its name says (.png, .jpg, .webp, ...), atomically, replacing a file only with
     `force`."""
-    kind = Image.registered_extensions().get(path.suffix.lower())
-    if kind is None or kind not in Image.SAVE:
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:
         raise UserError(f"{path}: unknown image type (use .png, .jpg, .webp, ...)")
-    refuse_existing([path], force)
-    return write_file(path, lambda f: img.save(f, kind), force=force)
+    return write_file(path, lambda f: img.save(f, fmt), force=force)
 
 
 def decode_png(data: bytes) -> Image.Image:

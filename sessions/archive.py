@@ -303,25 +303,26 @@ def export_archive(store: Store, name: str, path: Path, force: bool = False) -> 
     }, f"session '{printable(name)}' cannot be archived")
     data = json.dumps(archived.model_dump(exclude_unset=True), ensure_ascii=False, indent=1, sort_keys=True).encode()
     refuse_existing([path], force)
-    images = {}
-    for digest in sorted({t.image_sha256 for t in history.turns}):
-        try:
-            images[digest] = store.image(digest)
-        except DamagedImage:
-            continue
+    damaged: set[str] = set()
 
     def write(f) -> None:
         with zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED, compresslevel=6) as zf:
             zf.writestr(zipfile.ZipInfo("session.json", _EPOCH), data)
-            for digest, png in images.items():  # PNGs are compressed already
-                zf.writestr(zipfile.ZipInfo(f"images/{digest}.png", _EPOCH), png, compress_type=zipfile.ZIP_STORED)
+            for digest in sorted({t.image_sha256 for t in history.turns}):  # one image in memory at a time
+                try:
+                    png = store.image(digest)
+                except DamagedImage:
+                    damaged.add(digest)
+                    continue
+                zf.writestr(zipfile.ZipInfo(f"images/{digest}.png", _EPOCH), png,
+                            compress_type=zipfile.ZIP_STORED)  # PNGs are compressed already
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create {path.parent}: {e.strerror or e}") from None
     write_file(path, write, force=force)
-    return Exported(archived, [t.n for t in archived.turns if t.image_sha256 not in images])
+    return Exported(archived, [t.n for t in archived.turns if t.image_sha256 in damaged])
 
 
 def _read(zf: zipfile.ZipFile, member: zipfile.ZipInfo, limit: int, path: Path) -> bytes:

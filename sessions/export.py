@@ -101,7 +101,7 @@ def _climb(stand: list[Turn], depth: int, on_path: set[int]) -> list[dict]:
 def _edit(turn: Turn) -> dict:
     return {
         "say": turn.message,
-        "instruction": turn.plan.get("instruction"),
+        "instruction": (turn.plan or {}).get("instruction"),  # an old import may lack one: the rewriter decides
         "seed": turn.params.get("base_seed", turn.seed),
         "steps": turn.params.get("steps"),
         "guidance": turn.params.get("guidance"),

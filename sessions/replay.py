@@ -143,13 +143,13 @@ def _what_is(path: Path, within: Path | None = None) -> Kind:
 
 def _read_script(path: Path) -> str:
     """The script's text: a regular file's, of at most MAX_SCRIPT_BYTES by what is read, not by `stat()`."""
-    kind = _what_is(path)
-    if kind in ("missing", "dangling"):
+    found = _what_is(path)
+    if found in ("missing", "dangling"):
         raise UserError(f"{path_text(path)}: no such replay script")
-    if kind == "folder":
+    if found == "folder":
         raise UserError(f"{path} is a folder, not a replay script")
-    if kind not in ("file", "hard link"):
-        raise UserError(f"{path_text(path)}: {_SAID[kind]}; replay scripts are files")
+    if found not in ("file", "hard link"):
+        raise UserError(f"{path_text(path)}: {_SAID[found]}; replay scripts are files")
     try:
         with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:  # a FIFO swapped in cannot block
             st = os.fstat(f.fileno())
@@ -194,11 +194,11 @@ def confined(base: Path, relative: str, allow_outside: bool = False) -> Path:
     candidate = Path(relative).expanduser() if allow_outside else Path(relative)
     if not allow_outside and (candidate.is_absolute() or ".." in candidate.parts):
         raise UserError(f"{path_text(relative)}: replay scripts may only name files in their own folder")
-    kind = _what_is(base / candidate, None if allow_outside else base)
-    if kind == "outside":
+    found = _what_is(base / candidate, None if allow_outside else base)
+    if found == "outside":
         raise UserError(f"{relative}: leads outside the script's folder")
-    if kind in ("special", "loop", "bad name"):
-        raise UserError(f"{path_text(relative)}: {_SAID[kind]}; replay scripts open image files only")
+    if found in ("special", "loop", "bad name"):
+        raise UserError(f"{path_text(relative)}: {_SAID[found]}; replay scripts open image files only")
     return (base / candidate).resolve()
 
 
@@ -224,19 +224,19 @@ OUTPUT_NAME = re.compile(r"\d{2,}-[a-z]+\.png")
 def _prepare_out(out_dir: Path) -> None:
     """Create --out, or refuse it in one line if anything in it is not a plain file or folder of its own:
     a link out, a hard link, a FIFO, a device, a loop. Runs before any turn, so nothing is written then."""
-    kind = _what_is(out_dir)
-    if kind not in ("folder", "missing"):
-        raise UserError(f"{path_text(out_dir)}: {_SAID.get(kind, 'a file')}; --out must be a folder")
+    found = _what_is(out_dir)
+    if found not in ("folder", "missing"):
+        raise UserError(f"{path_text(out_dir)}: {_SAID.get(found, 'a file')}; --out must be a folder")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         entries = sorted(out_dir.iterdir())
     except OSError as e:
         raise UserError(f"cannot create {out_dir}: {e.strerror}") from None
     for entry in entries:
-        kind = _what_is(entry, out_dir)
-        if kind == "file" or (kind == "folder" and not OUTPUT_NAME.fullmatch(entry.name)):
+        found = _what_is(entry, out_dir)
+        if found == "file" or (found == "folder" and not OUTPUT_NAME.fullmatch(entry.name)):
             continue
-        said = f"a link leading outside {out_dir}" if kind == "outside" else _SAID[kind]
+        said = f"a link leading outside {out_dir}" if found == "outside" else _SAID[found]
         raise UserError(f"{entry}: {said}; replay writes only into --out")
 
 
@@ -310,11 +310,16 @@ def run_script(
         if not path.is_file():
             raise UserError(f"turn {n}: {step.open}: no such file beside the script")
     _prepare_out(out_dir)
+    spent = 0  # what the edits really cost: a retry repeats the parameters of the turn it retries
     for n, step in enumerate(script.turns, start=1):
         try:
             if cancel.is_set():
                 raise Cancelled("cancelled")
+            if spent >= MAX_TOTAL_NFE:
+                raise UserError(f"the turns before it used {spent} transformer evaluations, the most a replay "
+                                "may use: it stops here (the turns before it are kept)")
             row, turn, opened = _run_turn(agent, script, step, n, base, pending, allow_outside, cancel)
+            spent += row.get("nfe") or 0
             row["output"] = None
             if turn is not None:
                 output = _write(out_dir, f"{n:02d}-{row['intent']}.png", store.image(turn.image_sha256))

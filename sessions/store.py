@@ -159,7 +159,6 @@ class Store:
             except OSError as e:
                 raise UserError(f"cannot create the store folder {Path(path).parent}: {e.strerror}") from None
         self.db = None
-        self._stamping = False
         if self.path != ":memory:" and Path(path).is_file():
             wal.check(Path(path))
         try:
@@ -169,7 +168,9 @@ class Store:
             self._check_ours(self.db)  # before the journal mode is set: that would change another program's file
             self._wal()
             self.db.execute("PRAGMA foreign_keys = ON")
-            self._migrate()
+            if self._migrate() and self.path != ":memory:":
+                # into the main file at once: a WAL begun by the upgrade cannot be checked (sessions/wal.py)
+                self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
         except BaseException as e:
             if self.db is not None:
                 self.db.close()
@@ -214,12 +215,11 @@ class Store:
         except sqlite3.DatabaseError as e:
             raise self._error(e) from None
         try:
-            seen = wal.header(Path(f"{self.path}-wal")) if self.path != ":memory:" else None
-            changes = self.db.total_changes
-            self._migrated = False
+            seen = wal.header(wal.wal_path(self.path)) if self.path != ":memory:" else None
+            before = self._written()
             yield self.db
-            if self._stamping and (self.db.total_changes != changes or self._migrated):
-                wal.stamp(self.db, seen)  # only commits that write count: a read-only open leaves the file as it was
+            if self._written() != before:  # only commits that write count: a read-only open leaves the file as it was
+                wal.stamp(self.db, seen)
             self.db.execute("COMMIT")
         except BaseException as e:
             if self.db.in_transaction:
@@ -228,7 +228,12 @@ class Store:
                 raise self._error(e) from None
             raise
 
-    def _migrate(self) -> None:
+    def _written(self) -> tuple[int, int]:
+        """Rows changed and the schema cookie (DDL bumps it): what tells a write from a read."""
+        return self.db.total_changes, self.db.execute("PRAGMA schema_version").fetchone()[0]
+
+    def _migrate(self) -> bool:
+        """Run the migrations this store lacks, in one transaction; whether there were any."""
         with self._tx() as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > len(MIGRATIONS):
@@ -241,10 +246,9 @@ class Store:
                     if statement.strip():
                         db.execute(statement)
                 db.execute(f"PRAGMA user_version = {i}")
-                self._migrated = True
-            if self._migrated:
+            if version < len(MIGRATIONS):
                 db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-            self._stamping = True
+        return version < len(MIGRATIONS)
 
     def _check_ours(self, db: sqlite3.Connection) -> None:
         """Refuse an SQLite file of another program at the store's path instead of adding tables to it."""
@@ -363,10 +367,7 @@ class Store:
                     self._log(db, session_id, drafts[0].replies, parent, now)
                     drafts = drafts[1:]
             for draft in drafts:
-                db.execute(
-                    "INSERT OR IGNORE INTO images (sha256, png, width, height) VALUES (?, ?, ?, ?)",
-                    (draft.image_sha256, draft.png, *draft.size),
-                )
+                self._put_image(db, draft.image_sha256, lambda d=draft: (d.png, *d.size))
                 parent = self._insert_turn(db, session_id, parent, draft, now)
                 ids.append(parent)
                 self._log(db, session_id, draft.replies, parent, now)
@@ -397,13 +398,7 @@ class Store:
             ).lastrowid
             ids: dict[int, int] = {}
             for turn in turns:
-                held = db.execute("SELECT png FROM images WHERE sha256 = ?", (turn.image_sha256,)).fetchone()
-                if held is None:
-                    db.execute("INSERT INTO images (sha256, png, width, height) VALUES (?, ?, ?, ?)",
-                               (turn.image_sha256, *image(turn.image_sha256)))
-                elif hashlib.sha256(held[0]).hexdigest() != turn.image_sha256:  # a rotten copy heals from the archive
-                    db.execute("UPDATE images SET png = ?, width = ?, height = ? WHERE sha256 = ?",
-                               (*image(turn.image_sha256), turn.image_sha256))
+                self._put_image(db, turn.image_sha256, lambda t=turn: image(t.image_sha256))
                 parent = None if turn.parent is None else ids[turn.parent]
                 ids[turn.id] = self._insert_turn(db, session_id, parent, turn, turn.created)
             for entry in transcript:
@@ -415,6 +410,16 @@ class Store:
             cursor = None if info.cursor is None else ids[info.cursor]
             db.execute("UPDATE sessions SET cursor = ? WHERE id = ?", (cursor, session_id))
         return self.history(name)
+
+    @staticmethod
+    def _put_image(db: sqlite3.Connection, sha256: str, content: Callable[[], tuple[bytes, int, int]]) -> None:
+        """Store an image once; a copy whose bytes no longer match their hash is replaced (healed) by sound ones."""
+        held = db.execute("SELECT png FROM images WHERE sha256 = ?", (sha256,)).fetchone()
+        if held is None:
+            db.execute("INSERT INTO images (sha256, png, width, height) VALUES (?, ?, ?, ?)", (sha256, *content()))
+        elif hashlib.sha256(held[0]).hexdigest() != sha256:
+            png, width, height = content()
+            db.execute("UPDATE images SET png = ?, width = ?, height = ? WHERE sha256 = ?", (png, width, height, sha256))
 
     @staticmethod
     def _insert_turn(db: sqlite3.Connection, session_id: int, parent: int | None, turn: NewTurn | Turn,

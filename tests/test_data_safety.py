@@ -490,8 +490,8 @@ def digests(home: Path) -> dict[str, str]:
 def stale(home: Path) -> str:
     wal, store = home / f"{STORE}-wal", home / STORE
     return (f"Error: {wal} does not belong to the session store {store} (it was left by another copy of the store, "
-            f"e.g. when a backup was copied back over it): nothing was changed; if {STORE} is the copy you want, "
-            f"move {STORE}-wal and {STORE}-shm out of the folder and run again\n")
+            f"e.g. when a backup was copied back over it): the store was not opened, nothing in it changed; if {STORE} "
+            f"is the copy you want, move {STORE}-wal and {STORE}-shm out of the folder and run again\n")
 
 
 @pytest.mark.parametrize(("main", "wal", "shm"), [
@@ -506,6 +506,70 @@ def test_a_wal_that_is_not_the_stores_is_refused_and_nothing_changes(crashed, tm
     code, out, err = run_icedit(home, "sessions", "list")
     assert (code, out, err) == (2, "", stale(home))
     assert digests(home) == before
+
+
+def test_a_store_reached_through_a_link_is_checked_where_sqlite_keeps_its_wal(crashed, tmp_path):
+    """SQLite keeps the -wal beside the file a link leads to; the check looks there too."""
+    real = scene(crashed, tmp_path, main=crashed.backup)
+    home = tmp_path / "linked"
+    home.mkdir()
+    (home / STORE).symlink_to(real / STORE)
+    before = digests(real)
+    code, out, err = run_icedit(home, "sessions", "list")
+    assert code == 2 and out == "" and f"Error: {real / STORE}-wal does not belong to the session store" in err
+    assert digests(real) == before
+
+
+def _snapshot(store_dir: Path, into: Path) -> None:
+    """The store's files as a kill -9 would leave them, taken while its writer is still open."""
+    into.mkdir()
+    for name in (STORE, f"{STORE}-wal"):
+        shutil.copy(store_dir / name, into / name)
+
+
+def test_a_copy_that_went_its_own_way_is_refused_though_its_counts_fit(tmp_path):
+    """A copy of the store gets 3 turns of its own; the original 5 more, then a crash; the copy is put back.
+    The commit counts line up, the tokens do not."""
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    original.mkdir(), copy.mkdir()
+    with Store(original / STORE) as store:
+        _open_turns(store, "trip", 2, (10, 0))
+    shutil.copy(original / STORE, copy / STORE)
+    with Store(copy / STORE) as store:
+        _open_turns(store, "copy's own", 3, (0, 10))
+    with Store(original / STORE) as store:
+        _open_turns(store, "later", 5, (10, 10))
+        _snapshot(original, tmp_path / "crashed")
+    restored = tmp_path / "restored"
+    restored.mkdir()
+    shutil.copy(copy / STORE, restored / STORE)
+    shutil.copy(tmp_path / "crashed" / f"{STORE}-wal", restored / f"{STORE}-wal")
+    assert run_icedit(tmp_path / "crashed", "sessions", "list")[0] == 0  # the crash alone is fine
+    before = digests(restored)
+    code, out, err = run_icedit(restored, "sessions", "list")
+    assert (code, out, err) == (2, "", stale(restored))
+    assert digests(restored) == before
+
+
+def test_an_upgrade_while_an_older_icedit_holds_a_wal_keeps_the_store_usable(icedit_home):
+    """An older icedit (no stamps) has the store open with a WAL when this one upgrades it: the WAL cannot be
+    compared with anything, so it is taken as it is, and every later command opens the store."""
+    icedit_home.mkdir()
+    shutil.copy(ROOT / "tests" / "fixtures" / "store-v1.sqlite3", icedit_home / STORE)
+    older = sqlite3.connect(icedit_home / STORE, isolation_level=None)
+    try:
+        older.execute("PRAGMA journal_mode = WAL")
+        older.execute("UPDATE sessions SET updated = '2026-01-01T00:00:00.000+00:00' WHERE name = 'other'")
+        older.execute("BEGIN")
+        older.execute("SELECT COUNT(*) FROM turns").fetchone()  # a reader: the upgrade cannot checkpoint it all
+        for args in (["undo", "walk"], ["redo", "walk"], ["sessions", "list"], ["undo", "walk"]):
+            code, _, err = run_icedit(icedit_home, *args)
+            assert (code, err) == (0, ""), err
+        older.execute("COMMIT")
+    finally:
+        older.close()
+    check_store(icedit_home / STORE)
+    assert dump(icedit_home)["user_version"] == 3
 
 
 def test_a_crash_without_a_restore_opens_and_keeps_every_turn(crashed, tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -362,3 +363,17 @@ def test_a_hard_link_in_out_is_refused_by_the_console_script(folder, victim, ice
     assert result.stderr == ("Error: out/01-edit.png: a hard link (the file has another name, maybe outside this "
                              "folder); replay writes only into --out\n")
     assert hashlib.sha256(victim.read_bytes()).hexdigest() == digest and nothing_stored(icedit_home)
+
+
+def test_retries_count_what_they_really_cost(folder, fake, icedit_home):
+    """A retry repeats the steps of the turn it retries, which the count before the run cannot know: the run
+    stops, keeping what it did, once the edits have used the cap (200 + 99 retries x 200 = 20 000)."""
+    script = folder / "retry.toml"
+    script.write_text('source = "cat.png"\n[[turns]]\nsay = "add a hat"\nsteps = 200\n'
+                      + '[[turns]]\nsay = "try another seed"\n' * 120)
+    result = replay(script, "--json")
+    assert result.exit_code == 2
+    assert result.stderr == ("Error: turn 101: the turns before it used 20000 transformer evaluations, the most a "
+                             "replay may use: it stops here (the turns before it are kept)\n")
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(rows) == 100 and {r["intent"] for r in rows[1:]} == {"retry"} and sum(r["nfe"] for r in rows) == 20_000

@@ -49,7 +49,7 @@ class HistoryTree(Tree[int]):
         self.clear()
         if history is None:
             return
-        self.root.set_label(f"session {history.name}")
+        self.root.set_label(Text(f"session {history.name}"))  # a name is text, not markup
         cursor_node = None
         stack = [(self.root, t, 0) for t in reversed(history.children(None))]
         while stack:
