@@ -76,14 +76,15 @@ def refuse_existing(paths: Iterable[Path], force: bool = False) -> None:
             raise UserError(f"{path} already exists: choose another name, or pass --force to replace it")
 
 
-def _read_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()
-"""Read once, at import: setting it to read it races with other threads creating files."""
+def _umask() -> int:
+    """The process's umask, read where Linux shows it: setting it to read it races with other threads."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
 
 
 def write_file(path: Path, content: Content, *, force: bool = False) -> Path:
@@ -98,7 +99,7 @@ def write_file(path: Path, content: Content, *, force: bool = False) -> Path:
         raise _error(path, e) from None
     try:
         with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o666 & ~_UMASK)  # mkstemp's 0600 is for the temporary name only
+            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp's 0600 is for the temporary name only
             if callable(content):
                 content(f)
             else:
