@@ -59,6 +59,8 @@ class Agent:
         self._rewriter = None
         self._judge = None
         self._last_image: tuple[str | None, Image.Image | None] = (None, None)
+        self.problems: list[str] = []
+        """Observers that failed on committed turns, one line each, for the caller to show (and clear)."""
 
     @property
     def engine(self):
@@ -98,6 +100,11 @@ class Agent:
 
     # ------------------------------------------------------------------ turns
 
+    def _announced(self, turns: list[Turn]) -> list[Turn]:
+        """`turns`, after the `turn_finished` observers have seen them."""
+        self.problems += plugins.announce(self.session, turns, self.store.image)
+        return turns
+
     @staticmethod
     def _place(history: History | None, image: Image.Image, message: str) -> Turn | NewTurn:
         """Where `image` stands: the cursor or the newest turn showing exactly it, else a new "open"."""
@@ -120,7 +127,7 @@ class Agent:
             if place.id != history.cursor:
                 self.store.move_cursor(self.session, place.id, [("user", message)])
             return place
-        return self.store.add_turns(self.session, history and history.cursor, [place])[0]
+        return self._announced(self.store.add_turns(self.session, history and history.cursor, [place]))[0]
 
     def turn(
         self,
@@ -228,9 +235,8 @@ class Agent:
             replies=[("user", message), ("assistant", plan.rationale)],
         )
         parent = current.id if opening is None else history and history.cursor
-        turn = self.store.add_turns(self.session, parent, [opening, draft] if opening else [draft])[-1]
+        turn = self._announced(self.store.add_turns(self.session, parent, [opening, draft] if opening else [draft]))[-1]
         self._last_image = (turn.image_sha256, result.image)
-        plugins.get_plugin_manager().hook.turn_finished(session=self.session, turn=turn)
         timings = {"rewrite": rewritten - started, **result.timings, "total": time.perf_counter() - started}
         timings["agent"] = timings["total"] - timings["rewrite"] - (edited - rewritten)
         return TurnOutcome(

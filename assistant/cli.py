@@ -81,19 +81,26 @@ def _emit(data: Any) -> None:
     click.echo(json.dumps(data, ensure_ascii=False))
 
 
-def _settings(**overrides: Any):
-    """Settings from ICEDIT_* and the options; the chosen engine checks them before any model loads."""
+def _host_settings(**overrides: Any):
+    """Settings from ICEDIT_* and the options, checked by their own model only: commands that do not edit
+    (sessions, undo, redo) load no plugin, so a bad engine setting or a missing library cannot stop them."""
     from pydantic import ValidationError
 
-    from assistant import plugins
     from assistant.settings import Settings
 
     try:
-        settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as e:
         first = e.errors()[0]
         why = first["msg"].removeprefix("Value error, ")
         raise UserError(f"bad setting {'.'.join(map(str, first['loc']))}: {why}") from None
+
+
+def _settings(**overrides: Any):
+    """`_host_settings`, then the chosen engine checks them before any model loads."""
+    from assistant import plugins
+
+    settings = _host_settings(**overrides)
     spec = plugins.get("engines", settings.engine)
     if spec.describe is not None:
         spec.describe(settings)  # an unknown preset fails here, in one line
@@ -111,10 +118,11 @@ def _prepare(settings, extra=None, *, quiet: bool = False, **needs: Any):
     return prepared
 
 
-def _store(settings):
+def _store(settings=None):
+    """The session store of `settings` (default: the host settings alone)."""
     from sessions.store import Store
 
-    return Store(settings.store_path)
+    return Store((settings or _host_settings()).store_path)
 
 
 @contextmanager
@@ -253,6 +261,13 @@ def edit(image, instruction, output, force, session, seed, steps, guidance, nati
     if outcome.result is not None and outcome.result.random_weights:
         click.echo(RANDOM_WEIGHTS_NOTE, err=True)
     _fallback_note(outcome.rewriter)
+    _warn(agent.problems)
+
+
+def _warn(problems: list[str]) -> None:
+    """Observers that failed: one stderr line each; what was stored and written stands (exit 0)."""
+    for problem in problems:
+        click.echo(f"warning: {printable(problem)}", err=True)
 
 
 def _check_output(path: Path | None, source: Path, force: bool) -> None:
@@ -340,7 +355,7 @@ def sessions() -> None:
 @click.option("--json", "json_", is_flag=True)
 def sessions_list(json_) -> None:
     """Every session in the store, most recent first."""
-    with _store(_settings()) as store:
+    with _store() as store:
         rows = store.sessions()
     if json_:
         _emit([r.model_dump() for r in rows])
@@ -359,7 +374,7 @@ def sessions_show(name, json_) -> None:
     from assistant.text import printable
     from sessions.history import indent
 
-    with _store(_settings()) as store:
+    with _store() as store:
         history = store.history(name)
     if json_:
         _emit(
@@ -400,7 +415,7 @@ def sessions_export(name, script, force) -> None:
     from sessions.export import LeftOut, export_script
     from sessions.history import numbered
 
-    with _store(_settings()) as store:
+    with _store() as store:
         if script.suffix.lower() == ".zip":
             archived, damaged = export_archive(store, name, script, force)
             images = {t.image_sha256 for t in archived.turns if t.n not in damaged}
@@ -430,11 +445,13 @@ def sessions_export(name, script, force) -> None:
 @click.option("--json", "json_", is_flag=True)
 def sessions_import(archive, name, partial, json_) -> None:
     """Add the session in ARCHIVE (a .zip from `icedit sessions export NAME FILE.zip`) to the store."""
+    from assistant.plugins import announce
     from sessions.archive import import_archive
     from sessions.history import numbered
 
-    with _store(_settings()) as store:
+    with _store() as store:
         history, damaged, dropped = import_archive(store, archive, name, partial)
+        problems = announce(history.name, history.turns, store.image)
     if json_:
         _emit({"session": history.name, "turns": len(history.turns), "cursor": history.cursor,
                "archive": str(archive)} | ({"dropped": dropped} if partial else {}))
@@ -446,6 +463,7 @@ def sessions_import(archive, name, partial, json_) -> None:
         click.echo(f"warning: {numbered(dropped)} of the archive not restored: the {images} {numbered(damaged)} "
                    f"{'is' if len(damaged) == 1 else 'are'} missing or damaged, and an edit needs the picture it was "
                    "made from", err=True)
+    _warn(problems)
 
 
 @sessions.command("sheet")
@@ -460,7 +478,7 @@ def sessions_sheet(name, output, force) -> None:
     """
     from sessions.sheet import damaged_note, write_sheet
 
-    with _store(_settings()) as store:
+    with _store() as store:
         sheet = write_sheet(store, name, output, force)
     click.echo(f"wrote {output} ({sheet.width}x{sheet.height})")
     if sheet.info["damaged"]:
@@ -471,7 +489,7 @@ def sessions_sheet(name, output, force) -> None:
 def _move(name: str, intent: str, json_: bool) -> None:
     from assistant.agent import Agent
 
-    settings = _settings()
+    settings = _host_settings()
     with _store(settings) as store:
         turn = Agent(store, name, settings).move(intent)
     if json_:
@@ -520,6 +538,7 @@ def replay(script, out_dir, session, allow_outside, json_, **options) -> None:
                 _emit(row)
             else:
                 click.echo(f"{row['turn']:>3} {row['intent']:<6} {row['output']}  {row['reply']}")
+            _warn(row.get("warnings", []))
     if random_weights:
         click.echo(RANDOM_WEIGHTS_NOTE, err=True)
 

@@ -27,5 +27,7 @@ def register_commands(register):
 
 
 @hookspec
-def turn_finished(session, turn):
-    """Observe a committed turn (session name, stored turn)."""
+def turn_finished(session, turn, png):
+    """Observe a committed turn, whichever way it came (an open, an edit, an import): the session's name,
+    the stored turn, and its image's PNG bytes (take only the arguments you need). The turn is stored
+    already: an observer that raises is reported in one line and changes nothing."""

@@ -79,6 +79,25 @@ def get_plugin_manager() -> pluggy.PluginManager:
     return pm
 
 
+def announce(session: str, turns: list, png: Callable[[str], bytes]) -> list[str]:
+    """Call every `turn_finished` observer for each committed turn, each on its own, so one that raises
+    stops neither the others nor the command; returns one line per failure. `png(sha256)` is read only
+    for observers that take it."""
+    problems = []
+    for turn in turns:
+        for impl in get_plugin_manager().hook.turn_finished.get_hookimpls():
+            given = {"session": session, "turn": turn}
+            if "png" in impl.argnames:
+                given["png"] = png(turn.image_sha256)
+            try:
+                impl.function(**{k: v for k, v in given.items() if k in impl.argnames})
+            except Exception as e:  # noqa: BLE001 - an observer's bug must not undo or hide a stored turn
+                text = (str(e).strip().splitlines() or [""])[0]
+                problems.append(f"plugin {impl.plugin_name} failed observing turn {turn.id} "
+                                f"({type(e).__name__}{': ' + text if text else ''})")
+    return problems
+
+
 def registrations(kind: str, pm: pluggy.PluginManager | None = None) -> dict[str, tuple[str, Any]]:
     """{spec name: (plugin name, spec)} for one kind; a name registered twice is an error."""
     pm = pm or get_plugin_manager()

@@ -320,6 +320,8 @@ def run_script(
                                 "may use: it stops here (the turns before it are kept)")
             row, turn, opened = _run_turn(agent, script, step, n, base, pending, allow_outside, cancel)
             spent += row.get("nfe") or 0
+            if agent.problems:  # observers that failed on this turn's commits
+                row["warnings"], agent.problems = agent.problems, []
             row["output"] = None
             if turn is not None:
                 output = _write(out_dir, f"{n:02d}-{row['intent']}.png", store.image(turn.image_sha256))

@@ -180,7 +180,7 @@ def test_a_cancelled_edit_commits_nothing(agent, store, fake, photo):
     with pytest.raises(Cancelled):
         agent.turn("make it winter", seed=2, cancel=cancel)
     assert dump(store) == before
-    assert fake.finished == [("s", 2)]  # observers heard only of the committed turn
+    assert fake.finished == [("s", 1), ("s", 2)]  # observers heard of the committed turns only (open, edit)
 
 
 def test_an_engine_error_commits_nothing(agent, store, fake, photo, monkeypatch):

@@ -418,3 +418,33 @@ def test_ctrl_c_while_denoising_exits_130_and_saves_nothing(icedit_home, tmp_pat
     listed = icedit("sessions", "list", "--json", home=icedit_home, cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr
     assert json.loads(listed.stdout) == []
+
+
+NO_EDIT = """
+import json, sys
+from assistant.cli import cli
+codes = []
+for args in (["sessions", "list", "--json"], ["sessions", "show", "walk"], ["undo", "walk"], ["redo", "walk"]):
+    try:
+        cli(args, prog_name="icedit")
+    except SystemExit as done:
+        codes.append(done.code)
+heavy = [m for m in ("torch", "huggingface_hub", "diffusers", "transformers", "safetensors") if m in sys.modules]
+print(json.dumps({"codes": codes, "heavy": heavy}))
+"""
+
+
+def test_commands_that_do_not_edit_import_no_torch_and_check_no_engine(tmp_path):
+    """A store of sessions is readable whatever the engine settings say and whichever libraries are broken."""
+    home = tmp_path / "home"
+    home.mkdir()
+    fixture = Path(__file__).resolve().parent / "fixtures" / "store-v1.sqlite3"
+    (home / "sessions.sqlite3").write_bytes(fixture.read_bytes())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ICEDIT_")}
+    proc = subprocess.run([sys.executable, "-c", NO_EDIT], capture_output=True, text=True, timeout=60, check=False,
+                          env=env | {"ICEDIT_HOME": str(home), "ICEDIT_PRESET": "no-such-preset",
+                                     "ICEDIT_ENGINE": "no-such-engine"})
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.splitlines()[-1])
+    assert result == {"codes": [0, 0, 0, 0], "heavy": []}
+    assert proc.stderr == ""

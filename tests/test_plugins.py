@@ -98,6 +98,62 @@ def test_turn_finished_observers_see_each_committed_turn(fake, fake_settings, st
 
     agent = Agent(store, "s", fake_settings)
     out = agent.turn("add a hat", source=(photo, "open cat"), seed=3)
-    assert fake.finished == [("s", out.turn.id)]
+    assert fake.finished == [("s", out.turn.parent), ("s", out.turn.id)]  # the open committed with it, then it
     agent.turn("undo")
-    assert fake.finished == [("s", out.turn.id)]  # moving the cursor commits no turn
+    assert fake.finished == [("s", out.turn.parent), ("s", out.turn.id)]  # moving the cursor commits no turn
+
+
+class Watcher:
+    """An observer that records what it sees, and one that fails on every turn."""
+
+    def __init__(self):
+        self.seen: list[tuple[str, int, str, bool]] = []
+
+    @hookimpl
+    def turn_finished(self, session, turn, png):
+        import hashlib
+
+        self.seen.append((session, turn.id, turn.kind, hashlib.sha256(png).hexdigest() == turn.image_sha256))
+
+
+class Broken:
+    @hookimpl
+    def turn_finished(self, turn):
+        raise RuntimeError(f"observer bug on {turn.id}\nsecond line")
+
+
+@pytest.fixture
+def observers():
+    pm = get_plugin_manager()
+    watcher = Watcher()
+    pm.register(watcher, name="watcher")
+    pm.register(Broken(), name="broken")
+    try:
+        yield watcher
+    finally:
+        pm.unregister(name="watcher")
+        pm.unregister(name="broken")
+
+
+def test_every_committed_turn_is_observed_and_a_failing_observer_changes_nothing(fake, observers, icedit_home,
+                                                                                 tmp_path, monkeypatch):
+    """Opens, the open committed with a first edit, edits and imports all reach the observers with their image;
+    an observer that raises is one warning line per turn, and the command still writes its output and exits 0."""
+    monkeypatch.chdir(tmp_path)
+    photo = tmp_path / "cat.png"
+    from PIL import Image
+
+    Image.new("RGB", (48, 32), "orange").save(photo)
+    run = CliRunner().invoke(cli, ["edit", str(photo), "add a hat", "--engine", "fake", "--session", "s", "--seed",
+                                   "1", "-o", "hat.png"])
+    assert run.exit_code == 0, run.output
+    assert (tmp_path / "hat.png").is_file()
+    assert observers.seen == [("s", 1, "open", True), ("s", 2, "edit", True)]
+    assert run.stderr.splitlines() == [
+        "warning: plugin broken failed observing turn 1 (RuntimeError: observer bug on 1)",
+        "warning: plugin broken failed observing turn 2 (RuntimeError: observer bug on 2)"]
+    assert CliRunner().invoke(cli, ["sessions", "export", "s", "s.zip"]).exit_code == 0
+    imported = CliRunner().invoke(cli, ["sessions", "import", "s.zip", "--as", "t"])
+    assert imported.exit_code == 0, imported.output
+    assert observers.seen[2:] == [("t", 3, "open", True), ("t", 4, "edit", True)]
+    assert imported.stderr.count("warning: plugin broken failed observing turn") == 2

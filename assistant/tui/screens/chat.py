@@ -254,7 +254,14 @@ class ChatScreen(Screen):
             log.add("info", f"turn #{outcome.turn.id} · seed {result.seed} · {outcome.turn.params['steps']} steps"
                             f" · {result.image.width}x{result.image.height}"
                             f" · {outcome.timings.get('total', 0):.1f} s")
+        self.show_problems()
         self.refresh_view()
+
+    def show_problems(self) -> None:
+        """Observers that failed on committed turns, as error lines: the turns themselves are kept."""
+        for problem in self.agent.problems:
+            self.query_one(ChatLog).add("error", problem)
+        self.agent.problems = []
 
     def on_edit_failed(self, message: EditFailed) -> None:
         self.cancel = None
@@ -326,6 +333,7 @@ class ChatScreen(Screen):
         path = Path(argument).expanduser()
         image = load_source(path)
         turn = self.agent.open(image, f"open {file_name(path)}")
+        self.show_problems()
         self.refresh_view()
         return f"opened {path} ({image.width}x{image.height}) as turn #{turn.id}"
 
