@@ -304,12 +304,14 @@ def _free_name(path: Path) -> Path:
 
 def _save_candidates(folder: Path, candidates) -> None:
     """The early filter's previews, each under a name no file holds yet."""
+    from assistant.images import save_image
+
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create {folder}: {e.strerror or e}") from None
     for c in candidates:
-        write_file(_free_name(folder / f"candidate-{c.seed}.png"), lambda f, image=c.preview: image.save(f, "PNG"))
+        save_image(c.preview, _free_name(folder / f"candidate-{c.seed}.png"))
 
 
 def _fallback_note(rewriter: str) -> None:
@@ -371,9 +373,6 @@ def sessions_list(json_) -> None:
 @click.option("--json", "json_", is_flag=True)
 def sessions_show(name, json_) -> None:
     """A session's turns as a tree; * marks the cursor. Past 40 levels the indent stops and the depth shows."""
-    from assistant.text import printable
-    from sessions.history import indent
-
     with _store() as store:
         history = store.history(name)
     if json_:
@@ -398,11 +397,8 @@ def sessions_show(name, json_) -> None:
             }
         )
         return
-    click.echo(f"session {printable(history.name)} (cursor at #{history.cursor})")
-    for t, depth in history.walk():
-        mark = "*" if t.id == history.cursor else " "
-        seed = f"  seed {t.seed}" if t.seed is not None else ""
-        click.echo(f"{mark} {indent(depth)}#{t.id} {t.kind}: {printable(t.message)}{seed}  [{t.image_sha256[:12]}]")
+    for line in history.tree_lines(images=True):
+        click.echo(line)
 
 
 @sessions.command("export")

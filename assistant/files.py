@@ -56,9 +56,7 @@ SAID: dict[str, str] = {
 
 
 def kind_problem(path: str | Path, found: Kind) -> str:
-    """The one line for a path that is not what was wanted (`found` from `kind`)."""
-    if found in ("folder", "file"):
-        return f"{path} is a {found}, not a {'file' if found == 'folder' else 'folder'}"
+    """The one line for a path that is none of what a caller takes (`found` from `kind`, a key of SAID)."""
     return f"{printable(os.fsdecode(path))}: {SAID[found]}"
 
 

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, PrivateAttr
 
 from assistant.errors import UserError
+from assistant.text import printable
 
 TurnKind = Literal["open", "edit"]
 MAX_INDENT = 40
@@ -96,6 +97,18 @@ class History(BaseModel):
         while out[-1].parent is not None:
             out.append(self.turn(out[-1].parent))
         return out[::-1]
+
+    def tree_lines(self, images: bool = False) -> list[str]:
+        """The tree as `icedit sessions show` and the chat's /history print it: a title, then one line per
+        turn in walk order, * on the cursor, indented by `indent`, text made `printable` (and with `images`,
+        each turn's image id)."""
+        lines = [f"session {printable(self.name)} (cursor at #{self.cursor})"]
+        for t, depth in self.walk():
+            mark = "*" if t.id == self.cursor else " "
+            seed = f"  seed {t.seed}" if t.seed is not None else ""
+            image = f"  [{t.image_sha256[:12]}]" if images else ""
+            lines.append(f"{mark} {indent(depth)}#{t.id} {t.kind}: {printable(t.message)}{seed}{image}")
+        return lines
 
     def newest_below(self, turn_id: int) -> list[Turn]:
         """The turns redo would step through from turn_id: each one the newest child of the one before."""

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from assistant.agent import Agent
 from assistant.errors import Cancelled, UserError
-from assistant.files import SAID, kind
+from assistant.files import SAID, kind, write_file
 from assistant.images import load_source
 from assistant.settings import Settings
 from assistant.text import check_message, path_text
@@ -242,23 +242,15 @@ def _prepare_out(out_dir: Path) -> None:
 
 def _write(out_dir: Path, name: str, data: bytes) -> Path:
     """Write one output as a new file: the name is unlinked first (an earlier run's output; unlinking
-    never touches another name's data), then created with O_EXCL, so nothing there is written through."""
+    never touches another name's data), then `write_file` links a whole new file there, so nothing
+    there is written through and a crash leaves no half picture."""
     output = out_dir / name
     try:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(output)
-        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
     except OSError as e:
         raise UserError(f"cannot write {output}: {e.strerror or e}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        output.unlink(missing_ok=True)  # never half a picture
-        raise UserError(f"cannot write {output}: {e.strerror or e}") from None
-    return output
+    return write_file(output, data)  # linked into place, so a name taken meanwhile is refused, never opened
 
 
 def total_nfe(script: ReplayScript, settings: Settings) -> int:

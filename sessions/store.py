@@ -387,7 +387,7 @@ class Store:
 
         Turn ids are renumbered into this store (parents before children, as `turns` lists them);
         `info.cursor`, parents and log lines refer to the ids in `turns`. `image(sha256)` gives
-        (png, width, height) for images the store does not hold yet.
+        (png, width, height) for images the store does not hold yet, or holds damaged.
         """
         with self._tx() as db:
             check_name(name)

@@ -70,13 +70,5 @@ def whole_number(text: str, usage: str, low: int, high: int) -> int:
 
 
 def history_text(history: History) -> str:
-    """The tree as indented lines, like `icedit sessions show`."""
-    lines = [f"session {history.name} (cursor at #{history.cursor})"]
-    stack = [(t, 0) for t in reversed(history.children(None))]
-    while stack:
-        turn, depth = stack.pop()
-        mark = "*" if turn.id == history.cursor else " "
-        seed = f"  seed {turn.seed}" if turn.seed is not None else ""
-        lines.append(f"{mark} {'  ' * depth}#{turn.id} {turn.kind}: {turn.message}{seed}")
-        stack.extend((kid, depth + 1) for kid in reversed(history.children(turn.id)))
-    return "\n".join(lines)
+    """The tree as indented lines, as `icedit sessions show` prints it (without the image ids)."""
+    return "\n".join(history.tree_lines())
