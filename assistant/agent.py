@@ -9,17 +9,17 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from assistant import plugins
+from assistant import early_filter, plugins
 from assistant.errors import UserError
 from assistant.images import decode_png, encode_png, sha256
-from assistant.models import SEEDS, EditPlan, EditRequest, EditResult, EngineEvent, TurnSummary, next_seed
+from assistant.models import SEEDS, EditPlan, EditRequest, EditResult, TurnSummary, next_seed
 from assistant.preflight import rewriter_name
+from assistant.protocols import Engine, Events, Judge, Rewriter
 from assistant.settings import Settings
 from assistant.text import check_message
 from sessions.history import History, Turn
@@ -44,6 +44,21 @@ class TurnOutcome(BaseModel):
     timings: dict[str, float] = {}
 
 
+class _Read(BaseModel):
+    """A message as the rewriter read it, and when: what every outcome of the turn starts from."""
+
+    message: str
+    intent: str
+    plan: EditPlan
+    rewriter: str
+    started: float
+    rewritten: float
+
+    def outcome(self, **fields: Any) -> TurnOutcome:
+        return TurnOutcome(message=self.message, intent=self.intent, rewriter=self.rewriter,
+                           **{"plan": self.plan} | fields)
+
+
 def new_seed() -> int:
     return secrets.randbelow(2**31)
 
@@ -55,27 +70,27 @@ class Agent:
         self.store = store
         self.session = session
         self.settings = settings
-        self._engine = None
-        self._rewriter = None
-        self._judge = None
+        self._engine: Engine | None = None
+        self._rewriter: Rewriter | None = None
+        self._judge: Judge | None = None
         self._last_image: tuple[str | None, Image.Image | None] = (None, None)
         self.problems: list[str] = []
         """Observers that failed on committed turns, one line each, for the caller to show (and clear)."""
 
     @property
-    def engine(self):
+    def engine(self) -> Engine:
         if self._engine is None:
             self._engine = plugins.get("engines", self.settings.engine).factory(self.settings)
         return self._engine
 
     @property
-    def judge(self):
+    def judge(self) -> Judge:
         if self._judge is None:
             self._judge = plugins.get("judges", self.settings.judge).factory(self.settings)
         return self._judge
 
     @property
-    def rewriter(self):
+    def rewriter(self) -> Rewriter:
         if self._rewriter is None:
             self._rewriter = plugins.get("rewriters", rewriter_name(self.settings)).factory(self.settings)
         return self._rewriter
@@ -135,85 +150,107 @@ class Agent:
         *,
         source: tuple[Image.Image, str] | None = None,
         instruction: str | None = None,
-        seed: int | None = None,
-        steps: int | None = None,
-        guidance: float | None = None,
-        native_size: bool = False,
-        candidates: int | None = None,
-        early_steps: int | None = None,
-        events: Callable[[EngineEvent], None] = lambda event: None,
+        events: Events = lambda event: None,
         cancel: threading.Event | None = None,
+        **sampling: Any,
     ) -> TurnOutcome:
-        """Run one message.
+        """Run one message: place the source, read the message into a plan, carry the plan out.
 
         `source` (image, message) edits that image: from the turn showing it if the session has
         one, else from a new "open" turn committed together with the edit, so a failed edit leaves
-        no trace. `instruction` skips the rewriter (replay of an exported session).
+        no trace. `instruction` skips the rewriter (replay of an exported session). `sampling`:
+        seed, steps, guidance, native_size, candidates, early_steps (None: the settings' value).
         """
         started = time.perf_counter()
         message = check_message(message)
         history = self.history()
         place = self._place(history, *source) if source else self.current(history)
-        opening = place if isinstance(place, NewTurn) else None
-        if opening is None:
-            current = place
-            image = self.image(current)
-        else:
+        if isinstance(place, NewTurn):
             current, image = None, source[0]
+        else:
+            current, image = place, self.image(place)
         if instruction is not None:
             plan = EditPlan(intent="edit", instruction=check_message(instruction), rationale="given instruction")
             rewriter = "given"
         else:
-            context = self._context(history, current.id) if current else []
-            plan = self.rewriter.rewrite(image, message, context)
+            plan = self.rewriter.rewrite(image, message, self._context(history, current.id) if current else [])
             rewriter = rewriter_name(self.settings) + (f" -> {plan.fallback}" if plan.fallback else "")
-        rewritten = time.perf_counter()
-        common = {"message": message, "intent": plan.intent, "plan": plan, "rewriter": rewriter}
+        read = _Read(message=message, intent=plan.intent, plan=plan, rewriter=rewriter, started=started,
+                     rewritten=time.perf_counter())
 
         if plan.intent in ("undo", "redo"):
             turn = self.move(plan.intent, message)
-            reply = f"{plan.intent}: back at turn {turn.id} ({turn.message})"
-            return TurnOutcome(**common, reply=reply, turn=turn)
+            return read.outcome(reply=f"{plan.intent}: back at turn {turn.id} ({turn.message})", turn=turn)
         if plan.intent in ("answer", "clarify"):
             if history is not None:
                 self.store.log(self.session, [("user", message), ("assistant", plan.rationale)])
-            return TurnOutcome(**common, reply=plan.rationale)
-
-        params: dict[str, Any] = {}
+            return read.outcome(reply=plan.rationale)
         if plan.intent == "retry":
-            if current is None or current.kind != "edit" or not current.plan:
-                raise UserError("nothing to retry: the current image is not an edit")
-            params = current.params
-            stored = current.seed
-            try:  # a turn imported before archives were validated may hold anything
-                plan = EditPlan.model_validate(current.plan | {"rationale": f"retry of turn {current.id}, new seed"})
-                if type(stored) is not int or not 0 <= stored < SEEDS:
-                    raise ValueError(stored)
-            except (ValidationError, TypeError, ValueError):
-                raise UserError(f"turn {current.id} holds a damaged plan or seed: it cannot be retried; edit again "
-                                "instead") from None
-            seed = next_seed(stored) if seed is None else seed
-            current = history.turn(current.parent)
-            image = self.image(current)
-        candidates = candidates or params.get("candidates") or self.settings.candidates
+            return self._retry(read, history, current, events, cancel, **sampling)
+        opening = place if isinstance(place, NewTurn) else None
+        parent = current.id if opening is None else history and history.cursor
+        return self._edit(read, image, parent, opening, {}, events, cancel, **sampling)
+
+    def retry(
+        self, message: str = "/retry", *, events: Events = lambda event: None, cancel: threading.Event | None = None,
+        **sampling: Any,
+    ) -> TurnOutcome:
+        """The current edit again with the next seed (or `seed`), from the same source, as a sibling turn:
+        /retry, `icedit retry` and a rewriter's `retry` intent all end here."""
+        started = time.perf_counter()
+        message = check_message(message)
+        history = self.history()
+        read = _Read(message=message, intent="retry", plan=EditPlan(intent="retry"), rewriter="given",
+                     started=started, rewritten=started)
+        return self._retry(read, history, self.current(history), events, cancel, **sampling)
+
+    def _retry(self, read: _Read, history: History | None, current: Turn | None, events: Events,
+               cancel: threading.Event | None, seed: int | None = None, **sampling: Any) -> TurnOutcome:
+        if current is None or current.kind != "edit" or not current.plan:
+            raise UserError("nothing to retry: the current image is not an edit")
+        stored = current.seed
+        try:  # a turn imported before archives were validated may hold anything
+            plan = EditPlan.model_validate(current.plan | {"rationale": f"retry of turn {current.id}, new seed"})
+            if type(stored) is not int or not 0 <= stored < SEEDS:
+                raise ValueError(stored)
+        except (ValidationError, TypeError, ValueError):
+            raise UserError(f"turn {current.id} holds a damaged plan or seed: it cannot be retried; edit again "
+                            "instead") from None
+        read = read.model_copy(update={"plan": plan})
+        parent = history.turn(current.parent)
+        seed = next_seed(stored) if seed is None else seed
+        return self._edit(read, self.image(parent), parent.id, None, current.params, events, cancel, seed=seed,
+                          **sampling)
+
+    def _edit(
+        self, read: _Read, image: Image.Image, parent: int | None, opening: NewTurn | None, earlier: dict[str, Any],
+        events: Events, cancel: threading.Event | None, *, seed: int | None = None, steps: int | None = None,
+        guidance: float | None = None, native_size: bool = False, candidates: int | None = None,
+        early_steps: int | None = None,
+    ) -> TurnOutcome:
+        """Paint `read.plan` from `image` and commit it under `parent` (after `opening`, when new).
+        Unset sampling values come from `earlier` (a retried turn's parameters), then the settings."""
         request = EditRequest(
             source=image,
-            plan=plan,
+            plan=read.plan,
             seed=new_seed() if seed is None else seed,
-            steps=steps or params.get("steps") or self.settings.steps,
-            guidance=guidance or params.get("guidance") or self.settings.guidance,
+            steps=steps or earlier.get("steps") or self.settings.steps,
+            guidance=guidance or earlier.get("guidance") or self.settings.guidance,
             native_size=native_size,
-            candidates=candidates,
-            early_steps=early_steps or params.get("early_steps") or self.settings.early_steps,
-            judge=self.judge if candidates > 1 else None,
+            candidates=candidates or earlier.get("candidates") or self.settings.candidates,
+            early_steps=early_steps or earlier.get("early_steps") or self.settings.early_steps,
         )
-        result = self.engine.edit(request, events, cancel or threading.Event())
+        cancel = cancel or threading.Event()
+        if request.candidates > 1:
+            result = early_filter.run(self.engine, request, self.judge, events, cancel, f"engine {self.settings.engine}")
+        else:
+            result = self.engine.edit(request, events, cancel)
         edited = time.perf_counter()
-        plan = plan.model_copy(update={"ic_prompt": result.ic_prompt})
+        plan = read.plan.model_copy(update={"ic_prompt": result.prompt})
         png = encode_png(result.image)
         draft = NewTurn(
             kind="edit",
-            message=message,
+            message=read.message,
             png=png,
             image_sha256=sha256(png),
             size=result.image.size,
@@ -224,29 +261,24 @@ class Agent:
                 "guidance": request.guidance,
                 "native_size": native_size,
                 "engine": self.settings.engine,
-                "rewriter": rewriter,
+                "rewriter": read.rewriter,
                 "preset": self.settings.preset,
                 "random_weights": result.random_weights,
                 "nfe": result.nfe,
                 "adapter": result.adapter.model_dump() if result.adapter else None,
+                **({"extras": result.extras} if result.extras else {}),
                 **self._filter_params(request, result),
             },
             timings=result.timings,
-            replies=[("user", message), ("assistant", plan.rationale)],
+            replies=[("user", read.message), ("assistant", plan.rationale)],
         )
-        parent = current.id if opening is None else history and history.cursor
         turn = self._announced(self.store.add_turns(self.session, parent, [opening, draft] if opening else [draft]))[-1]
         self._last_image = (turn.image_sha256, result.image)
-        timings = {"rewrite": rewritten - started, **result.timings, "total": time.perf_counter() - started}
-        timings["agent"] = timings["total"] - timings["rewrite"] - (edited - rewritten)
-        return TurnOutcome(
-            **common | {"plan": plan},
-            reply=plan.rationale,
-            turn=turn,
-            result=result,
-            engine=self.settings.engine,
-            timings=timings,
-        )
+        timings = {"rewrite": read.rewritten - read.started, **result.timings,
+                   "total": time.perf_counter() - read.started}
+        timings["agent"] = timings["total"] - timings["rewrite"] - (edited - read.rewritten)
+        return read.outcome(plan=plan, reply=plan.rationale, turn=turn, result=result, engine=self.settings.engine,
+                            timings=timings)
 
     def _filter_params(self, request: EditRequest, result: EditResult) -> dict[str, Any]:
         """What a replay needs to re-run the same early-filter selection."""

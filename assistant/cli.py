@@ -215,9 +215,9 @@ def with_engine_options(fn):
 def edit(image, instruction, output, force, session, seed, steps, guidance, native_size, save_candidates, json_,
          **options) -> None:
     """Edit IMAGE as INSTRUCTION says, e.g. icedit edit cat.png "make it look like winter"."""
-    from assistant.agent import Agent, describe
-    from assistant.images import load_source, sha256
-    from assistant.text import check_message, file_name, path_text
+    from assistant.agent import Agent
+    from assistant.images import load_source
+    from assistant.text import check_message, file_name
     from sessions.store import Store
 
     settings = _settings(**options)
@@ -238,12 +238,23 @@ def edit(image, instruction, output, force, session, seed, steps, guidance, nati
             events=_Progress.show,
             cancel=cancel,
         )
+    _report(outcome, agent, store, output=output, stem=image.stem, force=force, session=session,
+            save_candidates=save_candidates, json_=json_)
+
+
+def _report(outcome, agent, store, *, output: Path | None, stem: str, force: bool, session: str | None,
+            save_candidates: Path | None = None, json_: bool = False) -> None:
+    """Write an edit's picture (to `output` or a free `STEM-SEED.png`) and say what the turn did."""
+    from assistant.agent import describe
+    from assistant.images import sha256
+    from assistant.text import path_text
+
     turn = outcome.turn
     if outcome.result is None:
         # undo/redo/answer: nothing was painted; say what happened.
         output = None
     else:
-        output = output or _free_name(Path(f"{image.stem}-{outcome.result.seed}.png"))
+        output = output or _free_name(Path(f"{stem}-{outcome.result.seed}.png"))
         try:
             write_file(output, store.image(turn.image_sha256), force=force)
             if save_candidates and outcome.result.candidates:
@@ -264,13 +275,35 @@ def edit(image, instruction, output, force, session, seed, steps, guidance, nati
     _warn(agent.problems)
 
 
+@cli.command()
+@click.argument("name", callback=_session_name)
+@click.option("-o", "--output", type=PathArg(), help="where to write the PNG (default: NAME-SEED.png)")
+@click.option("--force", is_flag=True, help="let -o replace a file that is already there")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), help="noise seed (default: the retried turn's seed + 1)")
+@with_engine_options
+@click.option("--json", "json_", is_flag=True, help="print the result as JSON")
+def retry(name, output, force, seed, json_, **options) -> None:
+    """Paint session NAME's current edit again with another seed, as a sibling turn (like /retry)."""
+    from assistant.agent import Agent
+
+    settings = _settings(**options)
+    _check_output(output, None, force)
+    settings = _prepare(settings).settings
+    store = _store(settings)
+    agent = Agent(store, name, settings)
+    with _cancel_on_sigint() as cancel:
+        outcome = agent.retry(f"icedit retry{'' if seed is None else f' --seed {seed}'}", seed=seed,
+                              events=_Progress.show, cancel=cancel)
+    _report(outcome, agent, store, output=output, stem=name, force=force, session=name, json_=json_)
+
+
 def _warn(problems: list[str]) -> None:
     """Observers that failed: one stderr line each; what was stored and written stands (exit 0)."""
     for problem in problems:
         click.echo(f"warning: {printable(problem)}", err=True)
 
 
-def _check_output(path: Path | None, source: Path, force: bool) -> None:
+def _check_output(path: Path | None, source: Path | None, force: bool) -> None:
     """Refuse an -o the edit could not or should not be written to, before the edit runs (and is kept)."""
     if path is None:
         return
@@ -280,7 +313,7 @@ def _check_output(path: Path | None, source: Path, force: bool) -> None:
         raise UserError(f"{path}: edits are written as PNG: give -o a name ending in .png")
     if not path.parent.is_dir():
         raise UserError(f"{path.parent}: no such folder for -o")
-    if not force and _same_file(path, source):
+    if not force and source is not None and _same_file(path, source):
         raise UserError(f"{path} is the picture being edited: give -o another name, or pass --force to replace it")
     refuse_existing([path], force)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
@@ -24,7 +24,11 @@ class EditPlan(BaseModel):
     instruction: str | None = Field(None, description='the clause after "... same as on the left but"')
     subject: str | None = None
     description: str | None = None
-    ic_prompt: str | None = None
+    ic_prompt: str | None = Field(
+        None,
+        description="the prompt the engine ran with (ICEdit: the in-context diptych prompt); a rewriter may "
+        "propose one, the agent stores the engine's own (`EditResult.prompt`). The name stays for stored sessions.",
+    )
     rationale: str = ""
     fallback: str | None = Field(
         None, description="set by a rewriter that handed over to another: 'rules (why)'; shown as 'qwen_vl -> rules (why)'"
@@ -50,15 +54,14 @@ class EditRequest(BaseModel):
     steps: int = Field(28, ge=1, le=200)
     guidance: float = Field(50.0, gt=0, le=200)
     native_size: bool = Field(False, description="keep the 512-wide panel instead of the source size")
-    candidates: int = Field(1, ge=1, le=16, description="early filter: noises tried (seeds seed .. seed+M-1)")
+    candidates: int = Field(1, ge=1, le=16, description="early filter: noises tried (seeds seed .. seed+M-1); the host runs it")
     early_steps: int = Field(4, ge=1, le=199, description="early filter: steps run for every candidate")
-    judge: Any = Field(None, exclude=True, description="the Judge comparing candidates (when candidates > 1)")
 
 
 class AdapterInfo(BaseModel):
     """The adapter an engine runs with, as `--json` and `icedit plugins` report it."""
 
-    kind: Literal["lora", "lora-moe"]
+    kind: str = Field(description="what the engine calls it: icedit's are 'lora' and 'lora-moe'")
     source: str
     keys: int = Field(description="checkpoint keys placed on the model (all of them, or loading failed)")
     num_experts: int = 0
@@ -97,13 +100,16 @@ class EditResult(BaseModel):
 
     image: Image.Image
     seed: int
-    ic_prompt: str
+    prompt: str | None = Field(None, description="the prompt the engine ran with, as it ran it")
     nfe: int = Field(description="transformer evaluations spent")
     timings: dict[str, float] = {}
     random_weights: bool = False
     adapter: AdapterInfo | None = None
     candidates: list[CandidateInfo] = []
     verdicts: list[VerdictInfo] = []
+    extras: dict[str, str | int | float | bool | None] = Field(
+        {}, description="engine-specific facts worth recording (stored with the turn's parameters)"
+    )
 
 
 class Step(BaseModel):

@@ -7,46 +7,52 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
+from typing import Any, Generic, Literal, TypeVar, overload
 
 import pluggy
 
 from assistant import hookspecs
 from assistant.errors import UserError
+from assistant.protocols import Engine, Judge, Rewriter
+from assistant.settings import Settings
 
-BUILTIN_PLUGINS = ("plugins.icedit", "plugins.qwen_vl", "plugins.rules")
+Made = TypeVar("Made")
+
+BUILTIN_PLUGINS = ("plugins.icedit", "plugins.kontext", "plugins.qwen_vl", "plugins.rules")
 ENTRY_POINT_GROUP = "icedit_assistant"
 
 
 @dataclass(frozen=True)
-class _FactorySpec:
-    """factory(settings) builds the plugin's object. artifacts(settings), if given, names the model
-    weights it will load (`assistant.hub.Artifact`), so the host checks and fetches them all before
-    any loads; memory(settings), if given, the ways its models can be placed (`assistant.memory.Part`)."""
+class _FactorySpec(Generic[Made]):
+    """factory(settings) builds the plugin's object (an `assistant.protocols` type; importing the plugin
+    must stay cheap, so import heavy libraries inside the factory). artifacts(settings), if given, names
+    the model weights it will load (`assistant.hub.Artifact`), so the host checks and fetches them all
+    before any loads; memory(settings), if given, the ways its models can be placed
+    (`assistant.memory.Part`)."""
 
     name: str
-    factory: Callable[..., Any]
+    factory: Callable[[Settings], Made]
     description: str = ""
-    artifacts: Callable[..., list[Any]] | None = None
-    memory: Callable[..., list[Any]] | None = None
+    artifacts: Callable[[Settings], list[Any]] | None = None
+    memory: Callable[[Settings], list[Any]] | None = None
 
 
 @dataclass(frozen=True)
-class EngineSpec(_FactorySpec):
-    """An engine; factory(settings) builds it (weights load lazily, on the first edit).
+class EngineSpec(_FactorySpec[Engine]):
+    """An engine (`protocols.Engine`, optionally `CandidateEngine`); weights load lazily, on the first edit.
 
     describe(settings), if given, says cheaply (no weights loaded) what the engine would run.
     """
 
-    describe: Callable[..., dict[str, Any]] | None = None
+    describe: Callable[[Settings], dict[str, Any]] | None = None
 
 
-class RewriterSpec(_FactorySpec):
-    """A rewriter (message -> EditPlan); factory(settings) builds it."""
+class RewriterSpec(_FactorySpec[Rewriter]):
+    """A rewriter (`protocols.Rewriter`: message -> EditPlan)."""
 
 
-class JudgeSpec(_FactorySpec):
-    """A judge (which candidate follows the instruction); factory(settings) builds it."""
+class JudgeSpec(_FactorySpec[Judge]):
+    """A judge (`protocols.Judge`: which candidate follows the instruction)."""
 
 
 @dataclass(frozen=True)
@@ -115,6 +121,14 @@ def registrations(kind: str, pm: pluggy.PluginManager | None = None) -> dict[str
     return found
 
 
+@overload
+def get(kind: Literal["engines"], name: str) -> EngineSpec: ...
+@overload
+def get(kind: Literal["rewriters"], name: str) -> RewriterSpec: ...
+@overload
+def get(kind: Literal["judges"], name: str) -> JudgeSpec: ...
+@overload
+def get(kind: Literal["commands"], name: str) -> CommandSpec: ...
 def get(kind: str, name: str) -> Any:
     """The spec registered under name, or a one-line error listing what there is."""
     found = registrations(kind)

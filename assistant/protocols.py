@@ -1,27 +1,98 @@
-"""Behaviour a plugin object provides. Plugins implement these; the agent only calls these."""
+"""The behaviour a plugin object provides: what factories return and what the agent holds.
+
+A plugin registers specs (`assistant.plugins`) whose factory(settings) returns one of these. The
+host calls nothing else on them. Errors are part of the contract:
+
+- `assistant.errors.UserError` (or a subclass): bad input or a missing resource, shown to the person
+  as its one-line message; nothing is stored. `WeightsMissing` when weights are neither on disk nor
+  cached. An engine or rewriter raises these for anything the person can fix.
+- `assistant.errors.Cancelled`: the `cancel` event was set; engines check it between steps and raise
+  this, so nothing of the edit is stored.
+- Anything else is a bug in the plugin and keeps its traceback (a judge's failure is the one
+  exception: the early filter decides that match by seed order and records why).
+"""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from typing import Protocol, runtime_checkable
 
 from PIL import Image
 
 from assistant.models import EditPlan, EditRequest, EditResult, EngineEvent, TurnSummary
 
+Events = Callable[[EngineEvent], None]
+"""Where an engine reports progress: `Step` per denoising step, `Candidates`, `Verdict`, `Log`."""
+
 
 class Engine(Protocol):
-    random_weights: bool
+    """Edits one image. Same request (seed included) -> same image bytes on the same machine."""
 
-    def edit(
-        self, request: EditRequest, events: Callable[[EngineEvent], None], cancel: threading.Event
-    ) -> EditResult: ...
+    random_weights: bool
+    """True when the weights are random (a tiny preset): every surface labels the output so."""
+
+    def edit(self, request: EditRequest, events: Events, cancel: threading.Event) -> EditResult:
+        """Run `request.steps` steps from `request.seed`, reporting a `Step` per step and raising
+        `Cancelled` when `cancel` is set between steps. `request.candidates` is always 1 here: the host
+        runs the early filter through `start_candidates`."""
+        ...
+
+
+class CandidateRun(Protocol):
+    """Candidates that have run their first steps: one preview each, any one can be finished."""
+
+    previews: Sequence[Image.Image]
+    """One picture per seed, in the order the seeds were given: what the edit looks like so far."""
+
+    def finish(self, index: int, events: Events, cancel: threading.Event) -> EditResult:
+        """Run candidate `index` to the last step; the result is the image a plain edit with that seed
+        makes. Its `nfe` counts what this run spent in all (every candidate's early steps included)."""
+        ...
+
+
+@runtime_checkable
+class CandidateEngine(Engine, Protocol):
+    """An engine the early filter can drive (optional): start several noises, look, finish one."""
+
+    def start_candidates(
+        self, request: EditRequest, seeds: list[int], events: Events, cancel: threading.Event
+    ) -> CandidateRun:
+        """Run the first `request.early_steps` steps for every seed (batched where it can)."""
+        ...
 
 
 class Rewriter(Protocol):
-    def rewrite(self, image: Image.Image, message: str, context: list[TurnSummary]) -> EditPlan: ...
+    """Reads a person's message into a plan: an intent and, for edits, one instruction."""
+
+    def rewrite(self, image: Image.Image, message: str, context: list[TurnSummary]) -> EditPlan:
+        """`context` is the path to the current turn, oldest first (at most a few turns). Intents: edit
+        (with an instruction), undo, redo, retry (the host re-runs the current edit with the next seed),
+        answer / clarify (a reply in `rationale`, nothing edited)."""
+        ...
 
 
 class Judge(Protocol):
-    def compare(self, instruction: str, source: Image.Image, a: Image.Image, b: Image.Image) -> float: ...
+    """Which of two candidates carries out the instruction better (the early filter asks)."""
+
+    def compare(self, instruction: str, source: Image.Image, a: Image.Image, b: Image.Image) -> float:
+        """P(a follows the instruction better than b), in [0, 1]."""
+        ...
+
+    def compare_many(
+        self, instruction: str, source: Image.Image, pairs: Sequence[tuple[Image.Image, Image.Image]]
+    ) -> list[float]:
+        """`compare` for several pairs at once (batched where it can); `PairwiseJudge` gives a loop."""
+        ...
+
+
+class PairwiseJudge:
+    """A base for judges that only write `compare`: `compare_many` asks it pair by pair."""
+
+    def compare(self, instruction: str, source: Image.Image, a: Image.Image, b: Image.Image) -> float:
+        raise NotImplementedError
+
+    def compare_many(
+        self, instruction: str, source: Image.Image, pairs: Sequence[tuple[Image.Image, Image.Image]]
+    ) -> list[float]:
+        return [self.compare(instruction, source, a, b) for a, b in pairs]

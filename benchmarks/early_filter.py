@@ -20,30 +20,30 @@ import torch
 from PIL import Image
 
 import prompts
-from assistant.models import CandidateInfo
+from assistant import early_filter
+from assistant.early_filter import tournament
+from assistant.models import CandidateInfo, EditPlan, EditRequest
+from assistant.protocols import PairwiseJudge
+from assistant.settings import Settings
 from plugins.icedit.diptych import make_diptych, right_panel
-from plugins.icedit.early_filter import early_filter, tournament
-from plugins.icedit.presets import build_tiny
-from plugins.icedit.sampler import FillSampler
+from plugins.icedit.engine import IceditEngine
+from plugins.icedit.sampler import PromptCache
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "chelsea.png"
 
 
-class BrightnessJudge:
+class BrightnessJudge(PairwiseJudge):
     """A deterministic stand-in for the VLM, the same for both procedures: brighter wins."""
 
     def compare(self, instruction, source, a, b):
         return float(np.asarray(a, dtype=np.float32).mean() > np.asarray(b, dtype=np.float32).mean())
 
 
-def ours(pipe, canvas, mask, source, prompt, seed, m, n, candidates, judge):
-    sampler = FillSampler(pipe)
-    cond = sampler.prepare(canvas, mask, prompt, n, 50.0)
-    final, _, _ = early_filter(sampler, cond, judge=judge, instruction="add snow", source=source, seed=seed,
-                                   candidates=candidates, early_steps=m, events=lambda e: None,
-                                   cancel=threading.Event())
-    sampler.decode(cond, final.x)
-    return final.seeds[0]
+def ours(engine, source, seed, m, n, candidates, judge):
+    engine.prompts = PromptCache(size=0)  # encode the prompt every run, as the paper's procedure does
+    request = EditRequest(source=source, plan=EditPlan(intent="edit", instruction="add snow"), seed=seed, steps=n,
+                          guidance=50.0, candidates=candidates, early_steps=m, native_size=True)
+    return early_filter.run(engine, request, judge, lambda e: None, threading.Event()).seed
 
 
 def paper(pipe, canvas, mask, source, prompt, seed, m, n, candidates, judge):
@@ -85,20 +85,23 @@ def main() -> None:
     n, m, M = (12 if args.quick else args.steps), args.early_steps, args.candidates
     repeats = 1 if args.quick else args.repeats
     torch.manual_seed(0)
-    pipe = build_tiny()
+    engine = IceditEngine(Settings(preset="tiny"))
+    pipe = engine.pipeline()
     source = Image.open(EXAMPLE).convert("RGB")
     canvas, mask = make_diptych(source)
     prompt = prompts.render("ic_edit.txt", instruction="add snow")
     judge = BrightnessJudge()
     with torch.no_grad():
-        ours(pipe, canvas, mask, source, prompt, 0, m, n, M, judge)  # warm-up
+        ours(engine, source, 0, m, n, M, judge)  # warm-up
         times = {"paper": [], "ours": []}
         winners = {}
         for _ in range(repeats):
-            for name, fn in (("paper", paper), ("ours", ours)):
-                start = time.perf_counter()
-                winners[name] = fn(pipe, canvas, mask, source, prompt, 100, m, n, M, judge)
-                times[name].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            winners["paper"] = paper(pipe, canvas, mask, source, prompt, 100, m, n, M, judge)
+            times["paper"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            winners["ours"] = ours(engine, source, 100, m, n, M, judge)
+            times["ours"].append(time.perf_counter() - start)
     paper_s, ours_s = min(times["paper"]), min(times["ours"])
     print(f"tiny preset, {canvas.width}x{canvas.height} diptych, M={M} candidates, m={m} of n={n} steps, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")

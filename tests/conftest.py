@@ -52,28 +52,44 @@ def photo() -> Image.Image:
 
 
 class FakeEngine:
-    """A real Engine implementation without a model: tints the source by seed, records every call."""
+    """A real Engine implementation without a model: tints the source by seed, records every call.
+    It runs the early filter too: each candidate's preview is its finished picture."""
 
     random_weights = False
 
     def __init__(self):
         self.calls: list = []
 
-    def edit(self, request, events, cancel: threading.Event) -> EditResult:
-        self.calls.append(request)
-        for i in range(1, request.steps + 1):
+    def _paint(self, request, seed: int, steps: int, events, cancel: threading.Event) -> Image.Image:
+        for i in range(1, steps + 1):
             if cancel.is_set():
                 from assistant.errors import Cancelled
 
                 raise Cancelled("edit cancelled between steps: nothing was saved")
-            events(Step(i=i, n=request.steps, phase="denoise"))
-        tint = Image.new("RGB", request.source.size, (request.seed % 256, len(request.plan.instruction) % 256, 40))
-        return EditResult(
-            image=ImageChops.add(request.source, tint),
-            seed=request.seed,
-            ic_prompt=f"fake: {request.plan.instruction}",
-            nfe=request.steps,
-        )
+            events(Step(i=i, n=steps, phase="denoise"))
+        tint = Image.new("RGB", request.source.size, (seed % 256, len(request.plan.instruction) % 256, 40))
+        return ImageChops.add(request.source, tint)
+
+    def edit(self, request, events, cancel: threading.Event) -> EditResult:
+        self.calls.append(request)
+        image = self._paint(request, request.seed, request.steps, events, cancel)
+        return EditResult(image=image, seed=request.seed, prompt=f"fake: {request.plan.instruction}",
+                          nfe=request.steps)
+
+    def start_candidates(self, request, seeds, events, cancel):
+        self.calls.append(request)
+        previews = [self._paint(request, s, request.early_steps, events, cancel) for s in seeds]
+        spent = len(seeds) * request.early_steps + request.steps - request.early_steps
+
+        class Started:
+            def __init__(self):
+                self.previews = previews
+
+            def finish(self, index, events, cancel):
+                return EditResult(image=previews[index], seed=seeds[index], nfe=spent,
+                                  prompt=f"fake: {request.plan.instruction}")
+
+        return Started()
 
 
 class FakePlugin:

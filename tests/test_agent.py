@@ -152,6 +152,24 @@ def test_retry_with_an_explicit_seed_uses_it(agent, fake, photo):
     assert out.turn.params["seed"] == 77 and fake.engine.calls[-1].seed == 77
 
 
+def test_retry_is_an_agent_operation_that_no_rewriter_has_to_understand(store, fake, fake_settings, photo):
+    """/retry and `icedit retry` call Agent.retry: a rewriter that reads every message as an edit (verbatim
+    would paint "try another seed") is never asked, and the retry is the same plan with the next seed."""
+    agent = Agent(store, "s", fake_settings.model_copy(update={"rewriter": "verbatim"}))
+    first = agent.turn("add a hat", source=(photo, "open cat"), seed=1).turn
+    edited = agent.turn("make it winter", seed=41, steps=5).turn
+    assert agent.turn("try another seed", seed=3).plan.instruction == "try another seed"  # verbatim's reading
+    agent.jump(edited.id)
+    out = agent.retry()
+    assert (out.intent, out.plan.instruction, out.turn.parent) == ("retry", "make it winter", first.id)
+    assert (out.turn.params["seed"], out.turn.params["steps"]) == (42, 5)
+    assert out.turn.plan["rationale"] == f"retry of turn {edited.id}, new seed"
+    assert agent.retry(seed=9).turn.params["seed"] == 9
+    agent.jump(first.parent)
+    with pytest.raises(UserError, match="nothing to retry: the current image is not an edit"):
+        agent.retry()
+
+
 def test_retry_on_an_open_turn_is_refused(agent, store, fake, photo):
     with pytest.raises(UserError, match="nothing to retry: the current image is not an edit"):
         agent.turn("try another seed", source=(photo, "open cat"))

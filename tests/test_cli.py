@@ -121,7 +121,7 @@ BAD_INPUTS = {
     "unknown preset": (None, "add snow", ["--preset", "nope"],
                        "Error: unknown preset 'nope' (available: default, moe, tiny)"),
     "unknown engine": (None, "add snow", ["--engine", "nope"],
-                       "Error: unknown engine 'nope' (available: fake, icedit)"),
+                       "Error: unknown engine 'nope' (available: fake, icedit, kontext)"),
     "unknown rewriter": (None, "add snow", [*FAKE, "--rewriter", "nope"],
                          "Error: unknown rewriter 'nope' (available: qwen_vl, rules, verbatim)"),
 }
@@ -176,6 +176,23 @@ def test_undo_at_the_root_says_nothing_to_undo_and_changes_nothing(demo):
     assert json.loads(result.stdout) == {
         "session": "demo", "cursor": 2, "message": WINTER, "image_sha256": before["turns"][1][7],
     }
+
+
+def test_retry_paints_the_current_edit_again_with_the_next_seed_as_a_sibling(demo, fake, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = invoke("retry", "demo", "--engine", "fake", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert (data["intent"], data["instruction"], data["turn"], data["seed"]) == ("retry", WINTER, 3, 2)
+    assert sha(tmp_path / data["output"]) == data["image_sha256"] and data["output"] == "demo-2.png"
+    assert fake.engine.calls[-1].plan.instruction == WINTER
+    show = json.loads(invoke("sessions", "show", "demo", "--json").stdout)
+    assert [t["parent"] for t in show["turns"]] == [None, 1, 1] and show["cursor"] == 3
+    invoke("undo", "demo")
+    before = dump(demo)
+    result = invoke("retry", "demo", "--engine", "fake")
+    assert (result.exit_code, result.stderr) == (2, "Error: nothing to retry: the current image is not an edit\n")
+    assert dump(demo) == before
 
 
 def test_steps_out_of_range_is_a_usage_error_exit_2_and_changes_nothing(demo, tmp_path):

@@ -10,12 +10,14 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from assistant import early_filter
 from assistant.cli import cli
+from assistant.early_filter import tournament
 from assistant.hookspecs import hookimpl
 from assistant.models import CandidateInfo, EditPlan, EditRequest
 from assistant.plugins import JudgeSpec, get_plugin_manager
+from assistant.protocols import PairwiseJudge
 from assistant.settings import Settings
-from plugins.icedit.early_filter import tournament
 from plugins.icedit.engine import IceditEngine
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -29,7 +31,7 @@ def candidates(*values: int, first_seed: int = 10) -> list[CandidateInfo]:
     return [CandidateInfo(seed=first_seed + i, preview=shade(v), preview_sha256=str(v)) for i, v in enumerate(values)]
 
 
-class BiasedJudge:
+class BiasedJudge(PairwiseJudge):
     """Prefers brighter images, but with a strong preference for whatever is shown first."""
 
     def __init__(self, bias: float = 3.0):
@@ -57,7 +59,7 @@ def test_both_orders_cancel_a_position_bias_and_the_brightest_wins():
 
 
 def test_ties_go_to_the_lower_seed():
-    class Indifferent:
+    class Indifferent(PairwiseJudge):
         def compare(self, *args):
             return 0.5
 
@@ -68,7 +70,7 @@ def test_ties_go_to_the_lower_seed():
 
 @pytest.mark.parametrize("answer", [float("nan"), 1.5, -0.1, "yes", None, RuntimeError("CUDA error")])
 def test_a_failing_or_garbage_judge_makes_that_match_a_coin_flip_by_seed_order(answer):
-    class Broken:
+    class Broken(PairwiseJudge):
         def compare(self, instruction, source, a, b):
             if a.getpixel((0, 0))[0] == 200 or b.getpixel((0, 0))[0] == 200:
                 if isinstance(answer, Exception):
@@ -83,7 +85,7 @@ def test_a_failing_or_garbage_judge_makes_that_match_a_coin_flip_by_seed_order(a
     assert verdicts[1].winner == 4 and verdicts[1].p == 1.0
 
 
-class BrightJudge:
+class BrightJudge(PairwiseJudge):
     """A real Judge for the engine: the brighter right panel follows the instruction better."""
 
     def compare(self, instruction, source, a, b):
@@ -111,8 +113,10 @@ def test_engine_runs_candidates_batched_counts_nfe_and_resume_equals_a_plain_run
     pipe = engine.pipeline()
     hook = pipe.transformer.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0] if i else None))
     try:
-        result = engine.edit(
-            EditRequest(source=photo, plan=plan, seed=5, steps=6, candidates=3, early_steps=2, judge=BrightJudge()),
+        result = early_filter.run(
+            engine,
+            EditRequest(source=photo, plan=plan, seed=5, steps=6, candidates=3, early_steps=2),
+            BrightJudge(),
             events.append,
             threading.Event(),
         )
@@ -138,9 +142,11 @@ def test_early_steps_must_leave_steps_to_finish(photo):
 
     engine = IceditEngine(Settings(preset="tiny"))
     with pytest.raises(UserError, match=r"--early-steps must be between 1 and --steps - 1 \(3\), not 4"):
-        engine.edit(
+        early_filter.run(
+            engine,
             EditRequest(source=photo, plan=EditPlan(intent="edit", instruction="x"), seed=1, steps=4,
-                        candidates=2, early_steps=4, judge=BrightJudge()),
+                        candidates=2, early_steps=4),
+            BrightJudge(),
             lambda e: None,
             threading.Event(),
         )

@@ -34,7 +34,7 @@ def test_edit_is_the_right_half_of_the_stock_pipeline_on_the_diptych(photo):
     result, _ = run(IceditEngine(Settings(preset="tiny")), request(photo, native_size=True))
     canvas, mask = make_diptych(photo)
     expected = build_tiny()(
-        prompt=result.ic_prompt,
+        prompt=result.prompt,
         image=canvas,
         mask_image=mask,
         height=canvas.height,
@@ -43,7 +43,7 @@ def test_edit_is_the_right_half_of_the_stock_pipeline_on_the_diptych(photo):
         num_inference_steps=3,
         generator=torch.Generator("cpu").manual_seed(5),
     ).images[0]
-    assert result.ic_prompt.endswith("exactly the same as on the left but make it look like winter")
+    assert result.prompt.endswith("exactly the same as on the left but make it look like winter")
     assert result.image.tobytes() == right_panel(expected).tobytes()
     assert result.image.size == (512, 336)
     assert (result.nfe, result.seed, result.random_weights) == (3, 5, True)

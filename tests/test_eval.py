@@ -113,7 +113,7 @@ class AnswerEngine:
     def edit(self, request, events, cancel) -> EditResult:
         self.seeds.append(request.seed)
         image = self.targets[request.plan.instruction]
-        return EditResult(image=image, seed=request.seed, ic_prompt=request.plan.ic_prompt, nfe=request.steps)
+        return EditResult(image=image, seed=request.seed, prompt=request.plan.ic_prompt, nfe=request.steps)
 
 
 @pytest.fixture

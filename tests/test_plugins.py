@@ -89,7 +89,7 @@ def test_a_name_registered_twice_is_one_clear_error(fake):
 
 
 def test_unknown_engine_names_what_there_is():
-    with pytest.raises(UserError, match=r"unknown engine 'nope' \(available: icedit\)"):
+    with pytest.raises(UserError, match=r"unknown engine 'nope' \(available: icedit, kontext\)"):
         plugins.get("engines", "nope")
 
 

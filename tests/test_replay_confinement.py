@@ -22,6 +22,7 @@ from assistant.cli import cli
 from assistant.errors import UserError
 from assistant.hookspecs import hookimpl
 from assistant.plugins import JudgeSpec, get_plugin_manager
+from assistant.protocols import PairwiseJudge
 from sessions.replay import _prepare_out, _write, load_script
 
 PRECIOUS = b"a person's file, not replay's"
@@ -298,7 +299,7 @@ def judge():
         def register_judges(self, register):
             register(JudgeSpec("first", lambda settings: FirstJudge(), "the first image wins"))
 
-    class FirstJudge:
+    class FirstJudge(PairwiseJudge):
         def compare(self, instruction, source, a, b):
             return 1.0
 

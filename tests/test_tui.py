@@ -177,7 +177,7 @@ class BlockingEngine:
         if cancel.wait(10):
             self.cancelled = True
             raise Cancelled("edit cancelled between steps: nothing was saved")
-        return EditResult(image=request.source, seed=request.seed, ic_prompt="never", nfe=1)
+        return EditResult(image=request.source, seed=request.seed, prompt="never", nfe=1)
 
 
 class BlockingPlugin:
@@ -230,7 +230,7 @@ class FilterEngine:
         events(Step(i=0, n=request.steps, phase="candidates"))
         events(Candidates(seeds=[5, 6], previews=previews))
         events(Verdict(a=5, b=6, p=0.75))
-        return EditResult(image=request.source, seed=5, ic_prompt="filtered", nfe=2)
+        return EditResult(image=request.source, seed=5, prompt="filtered", nfe=2)
 
 
 @pytest.fixture

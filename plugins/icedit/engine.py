@@ -5,17 +5,20 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
+from PIL import Image
 
 import prompts
 from assistant.errors import Cancelled, UserError
 from assistant.models import AdapterInfo, EditRequest, EditResult, EngineEvent, Step
 from assistant.settings import Settings
+from plugins.icedit.candidates import IceditCandidates, run_candidates
 from plugins.icedit.diptych import make_diptych, right_panel
-from plugins.icedit.early_filter import early_filter
 from plugins.icedit.loading import OOM_HINT, load_pipeline
-from plugins.icedit.sampler import FillSampler, PromptCache
+from plugins.icedit.sampler import Conditioning, FillSampler, Latents, PromptCache
 
 
 class IceditEngine:
@@ -33,12 +36,11 @@ class IceditEngine:
             self._pipe, self.random_weights, self.adapter = load_pipeline(self.settings)
         return self._pipe
 
-    def edit(
-        self, request: EditRequest, events: Callable[[EngineEvent], None], cancel: threading.Event
-    ) -> EditResult:
+    def _begin(self, request: EditRequest, events: Callable[[EngineEvent], None], cancel: threading.Event) -> _Edit:
+        """Load (once), encode the prompt and the diptych: what every seed of this edit shares."""
         if not request.plan.instruction:
             raise UserError("the plan has no instruction to edit with")
-        ic_prompt = request.plan.ic_prompt or prompts.render("ic_edit.txt", instruction=request.plan.instruction)
+        prompt = request.plan.ic_prompt or prompts.render("ic_edit.txt", instruction=request.plan.instruction)
         canvas, mask = make_diptych(request.source)
         started = time.perf_counter()
         events(Step(i=0, n=request.steps, phase="load"))
@@ -48,53 +50,82 @@ class IceditEngine:
             raise Cancelled("edit cancelled: nothing was saved")
         sampler = FillSampler(pipe, self.prompts)
         events(Step(i=0, n=request.steps, phase="encode"))
-        try:
-            cond = sampler.prepare(canvas, mask, ic_prompt, request.steps, request.guidance)
-            encoded = time.perf_counter()
-            candidates, verdicts = [], []
-            if request.candidates > 1:
-                latents, candidates, verdicts = early_filter(
-                    sampler,
-                    cond,
-                    judge=request.judge,
-                    instruction=request.plan.instruction,
-                    source=request.source,
-                    seed=request.seed,
-                    candidates=request.candidates,
-                    early_steps=request.early_steps,
-                    events=events,
-                    cancel=cancel,
-                )
-            else:
-                latents = sampler.denoise(
-                    cond,
-                    sampler.start(cond, [request.seed]),
-                    request.steps,
-                    on_step=lambda i, n: events(Step(i=i, n=n, phase="denoise")),
-                    cancel=cancel,
-                )
-            denoised = time.perf_counter()
-            events(Step(i=request.steps, n=request.steps, phase="decode"))
-            painted = sampler.decode(cond, latents.x)[0]
-        except torch.OutOfMemoryError:
-            raise UserError(
-                f"out of memory for a {canvas.width}x{canvas.height} diptych on {pipe.device}: {OOM_HINT}"
-            ) from None
-        finished = time.perf_counter()
-        image = right_panel(painted, None if request.native_size else request.source.size)
+        with _out_of_memory(canvas, pipe):
+            cond = sampler.prepare(canvas, mask, prompt, request.steps, request.guidance)
+        return _Edit(self, request, prompt, canvas, sampler, cond,
+                     {"load": loaded - started, "encode": time.perf_counter() - loaded})
+
+    def edit(
+        self, request: EditRequest, events: Callable[[EngineEvent], None], cancel: threading.Event
+    ) -> EditResult:
+        job = self._begin(request, events, cancel)
+        started = time.perf_counter()
+        with _out_of_memory(job.canvas, job.sampler.pipe):
+            latents = job.sampler.denoise(
+                job.cond,
+                job.sampler.start(job.cond, [request.seed]),
+                request.steps,
+                on_step=lambda i, n: events(Step(i=i, n=n, phase="denoise")),
+                cancel=cancel,
+            )
+        return job.result(latents, request.steps, {"denoise": time.perf_counter() - started}, events)
+
+    def start_candidates(
+        self, request: EditRequest, seeds: list[int], events: Callable[[EngineEvent], None], cancel: threading.Event
+    ) -> IceditCandidates:
+        """The early filter's first steps for every seed, batched; the winner resumes from there."""
+        job = self._begin(request, events, cancel)
+        started = time.perf_counter()
+        with _out_of_memory(job.canvas, job.sampler.pipe):
+            batch, canvases = run_candidates(job.sampler, job.cond, seeds, request.early_steps, events, cancel)
+        candidates = time.perf_counter() - started
+
+        def finish(one: Latents, count: int, events: Callable[[EngineEvent], None], cancel: threading.Event):
+            resumed = time.perf_counter()
+            with _out_of_memory(job.canvas, job.sampler.pipe):
+                final = job.sampler.denoise(job.cond, one, request.steps,
+                                            on_step=lambda i, n: events(Step(i=i, n=n, phase="finish")), cancel=cancel)
+            spent = request.steps + (count - 1) * request.early_steps
+            return job.result(final, spent, {"denoise": candidates + time.perf_counter() - resumed}, events)
+
+        return IceditCandidates([right_panel(c) for c in canvases], batch, finish)
+
+
+@contextmanager
+def _out_of_memory(canvas, pipe):
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise UserError(
+            f"out of memory for a {canvas.width}x{canvas.height} diptych on {pipe.device}: {OOM_HINT}"
+        ) from None
+
+
+@dataclass
+class _Edit:
+    """One edit's shared state: the encoded prompt and diptych, ready for any seed."""
+
+    engine: IceditEngine
+    request: EditRequest
+    prompt: str
+    canvas: Image.Image
+    sampler: FillSampler
+    cond: Conditioning
+    timings: dict[str, float]
+
+    def result(self, latents: Latents, nfe: int, timings: dict[str, float], events) -> EditResult:
+        """Decode the finished latents to the right panel (at the source's size unless native)."""
+        events(Step(i=self.request.steps, n=self.request.steps, phase="decode"))
+        started = time.perf_counter()
+        with _out_of_memory(self.canvas, self.sampler.pipe):
+            painted = self.sampler.decode(self.cond, latents.x)[0]
+        image = right_panel(painted, None if self.request.native_size else self.request.source.size)
         return EditResult(
             image=image,
             seed=latents.seeds[0],
-            ic_prompt=ic_prompt,
-            nfe=request.steps + (request.candidates - 1) * request.early_steps if candidates else request.steps,
-            timings={
-                "load": loaded - started,
-                "encode": encoded - loaded,
-                "denoise": denoised - encoded,
-                "decode": finished - denoised,
-            },
-            adapter=self.adapter,
-            candidates=candidates,
-            verdicts=verdicts,
-            random_weights=self.random_weights,
+            prompt=self.prompt,
+            nfe=nfe,
+            timings=self.timings | timings | {"decode": time.perf_counter() - started},
+            adapter=self.engine.adapter,
+            random_weights=self.engine.random_weights,
         )

@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
-import prompts
 from assistant.errors import UserError
 from assistant.files import write_file
 from assistant.images import save_image
@@ -118,8 +117,7 @@ def evaluate(config: EvalConfig, settings: Settings, progress: bool = True) -> E
             rows = [example(edits, i) for i in chunk]
             made = []
             for i, row in zip(chunk, rows, strict=True):
-                plan = EditPlan(intent="edit", instruction=row["instruction"],
-                                ic_prompt=prompts.render("ic_edit.txt", instruction=row["instruction"]))
+                plan = EditPlan(intent="edit", instruction=row["instruction"])
                 request = EditRequest(source=row["source"].convert("RGB"), plan=plan, seed=next_seed(config.seed, i),
                                       steps=steps, guidance=guidance)
                 made.append(engine.edit(request, lambda event: None, threading.Event()))

@@ -37,8 +37,6 @@ from assistant.tui.widgets.status_line import StatusLine
 from assistant.tui.widgets.step_bar import StepBar
 from sessions.store import Store
 
-RETRY_MESSAGE = "try another seed"
-"""What /retry says to the agent: every rewriter reads it as a retry of the current edit."""
 BUSY = "an edit is running: wait for it, or press Escape to cancel it"
 
 
@@ -212,13 +210,13 @@ class ChatScreen(Screen):
         self.cancel = threading.Event()
         self.query_one(CandidateStrip).clear()
         self.query_one(StepBar).start("reading your request...")
-        self.edit(text, message, kwargs, self.cancel)
+        self.edit(text, message, kwargs, self.cancel, retry)
 
     @work(thread=True, exclusive=True, group="edit")
-    def edit(self, text: str, message: str, kwargs: dict, cancel: threading.Event) -> None:
+    def edit(self, text: str, message: str, kwargs: dict, cancel: threading.Event, retry: bool) -> None:
         """The only code that runs the agent (and so loads torch and the models); it only posts messages."""
         try:
-            outcome = self.agent.turn(
+            outcome = (self.agent.retry if retry else self.agent.turn)(
                 message, events=lambda event: self.post_message(EditProgress(event)), cancel=cancel, **kwargs
             )
         except Cancelled:
@@ -299,7 +297,7 @@ class ChatScreen(Screen):
         return f"redo: forward to turn #{turn.id} ({turn.message})"
 
     def command_retry(self, argument: str) -> None:
-        self.start_edit("/retry", RETRY_MESSAGE, retry=True)
+        self.start_edit("/retry", "/retry", retry=True)
 
     def command_seed(self, argument: str) -> str:
         if argument.lower() in ("", "random"):
