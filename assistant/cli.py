@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import signal
 import sys
@@ -15,8 +13,9 @@ from typing import Any
 
 import click
 
+from assistant import command_kit as kit
 from assistant.errors import UserError
-from assistant.files import in_the_way, kind_problem, refuse_existing, write_file
+from assistant.files import in_the_way, refuse_existing, write_file
 from assistant.text import printable
 
 RANDOM_WEIGHTS_NOTE = "note: the tiny preset has random weights: its pictures are noise, not edits"
@@ -31,24 +30,13 @@ class _Group(click.Group):
         except click.UsageError as e:
             if e.ctx is None or isinstance(e, click.exceptions.NoArgsIsHelpError):
                 raise
-            raise _fail(f"{e.format_message()} (see `{e.ctx.command_path} --help`)", 2) from None
+            raise kit.fail(f"{e.format_message()} (see `{e.ctx.command_path} --help`)", 2) from None
         except UserError as e:
-            raise _fail(printable(str(e), lines=True), e.exit_code) from None  # a path in it may hold controls
+            raise kit.fail(printable(str(e), lines=True), e.exit_code) from None  # a path in it may hold controls
         except KeyboardInterrupt:
-            raise _fail("interrupted: nothing was saved", 130) from None
+            raise kit.fail("interrupted: nothing was saved", 130) from None
         finally:
             _Progress.end()
-
-
-class FiniteRange(click.FloatRange):
-    """click's FloatRange lets NaN through (every comparison with NaN is false) and infinity where a side
-    is open-ended; neither is a setting, so both are refused here, once, for every float option."""
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        number = super().convert(value, param, ctx)
-        if not math.isfinite(number):
-            self.fail(f"{value!r} is not a finite number.", param, ctx)
-        return number
 
 
 def _session_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -58,71 +46,12 @@ def _session_name(ctx: click.Context, param: click.Parameter, value: str | None)
     return None if value is None else check_name(value)
 
 
-class PathArg(click.Path):
-    """click's Path stats the value and lets the ValueError of a NUL byte escape; that is one line here."""
-
-    def __init__(self) -> None:
-        super().__init__(path_type=Path)
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        try:
-            return super().convert(value, param, ctx)
-        except ValueError:
-            raise UserError(kind_problem(value, "bad name")) from None
-
-
-def _fail(message: str, exit_code: int) -> click.ClickException:
-    err = click.ClickException(message)
-    err.exit_code = exit_code
-    return err
-
-
-def _emit(data: Any) -> None:
-    click.echo(json.dumps(data, ensure_ascii=False))
-
-
-def _host_settings(**overrides: Any):
-    """Settings from ICEDIT_* and the options, checked by their own model only: commands that do not edit
-    (sessions, undo, redo) load no plugin, so a bad engine setting or a missing library cannot stop them."""
-    from pydantic import ValidationError
-
-    from assistant.settings import Settings
-
-    try:
-        return Settings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as e:
-        first = e.errors()[0]
-        why = first["msg"].removeprefix("Value error, ")
-        raise UserError(f"bad setting {'.'.join(map(str, first['loc']))}: {why}") from None
-
-
-def _settings(**overrides: Any):
-    """`_host_settings`, then the chosen engine checks them before any model loads."""
-    from assistant import plugins
-
-    settings = _host_settings(**overrides)
-    spec = plugins.get("engines", settings.engine)
-    if spec.describe is not None:
-        spec.describe(settings)  # an unknown preset fails here, in one line
-    return settings
-
-
-def _prepare(settings, extra=None, *, quiet: bool = False, **needs: Any):
-    """Check (and fetch) every artifact the command will load before anything loads; choose the rewriter."""
-    from assistant.preflight import prepare
-
-    prepared = prepare(settings, extra, **needs)
-    if not quiet:
-        for note in prepared.notes:
-            click.echo(f"note: {note}", err=True)
-    return prepared
-
 
 def _store(settings=None):
     """The session store of `settings` (default: the host settings alone)."""
     from sessions.store import Store
 
-    return Store((settings or _host_settings()).store_path)
+    return Store((settings or kit.host_settings()).store_path)
 
 
 @contextmanager
@@ -162,13 +91,46 @@ class _Progress:
             cls.open = False
 
 
-@click.group(cls=_Group)
+class _Root(_Group):
+    """The `icedit` group: plugins' commands (`register_cli_commands`) join it only when a command is not
+    a built-in one or help lists them all, so `icedit sessions list` loads no plugin at all."""
+
+    _plugins_added = False
+
+    def _add_plugin_commands(self) -> None:
+        if self._plugins_added:
+            return
+        self._plugins_added = True
+        from assistant.plugins import get_plugin_manager
+
+        builtins = dict(self.commands)
+        for impl in get_plugin_manager().hook.register_cli_commands.get_hookimpls():
+            try:
+                impl.function(cli=self)
+            except Exception as e:  # noqa: BLE001 - one plugin's bug must not take the other commands down
+                click.echo(f"warning: plugin {impl.plugin_name} failed adding its commands ({type(e).__name__}: "
+                           f"{printable(str(e))})", err=True)
+        for name, command in builtins.items():
+            if self.commands[name] is not command:
+                click.echo(f"warning: a plugin's command '{name}' is ignored: icedit has its own", err=True)
+                self.commands[name] = command
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands:
+            self._add_plugin_commands()
+        return super().get_command(ctx, cmd_name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._add_plugin_commands()
+        return super().list_commands(ctx)
+
+
+@click.group(cls=_Root)
 @click.version_option(package_name="icedit-assistant")
 def cli() -> None:
     """icedit: edit images by telling it what you want."""
 
 
-OFFLOAD_MODES = ["none", "encoders", "model", "sequential"]
 engine_options = [
     click.option("--preset", help="engine preset: default (FLUX.1 Fill + ICEdit LoRA), moe (+ LoRA-MoE), tiny (random)"),
     click.option("--model", help="FLUX.1 Fill hub id or local folder (overrides the preset)"),
@@ -176,9 +138,9 @@ engine_options = [
     click.option("--lora", help="LoRA hub id or path (overrides the preset); 'none' for none"),
     click.option("--lora-revision", help="pin the LoRA's hub revision"),
     click.option("--lora-weight-name", help="the adapter's file in its repo or folder (pytorch_lora_weights.safetensors)"),
-    click.option("--lora-scale", type=FiniteRange(0, 4), help="adapter strength (default 1, as trained)"),
+    click.option("--lora-scale", type=kit.FiniteRange(0, 4), help="adapter strength (default 1, as trained)"),
     click.option("--top-k", type=click.IntRange(1, 64), help="experts per token of a LoRA-MoE adapter (default 1)"),
-    click.option("--offload", type=click.Choice(OFFLOAD_MODES), help="memory modes for small GPUs (see README)"),
+    click.option("--offload", type=click.Choice(kit.OFFLOAD_MODES), help="memory modes for small GPUs (see README)"),
     click.option("--quantize", type=click.Choice(["none", "int8", "fp8"]), help="weight-only quantized transformer"),
     click.option("--compile/--no-compile", default=None, help="torch.compile the transformer (GPU fast path)"),
     click.option("--candidates", type=click.IntRange(1, 16), help="early filter: noises to try (default 1 = off)"),
@@ -200,16 +162,16 @@ def with_engine_options(fn):
 
 
 @cli.command()
-@click.argument("image", type=PathArg())
+@click.argument("image", type=kit.PathArg())
 @click.argument("instruction")
-@click.option("-o", "--output", type=PathArg(), help="where to write the PNG")
+@click.option("-o", "--output", type=kit.PathArg(), help="where to write the PNG")
 @click.option("--force", is_flag=True, help="let -o replace a file that is already there")
 @click.option("--session", callback=_session_name, help="add the edit to this named session (created if new)")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), help="noise seed (default: random, printed)")
 @click.option("--steps", type=click.IntRange(1, 200), help="denoising steps (default 28)")
-@click.option("--guidance", type=FiniteRange(0, 200, min_open=True), help="guidance (default 50)")
+@click.option("--guidance", type=kit.FiniteRange(0, 200, min_open=True), help="guidance (default 50)")
 @click.option("--native-size", is_flag=True, help="keep the 512-wide panel instead of the source's size")
-@click.option("--save-candidates", type=PathArg(), help="folder for the early filter's previews")
+@click.option("--save-candidates", type=kit.PathArg(), help="folder for the early filter's previews")
 @with_engine_options
 @click.option("--json", "json_", is_flag=True, help="print the result as JSON")
 def edit(image, instruction, output, force, session, seed, steps, guidance, native_size, save_candidates, json_,
@@ -220,11 +182,11 @@ def edit(image, instruction, output, force, session, seed, steps, guidance, nati
     from assistant.text import check_message, file_name
     from sessions.store import Store
 
-    settings = _settings(**options)
+    settings = kit.settings(**options)
     check_message(instruction)
     _check_output(output, image, force)
     source = load_source(image)
-    settings = _prepare(settings).settings
+    settings = kit.prepare(settings).settings
     store = _store(settings) if session else Store(":memory:")
     agent = Agent(store, session or "edit", settings)
     with _cancel_on_sigint() as cancel:
@@ -263,7 +225,7 @@ def _report(outcome, agent, store, *, output: Path | None, stem: str, force: boo
             kept = f" (the edit is kept as turn {turn.id} of session {session})" if session else ""
             raise UserError(f"{e}{kept}") from None
     if json_:
-        _emit(describe(outcome, session=session, output=str(output) if output else None))
+        kit.emit(describe(outcome, session=session, output=str(output) if output else None))
     else:
         click.echo(outcome.reply)
         if output:
@@ -277,7 +239,7 @@ def _report(outcome, agent, store, *, output: Path | None, stem: str, force: boo
 
 @cli.command()
 @click.argument("name", callback=_session_name)
-@click.option("-o", "--output", type=PathArg(), help="where to write the PNG (default: NAME-SEED.png)")
+@click.option("-o", "--output", type=kit.PathArg(), help="where to write the PNG (default: NAME-SEED.png)")
 @click.option("--force", is_flag=True, help="let -o replace a file that is already there")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), help="noise seed (default: the retried turn's seed + 1)")
 @with_engine_options
@@ -286,9 +248,9 @@ def retry(name, output, force, seed, json_, **options) -> None:
     """Paint session NAME's current edit again with another seed, as a sibling turn (like /retry)."""
     from assistant.agent import Agent
 
-    settings = _settings(**options)
+    settings = kit.settings(**options)
     _check_output(output, None, force)
-    settings = _prepare(settings).settings
+    settings = kit.prepare(settings).settings
     store = _store(settings)
     agent = Agent(store, name, settings)
     with _cancel_on_sigint() as cancel:
@@ -354,7 +316,7 @@ def _fallback_note(rewriter: str) -> None:
 
 
 @cli.command()
-@click.argument("image", type=PathArg())
+@click.argument("image", type=kit.PathArg())
 @click.argument("request")
 @click.option("--rewriter", help="qwen_vl (default), rules, verbatim or another registered one")
 @click.option("--vlm", help="Qwen2.5-VL hub id or local folder for --rewriter qwen_vl ('none': no VLM)")
@@ -365,14 +327,14 @@ def rewrite(image, request, rewriter, vlm, json_) -> None:
     from assistant.images import load_source
     from assistant.text import check_message
 
-    settings = _settings(rewriter=rewriter, vlm=vlm)
+    settings = kit.settings(rewriter=rewriter, vlm=vlm)
     message = check_message(request)
     source = load_source(image)
-    settings = _prepare(settings, engine=False, judge=False).settings
+    settings = kit.prepare(settings, engine=False, judge=False).settings
     plan = plugins.get("rewriters", settings.rewriter).factory(settings).rewrite(source, message, [])
     label = settings.rewriter + (f" -> {plan.fallback}" if plan.fallback else "")
     if json_:
-        _emit(plan.model_dump() | {"rewriter": label})
+        kit.emit(plan.model_dump() | {"rewriter": label})
     else:
         click.echo(f"{plan.intent}: {plan.instruction}" if plan.instruction else f"{plan.intent}: {plan.rationale}")
         if plan.ic_prompt:
@@ -393,7 +355,7 @@ def sessions_list(json_) -> None:
     with _store() as store:
         rows = store.sessions()
     if json_:
-        _emit([r.model_dump() for r in rows])
+        kit.emit([r.model_dump() for r in rows])
         return
     if not rows:
         click.echo("no sessions yet (icedit edit IMAGE TEXT --session NAME starts one)")
@@ -409,7 +371,7 @@ def sessions_show(name, json_) -> None:
     with _store() as store:
         history = store.history(name)
     if json_:
-        _emit(
+        kit.emit(
             {
                 "name": history.name,
                 "cursor": history.cursor,
@@ -436,7 +398,7 @@ def sessions_show(name, json_) -> None:
 
 @sessions.command("export")
 @click.argument("name")
-@click.argument("script", type=PathArg())
+@click.argument("script", type=kit.PathArg())
 @click.option("--force", is_flag=True, help="replace files that are already there")
 def sessions_export(name, script, force) -> None:
     """Write NAME as a replay script (TOML, plus the opened images beside it), or whole as an archive (.zip)."""
@@ -466,7 +428,7 @@ def sessions_export(name, script, force) -> None:
 
 
 @sessions.command("import")
-@click.argument("archive", type=PathArg())
+@click.argument("archive", type=kit.PathArg())
 @click.option("--as", "name", help="import under this name (default: the name in the archive)")
 @click.option("--partial", is_flag=True,
               help="restore what can be when images are missing or damaged (their turns and the edits below them "
@@ -482,7 +444,7 @@ def sessions_import(archive, name, partial, json_) -> None:
         history, damaged, dropped = import_archive(store, archive, name, partial)
         problems = announce(history.name, history.turns, store.image)
     if json_:
-        _emit({"session": history.name, "turns": len(history.turns), "cursor": history.cursor,
+        kit.emit({"session": history.name, "turns": len(history.turns), "cursor": history.cursor,
                "archive": str(archive)} | ({"dropped": dropped} if partial else {}))
     else:
         click.echo(f"imported session {history.name} ({len(history.turns)} turns, cursor at #{history.cursor}) "
@@ -497,7 +459,7 @@ def sessions_import(archive, name, partial, json_) -> None:
 
 @sessions.command("sheet")
 @click.argument("name")
-@click.argument("output", type=PathArg())
+@click.argument("output", type=kit.PathArg())
 @click.option("--force", is_flag=True, help="replace OUTPUT if it is already there")
 def sessions_sheet(name, output, force) -> None:
     """Write a contact sheet of NAME: every turn's image with its message, one row per branch.
@@ -518,11 +480,11 @@ def sessions_sheet(name, output, force) -> None:
 def _move(name: str, intent: str, json_: bool) -> None:
     from assistant.agent import Agent
 
-    settings = _host_settings()
+    settings = kit.host_settings()
     with _store(settings) as store:
         turn = Agent(store, name, settings).move(intent)
     if json_:
-        _emit({"session": name, "cursor": turn.id, "message": turn.message, "image_sha256": turn.image_sha256})
+        kit.emit({"session": name, "cursor": turn.id, "message": turn.message, "image_sha256": turn.image_sha256})
     else:
         click.echo(f"{name}: cursor at #{turn.id} ({turn.message})")
 
@@ -544,8 +506,8 @@ def redo(name, json_) -> None:
 
 
 @cli.command()
-@click.argument("script", type=PathArg())
-@click.option("--out", "out_dir", required=True, type=PathArg(), help="folder for the PNGs")
+@click.argument("script", type=kit.PathArg())
+@click.option("--out", "out_dir", required=True, type=kit.PathArg(), help="folder for the PNGs")
 @click.option("--session", callback=_session_name, help="also keep the run as this named session")
 @click.option("--allow-outside", is_flag=True, help="let a script you trust read images outside its folder")
 @with_engine_options
@@ -556,15 +518,15 @@ def replay(script, out_dir, session, allow_outside, json_, **options) -> None:
     from sessions.store import Store
 
     parsed = load_script(script)
-    settings = _settings(**(parsed.settings() | {k: v for k, v in options.items() if v is not None}))
-    settings = _prepare(settings, judge=parsed.needs_judge() or None).settings
+    settings = kit.settings(**(parsed.settings() | {k: v for k, v in options.items() if v is not None}))
+    settings = kit.prepare(settings, judge=parsed.needs_judge() or None).settings
     store = _store(settings) if session else Store(":memory:")
     random_weights = False
     with _cancel_on_sigint() as cancel:
         for row in run_script(parsed, script, out_dir, store, session or "replay", settings, cancel, allow_outside):
             random_weights |= bool(row.get("random_weights"))
             if json_:
-                _emit(row)
+                kit.emit(row)
             else:
                 click.echo(f"{row['turn']:>3} {row['intent']:<6} {row['output']}  {row['reply']}")
             _warn(row.get("warnings", []))
@@ -579,12 +541,12 @@ def plugins_cmd(json_, **options) -> None:
     """Installed plugins, what each registers, and what the engines would run with these options."""
     from assistant.plugins import describe
 
-    rows = describe(_settings(**options))
+    rows = describe(kit.settings(**options))
     if json_:
-        _emit(rows)
+        kit.emit(rows)
         return
     for row in rows:
-        parts = [f"{kind}: {', '.join(row[kind])}" for kind in ("engines", "rewriters", "judges", "commands")
+        parts = [f"{kind}: {', '.join(row[kind])}" for kind in ("engines", "rewriters", "judges", "chat_commands")
                  if row[kind]]
         click.echo(f"{row['name']}\t{'; '.join(parts) or 'hooks: ' + ', '.join(row['hooks'])}")
         for engine, info in row.get("engine_settings", {}).items():
@@ -653,19 +615,19 @@ def _print_models(report: dict[str, Any]) -> None:
 
 @cli.command()
 @with_engine_options
-@click.option("--gpu-memory", type=FiniteRange(1, 4096), help="plan for a GPU of this many GiB (default: this one)")
+@click.option("--gpu-memory", type=kit.FiniteRange(1, 4096), help="plan for a GPU of this many GiB (default: this one)")
 @click.option("--json", "json_", is_flag=True, help="print the report as JSON")
 def models(gpu_memory, json_, **options) -> None:
     """The model weights these options need: cached or not, sizes, access, how to download; the memory plan."""
     from assistant import hub
     from assistant.preflight import memory_plan
 
-    settings = _settings(**options)
+    settings = kit.settings(**options)
     report = _models_report(_model_rows(settings, with_vlm=True, with_eval=True), remote=not hub.offline_mode())
     plan = memory_plan(settings, gpu_memory, judge=True)
     report["plan"] = plan.model_dump(mode="json") | {"explain": plan.explain()}
     if json_:
-        _emit(report)
+        kit.emit(report)
     else:
         _print_models(report)
 
@@ -679,18 +641,18 @@ def download(with_vlm, with_eval_models, json_, **options) -> None:
     """Fetch exactly the files the pipeline loads (free space checked first, interrupted downloads resumed)."""
     from assistant import hub
 
-    settings = _settings(**options)
+    settings = kit.settings(**options)
     rows = _model_rows(settings, with_vlm=with_vlm, with_eval=with_eval_models)
     hub.preflight([a for _, a in rows])
     report = _models_report(rows, remote=False)
     if json_:
-        _emit(report)
+        kit.emit(report)
     else:
         _print_models(report)
 
 
 @cli.command()
-@click.argument("image", required=False, type=PathArg())
+@click.argument("image", required=False, type=kit.PathArg())
 @click.option("--session", callback=_session_name, help="session to continue or start (default: a new chat-<timestamp>)")
 @with_engine_options
 def chat(image, session, **options) -> None:
@@ -698,129 +660,19 @@ def chat(image, session, **options) -> None:
     from assistant.images import load_source
     from assistant.tui.app import make_app
 
-    settings = _settings(**options)
+    settings = kit.settings(**options)
     if image is not None:
         load_source(image)  # a bad path is one line before any weights are looked for
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise UserError("icedit chat needs a terminal (its input or output is a pipe or a file): run it in a "
                         "terminal; scripts use icedit edit or icedit replay")
-    prepared = _prepare(settings, quiet=True)
+    prepared = kit.prepare(settings, quiet=True)
     app = make_app(prepared.settings, session=session, image=image, notes=prepared.notes,
                    memory=prepared.plan.explain() if prepared.plan else None)
     app.run()
     if app.store.exists(app.session):
         click.echo(f"session {app.session} is kept: icedit chat --session {app.session}")
     app.store.close()
-
-
-def _options(model, **values: Any):
-    """A pydantic options model from the given values (None = its default); a bad one is one line naming it."""
-    from pydantic import ValidationError
-
-    try:
-        return model(**{k: v for k, v in values.items() if v is not None})
-    except ValidationError as e:
-        first = e.errors()[0]
-        raise UserError(f"bad option --{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
-
-
-data_options = [
-    click.option("--data", required=True, help="folder (metadata.jsonl: source, target, instruction) or hub dataset id"),
-    click.option("--columns", help="map our columns to the dataset's: source=source_img,target=target_img,..."),
-    click.option("--split", help="dataset split (default train)"),
-    click.option("--limit", type=click.IntRange(1), help="use the first N examples only"),
-    click.option("--seed", type=click.IntRange(0, 2**32 - 1), help="seed (default 0)"),
-    click.option("--preset", help="model preset: default (real FLUX.1 Fill) or tiny (random, offline)"),
-    click.option("--model", help="FLUX.1 Fill hub id or local folder (overrides the preset)"),
-    click.option("--device", help="cpu to stay off the GPU; otherwise accelerate places each process"),
-]
-
-
-def with_data_options(fn):
-    for option in reversed(data_options):
-        fn = option(fn)
-    return fn
-
-
-@cli.command("train")
-@with_data_options
-@click.option("--out", required=True, type=PathArg(), help="folder for checkpoints and the adapter")
-@click.option("--steps", type=click.IntRange(1), help="optimizer steps (default 1000)")
-@click.option("--experts", type=click.IntRange(1, 64), help="LoRA-MoE experts (default 4)")
-@click.option("--rank", type=click.IntRange(1, 1024), help="LoRA and expert rank (default 32)")
-@click.option("--top-k", type=click.IntRange(1, 64), help="experts per token (default 1)")
-@click.option("--lr", type=FiniteRange(0, min_open=True), help="AdamW learning rate (default 1e-4)")
-@click.option("--warmup-steps", type=click.IntRange(0), help="linear learning-rate warm-up (default 0)")
-@click.option("--max-grad-norm", type=FiniteRange(0, min_open=True), help="gradient clipping (default 1)")
-@click.option("--batch-size", type=click.IntRange(1), help="examples per process and step (default 1)")
-@click.option("--grad-accum", type=click.IntRange(1), help="gradient accumulation steps (default 1)")
-@click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), help="default: bf16 on CUDA, else no")
-@click.option("--gradient-checkpointing", is_flag=True, default=None, help="recompute activations to save memory")
-@click.option("--panel-width", type=click.IntRange(16), help="diptych panel width, a multiple of 16 (default 512)")
-@click.option("--guidance", type=FiniteRange(0, min_open=True), help="FLUX guidance embedding (default 1)")
-@click.option("--checkpoint-every", type=click.IntRange(1), help="save_state every N steps (default 500)")
-@click.option("--resume", help="continue from a checkpoint folder, or 'latest' under OUT/checkpoints")
-@click.option("--json", "json_", is_flag=True, help="print the report as JSON")
-def train_cmd(data, columns, preset, model, device, json_, **options) -> None:
-    """Fine-tune the ICEdit LoRA-MoE on (source, target, instruction) edits; many GPUs: `accelerate launch`."""
-    from plugins.icedit.data import parse_columns
-    from plugins.icedit.train import TrainConfig, train
-
-    settings = _settings(preset=preset, model=model, device=device, lora="none")
-    config = _options(TrainConfig, data=data, columns=parse_columns(columns), **options)
-    _prepare(settings, rewriter=False, judge=False, plan=False)  # accelerate places each process
-    report = train(config, settings)
-    if report is None:  # not the main process
-        return
-    if json_:
-        _emit(report.model_dump())
-    else:
-        click.echo(f"trained to step {report.steps} on {report.num_processes} process(es): "
-                   f"loss {report.loss_first:.4f} -> {report.loss_last:.4f}")
-        click.echo(f"adapter {report.adapter} (icedit edit IMAGE TEXT --lora {Path(report.adapter).parent})")
-        click.echo(f"metrics {report.metrics}; checkpoints {', '.join(report.checkpoints) or 'none'}")
-    if report.random_weights:
-        click.echo("note: the tiny preset has random weights: this checks the training loop, not quality", err=True)
-
-
-@cli.command("eval")
-@with_data_options
-@click.option("--out", type=PathArg(), help="folder for edits, metrics and sheet (default icedit-eval)")
-@click.option("--steps", type=click.IntRange(1, 200), help="denoising steps (default 28)")
-@click.option("--guidance", type=FiniteRange(0, 200, min_open=True), help="guidance (default 50)")
-@click.option("--batch-size", type=click.IntRange(1), help="examples per scoring round (default 8)")
-@click.option("--judge", type=click.Choice(["qwen_vl"]), help="also rate each edit with the VLM (VIEScore SC/PQ)")
-@click.option("--lora", help="LoRA hub id or path (overrides the preset); 'none' for none")
-@click.option("--lora-scale", type=FiniteRange(0, 4), help="adapter strength (default 1)")
-@click.option("--top-k", "engine_top_k", type=click.IntRange(1, 64), help="experts per token of a LoRA-MoE adapter")
-@click.option("--offload", type=click.Choice(OFFLOAD_MODES), help="memory modes for small GPUs (see README)")
-@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), help="default: bf16 on CUDA")
-@click.option("--engine", help="engine plugin (see `icedit plugins`)")
-@click.option("--vlm", help="Qwen2.5-VL hub id or local folder for --judge qwen_vl")
-@click.option("--clip-model", help="CLIP hub id or folder (default openai/clip-vit-base-patch32)")
-@click.option("--dino-model", help="DINO ViT hub id or folder (default facebook/dino-vits16)")
-@click.option("--json", "json_", is_flag=True, help="print the report (means and per example) as JSON")
-def eval_cmd(data, columns, split, limit, seed, out, steps, guidance, batch_size, judge, json_, engine_top_k,
-             **options) -> None:
-    """Edit every example of a dataset and score the edits (MagicBrush and Emu Edit metrics)."""
-    from plugins.icedit.data import parse_columns
-    from plugins.icedit.evaluate import EvalConfig, evaluate
-    from plugins.icedit.loading import feature_artifacts
-
-    settings = _settings(top_k=engine_top_k, **options)
-    config = _options(EvalConfig, data=data, columns=parse_columns(columns), split=split, limit=limit, seed=seed,
-                      out=out, steps=steps, guidance=guidance, batch_size=batch_size, judge=judge)
-    settings = _prepare(settings, feature_artifacts(settings), rewriter=False, judge=bool(judge)).settings
-    report = evaluate(config, settings)
-    if report is None:  # not the main process
-        return
-    if json_:
-        _emit(report.model_dump())
-    else:
-        click.echo(Path(report.table).read_text(), nl=False)
-        click.echo(f"wrote {report.report}, {report.table}, {report.sheet} and {report.count} edits")
-    if report.random_weights:
-        click.echo("note: random weights (tiny preset): the numbers check the pipeline, not editing quality", err=True)
 
 
 def main() -> None:

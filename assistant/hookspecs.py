@@ -22,8 +22,16 @@ def register_judges(register):
 
 
 @hookspec
-def register_commands(register):
+def register_chat_commands(register):
     """Call register(CommandSpec(...)) per extra slash command for the chat."""
+
+
+@hookspec
+def register_cli_commands(cli):
+    """Add commands to the `icedit` click group (`cli.add_command(...)`, or `@cli.command()`), as llm's
+    `register_commands` does. `assistant.command_kit` holds what the built-in commands are made of
+    (settings, preflight, --json output, option types). Called only when a command is not a built-in
+    one or help lists them all, so built-in commands never wait for plugins."""
 
 
 @hookspec

@@ -68,7 +68,7 @@ REGISTRATION_HOOKS = {
     "engines": "register_engines",
     "rewriters": "register_rewriters",
     "judges": "register_judges",
-    "commands": "register_commands",
+    "chat_commands": "register_chat_commands",
 }
 
 
@@ -128,7 +128,7 @@ def get(kind: Literal["rewriters"], name: str) -> RewriterSpec: ...
 @overload
 def get(kind: Literal["judges"], name: str) -> JudgeSpec: ...
 @overload
-def get(kind: Literal["commands"], name: str) -> CommandSpec: ...
+def get(kind: Literal["chat_commands"], name: str) -> CommandSpec: ...
 def get(kind: str, name: str) -> Any:
     """The spec registered under name, or a one-line error listing what there is."""
     found = registrations(kind)

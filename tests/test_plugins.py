@@ -157,3 +157,65 @@ def test_every_committed_turn_is_observed_and_a_failing_observer_changes_nothing
     assert imported.exit_code == 0, imported.output
     assert observers.seen[2:] == [("t", 3, "open", True), ("t", 4, "edit", True)]
     assert imported.stderr.count("warning: plugin broken failed observing turn") == 2
+
+
+@pytest.fixture
+def cli_plugins():
+    """Register test plugins that add `icedit` commands; the group reads them afresh, and forgets them after."""
+    pm = get_plugin_manager()
+    names, before = [], dict(cli.commands)
+
+    def register(plugin, name):
+        pm.register(plugin, name=name)
+        names.append(name)
+        cli._plugins_added = False
+
+    yield register
+    for name in names:
+        pm.unregister(name=name)
+    cli.commands.clear()
+    cli.commands.update(before)
+    cli._plugins_added = False
+
+
+def test_a_plugin_adds_an_icedit_command_and_the_builtins_stay_theirs(cli_plugins):
+    import click
+
+    class Greeter:
+        @hookimpl
+        def register_cli_commands(self, cli):
+            @cli.command()
+            @click.argument("name")
+            def greet(name):
+                """Say hello."""
+                click.echo(f"hello {name}")
+
+            @cli.command("edit")
+            def not_edit():
+                click.echo("hijacked")
+
+    class Broken:
+        @hookimpl
+        def register_cli_commands(self, cli):
+            raise RuntimeError("no commands today")
+
+    cli_plugins(Greeter(), "greeter")
+    cli_plugins(Broken(), "broken")
+    result = CliRunner().invoke(cli, ["greet", "you"])
+    assert (result.exit_code, result.stdout) == (0, "hello you\n")
+    assert result.stderr.splitlines() == [
+        "warning: plugin broken failed adding its commands (RuntimeError: no commands today)",
+        "warning: a plugin's command 'edit' is ignored: icedit has its own",
+    ]
+    help_text = CliRunner().invoke(cli, ["--help"]).stdout
+    assert "greet     Say hello." in help_text and "train" in help_text and "eval" in help_text
+    assert "Edit IMAGE as INSTRUCTION says" in CliRunner().invoke(cli, ["edit", "--help"]).stdout
+
+
+def test_train_and_eval_are_the_icedit_plugins_commands():
+    from plugins.icedit.commands import eval_cmd, train_cmd
+
+    assert CliRunner().invoke(cli, ["train", "--help"]).exit_code == 0
+    assert cli.commands["train"] is train_cmd and cli.commands["eval"] is eval_cmd
+    impls = get_plugin_manager().hook.register_cli_commands.get_hookimpls()
+    assert [i.plugin_name for i in impls] == ["plugins.icedit"]

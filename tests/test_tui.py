@@ -345,7 +345,7 @@ async def test_save_sheet_history_and_a_plugin_command(fake_settings, fake, cat,
 
     class EchoPlugin:
         @hookimpl
-        def register_commands(self, register):
+        def register_chat_commands(self, register):
             def run(chat, argument):
                 seen.append((chat.agent.session, chat.options.steps))
                 return f"echo {argument}"

@@ -1,7 +1,7 @@
 """Slash commands: the built-in table, what a plugin's command gets to see, and argument parsing.
 
 The chat screen runs the built-ins (they change its widgets); plugins add commands through
-`register_commands` with `CommandSpec.run(chat, argument_text) -> text to show`, where `chat` is
+`register_chat_commands` with `CommandSpec.run(chat, argument_text) -> text to show`, where `chat` is
 a `Chat` below: the agent (its session, store and settings) and the options for the next edit.
 """
 

@@ -53,3 +53,10 @@ def register_engines(register):
             memory=_memory,
         )
     )
+
+
+@hookimpl
+def register_cli_commands(cli):
+    from plugins.icedit.commands import register
+
+    register(cli)

@@ -60,7 +60,7 @@ class ChatScreen(Screen):
         self.cancel: threading.Event | None = None
         """Set while an edit runs; Escape sets the event itself."""
         self.plugin_commands = {
-            name: spec for name, (_, spec) in plugins.registrations("commands").items() if name not in BUILTINS
+            name: spec for name, (_, spec) in plugins.registrations("chat_commands").items() if name not in BUILTINS
         }
 
     @property
