@@ -523,7 +523,9 @@ def replay(script, out_dir, session, allow_outside, json_, **options) -> None:
     store = _store(settings) if session else Store(":memory:")
     random_weights = False
     with _cancel_on_sigint() as cancel:
-        for row in run_script(parsed, script, out_dir, store, session or "replay", settings, cancel, allow_outside):
+        for row in run_script(parsed, script, out_dir, store, session or "replay", settings, cancel, allow_outside,
+                              _Progress.show):
+            _Progress.end()
             random_weights |= bool(row.get("random_weights"))
             if json_:
                 kit.emit(row)

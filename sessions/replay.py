@@ -34,6 +34,7 @@ from assistant.agent import Agent
 from assistant.errors import Cancelled, UserError
 from assistant.files import SAID, kind, write_file
 from assistant.images import load_source
+from assistant.protocols import Events
 from assistant.settings import Settings
 from assistant.text import check_message, path_text
 from sessions.history import Turn
@@ -280,6 +281,7 @@ def run_script(
     settings: Settings,
     cancel: threading.Event | None = None,
     allow_outside: bool = False,
+    events: Events = lambda event: None,
 ) -> Iterator[dict[str, Any]]:
     """Run each turn through the agent; yield one JSON-able row per turn after writing its PNG.
 
@@ -291,7 +293,8 @@ def run_script(
     if (nfe := total_nfe(script, settings)) > MAX_TOTAL_NFE:
         raise UserError(f"{script_path}: the edits ask for {nfe} transformer evaluations in all; at most "
                         f"{MAX_TOTAL_NFE} are accepted")
-    pending = (_open_image(base, script.source, allow_outside), f"open {script.source}")
+    pending: tuple[Image.Image, str] | None = (_open_image(base, script.source, allow_outside),
+                                                f"open {script.source}")
     for n, step in enumerate(script.turns, start=1):  # every file the script names, before any turn runs
         if step.open is None:
             continue
@@ -310,7 +313,7 @@ def run_script(
             if spent >= MAX_TOTAL_NFE:
                 raise UserError(f"the turns before it used {spent} transformer evaluations, the most a replay "
                                 "may use: it stops here (the turns before it are kept)")
-            row, turn, opened = _run_turn(agent, script, step, n, base, pending, allow_outside, cancel)
+            row, turn, opened = _run_turn(agent, script, step, n, base, pending, allow_outside, cancel, events)
             spent += row.get("nfe") or 0
             if agent.problems:  # observers that failed on this turn's commits
                 row["warnings"], agent.problems = agent.problems, []
@@ -330,9 +333,10 @@ def run_script(
 
 def _run_turn(agent: Agent, script: ReplayScript, step: ReplayTurn, n: int, base: Path,
               pending: tuple[Image.Image, str] | None, allow_outside: bool,
-              cancel: threading.Event) -> tuple[dict[str, Any], Turn | None, bool]:
+              cancel: threading.Event, events: Events) -> tuple[dict[str, Any], Turn | None, bool]:
     """(the turn's row, the turn the cursor is on after it, whether the script's source is in the session now)."""
     row: dict[str, Any] = {"turn": n}
+    turn: Turn | None
     if step.open is not None:
         turn = agent.open(_open_image(base, step.open, allow_outside), f"open {step.open}")
         row |= {"open": step.open, "intent": "open", "reply": f"opened {step.open}"}
@@ -343,6 +347,8 @@ def _run_turn(agent: Agent, script: ReplayScript, step: ReplayTurn, n: int, base
         turn = agent.move(step.command)
         row |= {"command": step.command, "intent": step.command, "reply": f"cursor at #{turn.id}"}
         return row, turn, False
+    if step.say is None:  # not after ReplayTurn's check
+        raise UserError(f"turn {n} needs exactly one of say, command, open")
     outcome = agent.turn(
         step.say,
         source=pending,
@@ -352,6 +358,7 @@ def _run_turn(agent: Agent, script: ReplayScript, step: ReplayTurn, n: int, base
         guidance=step.guidance,
         candidates=step.candidates,
         early_steps=step.early_steps,
+        events=events,
         cancel=cancel,
     )
     turn = outcome.turn or (agent.current() if agent.history() else None)

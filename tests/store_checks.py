@@ -23,8 +23,8 @@ def env_for(home: Path, **extra: str) -> dict[str, str]:
 def popen(*args: object, home: Path, cwd: Path, **kw) -> subprocess.Popen:
     """The real `icedit` console script, as a person runs it."""
     assert ICEDIT.is_file(), f"console script missing: {ICEDIT}"
-    return subprocess.Popen([str(ICEDIT), *map(str, args)], cwd=cwd, env=env_for(home), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    return subprocess.Popen([str(ICEDIT), *map(str, args)], cwd=cwd, env=env_for(home), text=True, **pipes | kw)
 
 
 def dump(home: Path) -> dict | None:

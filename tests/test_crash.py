@@ -9,6 +9,8 @@ its JSON line) before it died must be there with its image.
 from __future__ import annotations
 
 import json
+import os
+import pty
 import random
 import signal
 import sqlite3
@@ -56,8 +58,8 @@ def folder(tmp_path) -> Path:
 class Run:
     """One console-script process whose stdout lines are collected as they come."""
 
-    def __init__(self, *args: object, home: Path, cwd: Path):
-        self.proc = popen(*args, home=home, cwd=cwd)
+    def __init__(self, *args: object, home: Path, cwd: Path, **kw):
+        self.proc = popen(*args, home=home, cwd=cwd, **kw)
         self.lines: list[str] = []
         self.times: list[float] = []
         """Seconds from the start to each line."""
@@ -135,6 +137,7 @@ def lane(name: str, rng: random.Random, home: Path, cwd: Path, results: dict, er
         errors.append(e)
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_moments_loses_no_reported_turn_and_leaves_the_store_whole(folder):
     home = folder / "home"
     results = {"kills": 0, "runs": 0, "reported": 0}
@@ -168,15 +171,38 @@ def test_ctrl_c_during_a_replay_keeps_the_turns_before_and_nothing_of_the_one_in
         'source = "small.png"\nseed = 3\n[[turns]]\nsay = "make it look like winter"\nsteps = 1\n'
         '[[turns]]\nsay = "add a red scarf"\nsteps = 200\n[[turns]]\nsay = "add a hat"\nsteps = 1\n'
     )
+    # stderr is a terminal, so the console script draws its progress line there: Ctrl+C is sent once turn 2
+    # has reported a step (an event, not a guess at how long turn 1 takes).
+    leader, follower = pty.openpty()
     run = Run("replay", "slow.toml", "--out", "out", "--preset", "tiny", "--session", "s", "--json",
-              home=home, cwd=folder)
-    run.wait_lines(1)
-    assert len(run.lines) == 1, run.proc.stderr.read()
-    time.sleep(0.5)  # well into turn 2's 200 steps
+              home=home, cwd=folder, stderr=follower)
+    os.close(follower)
+    err_text, in_turn_2 = [], threading.Event()
+
+    def read_terminal() -> None:
+        while True:
+            try:
+                chunk = os.read(leader, 4096).decode(errors="replace")
+            except OSError:  # the process is gone and the terminal closed
+                return
+            if not chunk:
+                return
+            err_text.append(chunk)
+            if run.lines and "step 2/200" in "".join(err_text):
+                in_turn_2.set()
+
+    terminal = threading.Thread(target=read_terminal, daemon=True)
+    terminal.start()
+    assert in_turn_2.wait(120), "".join(err_text)
+    assert len(run.lines) == 1
     run.proc.send_signal(signal.SIGINT)
     code = run.proc.wait(timeout=60)
     run.reader.join(timeout=10)
-    err = run.proc.stderr.read().splitlines()
+    terminal.join(timeout=10)
+    os.close(leader)
+    # the progress line overwrites itself with \r; what stays are the lines after it
+    err = [line.rsplit("\r", 1)[-1].strip() for line in "".join(err_text).replace("\r\n", "\n").split("\n")]
+    err = [line for line in err if line]
     assert code == 130
     assert err[-1] == "Error: turn 2: cancelled: nothing of it was saved (the turns before it are kept)"
     assert [line for line in err if line.startswith("Error")] == [err[-1]]
