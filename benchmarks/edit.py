@@ -54,7 +54,8 @@ from PIL import Image
 import prompts
 from plugins.icedit.diptych import make_diptych
 from plugins.icedit.loading import place, quantize
-from plugins.icedit.moe import LoraMoeLinear, load_lora_moe, synthetic_checkpoint
+from plugins.icedit.moe import LoraMoeLinear
+from plugins.icedit.moe_checkpoint import load_lora_moe, synthetic_checkpoint
 from plugins.icedit.presets import CLIP_L_TEXT, FLUX_FILL_TRANSFORMER, T5_XXL_ENCODER, build_tiny
 from plugins.icedit.sampler import FillSampler
 

@@ -59,7 +59,8 @@ def _flux_family() -> dict[str, Repo]:
     from diffusers import FluxFillPipeline
     from peft import LoraConfig, get_peft_model_state_dict
 
-    from plugins.icedit.moe import WEIGHTS_NAME, synthetic_checkpoint
+    from plugins.icedit.loading import WEIGHTS_NAME
+    from plugins.icedit.moe_checkpoint import synthetic_checkpoint
     from plugins.icedit.presets import build_tiny
 
     pipe = build_tiny()

@@ -24,7 +24,7 @@ from assistant.errors import UserError
 from assistant.tui.app import make_app
 from assistant.tui.widgets.chat_log import ChatLog
 from assistant.tui.widgets.prompt_input import PromptInput
-from plugins.icedit import moe
+from plugins.icedit import moe_checkpoint
 from plugins.icedit.presets import build_tiny
 from plugins.qwen_vl.model import Vlm
 from plugins.qwen_vl.vision import image_part
@@ -70,7 +70,7 @@ def _moe_with(mutate):
     """A LoRA-MoE file for the tiny preset's transformer, changed by `mutate`."""
 
     def make(path: Path) -> None:
-        state = moe.synthetic_checkpoint(build_tiny().transformer, num_experts=2, rank=2)
+        state = moe_checkpoint.synthetic_checkpoint(build_tiny().transformer, num_experts=2, rank=2)
         mutate(state)
         save_file(state, path)
 

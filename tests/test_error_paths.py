@@ -20,7 +20,7 @@ from store_checks import EXAMPLES, ICEDIT, dump, env_for
 
 from assistant.cli import cli
 from assistant.models import SEEDS, next_seed
-from plugins.icedit import moe
+from plugins.icedit import moe_checkpoint
 from plugins.icedit.presets import build_tiny
 
 CHELSEA = EXAMPLES / "chelsea.png"
@@ -161,7 +161,7 @@ def test_train_names_the_example_that_is_not_an_image(bad_dataset, tmp_path, ice
 
 def test_latents_that_go_non_finite_stop_the_edit_and_commit_nothing(tmp_path, icedit_home, fake):
     """Finite but absurd adapter weights pass the load check; the sampler's check catches what they do."""
-    state = moe.synthetic_checkpoint(build_tiny().transformer, num_experts=2, rank=2)
+    state = moe_checkpoint.synthetic_checkpoint(build_tiny().transformer, num_experts=2, rank=2)
     save_file({k: v * 1e30 if "lora_B" in k else v for k, v in state.items()}, tmp_path / "huge.safetensors")
     first = invoke("edit", CHELSEA, "add snow", "--engine", "fake", "--session", "s", "-o", tmp_path / "a.png")
     assert first.exit_code == 0, first.output

@@ -19,8 +19,9 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from assistant.cli import cli
-from plugins.icedit import moe
+from plugins.icedit import moe, moe_checkpoint
 from plugins.icedit.data import COLUMNS, load_edits, parse_columns
+from plugins.icedit.loading import WEIGHTS_NAME
 from plugins.icedit.presets import build_tiny
 from plugins.icedit.train import digest
 
@@ -80,14 +81,14 @@ def test_training_lowers_the_loss_on_the_toy_edits(trained):
 def test_the_adapter_is_the_published_format_and_changes_the_output(trained):
     report, out = trained
     state = load_file(report["adapter"])
-    assert report["adapter"] == str(out / "adapter" / moe.WEIGHTS_NAME)
+    assert report["adapter"] == str(out / "adapter" / WEIGHTS_NAME)
     assert report["adapter_sha256"] == [digest(state)]
     base = build_tiny().transformer
-    assert set(state) == set(moe.synthetic_checkpoint(base, num_experts=4, rank=4))
+    assert set(state) == set(moe_checkpoint.synthetic_checkpoint(base, num_experts=4, rank=4))
     inputs = transformer_inputs(base)
     with torch.no_grad():
         before = base(**inputs).sample
-        loaded = moe.load_lora_moe(base, out / "adapter")
+        loaded = moe_checkpoint.load_lora_moe(base, out / "adapter")
         after = base(**inputs).sample
     assert (loaded.keys, loaded.plain_modules, loaded.moe_modules, loaded.num_experts) == (40, 11, 2, 4)
     assert (after - before).abs().max() > 1e-3
@@ -113,13 +114,13 @@ def test_a_fresh_adapter_starts_as_the_base_model_and_is_seeded():
         assert torch.equal(model(**inputs).sample, before)  # every B starts at zero
     assert all(p.requires_grad for p in params)
     assert not any(p.requires_grad for n, p in model.named_parameters() if "lora" not in n)
-    state = moe.adapter_state(model)
+    state = moe_checkpoint.adapter_state(model)
     again, other = build_tiny().transformer, build_tiny().transformer
-    published = moe.synthetic_checkpoint(again, num_experts=3, rank=2)
+    published = moe_checkpoint.synthetic_checkpoint(again, num_experts=3, rank=2)
     assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in published.items()}
     moe.add_lora_moe(again, num_experts=3, rank=2, top_k=2, seed=5)
     moe.add_lora_moe(other, num_experts=3, rank=2, top_k=2, seed=6)
-    assert digest(moe.adapter_state(again)) == digest(state) != digest(moe.adapter_state(other))
+    assert digest(moe_checkpoint.adapter_state(again)) == digest(state) != digest(moe_checkpoint.adapter_state(other))
 
 
 def test_resume_takes_exactly_the_steps_of_the_uninterrupted_run(tmp_path):
@@ -130,7 +131,7 @@ def test_resume_takes_exactly_the_steps_of_the_uninterrupted_run(tmp_path):
     assert resumed["resumed_from"] == 2
     assert metrics(tmp_path / "resumed") == metrics(tmp_path / "whole")[2:]
     assert resumed["adapter_sha256"] == whole["adapter_sha256"]
-    assert load_file(tmp_path / "whole" / "checkpoints" / "step-000002" / moe.WEIGHTS_NAME)  # a usable adapter
+    assert load_file(tmp_path / "whole" / "checkpoints" / "step-000002" / WEIGHTS_NAME)  # a usable adapter
 
     again = invoke("train", *SMALL, *common, "--out", tmp_path / "whole", "--resume", "latest")
     assert again.exit_code == 2

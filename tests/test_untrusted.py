@@ -16,7 +16,7 @@ from store_checks import EXAMPLES, dump
 
 from assistant.cli import cli
 from assistant.settings import Settings
-from plugins.icedit import moe
+from plugins.icedit import moe_checkpoint
 from plugins.icedit.loading import _from_pretrained, load_pipeline
 from plugins.icedit.presets import build_tiny
 
@@ -129,11 +129,11 @@ def test_a_pinned_pipeline_revision_loads_that_revision(offline_cache):
 
 def test_a_pinned_lora_revision_loads_that_adapter(offline_cache):
     pipe = build_tiny()
-    states = [moe.synthetic_checkpoint(pipe.transformer, num_experts=2, rank=2, seed=s) for s in (1, 2)]
+    states = [moe_checkpoint.synthetic_checkpoint(pipe.transformer, num_experts=2, rank=2, seed=s) for s in (1, 2)]
     _fake_hub(offline_cache, "someone/moe", {"main": MAIN, "v1": V1},
-              lambda folder, i: (folder.mkdir(parents=True), save_file(states[i], folder / moe.WEIGHTS_NAME)))
+              lambda folder, i: (folder.mkdir(parents=True), save_file(states[i], folder / moe_checkpoint.WEIGHTS_NAME)))
     for revision, expected in [(None, states[0]), ("v1", states[1])]:
-        got = moe.read_checkpoint("someone/moe", revision)
+        got = moe_checkpoint.read_checkpoint("someone/moe", revision)
         assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
     # through the engine's loader: the adapter is recognised and placed from the pinned revision
     _, _, adapter = load_pipeline(Settings(preset="tiny", lora="someone/moe", lora_revision="v1", device="cpu"))

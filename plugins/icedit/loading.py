@@ -204,17 +204,17 @@ def _kind_of(path: Path) -> str:
 
 
 def _load_adapter(pipe, lora: str, settings: Settings) -> AdapterInfo:
-    from plugins.icedit import moe
+    from plugins.icedit import moe, moe_checkpoint
 
     if lora == TINY_MOE:
-        state = moe.synthetic_checkpoint(pipe.transformer, num_experts=4, rank=4, seed=1, scale=0.3)
+        state = moe_checkpoint.synthetic_checkpoint(pipe.transformer, num_experts=4, rank=4, seed=1, scale=0.3)
     else:
         path = hub.locate(lora_artifact(lora, settings.lora_revision, settings.lora_weight_name))
         if _kind_of(path) != "lora-moe":
             return _load_stock_lora(pipe, lora, path, settings.lora_scale)
-        state = moe.read_checkpoint(path)
+        state = moe_checkpoint.read_checkpoint(path)
     _check_finite(state, lora)
-    report = moe.load_lora_moe(pipe.transformer, state, top_k=settings.top_k)
+    report = moe_checkpoint.load_lora_moe(pipe.transformer, state, top_k=settings.top_k)
     moe.set_scale(pipe.transformer, settings.lora_scale)
     return AdapterInfo(kind="lora-moe", source=lora, keys=report.keys, num_experts=report.num_experts,
                        top_k=report.top_k, scale=settings.lora_scale)

@@ -47,7 +47,7 @@ matrices per head (T5 materialises its scores and keeps its position bias): 11.9
 one T5-XXL layer at 128, 256 and 512 tokens in fp32; bf16 takes the same number of elements."""
 ADAPTER_RANK, ADAPTER_EXPERTS = 32, 4
 """The adapter counted on top of the transformer, for any `--lora`: the published ICEdit LoRA-MoE layout,
-rank 32, 4 experts (`moe.synthetic_checkpoint`), 214M parameters. It is never quantized."""
+rank 32, 4 experts (`moe_checkpoint.synthetic_checkpoint`), 214M parameters. It is never quantized."""
 QUANTIZED_SLOWDOWN = {"none": 1.0, "int8": 1.3, "fp8": 1.15}
 """Denoising time with torchao's weight-only quantization against bf16, an estimate until measured
 (`benchmarks/edit.py --full`): the weights are dequantized inside each matmul, which at ~3.6k tokens is
@@ -104,7 +104,7 @@ def sizes() -> dict[str, Size]:
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from plugins.icedit.moe import synthetic_checkpoint
+    from plugins.icedit.moe_checkpoint import synthetic_checkpoint
 
     with torch.device("meta"):
         transformer = FluxTransformer2DModel(**FLUX_FILL_TRANSFORMER)

@@ -28,7 +28,7 @@ import prompts
 from assistant.errors import UserError
 from assistant.files import write_file
 from assistant.settings import Settings
-from plugins.icedit import moe
+from plugins.icedit import moe, moe_checkpoint
 from plugins.icedit.data import Diptychs, load_edits
 from plugins.icedit.sampler import FillSampler
 
@@ -230,11 +230,11 @@ def train(config: TrainConfig, settings: Settings, progress: bool = True) -> Tra
 
     def save_adapter(models, weights, output_dir):
         if accelerator.is_main_process:
-            moe.save_lora_moe(accelerator.unwrap_model(models[0]), output_dir)
+            moe_checkpoint.save_lora_moe(accelerator.unwrap_model(models[0]), output_dir)
         weights.clear()  # the frozen base is not part of a checkpoint
 
     def load_adapter(models, input_dir):
-        moe.restore_adapter(accelerator.unwrap_model(models.pop()), moe.read_checkpoint(input_dir))
+        moe_checkpoint.restore_adapter(accelerator.unwrap_model(models.pop()), moe_checkpoint.read_checkpoint(input_dir))
 
     accelerator.register_save_state_pre_hook(save_adapter)
     accelerator.register_load_state_pre_hook(load_adapter)
@@ -295,10 +295,10 @@ def train(config: TrainConfig, settings: Settings, progress: bool = True) -> Tra
     bar.close()
 
     unwrapped = accelerator.unwrap_model(model)
-    digests = gather_object([digest(moe.adapter_state(unwrapped))])
+    digests = gather_object([digest(moe_checkpoint.adapter_state(unwrapped))])
     adapter = None
     if accelerator.is_main_process:
-        adapter = moe.save_lora_moe(unwrapped, out / "adapter")
+        adapter = moe_checkpoint.save_lora_moe(unwrapped, out / "adapter")
     accelerator.wait_for_everyone()
     report = TrainReport(
         steps=step,
