@@ -73,7 +73,7 @@ class Agent:
         self._engine: Engine | None = None
         self._rewriter: Rewriter | None = None
         self._judge: Judge | None = None
-        self._last_image: tuple[str | None, Image.Image | None] = (None, None)
+        self._last_image: tuple[str, Image.Image] | None = None
         self.problems: list[str] = []
         """Observers that failed on committed turns, one line each, for the caller to show (and clear)."""
 
@@ -102,7 +102,7 @@ class Agent:
 
     def image(self, turn: Turn) -> Image.Image:
         """A turn's picture; the last one is kept decoded (images are content-addressed, so it can't go stale)."""
-        if self._last_image[0] != turn.image_sha256:
+        if self._last_image is None or self._last_image[0] != turn.image_sha256:
             self._last_image = (turn.image_sha256, decode_png(self.store.image(turn.image_sha256)).convert("RGB"))
         return self._last_image[1]
 
@@ -111,7 +111,7 @@ class Agent:
         history = history or self.history()
         if history is None or history.cursor is None:
             raise UserError(f"session '{self.session}' has no image yet: open one first")
-        return history.current()
+        return history.cursor_turn()
 
     # ------------------------------------------------------------------ turns
 
@@ -126,8 +126,8 @@ class Agent:
         png = encode_png(image)
         digest = sha256(png)
         if history is not None:
-            if history.current().image_sha256 == digest:
-                return history.current()
+            if history.cursor_turn().image_sha256 == digest:
+                return history.cursor_turn()
             for turn in reversed(history.turns):
                 if turn.image_sha256 == digest:
                     return turn
@@ -138,11 +138,12 @@ class Agent:
         """Make `image` the current one: a jump to a turn showing it, or a new "open" turn under the cursor."""
         history = self.history()
         place = self._place(history, image, message)
+        cursor = history.cursor if history else None
         if isinstance(place, Turn):
-            if place.id != history.cursor:
+            if place.id != cursor:
                 self.store.move_cursor(self.session, place.id, [("user", message)])
             return place
-        return self._announced(self.store.add_turns(self.session, history and history.cursor, [place]))[0]
+        return self._announced(self.store.add_turns(self.session, cursor, [place]))[0]
 
     def turn(
         self,
@@ -165,15 +166,17 @@ class Agent:
         message = check_message(message)
         history = self.history()
         place = self._place(history, *source) if source else self.current(history)
-        if isinstance(place, NewTurn):
-            current, image = None, source[0]
-        else:
+        current: Turn | None
+        if isinstance(place, Turn):
             current, image = place, self.image(place)
+        else:  # a new "open": only a given source makes one
+            current, image = None, source[0] if source else decode_png(place.png)
         if instruction is not None:
             plan = EditPlan(intent="edit", instruction=check_message(instruction), rationale="given instruction")
             rewriter = "given"
         else:
-            plan = self.rewriter.rewrite(image, message, self._context(history, current.id) if current else [])
+            context = self._context(history, current.id) if history and current else []
+            plan = self.rewriter.rewrite(image, message, context)
             rewriter = rewriter_name(self.settings) + (f" -> {plan.fallback}" if plan.fallback else "")
         read = _Read(message=message, intent=plan.intent, plan=plan, rewriter=rewriter, started=started,
                      rewritten=time.perf_counter())
@@ -187,9 +190,9 @@ class Agent:
             return read.outcome(reply=plan.rationale)
         if plan.intent == "retry":
             return self._retry(read, history, current, events, cancel, **sampling)
-        opening = place if isinstance(place, NewTurn) else None
-        parent = current.id if opening is None else history and history.cursor
-        return self._edit(read, image, parent, opening, {}, events, cancel, **sampling)
+        if isinstance(place, NewTurn):
+            return self._edit(read, image, history.cursor if history else None, place, {}, events, cancel, **sampling)
+        return self._edit(read, image, place.id, None, {}, events, cancel, **sampling)
 
     def retry(
         self, message: str = "/retry", *, events: Events = lambda event: None, cancel: threading.Event | None = None,
@@ -206,7 +209,7 @@ class Agent:
 
     def _retry(self, read: _Read, history: History | None, current: Turn | None, events: Events,
                cancel: threading.Event | None, seed: int | None = None, **sampling: Any) -> TurnOutcome:
-        if current is None or current.kind != "edit" or not current.plan:
+        if history is None or current is None or current.kind != "edit" or not current.plan or current.parent is None:
             raise UserError("nothing to retry: the current image is not an edit")
         stored = current.seed
         try:  # a turn imported before archives were validated may hold anything
@@ -328,7 +331,7 @@ def describe(outcome: TurnOutcome, **extra: Any) -> dict[str, Any]:
         "turn": outcome.turn.id if outcome.turn else None,
         "image_sha256": outcome.turn.image_sha256 if outcome.turn else None,
     }
-    if outcome.result is not None:
+    if outcome.result is not None and outcome.turn is not None:
         out |= {
             "seed": outcome.result.seed,
             "nfe": outcome.result.nfe,

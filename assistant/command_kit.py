@@ -46,9 +46,10 @@ class PathArg(click.Path):
 
 
 def fail(message: str, exit_code: int) -> click.ClickException:
-    err = click.ClickException(message)
-    err.exit_code = exit_code
-    return err
+    """click's `Error: message` with our exit code (2 bad input, 130 interrupted, 1 partly done); click
+    reads the code from the class."""
+    failed: type[click.ClickException] = type("Failed", (click.ClickException,), {"exit_code": exit_code})
+    return failed(message)
 
 
 def emit(data: Any) -> None:

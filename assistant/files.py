@@ -28,6 +28,11 @@ Content = bytes | Callable[[BinaryIO], None]
 Kind = Literal["file", "folder", "special", "missing", "loop", "bad name", "unreadable"]
 
 
+_ERRNO_KINDS: dict[int | None, Kind] = {
+    errno.ELOOP: "loop", errno.ENAMETOOLONG: "bad name", errno.ENOTDIR: "missing"}
+"""The `stat` errors that say what a path is; any other is "unreadable"."""
+
+
 def kind(path: str | Path) -> Kind:
     """What a path names, following links, without opening it (a FIFO opened to look would block) and without
     raising: the file system's answers (a NUL byte, a loop of links, a device) become one word."""
@@ -38,8 +43,7 @@ def kind(path: str | Path) -> Kind:
     except FileNotFoundError:
         return "missing"  # a dangling link too
     except OSError as e:
-        return {errno.ELOOP: "loop", errno.ENAMETOOLONG: "bad name", errno.ENOTDIR: "missing"}.get(
-            e.errno, "unreadable")
+        return _ERRNO_KINDS.get(e.errno, "unreadable")
     if stat.S_ISREG(mode):
         return "file"
     return "folder" if stat.S_ISDIR(mode) else "special"

@@ -421,7 +421,7 @@ def _why(error: Exception, artifact: Artifact) -> tuple[str, str | None]:
     if isinstance(error, OSError) and getattr(error, "errno", None) == 28:
         return "no space left on the disk of the Hugging Face cache", "free some space or point HF_HOME elsewhere"
     return (f"the hub at {constants.ENDPOINT} cannot be reached ({type(error).__name__}: {first_line(error)})",
-            "check the network or proxy (HTTPS_PROXY), or download it elsewhere: " + download_command(artifact))
+            "check the network or proxy (HTTPS_PROXY), or download it elsewhere: " + _hf_download(artifact))
 
 
 def _revision_option(artifact: Artifact) -> str:
@@ -446,8 +446,11 @@ def gib(n: int) -> str:
 def download_command(artifact: Artifact) -> str | None:
     """The `hf download` line that fetches exactly what `patterns` allows (before the index is known);
     `hf` takes one pattern per --include."""
-    if artifact.local:
-        return None
+    return None if artifact.local else _hf_download(artifact)
+
+
+def _hf_download(artifact: Artifact) -> str:
+    """`download_command` of a hub artifact."""
     revision = f" --revision {artifact.revision}" if artifact.revision else ""
     include = " ".join(f"--include '{p}'" for p in patterns(artifact))
     return f"hf download {artifact.ref}{revision} {include}"
@@ -521,9 +524,9 @@ def _fetch(found: ArtifactStatus) -> ArtifactStatus:
     finally:
         if not was_disabled:
             enable_progress_bars()
-    problem = folder_problem(a, Path(folder))
-    if problem:
-        raise WeightsMissing(f"the downloaded {a.role} '{a.name}': {problem}")
+    lacking = folder_problem(a, Path(folder))
+    if lacking:
+        raise WeightsMissing(f"the downloaded {a.role} '{a.name}': {lacking}")
     return status(a)
 
 

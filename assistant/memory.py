@@ -80,7 +80,7 @@ class MemoryPlan(BaseModel):
     forced: dict[str, Any] = Field(default_factory=dict)
     notes: list[str] = Field(default_factory=list)
 
-    @computed_field
+    @computed_field  # type: ignore[prop-decorator]  # mypy refuses decorators over @property
     @property
     def usable(self) -> int | None:
         """What the parts may take: the capacity less the headroom."""
@@ -102,7 +102,7 @@ class MemoryPlan(BaseModel):
         line = f"{where}: {parts}"
         if self.capacity is not None:
             line += f"; peak ~{self.estimated_peak / GiB:.1f} GiB"
-            if not self.fits:
+            if not self.fits and self.usable is not None:  # usable is None only without a capacity
                 line += f", over the {self.usable / GiB:.1f} GiB usable"
         return line
 
@@ -123,7 +123,7 @@ def _runs(option: Placement, capacity: int | None, capability: tuple[int, int] |
 
 
 def _why_not(option: Placement, capacity: int | None, capability: tuple[int, int] | None) -> str:
-    if capacity is None:
+    if capacity is None or option.requires is None:  # with no `requires`, only a missing GPU stops it
         return "needs a CUDA GPU"
     have = "" if capability is None else f" (this GPU: {capability[0]}.{capability[1]})"
     return f"needs CUDA compute capability {option.requires[0]}.{option.requires[1]}{have}"
@@ -183,7 +183,7 @@ def plan_memory(
     peak = _peak(best)
     titles = {part.name: part.title for part in parts}
     remarks: dict[str, str] = {}
-    if capacity is None:
+    if capacity is None or usable is None:  # the one is None when the other is
         notes.insert(0, "no CUDA GPU: every model runs on the CPU, slowly")
     elif not fitting:
         given = ", ".join(f"{k}={v}" for k, v in forced.items())
@@ -262,7 +262,7 @@ def plan_for(
     """The plan for a GPU of `gpu_memory_gib` (`--gpu-memory`; compute capability ASSUMED_CAPABILITY unless
     given), or, without it, for this machine's GPU (`device`), or for the CPU when there is none."""
     if gpu_memory_gib is not None:
-        capacity = int(gpu_memory_gib * GiB)
-        return plan_memory(parts, capacity, forced, capability=capability or ASSUMED_CAPABILITY)
+        return plan_memory(parts, int(gpu_memory_gib * GiB), forced,
+                           capability=capability or ASSUMED_CAPABILITY)
     capacity, found = gpu_capacity(device)
     return plan_memory(parts, capacity, forced, capability=capability or found)

@@ -141,12 +141,14 @@ def get(kind: str, name: str) -> Any:
 def describe(settings: Any = None) -> list[dict[str, Any]]:
     """Every plugin and what it registers, for `icedit plugins`; engines say what they would run."""
     pm = get_plugin_manager()
-    rows = {name: {"name": name, **{k: [] for k in REGISTRATION_HOOKS}} for name, _ in pm.list_name_plugin()}
+    rows: dict[str, dict[str, Any]] = {
+        name: {"name": name, **{k: [] for k in REGISTRATION_HOOKS}} for name, _ in pm.list_name_plugin()
+    }
     for kind in REGISTRATION_HOOKS:
         for spec_name, (plugin, spec) in registrations(kind, pm).items():
             rows[plugin][kind].append(spec_name)
             if kind == "engines" and settings is not None and spec.describe is not None:
                 rows[plugin].setdefault("engine_settings", {})[spec_name] = spec.describe(settings)
-    for name, plugin in pm.list_name_plugin():
-        rows[name]["hooks"] = sorted(h.name for h in pm.get_hookcallers(plugin) or [])
+    for name, module in pm.list_name_plugin():
+        rows[name]["hooks"] = sorted(h.name for h in pm.get_hookcallers(module) or [])
     return sorted(rows.values(), key=lambda r: r["name"])

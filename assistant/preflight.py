@@ -13,12 +13,14 @@ kept as they are, so any placement can still be forced.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict
 
 from assistant import hub, plugins
 from assistant.errors import WeightsMissing
 from assistant.hub import Artifact, ArtifactStatus
-from assistant.memory import MemoryPlan
+from assistant.memory import MemoryPlan, Part
 from assistant.settings import Settings
 
 VLM_REWRITER, RULES_REWRITER = "qwen_vl", "rules"
@@ -35,7 +37,11 @@ class Prepared(BaseModel):
     plan: MemoryPlan | None = None
 
 
-def _artifacts(kind: str, name: str, settings: Settings) -> list[Artifact]:
+ModelKind = Literal["engines", "rewriters", "judges"]
+"""The plugin kinds that load weights."""
+
+
+def _artifacts(kind: ModelKind, name: str, settings: Settings) -> list[Artifact]:
     spec = plugins.get(kind, name)
     return list(spec.artifacts(settings)) if spec.artifacts else []
 
@@ -65,10 +71,11 @@ def needs(settings: Settings, *, engine: bool = True, rewriter: bool = True, jud
     return found
 
 
-def require_on_disk(settings: Settings, **which: bool | None) -> None:
-    """One line when something `needs(settings, **which)` names is not complete on disk: a running chat
+def require_on_disk(settings: Settings, *, engine: bool = True, rewriter: bool = True,
+                    judge: bool | None = None) -> None:
+    """One line when something `needs(settings, ...)` names is not complete on disk: a running chat
     turning on the early filter downloads nothing in the middle of the conversation."""
-    for artifact in needs(settings, **which):
+    for artifact in needs(settings, engine=engine, rewriter=rewriter, judge=judge):
         found = hub.status(artifact)
         if not found.cached:
             if found.problem is None:
@@ -113,10 +120,10 @@ def memory_plan(settings: Settings, gpu_memory_gib: float | None = None, *, engi
     the parts are those `needs` would check. Only placement settings the person gave are forced."""
     from assistant.memory import plan_for, plan_memory
 
-    chosen = [("engines", settings.engine)] if engine else []
+    chosen: list[tuple[ModelKind, str]] = [("engines", settings.engine)] if engine else []
     chosen += [("rewriters", rewriter_name(settings))] if rewriter else []
     chosen += [("judges", settings.judge)] if judge or (judge is None and settings.candidates > 1) else []
-    parts = {}
+    parts: dict[str, Part] = {}
     for kind, name in chosen:
         spec = plugins.get(kind, name)
         for part in spec.memory(settings) if spec.memory else []:

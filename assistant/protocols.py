@@ -22,7 +22,7 @@ from PIL import Image
 
 from assistant.models import EditPlan, EditRequest, EditResult, EngineEvent, TurnSummary
 
-Events = Callable[[EngineEvent], None]
+Events = Callable[[EngineEvent], object]
 """Where an engine reports progress: `Step` per denoising step, `Candidates`, `Verdict`, `Log`."""
 
 

@@ -291,7 +291,7 @@ def export_archive(store: Store, name: str, path: Path, force: bool = False) -> 
         "name": name,
         "created": info.created,
         "updated": info.updated,
-        "cursor": number[history.cursor],
+        "cursor": number[history.cursor_turn().id],
         "turns": [
             {"n": number[t.id], "parent": None if t.parent is None else number[t.parent], "kind": t.kind,
              "message": t.message, "plan": t.plan, "params": t.params, "image_sha256": t.image_sha256,

@@ -58,7 +58,7 @@ def export_script(store: Store, name: str, script: Path, force: bool = False) ->
     except OSError as e:
         raise UserError(f"cannot create {script.parent}: {e.strerror}") from None
     written = [write_file(image_path(script, roots[0]), source, force=force)]
-    on_path = {t.id for t in history.path(history.cursor)}
+    on_path = {t.id for t in history.path(history.cursor_turn().id)}
     turns: list[dict] = []
     stand: list[Turn] = []  # the turns the replay stands on at this point, root first
     left_out: list[int] = []
@@ -111,7 +111,7 @@ def _edit(turn: Turn) -> dict:
 
 
 def _write_script(script: Path, name: str, history: History, source: str, turns: list[dict], force: bool) -> None:
-    header = {"source": source}
+    header: dict[str, object] = {"source": source}
     for key in ("preset", "judge", "engine"):  # settings every edit of the session shared
         values = {t.params.get(key) for t in history.turns if t.kind == "edit"}
         if len(values) == 1 and None not in values:

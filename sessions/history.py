@@ -79,6 +79,12 @@ class History(BaseModel):
     def current(self) -> Turn | None:
         return None if self.cursor is None else self.turn(self.cursor)
 
+    def cursor_turn(self) -> Turn:
+        """The cursor's turn, for a session that has turns (a stored one always does); else one line."""
+        if self.cursor is None:
+            raise UserError(f"session '{self.name}' has no turns yet")
+        return self.turn(self.cursor)
+
     def undo_target(self) -> Turn:
         cur = self.current()
         if cur is None or cur.parent is None:

@@ -64,8 +64,9 @@ def cursor_path(history: History) -> list[Turn]:
 
     At most MAX_CELLS turns: the newest end of it, unless that would leave out the cursor.
     """
-    path = history.path(history.cursor)
-    line = path + history.newest_below(history.cursor)
+    cursor = history.cursor_turn().id
+    path = history.path(cursor)
+    line = path + history.newest_below(cursor)
     start = min(max(0, len(line) - MAX_CELLS), len(path) - 1)
     return line[start:start + MAX_CELLS]
 
@@ -120,7 +121,7 @@ def thumb_origin(place: tuple[int, int], size: tuple[int, int]) -> tuple[int, in
     return col * CELL_W + PAD + (THUMB - size[0]) // 2, HEADER + row * CELL_H + PAD
 
 
-def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
+def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: float) -> str:
     """`text` cut to `width` pixels, with an ellipsis if cut; only its first MAX_TEXT characters are measured."""
     if len(text) <= MAX_TEXT and draw.textlength(text, font=font) <= width:
         return text

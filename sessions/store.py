@@ -12,11 +12,11 @@ import hashlib
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Concatenate, ParamSpec, Self, TypeVar
 
 from pydantic import BaseModel
 
@@ -92,6 +92,10 @@ _STORE_ERRORS = {
 """SQLite's messages for what is wrong with the store's file or disk (not with our SQL) -> one line."""
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
 class DamagedImage(UserError):
     """A stored image whose bytes no longer hash to its name; `sha256` says which."""
 
@@ -121,6 +125,10 @@ class NewTurn(BaseModel):
     timings: dict[str, float] = {}
     replies: list[tuple[str, str]] = []
 
+    def image_row(self) -> tuple[bytes, int, int]:
+        """(png, width, height) for the store's `images` table."""
+        return (self.png, *self.size)
+
 
 class LogEntry(BaseModel):
     """A line of the conversation (user message, assistant reply, error) for the chat view."""
@@ -135,11 +143,18 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
-def _reading(method):
+def _row_id(cursor: sqlite3.Cursor) -> int:
+    """The id of the row an INSERT just made (sqlite3 types it optional: it is None only before any)."""
+    if cursor.lastrowid is None:
+        raise RuntimeError("an INSERT gave no row id")
+    return cursor.lastrowid
+
+
+def _reading(method: Callable[Concatenate[Store, P], R]) -> Callable[Concatenate[Store, P], R]:
     """A read that meets a damaged or unreadable file says so in one line, like a write does."""
 
     @functools.wraps(method)
-    def read(self, *args, **kwargs):
+    def read(self: Store, *args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return method(self, *args, **kwargs)
         except sqlite3.DatabaseError as e:
@@ -158,12 +173,12 @@ class Store:
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise UserError(f"cannot create the store folder {Path(path).parent}: {e.strerror}") from None
-        self.db = None
         if self.path != ":memory:" and Path(path).is_file():
             wal.check(Path(path))
+        connected: sqlite3.Connection | None = None
         try:
-            self.db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
-                                      check_same_thread=False)
+            self.db = connected = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                                                  check_same_thread=False)
             self.db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_S * 1000}")
             self._check_ours(self.db)  # before the journal mode is set: that would change another program's file
             self._wal()
@@ -172,8 +187,8 @@ class Store:
                 # into the main file at once: a WAL begun by the upgrade cannot be checked (sessions/wal.py)
                 self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
         except BaseException as e:
-            if self.db is not None:
-                self.db.close()
+            if connected is not None:
+                connected.close()
             if isinstance(e, sqlite3.DatabaseError):
                 raise self._error(e, "cannot open the session store {path}: {error}") from None
             raise
@@ -349,9 +364,9 @@ class Store:
             row = db.execute("SELECT id FROM sessions WHERE name = ?", (name,)).fetchone()
             if row is None:
                 check_name(name)
-                session_id = db.execute(
+                session_id = _row_id(db.execute(
                     "INSERT INTO sessions (name, created, updated) VALUES (?, ?, ?)", (name, now, now)
-                ).lastrowid
+                ))
             else:
                 session_id = row[0]
             if parent is not None:
@@ -367,7 +382,7 @@ class Store:
                     self._log(db, session_id, drafts[0].replies, parent, now)
                     drafts = drafts[1:]
             for draft in drafts:
-                self._put_image(db, draft.image_sha256, lambda d=draft: (d.png, *d.size))
+                self._put_image(db, draft.image_sha256, draft.image_row)
                 parent = self._insert_turn(db, session_id, parent, draft, now)
                 ids.append(parent)
                 self._log(db, session_id, draft.replies, parent, now)
@@ -393,12 +408,12 @@ class Store:
             check_name(name)
             if db.execute("SELECT 1 FROM sessions WHERE name = ?", (name,)).fetchone() is not None:
                 raise UserError(f"a session named '{name}' already exists: import it under another name with --as")
-            session_id = db.execute(
+            session_id = _row_id(db.execute(
                 "INSERT INTO sessions (name, created, updated) VALUES (?, ?, ?)", (name, info.created, info.updated)
-            ).lastrowid
+            ))
             ids: dict[int, int] = {}
             for turn in turns:
-                self._put_image(db, turn.image_sha256, lambda t=turn: image(t.image_sha256))
+                self._put_image(db, turn.image_sha256, functools.partial(image, turn.image_sha256))
                 parent = None if turn.parent is None else ids[turn.parent]
                 ids[turn.id] = self._insert_turn(db, session_id, parent, turn, turn.created)
             for entry in transcript:
@@ -425,7 +440,7 @@ class Store:
     def _insert_turn(db: sqlite3.Connection, session_id: int, parent: int | None, turn: NewTurn | Turn,
                      created: str) -> int:
         """One row of `turns` (a new draft or an imported turn); its id."""
-        return db.execute(
+        return _row_id(db.execute(
             "INSERT INTO turns (session_id, parent_id, kind, message, plan_json, params_json, image_sha256,"
             " timings_json, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
@@ -439,14 +454,14 @@ class Store:
                 json.dumps(turn.timings),
                 created,
             ),
-        ).lastrowid
+        ))
 
     @staticmethod
     def _check_turn(db: sqlite3.Connection, name: str, session_id: int, turn_id: int) -> None:
         if db.execute("SELECT 1 FROM turns WHERE id = ? AND session_id = ?", (turn_id, session_id)).fetchone() is None:
             raise UserError(f"session '{name}' has no turn {turn_id}")
 
-    def move_cursor(self, name: str, turn_id: int, replies: list[tuple[str, str]] = ()) -> None:
+    def move_cursor(self, name: str, turn_id: int, replies: Sequence[tuple[str, str]] = ()) -> None:
         """Point the session at one of its turns (undo, redo, jump), with the chat lines that did it."""
         now = _now()
         with self._tx() as db:
@@ -464,7 +479,8 @@ class Store:
             db.execute("UPDATE sessions SET updated = ? WHERE id = ?", (now, session_id))
 
     @staticmethod
-    def _log(db, session_id: int, replies, turn_id: int | None, now: str) -> None:
+    def _log(db: sqlite3.Connection, session_id: int, replies: Iterable[tuple[str, str]], turn_id: int | None,
+             now: str) -> None:
         for role, text in replies:
             db.execute(
                 "INSERT INTO log (session_id, role, text, turn_id, created) VALUES (?, ?, ?, ?, ?)",

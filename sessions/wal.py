@@ -25,6 +25,7 @@ import sqlite3
 import stat
 import struct
 from pathlib import Path
+from typing import Literal
 
 from assistant.errors import UserError
 
@@ -86,11 +87,14 @@ def stamp(db: sqlite3.Connection, seen: str | None) -> None:
                (commits + 1, token, seen, base))
 
 
-State = tuple[str, int, str | None, str | None, int | None, frozenset]
+State = tuple[str, int, str | None, str | None, int | None, frozenset[tuple[int, str]]]
 """store_id, commits, token, wal_header, wal_base and the logged (commits, token) pairs."""
 
+Bare = Literal["empty", "unstamped"]
+"""A file with no tables, or an older store with no stamp."""
 
-def _state(uri: str) -> State | str:
+
+def _state(uri: str) -> State | Bare:
     """The store's stamp as one file or view holds it, or "empty" (no tables) or "unstamped" (an older store)."""
     db = sqlite3.connect(uri, uri=True, timeout=30)
     try:
@@ -117,6 +121,7 @@ def check(path: Path) -> None:
             main = _state(f"{uri}?immutable=1")
         except sqlite3.DatabaseError:
             return  # the main file itself is damaged: the store's own open says so
+        view: State | Bare | Literal["damaged"]
         try:
             view = _state(f"{uri}?mode=ro")
         except sqlite3.OperationalError:
@@ -135,7 +140,7 @@ def check(path: Path) -> None:
         )
 
 
-def _belongs(main: State | str, view: State | str, seen: str) -> bool:
+def _belongs(main: State | Bare, view: State | Bare | Literal["damaged"], seen: str) -> bool:
     if view == "unstamped":
         return main in ("unstamped", "empty")  # an older store and its WAL: nothing to compare
     if isinstance(view, str):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import traceback
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar, cast
 
 from textual import on, work
 from textual.app import ComposeResult
@@ -36,6 +36,9 @@ from assistant.tui.widgets.prompt_input import PromptInput
 from assistant.tui.widgets.status_line import StatusLine
 from assistant.tui.widgets.step_bar import StepBar
 from sessions.store import Store
+
+if TYPE_CHECKING:
+    from assistant.tui.app import ChatApp
 
 BUSY = "an edit is running: wait for it, or press Escape to cancel it"
 
@@ -114,7 +117,7 @@ class ChatScreen(Screen):
                 log.add(entry.role, entry.text)
                 if entry.role == "user":
                     prompt.remember(entry.text)
-                turn = turns.get(entry.turn_id)
+                turn = turns.get(entry.turn_id) if entry.turn_id is not None else None
                 if entry.role == "assistant" and turn and turn.plan and turn.id not in prompted:
                     prompted.add(turn.id)  # the IC prompt once, under the edit's first reply
                     if turn.plan.get("ic_prompt"):
@@ -129,10 +132,11 @@ class ChatScreen(Screen):
         self.query_one(HistoryTree).show(history)
         picture = self.query_one(Picture)
         current = history.current() if history else None
-        if current is None:
+        if history is None or current is None:
             picture.show(None, None)
         else:
-            source = self.agent.image(history.turn(current.parent)) if current.kind == "edit" else None
+            parent = current.parent if current.kind == "edit" else None
+            source = self.agent.image(history.turn(parent)) if parent is not None else None
             note = "random weights: noise, not an edit" if current.params.get("random_weights") else ""
             picture.show(self.agent.image(current), source, f"turn #{current.id}" + (f" · {note}" if note else ""))
         self.show_status()
@@ -181,13 +185,13 @@ class ChatScreen(Screen):
         if builtin is None and plugin is None:
             self.fail(text, f"unknown command /{name}: /help lists them")
             return
-        if self.busy and (plugin is not None or builtin.needs_store):
+        if self.busy and (builtin is None or builtin.needs_store):
             self.fail(text, BUSY)
             return
         try:
             if builtin is not None:
                 reply = getattr(self, f"command_{name}")(argument)
-            else:
+            elif plugin is not None:
                 reply = plugin.run(self.chat, argument)
                 self.refresh_view()
         except UserError as e:
@@ -245,7 +249,7 @@ class ChatScreen(Screen):
         self.query_one(StepBar).stop()
         outcome, log = message.outcome, self.query_one(ChatLog)
         log.add("assistant", outcome.reply)
-        if outcome.result is not None:
+        if outcome.result is not None and outcome.turn is not None:
             if outcome.plan.ic_prompt:
                 log.add("prompt", outcome.plan.ic_prompt)
             result = outcome.result
@@ -360,7 +364,7 @@ class ChatScreen(Screen):
         if not argument:
             raise UserError(f"usage: {BUILTINS['session'].usage}")
         self.chat.agent = Agent(self.store, argument, self.settings)
-        self.app.session = argument
+        cast("ChatApp", self.app).session = argument
         self.load_session()
 
     def command_sheet(self, argument: str) -> str:

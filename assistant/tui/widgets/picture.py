@@ -11,19 +11,19 @@ from PIL import Image
 from textual import events
 from textual.containers import Vertical
 from textual.reactive import reactive
-from textual.widget import Widget
 from textual.widgets import Label
 from textual_image import _terminal
 
 try:
     _terminal.get_cell_size()
 except ZeroDivisionError:  # a 0x0 pty (some CI runners, `script` without a size): assume VT340 cells
-    _terminal.get_cell_size._result = _terminal.CellSize(10, 20)
+    _terminal.get_cell_size._result = _terminal.CellSize(10, 20)  # type: ignore[attr-defined]  # its cache
 
 # imported after the cell-size guard above, on purpose
+from textual_image.widget import BaseImage
 from textual_image.widget import Image as DEFAULT_RENDERER
 
-Renderer = type[Widget]
+Renderer = type[BaseImage]
 """A textual-image widget class: DEFAULT_RENDERER, or HalfcellImage, UnicodeImage, ... to force one."""
 
 
@@ -63,7 +63,7 @@ class Picture(Vertical, can_focus=True):
         if not self.is_mounted:
             return
         caption = self.query_one("#caption", Label)
-        image = self.query_one("#image")
+        image = self.query_one("#image", BaseImage)
         if self.result is None:
             caption.update("open an image: /open PATH")
             image.image = None
