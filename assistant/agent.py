@@ -55,8 +55,9 @@ class _Read(BaseModel):
     rewritten: float
 
     def outcome(self, **fields: Any) -> TurnOutcome:
-        return TurnOutcome(message=self.message, intent=self.intent, rewriter=self.rewriter,
-                           **{"plan": self.plan} | fields)
+        return TurnOutcome(
+            message=self.message, intent=self.intent, rewriter=self.rewriter, **{"plan": self.plan} | fields
+        )
 
 
 def new_seed() -> int:
@@ -103,7 +104,10 @@ class Agent:
     def image(self, turn: Turn) -> Image.Image:
         """A turn's picture; the last one is kept decoded (images are content-addressed, so it can't go stale)."""
         if self._last_image is None or self._last_image[0] != turn.image_sha256:
-            self._last_image = (turn.image_sha256, decode_png(self.store.image(turn.image_sha256)).convert("RGB"))
+            self._last_image = (
+                turn.image_sha256,
+                decode_png(self.store.image(turn.image_sha256)).convert("RGB"),
+            )
         return self._last_image[1]
 
     def current(self, history: History | None = None) -> Turn:
@@ -131,8 +135,14 @@ class Agent:
             for turn in reversed(history.turns):
                 if turn.image_sha256 == digest:
                     return turn
-        return NewTurn(kind="open", message=message, png=png, image_sha256=digest, size=image.size,
-                       replies=[("user", message)])
+        return NewTurn(
+            kind="open",
+            message=message,
+            png=png,
+            image_sha256=digest,
+            size=image.size,
+            replies=[("user", message)],
+        )
 
     def open(self, image: Image.Image, message: str) -> Turn:
         """Make `image` the current one: a jump to a turn showing it, or a new "open" turn under the cursor."""
@@ -172,14 +182,22 @@ class Agent:
         else:  # a new "open": only a given source makes one
             current, image = None, source[0] if source else decode_png(place.png)
         if instruction is not None:
-            plan = EditPlan(intent="edit", instruction=check_message(instruction), rationale="given instruction")
+            plan = EditPlan(
+                intent="edit", instruction=check_message(instruction), rationale="given instruction"
+            )
             rewriter = "given"
         else:
             context = self._context(history, current.id) if history and current else []
             plan = self.rewriter.rewrite(image, message, context)
             rewriter = rewriter_name(self.settings) + (f" -> {plan.fallback}" if plan.fallback else "")
-        read = _Read(message=message, intent=plan.intent, plan=plan, rewriter=rewriter, started=started,
-                     rewritten=time.perf_counter())
+        read = _Read(
+            message=message,
+            intent=plan.intent,
+            plan=plan,
+            rewriter=rewriter,
+            started=started,
+            rewritten=time.perf_counter(),
+        )
 
         if plan.intent in ("undo", "redo"):
             turn = self.move(plan.intent, message)
@@ -191,11 +209,17 @@ class Agent:
         if plan.intent == "retry":
             return self._retry(read, history, current, events, cancel, **sampling)
         if isinstance(place, NewTurn):
-            return self._edit(read, image, history.cursor if history else None, place, {}, events, cancel, **sampling)
+            return self._edit(
+                read, image, history.cursor if history else None, place, {}, events, cancel, **sampling
+            )
         return self._edit(read, image, place.id, None, {}, events, cancel, **sampling)
 
     def retry(
-        self, message: str = "/retry", *, events: Events = lambda event: None, cancel: threading.Event | None = None,
+        self,
+        message: str = "/retry",
+        *,
+        events: Events = lambda event: None,
+        cancel: threading.Event | None = None,
         **sampling: Any,
     ) -> TurnOutcome:
         """The current edit again with the next seed (or `seed`), from the same source, as a sibling turn:
@@ -203,32 +227,67 @@ class Agent:
         started = time.perf_counter()
         message = check_message(message)
         history = self.history()
-        read = _Read(message=message, intent="retry", plan=EditPlan(intent="retry"), rewriter="given",
-                     started=started, rewritten=started)
+        read = _Read(
+            message=message,
+            intent="retry",
+            plan=EditPlan(intent="retry"),
+            rewriter="given",
+            started=started,
+            rewritten=started,
+        )
         return self._retry(read, history, self.current(history), events, cancel, **sampling)
 
-    def _retry(self, read: _Read, history: History | None, current: Turn | None, events: Events,
-               cancel: threading.Event | None, seed: int | None = None, **sampling: Any) -> TurnOutcome:
-        if history is None or current is None or current.kind != "edit" or not current.plan or current.parent is None:
+    def _retry(
+        self,
+        read: _Read,
+        history: History | None,
+        current: Turn | None,
+        events: Events,
+        cancel: threading.Event | None,
+        seed: int | None = None,
+        **sampling: Any,
+    ) -> TurnOutcome:
+        if (
+            history is None
+            or current is None
+            or current.kind != "edit"
+            or not current.plan
+            or current.parent is None
+        ):
             raise UserError("nothing to retry: the current image is not an edit")
         stored = current.seed
         try:  # a turn imported before archives were validated may hold anything
-            plan = EditPlan.model_validate(current.plan | {"rationale": f"retry of turn {current.id}, new seed"})
+            plan = EditPlan.model_validate(
+                current.plan | {"rationale": f"retry of turn {current.id}, new seed"}
+            )
             if type(stored) is not int or not 0 <= stored < SEEDS:
                 raise ValueError(stored)
         except (ValidationError, TypeError, ValueError):
-            raise UserError(f"turn {current.id} holds a damaged plan or seed: it cannot be retried; edit again "
-                            "instead") from None
+            raise UserError(
+                f"turn {current.id} holds a damaged plan or seed: it cannot be retried; edit again instead"
+            ) from None
         read = read.model_copy(update={"plan": plan})
         parent = history.turn(current.parent)
         seed = next_seed(stored) if seed is None else seed
-        return self._edit(read, self.image(parent), parent.id, None, current.params, events, cancel, seed=seed,
-                          **sampling)
+        return self._edit(
+            read, self.image(parent), parent.id, None, current.params, events, cancel, seed=seed, **sampling
+        )
 
     def _edit(
-        self, read: _Read, image: Image.Image, parent: int | None, opening: NewTurn | None, earlier: dict[str, Any],
-        events: Events, cancel: threading.Event | None, *, seed: int | None = None, steps: int | None = None,
-        guidance: float | None = None, native_size: bool = False, candidates: int | None = None,
+        self,
+        read: _Read,
+        image: Image.Image,
+        parent: int | None,
+        opening: NewTurn | None,
+        earlier: dict[str, Any],
+        events: Events,
+        cancel: threading.Event | None,
+        *,
+        seed: int | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        native_size: bool = False,
+        candidates: int | None = None,
         early_steps: int | None = None,
     ) -> TurnOutcome:
         """Paint `read.plan` from `image` and commit it under `parent` (after `opening`, when new).
@@ -245,7 +304,9 @@ class Agent:
         )
         cancel = cancel or threading.Event()
         if request.candidates > 1:
-            result = early_filter.run(self.engine, request, self.judge, events, cancel, f"engine {self.settings.engine}")
+            result = early_filter.run(
+                self.engine, request, self.judge, events, cancel, f"engine {self.settings.engine}"
+            )
         else:
             result = self.engine.edit(request, events, cancel)
         edited = time.perf_counter()
@@ -275,13 +336,24 @@ class Agent:
             timings=result.timings,
             replies=[("user", read.message), ("assistant", plan.rationale)],
         )
-        turn = self._announced(self.store.add_turns(self.session, parent, [opening, draft] if opening else [draft]))[-1]
+        turn = self._announced(
+            self.store.add_turns(self.session, parent, [opening, draft] if opening else [draft])
+        )[-1]
         self._last_image = (turn.image_sha256, result.image)
-        timings = {"rewrite": read.rewritten - read.started, **result.timings,
-                   "total": time.perf_counter() - read.started}
+        timings = {
+            "rewrite": read.rewritten - read.started,
+            **result.timings,
+            "total": time.perf_counter() - read.started,
+        }
         timings["agent"] = timings["total"] - timings["rewrite"] - (edited - read.rewritten)
-        return read.outcome(plan=plan, reply=plan.rationale, turn=turn, result=result, engine=self.settings.engine,
-                            timings=timings)
+        return read.outcome(
+            plan=plan,
+            reply=plan.rationale,
+            turn=turn,
+            result=result,
+            engine=self.settings.engine,
+            timings=timings,
+        )
 
     def _filter_params(self, request: EditRequest, result: EditResult) -> dict[str, Any]:
         """What a replay needs to re-run the same early-filter selection."""

@@ -32,7 +32,9 @@ class _Group(click.Group):
                 raise
             raise kit.fail(f"{e.format_message()} (see `{e.ctx.command_path} --help`)", 2) from None
         except UserError as e:
-            raise kit.fail(printable(str(e), lines=True), e.exit_code) from None  # a path in it may hold controls
+            raise kit.fail(
+                printable(str(e), lines=True), e.exit_code
+            ) from None  # a path in it may hold controls
         except KeyboardInterrupt:
             raise kit.fail("interrupted: nothing was saved", 130) from None
         finally:
@@ -44,7 +46,6 @@ def _session_name(ctx: click.Context, param: click.Parameter, value: str | None)
     from assistant.text import check_name
 
     return None if value is None else check_name(value)
-
 
 
 def _store(settings=None):
@@ -108,8 +109,11 @@ class _Root(_Group):
             try:
                 impl.function(cli=self)
             except Exception as e:  # noqa: BLE001 - one plugin's bug must not take the other commands down
-                click.echo(f"warning: plugin {impl.plugin_name} failed adding its commands ({type(e).__name__}: "
-                           f"{printable(str(e))})", err=True)
+                click.echo(
+                    f"warning: plugin {impl.plugin_name} failed adding its commands ({type(e).__name__}: "
+                    f"{printable(str(e))})",
+                    err=True,
+                )
         for name, command in builtins.items():
             if self.commands[name] is not command:
                 click.echo(f"warning: a plugin's command '{name}' is ignored: icedit has its own", err=True)
@@ -132,26 +136,49 @@ def cli() -> None:
 
 
 engine_options = [
-    click.option("--preset", help="engine preset: default (FLUX.1 Fill + ICEdit LoRA), moe (+ LoRA-MoE), tiny (random)"),
+    click.option(
+        "--preset", help="engine preset: default (FLUX.1 Fill + ICEdit LoRA), moe (+ LoRA-MoE), tiny (random)"
+    ),
     click.option("--model", help="FLUX.1 Fill hub id or local folder (overrides the preset)"),
     click.option("--revision", help="pin the FLUX.1 Fill hub revision (commit, tag or branch)"),
     click.option("--lora", help="LoRA hub id or path (overrides the preset); 'none' for none"),
     click.option("--lora-revision", help="pin the LoRA's hub revision"),
-    click.option("--lora-weight-name", help="the adapter's file in its repo or folder (pytorch_lora_weights.safetensors)"),
+    click.option(
+        "--lora-weight-name",
+        help="the adapter's file in its repo or folder (pytorch_lora_weights.safetensors)",
+    ),
     click.option("--lora-scale", type=kit.FiniteRange(0, 4), help="adapter strength (default 1, as trained)"),
-    click.option("--top-k", type=click.IntRange(1, 64), help="experts per token of a LoRA-MoE adapter (default 1)"),
-    click.option("--offload", type=click.Choice(kit.OFFLOAD_MODES), help="memory modes for small GPUs (see README)"),
-    click.option("--quantize", type=click.Choice(["none", "int8", "fp8"]), help="weight-only quantized transformer"),
-    click.option("--compile/--no-compile", default=None, help="torch.compile the transformer (GPU fast path)"),
-    click.option("--candidates", type=click.IntRange(1, 16), help="early filter: noises to try (default 1 = off)"),
-    click.option("--early-steps", type=click.IntRange(1, 199), help="early filter: steps before judging (default 4)"),
+    click.option(
+        "--top-k", type=click.IntRange(1, 64), help="experts per token of a LoRA-MoE adapter (default 1)"
+    ),
+    click.option(
+        "--offload", type=click.Choice(kit.OFFLOAD_MODES), help="memory modes for small GPUs (see README)"
+    ),
+    click.option(
+        "--quantize", type=click.Choice(["none", "int8", "fp8"]), help="weight-only quantized transformer"
+    ),
+    click.option(
+        "--compile/--no-compile", default=None, help="torch.compile the transformer (GPU fast path)"
+    ),
+    click.option(
+        "--candidates", type=click.IntRange(1, 16), help="early filter: noises to try (default 1 = off)"
+    ),
+    click.option(
+        "--early-steps", type=click.IntRange(1, 199), help="early filter: steps before judging (default 4)"
+    ),
     click.option("--judge", help="judge plugin for the early filter (default qwen_vl)"),
     click.option("--engine", help="engine plugin (see `icedit plugins`)"),
-    click.option("--rewriter", help="qwen_vl (default with real weights), rules (default with tiny), verbatim, ..."),
-    click.option("--vlm", help="Qwen2.5-VL hub id or local folder for --rewriter/--judge qwen_vl ('none': no VLM)"),
+    click.option(
+        "--rewriter", help="qwen_vl (default with real weights), rules (default with tiny), verbatim, ..."
+    ),
+    click.option(
+        "--vlm", help="Qwen2.5-VL hub id or local folder for --rewriter/--judge qwen_vl ('none': no VLM)"
+    ),
     click.option("--vlm-revision", help="pin the VLM's hub revision"),
     click.option("--device", help="torch device (default: cuda when available, else cpu)"),
-    click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), help="default: bf16 on CUDA"),
+    click.option(
+        "--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), help="default: bf16 on CUDA"
+    ),
 ]
 
 
@@ -174,8 +201,20 @@ def with_engine_options(fn):
 @click.option("--save-candidates", type=kit.PathArg(), help="folder for the early filter's previews")
 @with_engine_options
 @click.option("--json", "json_", is_flag=True, help="print the result as JSON")
-def edit(image, instruction, output, force, session, seed, steps, guidance, native_size, save_candidates, json_,
-         **options) -> None:
+def edit(
+    image,
+    instruction,
+    output,
+    force,
+    session,
+    seed,
+    steps,
+    guidance,
+    native_size,
+    save_candidates,
+    json_,
+    **options,
+) -> None:
     """Edit IMAGE as INSTRUCTION says, e.g. icedit edit cat.png "make it look like winter"."""
     from assistant.agent import Agent
     from assistant.images import load_source
@@ -200,12 +239,31 @@ def edit(image, instruction, output, force, session, seed, steps, guidance, nati
             events=_Progress.show,
             cancel=cancel,
         )
-    _report(outcome, agent, store, output=output, stem=image.stem, force=force, session=session,
-            save_candidates=save_candidates, json_=json_)
+    _report(
+        outcome,
+        agent,
+        store,
+        output=output,
+        stem=image.stem,
+        force=force,
+        session=session,
+        save_candidates=save_candidates,
+        json_=json_,
+    )
 
 
-def _report(outcome, agent, store, *, output: Path | None, stem: str, force: bool, session: str | None,
-            save_candidates: Path | None = None, json_: bool = False) -> None:
+def _report(
+    outcome,
+    agent,
+    store,
+    *,
+    output: Path | None,
+    stem: str,
+    force: bool,
+    session: str | None,
+    save_candidates: Path | None = None,
+    json_: bool = False,
+) -> None:
     """Write an edit's picture (to `output` or a free `STEM-SEED.png`) and say what the turn did."""
     from assistant.agent import describe
     from assistant.images import sha256
@@ -229,8 +287,10 @@ def _report(outcome, agent, store, *, output: Path | None, stem: str, force: boo
     else:
         click.echo(outcome.reply)
         if output:
-            click.echo(f"wrote {path_text(output)}  (seed {outcome.result.seed}, {outcome.result.image.size[0]}x"
-                       f"{outcome.result.image.size[1]}, sha256 {sha256(output.read_bytes())[:12]})")
+            click.echo(
+                f"wrote {path_text(output)}  (seed {outcome.result.seed}, {outcome.result.image.size[0]}x"
+                f"{outcome.result.image.size[1]}, sha256 {sha256(output.read_bytes())[:12]})"
+            )
     if outcome.result is not None and outcome.result.random_weights:
         click.echo(RANDOM_WEIGHTS_NOTE, err=True)
     _fallback_note(outcome.rewriter)
@@ -241,7 +301,9 @@ def _report(outcome, agent, store, *, output: Path | None, stem: str, force: boo
 @click.argument("name", callback=_session_name)
 @click.option("-o", "--output", type=kit.PathArg(), help="where to write the PNG (default: NAME-SEED.png)")
 @click.option("--force", is_flag=True, help="let -o replace a file that is already there")
-@click.option("--seed", type=click.IntRange(0, 2**63 - 1), help="noise seed (default: the retried turn's seed + 1)")
+@click.option(
+    "--seed", type=click.IntRange(0, 2**63 - 1), help="noise seed (default: the retried turn's seed + 1)"
+)
 @with_engine_options
 @click.option("--json", "json_", is_flag=True, help="print the result as JSON")
 def retry(name, output, force, seed, json_, **options) -> None:
@@ -254,8 +316,12 @@ def retry(name, output, force, seed, json_, **options) -> None:
     store = _store(settings)
     agent = Agent(store, name, settings)
     with _cancel_on_sigint() as cancel:
-        outcome = agent.retry(f"icedit retry{'' if seed is None else f' --seed {seed}'}", seed=seed,
-                              events=_Progress.show, cancel=cancel)
+        outcome = agent.retry(
+            f"icedit retry{'' if seed is None else f' --seed {seed}'}",
+            seed=seed,
+            events=_Progress.show,
+            cancel=cancel,
+        )
     _report(outcome, agent, store, output=output, stem=name, force=force, session=name, json_=json_)
 
 
@@ -276,7 +342,9 @@ def _check_output(path: Path | None, source: Path | None, force: bool) -> None:
     if not path.parent.is_dir():
         raise UserError(f"{path.parent}: no such folder for -o")
     if not force and source is not None and _same_file(path, source):
-        raise UserError(f"{path} is the picture being edited: give -o another name, or pass --force to replace it")
+        raise UserError(
+            f"{path} is the picture being edited: give -o another name, or pass --force to replace it"
+        )
     refuse_existing([path], force)
 
 
@@ -336,7 +404,9 @@ def rewrite(image, request, rewriter, vlm, json_) -> None:
     if json_:
         kit.emit(plan.model_dump() | {"rewriter": label})
     else:
-        click.echo(f"{plan.intent}: {plan.instruction}" if plan.instruction else f"{plan.intent}: {plan.rationale}")
+        click.echo(
+            f"{plan.intent}: {plan.instruction}" if plan.instruction else f"{plan.intent}: {plan.rationale}"
+        )
         if plan.ic_prompt:
             click.echo(f"IC prompt: {plan.ic_prompt}")
         click.echo(f"why: {plan.rationale}")
@@ -413,8 +483,11 @@ def sessions_export(name, script, force) -> None:
             click.echo(f"wrote {script} (session {name}: {len(archived.turns)} turns, {len(images)} images)")
             if damaged:  # the rest is saved; exit 1 so a script notices the archive is not whole
                 their = "their images are" if len(damaged) > 1 else "its image is"
-                click.echo(f"warning: {numbered(damaged)}: {their} damaged in the store and not in the archive "
-                           "(icedit sessions import --partial restores the rest)", err=True)
+                click.echo(
+                    f"warning: {numbered(damaged)}: {their} damaged in the store and not in the archive "
+                    "(icedit sessions import --partial restores the rest)",
+                    err=True,
+                )
                 click.get_current_context().exit(1)
             return
         try:
@@ -430,9 +503,12 @@ def sessions_export(name, script, force) -> None:
 @sessions.command("import")
 @click.argument("archive", type=kit.PathArg())
 @click.option("--as", "name", help="import under this name (default: the name in the archive)")
-@click.option("--partial", is_flag=True,
-              help="restore what can be when images are missing or damaged (their turns and the edits below them "
-              "are left out); --json then lists them as dropped")
+@click.option(
+    "--partial",
+    is_flag=True,
+    help="restore what can be when images are missing or damaged (their turns and the edits below them "
+    "are left out); --json then lists them as dropped",
+)
 @click.option("--json", "json_", is_flag=True)
 def sessions_import(archive, name, partial, json_) -> None:
     """Add the session in ARCHIVE (a .zip from `icedit sessions export NAME FILE.zip`) to the store."""
@@ -444,16 +520,28 @@ def sessions_import(archive, name, partial, json_) -> None:
         history, damaged, dropped = import_archive(store, archive, name, partial)
         problems = announce(history.name, history.turns, store.image)
     if json_:
-        kit.emit({"session": history.name, "turns": len(history.turns), "cursor": history.cursor,
-               "archive": str(archive)} | ({"dropped": dropped} if partial else {}))
+        kit.emit(
+            {
+                "session": history.name,
+                "turns": len(history.turns),
+                "cursor": history.cursor,
+                "archive": str(archive),
+            }
+            | ({"dropped": dropped} if partial else {})
+        )
     else:
-        click.echo(f"imported session {history.name} ({len(history.turns)} turns, cursor at #{history.cursor}) "
-                   f"from {archive}")
+        click.echo(
+            f"imported session {history.name} ({len(history.turns)} turns, cursor at #{history.cursor}) "
+            f"from {archive}"
+        )
     if dropped:
         images = "image of" if len(damaged) == 1 else "images of"
-        click.echo(f"warning: {numbered(dropped)} of the archive not restored: the {images} {numbered(damaged)} "
-                   f"{'is' if len(damaged) == 1 else 'are'} missing or damaged, and an edit needs the picture it was "
-                   "made from", err=True)
+        click.echo(
+            f"warning: {numbered(dropped)} of the archive not restored: the {images} {numbered(damaged)} "
+            f"{'is' if len(damaged) == 1 else 'are'} missing or damaged, and an edit needs the picture it was "
+            "made from",
+            err=True,
+        )
     _warn(problems)
 
 
@@ -484,7 +572,9 @@ def _move(name: str, intent: str, json_: bool) -> None:
     with _store(settings) as store:
         turn = Agent(store, name, settings).move(intent)
     if json_:
-        kit.emit({"session": name, "cursor": turn.id, "message": turn.message, "image_sha256": turn.image_sha256})
+        kit.emit(
+            {"session": name, "cursor": turn.id, "message": turn.message, "image_sha256": turn.image_sha256}
+        )
     else:
         click.echo(f"{name}: cursor at #{turn.id} ({turn.message})")
 
@@ -523,8 +613,17 @@ def replay(script, out_dir, session, allow_outside, json_, **options) -> None:
     store = _store(settings) if session else Store(":memory:")
     random_weights = False
     with _cancel_on_sigint() as cancel:
-        for row in run_script(parsed, script, out_dir, store, session or "replay", settings, cancel, allow_outside,
-                              _Progress.show):
+        for row in run_script(
+            parsed,
+            script,
+            out_dir,
+            store,
+            session or "replay",
+            settings,
+            cancel,
+            allow_outside,
+            _Progress.show,
+        ):
             _Progress.end()
             random_weights |= bool(row.get("random_weights"))
             if json_:
@@ -548,8 +647,11 @@ def plugins_cmd(json_, **options) -> None:
         kit.emit(rows)
         return
     for row in rows:
-        parts = [f"{kind}: {', '.join(row[kind])}" for kind in ("engines", "rewriters", "judges", "chat_commands")
-                 if row[kind]]
+        parts = [
+            f"{kind}: {', '.join(row[kind])}"
+            for kind in ("engines", "rewriters", "judges", "chat_commands")
+            if row[kind]
+        ]
         click.echo(f"{row['name']}\t{'; '.join(parts) or 'hooks: ' + ', '.join(row['hooks'])}")
         for engine, info in row.get("engine_settings", {}).items():
             click.echo(f"  {engine}: " + ", ".join(f"{k} {v}" for k, v in info.items()))
@@ -562,15 +664,19 @@ def _model_rows(settings, with_vlm: bool, with_eval: bool) -> list[tuple[list[st
 
     groups = [("edit", needs(settings, rewriter=False, judge=False))]
     if with_vlm:
-        groups += [("rewriter", needs(settings, engine=False, judge=False)),
-                   ("early filter", needs(settings, engine=False, rewriter=False, judge=True))]
+        groups += [
+            ("rewriter", needs(settings, engine=False, judge=False)),
+            ("early filter", needs(settings, engine=False, rewriter=False, judge=True)),
+        ]
     if with_eval:
         groups.append(("eval", feature_artifacts(settings)))
     rows: dict[tuple, tuple[list[str], Any]] = {}
     for purpose, found in groups:
         for a in found:
             key = (a.ref, a.revision, a.layout, a.filename)
-            rows.setdefault(key, ([], a.model_copy(update={"required": True, "fallback": None})))[0].append(purpose)
+            rows.setdefault(key, ([], a.model_copy(update={"required": True, "fallback": None})))[0].append(
+                purpose
+            )
     return list(rows.values())
 
 
@@ -582,8 +688,14 @@ def _models_report(rows, remote: bool) -> dict[str, Any]:
         "cache": str(hub.cache_folder()),
         "offline_mode": hub.offline_mode(),
         "artifacts": [
-            {"for": purposes, "role": s.artifact.role, "ref": s.artifact.ref, "revision": s.artifact.revision,
-             "option": s.artifact.option, **s.model_dump(exclude={"artifact"})}
+            {
+                "for": purposes,
+                "role": s.artifact.role,
+                "ref": s.artifact.ref,
+                "revision": s.artifact.revision,
+                "option": s.artifact.option,
+                **s.model_dump(exclude={"artifact"}),
+            }
             for purposes, s in statuses
         ],
     }
@@ -602,7 +714,10 @@ def _print_models(report: dict[str, Any]) -> None:
         if row["to_download"]:
             facts.append(f"{gib(row['to_download'])} to download")
         if row["gated"]:
-            facts.append("gated, " + {True: "access granted", False: "no access", None: "access unknown"}[row["access"]])
+            facts.append(
+                "gated, "
+                + {True: "access granted", False: "no access", None: "access unknown"}[row["access"]]
+            )
         name = row["ref"] + (f"@{row['revision']}" if row["revision"] else "")
         click.echo(f"{row['role']} ({', '.join(row['for'])}): {name}: {', '.join(facts)}")
         if row["problem"]:
@@ -617,7 +732,9 @@ def _print_models(report: dict[str, Any]) -> None:
 
 @cli.command()
 @with_engine_options
-@click.option("--gpu-memory", type=kit.FiniteRange(1, 4096), help="plan for a GPU of this many GiB (default: this one)")
+@click.option(
+    "--gpu-memory", type=kit.FiniteRange(1, 4096), help="plan for a GPU of this many GiB (default: this one)"
+)
 @click.option("--json", "json_", is_flag=True, help="print the report as JSON")
 def models(gpu_memory, json_, **options) -> None:
     """The model weights these options need: cached or not, sizes, access, how to download; the memory plan."""
@@ -625,7 +742,9 @@ def models(gpu_memory, json_, **options) -> None:
     from assistant.preflight import memory_plan
 
     settings = kit.settings(**options)
-    report = _models_report(_model_rows(settings, with_vlm=True, with_eval=True), remote=not hub.offline_mode())
+    report = _models_report(
+        _model_rows(settings, with_vlm=True, with_eval=True), remote=not hub.offline_mode()
+    )
     plan = memory_plan(settings, gpu_memory, judge=True)
     report["plan"] = plan.model_dump(mode="json") | {"explain": plan.explain()}
     if json_:
@@ -655,7 +774,9 @@ def download(with_vlm, with_eval_models, json_, **options) -> None:
 
 @cli.command()
 @click.argument("image", required=False, type=kit.PathArg())
-@click.option("--session", callback=_session_name, help="session to continue or start (default: a new chat-<timestamp>)")
+@click.option(
+    "--session", callback=_session_name, help="session to continue or start (default: a new chat-<timestamp>)"
+)
 @with_engine_options
 def chat(image, session, **options) -> None:
     """Chat about IMAGE (optional; /open PATH later) in a terminal app; the session is kept."""
@@ -666,11 +787,18 @@ def chat(image, session, **options) -> None:
     if image is not None:
         load_source(image)  # a bad path is one line before any weights are looked for
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
-        raise UserError("icedit chat needs a terminal (its input or output is a pipe or a file): run it in a "
-                        "terminal; scripts use icedit edit or icedit replay")
+        raise UserError(
+            "icedit chat needs a terminal (its input or output is a pipe or a file): run it in a "
+            "terminal; scripts use icedit edit or icedit replay"
+        )
     prepared = kit.prepare(settings, quiet=True)
-    app = make_app(prepared.settings, session=session, image=image, notes=prepared.notes,
-                   memory=prepared.plan.explain() if prepared.plan else None)
+    app = make_app(
+        prepared.settings,
+        session=session,
+        image=image,
+        notes=prepared.notes,
+        memory=prepared.plan.explain() if prepared.plan else None,
+    )
     app.run()
     if app.store.exists(app.session):
         click.echo(f"session {app.session} is kept: icedit chat --session {app.session}")

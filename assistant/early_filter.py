@@ -36,7 +36,9 @@ from assistant.models import (
 from assistant.protocols import CandidateEngine, Engine, Events, Judge
 
 
-def _both_orders(judge: Judge, instruction: str, source: Image.Image, a: Image.Image, b: Image.Image) -> tuple[float, float]:
+def _both_orders(
+    judge: Judge, instruction: str, source: Image.Image, a: Image.Image, b: Image.Image
+) -> tuple[float, float]:
     """The judge's P(a better than b) and P(b better than a), in one `compare_many` call."""
     answers = list(judge.compare_many(instruction, source, [(a, b), (b, a)]))
     if len(answers) != 2:
@@ -73,7 +75,9 @@ def tournament(
         b.score += 1 - p
         (a if keep else b).wins += 1
         winner = a if keep else b
-        verdicts.append(VerdictInfo(a=a.seed, b=b.seed, p=p, p_ab=p_ab, p_ba=p_ba, winner=winner.seed, note=note))
+        verdicts.append(
+            VerdictInfo(a=a.seed, b=b.seed, p=p, p_ab=p_ab, p_ba=p_ba, winner=winner.seed, note=note)
+        )
         events(Verdict(a=a.seed, b=b.seed, p=p))
         if not keep:
             best = challenger
@@ -81,7 +85,11 @@ def tournament(
 
 
 def run(
-    engine: Engine, request: EditRequest, judge: Judge | None, events: Events, cancel: threading.Event,
+    engine: Engine,
+    request: EditRequest,
+    judge: Judge | None,
+    events: Events,
+    cancel: threading.Event,
     engine_name: str = "this engine",
 ) -> EditResult:
     """The filter over `request.candidates` seeds from `request.seed`: the winner's finished result,
@@ -91,20 +99,25 @@ def run(
     if not isinstance(engine, CandidateEngine):
         raise UserError(f"{engine_name} cannot run the early filter: use --candidates 1")
     if not 1 <= request.early_steps < request.steps:
-        raise UserError(f"--early-steps must be between 1 and --steps - 1 ({request.steps - 1}), not "
-                        f"{request.early_steps}")
+        raise UserError(
+            f"--early-steps must be between 1 and --steps - 1 ({request.steps - 1}), not "
+            f"{request.early_steps}"
+        )
     seeds = [next_seed(request.seed, i) for i in range(request.candidates)]
     started = engine.start_candidates(request, seeds, events, cancel)
     previews = list(started.previews)
     if len(previews) != len(seeds):
         raise ValueError(f"{engine_name} gave {len(previews)} previews for {len(seeds)} candidates")
-    infos = [CandidateInfo(seed=s, preview=p, preview_sha256=sha256(encode_png(p)))
-             for s, p in zip(seeds, previews, strict=True)]
+    infos = [
+        CandidateInfo(seed=s, preview=p, preview_sha256=sha256(encode_png(p)))
+        for s, p in zip(seeds, previews, strict=True)
+    ]
     events(Candidates(seeds=seeds, previews=previews))
     events(Step(i=0, n=len(seeds) - 1, phase="judge"))
     judging = time.perf_counter()
     winner, verdicts = tournament(judge, request.plan.instruction or "", request.source, infos, events)
     judged = time.perf_counter() - judging
     result = started.finish(winner, events, cancel)
-    return result.model_copy(update={"candidates": infos, "verdicts": verdicts,
-                                     "timings": result.timings | {"judge": judged}})
+    return result.model_copy(
+        update={"candidates": infos, "verdicts": verdicts, "timings": result.timings | {"judge": judged}}
+    )

@@ -29,7 +29,10 @@ Kind = Literal["file", "folder", "special", "missing", "loop", "bad name", "unre
 
 
 _ERRNO_KINDS: dict[int | None, Kind] = {
-    errno.ELOOP: "loop", errno.ENAMETOOLONG: "bad name", errno.ENOTDIR: "missing"}
+    errno.ELOOP: "loop",
+    errno.ENAMETOOLONG: "bad name",
+    errno.ENOTDIR: "missing",
+}
 """The `stat` errors that say what a path is; any other is "unreadable"."""
 
 
@@ -125,7 +128,9 @@ def _place(temp: Path, path: Path, force: bool) -> None:
     try:
         os.link(temp, path)  # fails with EEXIST if anything took the name since it was checked
     except FileExistsError:
-        raise UserError(f"{path} already exists: choose another name, or pass --force to replace it") from None
+        raise UserError(
+            f"{path} already exists: choose another name, or pass --force to replace it"
+        ) from None
     except OSError as e:
         if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
             raise

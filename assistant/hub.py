@@ -30,7 +30,9 @@ from assistant.files import SAID, kind
 
 Layout = Literal["diffusers", "transformers", "file"]
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-PICKLE_ONLY = "pickle weights only (.bin/.pt/.ckpt): icedit loads .safetensors only, since pickle files can run code"
+PICKLE_ONLY = (
+    "pickle weights only (.bin/.pt/.ckpt): icedit loads .safetensors only, since pickle files can run code"
+)
 TRANSFORMERS_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model", "*.jinja")
 COMPONENT_PATTERNS = ("*.json", "*.txt", "*.model", "*.safetensors")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
@@ -44,10 +46,15 @@ class Artifact(BaseModel):
     revision: str | None = Field(None, description="hub commit, tag or branch (None: main)")
     layout: Layout = Field(description="diffusers pipeline folder, transformers model folder, or one file")
     filename: str | None = Field(None, description="layout 'file': the file's name in the repo or folder")
-    guess_filename: bool = Field(False, description="layout 'file': when `filename` is not there, take the only "
-                                 ".safetensors file (diffusers' own rule for adapters)")
+    guess_filename: bool = Field(
+        False,
+        description="layout 'file': when `filename` is not there, take the only "
+        ".safetensors file (diffusers' own rule for adapters)",
+    )
     option: str = Field(description="the flag that chooses it, for fixes: --model, --lora, --vlm")
-    adapter: bool = Field(False, description="weights added to a base model (a LoRA), not a model of their own")
+    adapter: bool = Field(
+        False, description="weights added to a base model (a LoRA), not a model of their own"
+    )
     required: bool = Field(True, description="False: the command runs without it (`fallback` instead)")
     fallback: str | None = Field(None, description="what runs when an optional artifact is missing")
 
@@ -127,7 +134,10 @@ def offline_mode() -> bool:
 
     from huggingface_hub import constants
 
-    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in constants.ENV_VARS_TRUE_VALUES
+    return (
+        bool(constants.HF_HUB_OFFLINE)
+        or os.environ.get("HF_HUB_OFFLINE", "").upper() in constants.ENV_VARS_TRUE_VALUES
+    )
 
 
 def reachable(timeout: float = 5.0) -> bool:
@@ -165,8 +175,11 @@ def patterns(artifact: Artifact, model_index: dict | None = None) -> list[str]:
 
 def components(model_index: dict) -> list[str]:
     """The component folders a model_index.json names (entries set to None left out)."""
-    return [k for k, v in model_index.items()
-            if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[0] is not None]
+    return [
+        k
+        for k, v in model_index.items()
+        if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[0] is not None
+    ]
 
 
 def _wanted(names: Iterable[str], allow: list[str]) -> list[str]:
@@ -201,8 +214,11 @@ def _weights_problem(folder: Path) -> str | None:
         except (OSError, ValueError, KeyError, TypeError):
             return f"{index[0].name} is not a safetensors index"
         missing = sorted(s for s in shards if not (folder / s).is_file())
-        return f"incomplete: {len(missing)} of {len(shards)} weight files missing ({missing[0]}, ...)" if missing \
+        return (
+            f"incomplete: {len(missing)} of {len(shards)} weight files missing ({missing[0]}, ...)"
+            if missing
             else None
+        )
     if any(p.is_file() for p in folder.glob("*.safetensors")):
         return None
     if any(p.suffix in PICKLE_SUFFIXES for p in folder.iterdir()):
@@ -216,8 +232,11 @@ def folder_problem(artifact: Artifact, folder: Path) -> str | None:
         file = folder / (artifact.filename or "")
         if file.is_file():
             return None if file.suffix == ".safetensors" else PICKLE_ONLY
-        return PICKLE_ONLY if any(p.suffix in PICKLE_SUFFIXES for p in folder.iterdir()) else \
-            f"no {artifact.filename} in it"
+        return (
+            PICKLE_ONLY
+            if any(p.suffix in PICKLE_SUFFIXES for p in folder.iterdir())
+            else f"no {artifact.filename} in it"
+        )
     if artifact.layout == "transformers":
         if not (folder / "config.json").is_file():
             return "no config.json in it"
@@ -294,7 +313,10 @@ def _local_status(found: ArtifactStatus) -> ArtifactStatus:
     found.download_command = None
     what = kind(path)
     if what == "missing":
-        found.problem, found.fix = "no such file or folder", f"check the path, or give {a.option} a hub id (owner/name)"
+        found.problem, found.fix = (
+            "no such file or folder",
+            f"check the path, or give {a.option} a hub id (owner/name)",
+        )
         return found
     if what not in ("file", "folder"):
         found.problem = SAID[what]
@@ -321,9 +343,12 @@ def _remote_status(found: ArtifactStatus, folder: Path | None) -> ArtifactStatus
     a = found.artifact
     if offline_mode():
         if not found.cached:
-            found.problem = ("not in the Hugging Face cache" if folder is None else
-                             "only partly in the Hugging Face cache") + " and offline mode is set (HF_HUB_OFFLINE)"
-            found.fix = f"unset HF_HUB_OFFLINE to download it, or fetch it elsewhere with `{found.download_command}`"
+            found.problem = (
+                "not in the Hugging Face cache" if folder is None else "only partly in the Hugging Face cache"
+            ) + " and offline mode is set (HF_HUB_OFFLINE)"
+            found.fix = (
+                f"unset HF_HUB_OFFLINE to download it, or fetch it elsewhere with `{found.download_command}`"
+            )
         return found
     try:
         info = HfApi().model_info(a.ref, revision=a.revision, files_metadata=True)
@@ -337,11 +362,18 @@ def _remote_status(found: ArtifactStatus, folder: Path | None) -> ArtifactStatus
         model_index = _read_model_index(a, info.sha) if a.layout == "diffusers" else None
         found.files = wanted = _wanted(names, patterns(a, model_index))
         if not wanted:
-            found.problem = f"the repo has none of the files icedit loads ({', '.join(patterns(a, model_index))})"
+            found.problem = (
+                f"the repo has none of the files icedit loads ({', '.join(patterns(a, model_index))})"
+            )
             if a.layout == "file":
-                others = sorted(s.rfilename for s in info.siblings or [] if s.rfilename.endswith(".safetensors"))
-                found.fix = (f"name its file with --{a.option.strip('-')}-weight-name (it has: {', '.join(others)})"
-                             if others else "it holds no .safetensors adapter")
+                others = sorted(
+                    s.rfilename for s in info.siblings or [] if s.rfilename.endswith(".safetensors")
+                )
+                found.fix = (
+                    f"name its file with --{a.option.strip('-')}-weight-name (it has: {', '.join(others)})"
+                    if others
+                    else "it holds no .safetensors adapter"
+                )
             return found
         _check_access(a, wanted[0])
         found.access = True
@@ -362,8 +394,10 @@ def _remote_status(found: ArtifactStatus, folder: Path | None) -> ArtifactStatus
     found.to_download = sum(sizes[n] for n in wanted if not (have / n).is_file())
     free = shutil.disk_usage(_existing(cache_folder())).free
     if found.to_download > free:
-        found.problem = (f"no space left: {gib(found.to_download)} to download, {gib(free)} free on "
-                         f"{_existing(cache_folder())}")
+        found.problem = (
+            f"no space left: {gib(found.to_download)} to download, {gib(free)} free on "
+            f"{_existing(cache_folder())}"
+        )
         found.fix = "free some space, or point HF_HOME (or HF_HUB_CACHE) at a bigger disk"
     return found
 
@@ -402,26 +436,42 @@ def _why(error: Exception, artifact: Artifact) -> tuple[str, str | None]:
     status = getattr(getattr(error, "response", None), "status_code", None)
     if isinstance(error, GatedRepoError):
         if status == 403:
-            return ("403: the licence is not accepted for this account",
-                    f"accept it at {url} (logged in as the account whose token icedit uses)")
-        return ("401: gated repo and not logged in",
-                f"log in (`hf auth login`, or set HF_TOKEN) and accept the licence at {url}")
+            return (
+                "403: the licence is not accepted for this account",
+                f"accept it at {url} (logged in as the account whose token icedit uses)",
+            )
+        return (
+            "401: gated repo and not logged in",
+            f"log in (`hf auth login`, or set HF_TOKEN) and accept the licence at {url}",
+        )
     if isinstance(error, RevisionNotFoundError):
-        return (f"no revision '{artifact.revision}' in the repo",
-                f"check {_revision_option(artifact)} (a commit, tag or branch)")
+        return (
+            f"no revision '{artifact.revision}' in the repo",
+            f"check {_revision_option(artifact)} (a commit, tag or branch)",
+        )
     if isinstance(error, RepositoryNotFoundError):
-        return "no such repo on the hub", f"check {artifact.option} (a private repo also needs `hf auth login`)"
+        return (
+            "no such repo on the hub",
+            f"check {artifact.option} (a private repo also needs `hf auth login`)",
+        )
     if isinstance(error, OfflineModeIsEnabled):
         return "offline mode is set (HF_HUB_OFFLINE)", "unset HF_HUB_OFFLINE to download it"
     if isinstance(error, HfHubHTTPError) and status == 401:
-        return ("401: the hub refused the token (expired or invalid)",
-                "log in again (`hf auth login`) or unset HF_TOKEN")
+        return (
+            "401: the hub refused the token (expired or invalid)",
+            "log in again (`hf auth login`) or unset HF_TOKEN",
+        )
     if isinstance(error, HfHubHTTPError):
         return f"the hub answered {status or 'an error'}: {first_line(error)}", None
     if isinstance(error, OSError) and getattr(error, "errno", None) == 28:
-        return "no space left on the disk of the Hugging Face cache", "free some space or point HF_HOME elsewhere"
-    return (f"the hub at {constants.ENDPOINT} cannot be reached ({type(error).__name__}: {first_line(error)})",
-            "check the network or proxy (HTTPS_PROXY), or download it elsewhere: " + _hf_download(artifact))
+        return (
+            "no space left on the disk of the Hugging Face cache",
+            "free some space or point HF_HOME elsewhere",
+        )
+    return (
+        f"the hub at {constants.ENDPOINT} cannot be reached ({type(error).__name__}: {first_line(error)})",
+        "check the network or proxy (HTTPS_PROXY), or download it elsewhere: " + _hf_download(artifact),
+    )
 
 
 def _revision_option(artifact: Artifact) -> str:
@@ -471,21 +521,27 @@ def preflight(artifacts: list[Artifact]) -> list[ArtifactStatus]:
             raise WeightsMissing(missing[0].line())
         blocked = sum(s.artifact.required for s in missing)
         optional = f" (and {len(missing) - blocked} optional)" if len(missing) > blocked else ""
-        summary = (f"{blocked} of the {len(statuses)} model artifacts this command needs{optional} cannot be had now"
-                   f"{' (offline mode is set: HF_HUB_OFFLINE)' if offline_mode() else ''}; `icedit models` shows "
-                   "them all, `icedit download` fetches them, `--preset tiny` runs offline with random weights:")
+        summary = (
+            f"{blocked} of the {len(statuses)} model artifacts this command needs{optional} cannot be had now"
+            f"{' (offline mode is set: HF_HUB_OFFLINE)' if offline_mode() else ''}; `icedit models` shows "
+            "them all, `icedit download` fetches them, `--preset tiny` runs offline with random weights:"
+        )
         raise WeightsMissing("\n".join([summary, *(f"  {s.line()}" for s in missing)]))
     fetching = [s for s in statuses if s.usable and not s.cached]
     free, where = shutil.disk_usage(_existing(cache_folder())).free, _existing(cache_folder())
     need = sum(s.to_download or 0 for s in fetching if s.artifact.required)
     if need > free:
-        raise WeightsMissing(f"no space left for the download: {gib(need)} to fetch ("
-                             f"{', '.join(s.artifact.name for s in fetching if s.artifact.required)}), {gib(free)} "
-                             f"free on {where}; free some space or point HF_HOME at a bigger disk")
+        raise WeightsMissing(
+            f"no space left for the download: {gib(need)} to fetch ("
+            f"{', '.join(s.artifact.name for s in fetching if s.artifact.required)}), {gib(free)} "
+            f"free on {where}; free some space or point HF_HOME at a bigger disk"
+        )
     for s in fetching:
         if not s.artifact.required:
             if need + (s.to_download or 0) > free:
-                s.problem = f"no space left: {gib(s.to_download or 0)} more to download, {gib(free - need)} free"
+                s.problem = (
+                    f"no space left: {gib(s.to_download or 0)} more to download, {gib(free - need)} free"
+                )
                 s.fix = "free some space, or point HF_HOME (or HF_HUB_CACHE) at a bigger disk"
             else:
                 need += s.to_download or 0
@@ -519,8 +575,9 @@ def _fetch(found: ArtifactStatus) -> ArtifactStatus:
         folder = snapshot_download(a.ref, revision=a.revision, allow_patterns=found.files)
     except Exception as e:  # noqa: BLE001 - one line with the hub's reason
         problem, fix = _why(e, a)
-        raise WeightsMissing(f"downloading the {a.role} '{a.name}' failed: {problem}" + (f"; {fix}" if fix else "")) \
-            from None
+        raise WeightsMissing(
+            f"downloading the {a.role} '{a.name}' failed: {problem}" + (f"; {fix}" if fix else "")
+        ) from None
     finally:
         if not was_disabled:
             enable_progress_bars()
@@ -549,4 +606,6 @@ def locate(artifact: Artifact) -> Path:
 
 def _load_path(found: ArtifactStatus) -> Path:
     path = Path(found.path or "")
-    return path / (found.artifact.filename or "") if found.artifact.layout == "file" and path.is_dir() else path
+    return (
+        path / (found.artifact.filename or "") if found.artifact.layout == "file" and path.is_dir() else path
+    )

@@ -25,8 +25,10 @@ def load_source(path: str | Path) -> Image.Image:
     """`load_image` for a picture to edit: at least MIN_SIDE pixels on each side."""
     image = load_image(path)
     if min(image.size) < MIN_SIDE:
-        raise UserError(f"{path}: {image.width}x{image.height} is too small to edit (at least {MIN_SIDE} pixels "
-                        "on each side)")
+        raise UserError(
+            f"{path}: {image.width}x{image.height} is too small to edit (at least {MIN_SIDE} pixels "
+            "on each side)"
+        )
     return image
 
 
@@ -66,7 +68,9 @@ def _read_pipe(path: Path) -> bytes:
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
     if not data:
-        raise UserError(f"{path}: nothing came through (an empty pipe or device): pass a picture's bytes or a file")
+        raise UserError(
+            f"{path}: nothing came through (an empty pipe or device): pass a picture's bytes or a file"
+        )
     if len(data) > MAX_PIPE_BYTES:
         raise UserError(f"{path}: over {MAX_PIPE_BYTES // 2**20} MiB came through: not a picture")
     return data
@@ -86,7 +90,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def encode_png(img: Image.Image) -> bytes:
     """Deterministic PNG bytes (no timestamps or text chunks): equal pixels, equal bytes."""
-    if img.info:  # PIL writes an inherited ICC profile or tRNS from info: the bytes would depend on more than pixels
+    if (
+        img.info
+    ):  # PIL writes an inherited ICC profile or tRNS from info: the bytes would depend on more than pixels
         img = img.copy()
         img.info = {}
     buf = io.BytesIO()

@@ -44,8 +44,11 @@ class Placement(BaseModel):
     cost: float = Field(description="estimated seconds of a chat turn on the reference machine below")
     settings: dict[str, Any] = Field(default_factory=dict, description="the Settings fields it sets")
     requires: tuple[int, int] | None = Field(None, description="least CUDA compute capability it runs on")
-    cpu_fallback: bool = Field(False, description="for a machine without a GPU: with one, chosen only when "
-                               "the forced settings leave nothing else (e.g. an engine on the CPU)")
+    cpu_fallback: bool = Field(
+        False,
+        description="for a machine without a GPU: with one, chosen only when "
+        "the forced settings leave nothing else (e.g. an engine on the CPU)",
+    )
     note: str | None = None
 
     @property
@@ -60,10 +63,15 @@ class Part(BaseModel):
     title: str = Field(description="'FLUX.1 Fill', 'Qwen2.5-VL-7B'")
     weights: int = Field(description="bytes of its weights as they sit on a GPU")
     options: list[Placement]
-    alternatives: list[Part] = Field(default_factory=list, description="smaller models to suggest when it "
-                                     "does not fit on the GPU (the plan checks that they would)")
-    switch: dict[str, Any] = Field(default_factory=dict, description="the settings that choose this part "
-                                   "instead of the configured one (for an alternative)")
+    alternatives: list[Part] = Field(
+        default_factory=list,
+        description="smaller models to suggest when it "
+        "does not fit on the GPU (the plan checks that they would)",
+    )
+    switch: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the settings that choose this part instead of the configured one (for an alternative)",
+    )
 
 
 class MemoryPlan(BaseModel):
@@ -165,8 +173,10 @@ def plan_memory(
         runnable = [o for o in allowed if _runs(o, capacity, capability)]
         if not runnable:
             runnable = allowed
-            notes += [f"{part.title} {o.label} {_why_not(o, capacity, capability)}: loading it will fail"
-                      for o in allowed]
+            notes += [
+                f"{part.title} {o.label} {_why_not(o, capacity, capability)}: loading it will fail"
+                for o in allowed
+            ]
         candidates.append(runnable)
 
     def fits(combo: tuple[Placement, ...]) -> bool:
@@ -188,54 +198,85 @@ def plan_memory(
     elif not fitting:
         given = ", ".join(f"{k}={v}" for k, v in forced.items())
         what = f"the settings given ({given})" if given else "no placement"
-        notes.insert(0, f"{what} need ~{_gib(peak)} of GPU memory, more than the {_gib(usable)} usable of "
-                        f"this {capacity / GiB:.0f} GiB GPU: expect out-of-memory errors")
+        notes.insert(
+            0,
+            f"{what} need ~{_gib(peak)} of GPU memory, more than the {_gib(usable)} usable of "
+            f"this {capacity / GiB:.0f} GiB GPU: expect out-of-memory errors",
+        )
     else:
-        for i, (part, choice) in enumerate(zip(parts, best)):
+        for i, (part, choice) in enumerate(zip(parts, best, strict=True)):
             if not choice.on_gpu and any(o.on_gpu for o in candidates[i]):
                 remarks[part.name] = _on_the_cpu(parts, i, fitting, best, capacity, notes)
                 remarks[part.name] += _alternative(parts, i, capacity, forced, headroom, capability, notes)
-    notes += [f"{titles[p.name]}: {c.note}" for p, c in zip(parts, best) if c.note]
-    held = [f"{titles[p.name]} {_gib(c.cpu)}" for p, c in zip(parts, best) if c.cpu]
+    notes += [f"{titles[p.name]}: {c.note}" for p, c in zip(parts, best, strict=True) if c.note]
+    held = [f"{titles[p.name]} {_gib(c.cpu)}" for p, c in zip(parts, best, strict=True) if c.cpu]
     if held:
         notes.append(f"CPU memory for weights: ~{_gib(sum(c.cpu for c in best))} ({', '.join(held)})")
     return MemoryPlan(
-        capacity=capacity, headroom=headroom, choices={p.name: c for p, c in zip(parts, best)}, titles=titles,
-        remarks=remarks, estimated_peak=peak, cpu=sum(c.cpu for c in best), fits=bool(fitting), forced=forced,
+        capacity=capacity,
+        headroom=headroom,
+        choices={p.name: c for p, c in zip(parts, best, strict=True)},
+        titles=titles,
+        remarks=remarks,
+        estimated_peak=peak,
+        cpu=sum(c.cpu for c in best),
+        fits=bool(fitting),
+        forced=forced,
         notes=notes,
     )
 
 
-def _on_the_cpu(parts: list[Part], i: int, fitting: list[tuple[Placement, ...]], best: tuple[Placement, ...],
-                capacity: int, notes: list[str]) -> str:
+def _on_the_cpu(
+    parts: list[Part],
+    i: int,
+    fitting: list[tuple[Placement, ...]],
+    best: tuple[Placement, ...],
+    capacity: int,
+    notes: list[str],
+) -> str:
     """Why part i runs on the CPU although it has GPU placements: they fit beside the others at no cost, or
     only at more."""
     others = " and ".join(p.title for j, p in enumerate(parts) if j != i)
     beside = f" beside {others}" if others else ""
     on_gpu = [c for c in fitting if c[i].on_gpu]
     if not on_gpu:
-        notes.append(f"{parts[i].title} runs on the CPU: it does not fit on this {capacity / GiB:.0f} GiB GPU"
-                     f"{beside}")
+        notes.append(
+            f"{parts[i].title} runs on the CPU: it does not fit on this {capacity / GiB:.0f} GiB GPU{beside}"
+        )
         return f"does not fit{beside}"
     rival = min(on_gpu, key=lambda c: sum(o.cost for o in c))
     slower = sum(o.cost for o in rival) - sum(o.cost for o in best)
-    how = " and ".join(f"{p.title} {c.label}" for j, (p, c) in enumerate(zip(parts, rival))
-                       if j != i and c != best[j])
-    notes.append(f"{parts[i].title} runs on the CPU: on this {capacity / GiB:.0f} GiB GPU it fits only with "
-                 f"{how}, ~{slower:.0f} s slower a turn")
+    how = " and ".join(
+        f"{p.title} {c.label}"
+        for j, (p, c) in enumerate(zip(parts, rival, strict=True))
+        if j != i and c != best[j]
+    )
+    notes.append(
+        f"{parts[i].title} runs on the CPU: on this {capacity / GiB:.0f} GiB GPU it fits only with "
+        f"{how}, ~{slower:.0f} s slower a turn"
+    )
     return f"~{slower:.0f} s a turn slower on the GPU"
 
 
-def _alternative(parts: list[Part], i: int, capacity: int, forced: dict[str, Any], headroom: float,
-                 capability: tuple[int, int] | None, notes: list[str]) -> str:
+def _alternative(
+    parts: list[Part],
+    i: int,
+    capacity: int,
+    forced: dict[str, Any],
+    headroom: float,
+    capability: tuple[int, int] | None,
+    notes: list[str],
+) -> str:
     """The first of part i's alternatives that the plan would put on the GPU, as a remark and a note."""
     for alt in parts[i].alternatives:
-        trial = plan_memory([alt if j == i else p for j, p in enumerate(parts)], capacity, forced, headroom,
-                            capability)
+        trial = plan_memory(
+            [alt if j == i else p for j, p in enumerate(parts)], capacity, forced, headroom, capability
+        )
         if trial.fits and trial.choices[alt.name].on_gpu:
             how = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in alt.switch.items())
-            others = " and ".join(f"{trial.titles[n]} {c.label}" for n, c in trial.choices.items()
-                                  if n != alt.name)
+            others = " and ".join(
+                f"{trial.titles[n]} {c.label}" for n, c in trial.choices.items() if n != alt.name
+            )
             beside = f" beside {others}" if others else ""
             notes.append(f"{alt.title} ({_gib(alt.weights)}) would run on the GPU{beside}: {how}")
             return f"; {alt.title} would"
@@ -262,7 +303,8 @@ def plan_for(
     """The plan for a GPU of `gpu_memory_gib` (`--gpu-memory`; compute capability ASSUMED_CAPABILITY unless
     given), or, without it, for this machine's GPU (`device`), or for the CPU when there is none."""
     if gpu_memory_gib is not None:
-        return plan_memory(parts, int(gpu_memory_gib * GiB), forced,
-                           capability=capability or ASSUMED_CAPABILITY)
+        return plan_memory(
+            parts, int(gpu_memory_gib * GiB), forced, capability=capability or ASSUMED_CAPABILITY
+        )
     capacity, found = gpu_capacity(device)
     return plan_memory(parts, capacity, forced, capability=capability or found)

@@ -31,7 +31,8 @@ class EditPlan(BaseModel):
     )
     rationale: str = ""
     fallback: str | None = Field(
-        None, description="set by a rewriter that handed over to another: 'rules (why)'; shown as 'qwen_vl -> rules (why)'"
+        None,
+        description="set by a rewriter that handed over to another: 'rules (why)'; shown as 'qwen_vl -> rules (why)'",
     )
 
 
@@ -54,7 +55,9 @@ class EditRequest(BaseModel):
     steps: int = Field(28, ge=1, le=200)
     guidance: float = Field(50.0, gt=0, le=200)
     native_size: bool = Field(False, description="keep the 512-wide panel instead of the source size")
-    candidates: int = Field(1, ge=1, le=16, description="early filter: noises tried (seeds seed .. seed+M-1); the host runs it")
+    candidates: int = Field(
+        1, ge=1, le=16, description="early filter: noises tried (seeds seed .. seed+M-1); the host runs it"
+    )
     early_steps: int = Field(4, ge=1, le=199, description="early filter: steps run for every candidate")
 
 

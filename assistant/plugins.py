@@ -99,8 +99,10 @@ def announce(session: str, turns: list, png: Callable[[str], bytes]) -> list[str
                 impl.function(**{k: v for k, v in given.items() if k in impl.argnames})
             except Exception as e:  # noqa: BLE001 - an observer's bug must not undo or hide a stored turn
                 text = (str(e).strip().splitlines() or [""])[0]
-                problems.append(f"plugin {impl.plugin_name} failed observing turn {turn.id} "
-                                f"({type(e).__name__}{': ' + text if text else ''})")
+                problems.append(
+                    f"plugin {impl.plugin_name} failed observing turn {turn.id} "
+                    f"({type(e).__name__}{': ' + text if text else ''})"
+                )
     return problems
 
 

@@ -56,23 +56,28 @@ def rewriter_name(settings: Settings) -> str:
     return settings.rewriter or default_rewriter(settings)
 
 
-def needs(settings: Settings, *, engine: bool = True, rewriter: bool = True, judge: bool | None = None) -> list[Artifact]:
+def needs(
+    settings: Settings, *, engine: bool = True, rewriter: bool = True, judge: bool | None = None
+) -> list[Artifact]:
     """Every artifact these settings will load; the default rewriter's are optional (rules instead).
     `judge` None: the judge is needed when the early filter runs (candidates > 1)."""
     found = _artifacts("engines", settings.engine, settings) if engine else []
     if rewriter:
         chosen = _artifacts("rewriters", rewriter_name(settings), settings)
         if settings.rewriter is None:
-            chosen = [a.model_copy(update={"required": False, "fallback": f"the {RULES_REWRITER} rewriter"})
-                      for a in chosen]
+            chosen = [
+                a.model_copy(update={"required": False, "fallback": f"the {RULES_REWRITER} rewriter"})
+                for a in chosen
+            ]
         found += chosen
     if judge or (judge is None and settings.candidates > 1):
         found += _artifacts("judges", settings.judge, settings)
     return found
 
 
-def require_on_disk(settings: Settings, *, engine: bool = True, rewriter: bool = True,
-                    judge: bool | None = None) -> None:
+def require_on_disk(
+    settings: Settings, *, engine: bool = True, rewriter: bool = True, judge: bool | None = None
+) -> None:
     """One line when something `needs(settings, ...)` names is not complete on disk: a running chat
     turning on the early filter downloads nothing in the middle of the conversation."""
     for artifact in needs(settings, engine=engine, rewriter=rewriter, judge=judge):
@@ -83,20 +88,31 @@ def require_on_disk(settings: Settings, *, engine: bool = True, rewriter: bool =
             raise WeightsMissing(found.line())
 
 
-def prepare(settings: Settings, extra: list[Artifact] | None = None, *, engine: bool = True, rewriter: bool = True,
-            judge: bool | None = None, plan: bool = True) -> Prepared:
+def prepare(
+    settings: Settings,
+    extra: list[Artifact] | None = None,
+    *,
+    engine: bool = True,
+    rewriter: bool = True,
+    judge: bool | None = None,
+    plan: bool = True,
+) -> Prepared:
     """Check every artifact (one report of all that are missing), fetch the missing ones, choose the
     rewriter, and on a CUDA machine place the models (`plan`: False where the command places them
     itself, as training does)."""
-    statuses = hub.preflight([*needs(settings, engine=engine, rewriter=rewriter, judge=judge), *(extra or [])])
+    statuses = hub.preflight(
+        [*needs(settings, engine=engine, rewriter=rewriter, judge=judge), *(extra or [])]
+    )
     notes = []
     if rewriter and settings.rewriter is None:
         name = default_rewriter(settings)
         lacking = [s for s in statuses if not s.usable and not s.artifact.required]
         if lacking:
-            notes.append(f"the VLM rewriter cannot run ({lacking[0].artifact.name}: {lacking[0].problem}): "
-                         f"the {RULES_REWRITER} rewriter reads your requests instead (`icedit download --with-vlm` "
-                         "fetches the VLM)")
+            notes.append(
+                f"the VLM rewriter cannot run ({lacking[0].artifact.name}: {lacking[0].problem}): "
+                f"the {RULES_REWRITER} rewriter reads your requests instead (`icedit download --with-vlm` "
+                "fetches the VLM)"
+            )
             name = RULES_REWRITER
         settings = settings.model_copy(update={"rewriter": name})
     placed = None
@@ -114,8 +130,14 @@ def _on_gpu(settings: Settings) -> bool:
     return torch.cuda.is_available() and (settings.device or "cuda").startswith("cuda")
 
 
-def memory_plan(settings: Settings, gpu_memory_gib: float | None = None, *, engine: bool = True,
-                rewriter: bool = True, judge: bool | None = None) -> MemoryPlan:
+def memory_plan(
+    settings: Settings,
+    gpu_memory_gib: float | None = None,
+    *,
+    engine: bool = True,
+    rewriter: bool = True,
+    judge: bool | None = None,
+) -> MemoryPlan:
     """Where each model these settings run goes on this machine's GPU (or on one of `gpu_memory_gib`);
     the parts are those `needs` would check. Only placement settings the person gave are forced."""
     from assistant.memory import plan_for, plan_memory

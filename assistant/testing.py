@@ -113,8 +113,13 @@ class EngineContract:
         return gradient()
 
     def request(self, **changes) -> EditRequest:
-        fields = {"seed": self.seed, "steps": self.steps, "guidance": self.guidance,
-                  "early_steps": self.early_steps, "plan": EditPlan(intent="edit", instruction=self.instruction)}
+        fields = {
+            "seed": self.seed,
+            "steps": self.steps,
+            "guidance": self.guidance,
+            "early_steps": self.early_steps,
+            "plan": EditPlan(intent="edit", instruction=self.instruction),
+        }
         return EditRequest(source=self.source(), **fields | changes)
 
     @pytest.fixture(scope="class")
@@ -193,8 +198,9 @@ class EngineContract:
         if not isinstance(engine, CandidateEngine):
             pytest.skip("not a CandidateEngine")
         seeds = self._seeds()
-        started = engine.start_candidates(self.request(candidates=len(seeds)), seeds, lambda e: None,
-                                          threading.Event())
+        started = engine.start_candidates(
+            self.request(candidates=len(seeds)), seeds, lambda e: None, threading.Event()
+        )
         previews = list(started.previews)
         assert len(previews) == len(seeds) and all(isinstance(p, Image.Image) for p in previews)
         last = len(seeds) - 1  # not the first: a run that always finishes candidate 0 shows here
@@ -209,8 +215,9 @@ class EngineContract:
             pytest.skip("not a CandidateEngine")
         events: list = []
         judge = BrighterJudge()
-        result = early_filter.run(engine, self.request(candidates=self.candidates), judge, events.append,
-                                  threading.Event())
+        result = early_filter.run(
+            engine, self.request(candidates=self.candidates), judge, events.append, threading.Event()
+        )
         shown = next(e for e in events if isinstance(e, Candidates))
         brightness = [ImageStat.Stat(p.convert("L")).mean[0] for p in shown.previews]
         winner = shown.seeds[brightness.index(max(brightness))]  # ties go to the lower seed
@@ -226,12 +233,24 @@ class EngineContract:
 class RewriterContract:
     """What every `protocols.Rewriter` does; override `make_rewriter` (and `intents` if it reads otherwise)."""
 
-    intents: Sequence[tuple[str, str]] = (("add a hat", "edit"), ("make it look like winter", "edit"),
-                                          ("undo", "undo"))
+    intents: Sequence[tuple[str, str]] = (
+        ("add a hat", "edit"),
+        ("make it look like winter", "edit"),
+        ("undo", "undo"),
+    )
     """(message, the intent it must read); an edit must come with a non-empty instruction."""
-    odd_messages: Sequence[str] = ("", "   ", "?!", "\u2026", "a" * 10_000, "add " * 2_000,
-                                   "\U0001f3a9 \u00fcn\u00efc\u00f6d\u00e9 \u5e3d\u5b50 \u0645\u0631\u062d\u0628\u0627",
-                                   "tab\tnew\nline\r\x00nul", "\u202eevil\u202c", "undo undo undo")
+    odd_messages: Sequence[str] = (
+        "",
+        "   ",
+        "?!",
+        "\u2026",
+        "a" * 10_000,
+        "add " * 2_000,
+        "\U0001f3a9 \u00fcn\u00efc\u00f6d\u00e9 \u5e3d\u5b50 \u0645\u0631\u062d\u0628\u0627",
+        "tab\tnew\nline\r\x00nul",
+        "\u202eevil\u202c",
+        "undo undo undo",
+    )
     """Messages a person may type: the rewriter returns a plan or raises UserError, nothing else."""
 
     def make_rewriter(self) -> Rewriter:
@@ -286,8 +305,10 @@ class JudgeContract:
     def pictures(self) -> tuple[Image.Image, Image.Image]:
         """Two candidates that differ: the source tinted two ways."""
         src = self.source()
-        return (ImageChops.add(src, Image.new("RGB", src.size, (90, 0, 0))),
-                ImageChops.add(src, Image.new("RGB", src.size, (0, 0, 90))))
+        return (
+            ImageChops.add(src, Image.new("RGB", src.size, (90, 0, 0))),
+            ImageChops.add(src, Image.new("RGB", src.size, (0, 0, 90))),
+        )
 
     @pytest.fixture(scope="class")
     @classmethod
@@ -324,7 +345,9 @@ class FakeEngine:
     def __init__(self):
         self.calls: list[EditRequest] = []
 
-    def _paint(self, request: EditRequest, seed: int, steps: int, events, cancel: threading.Event) -> Image.Image:
+    def _paint(
+        self, request: EditRequest, seed: int, steps: int, events, cancel: threading.Event
+    ) -> Image.Image:
         if not request.plan.instruction:
             raise UserError("the plan has no instruction to edit with")
         for i in range(1, steps + 1):
@@ -337,8 +360,9 @@ class FakeEngine:
     def edit(self, request: EditRequest, events, cancel: threading.Event) -> EditResult:
         self.calls.append(request)
         image = self._paint(request, request.seed, request.steps, events, cancel)
-        return EditResult(image=image, seed=request.seed, prompt=f"fake: {request.plan.instruction}",
-                          nfe=request.steps)
+        return EditResult(
+            image=image, seed=request.seed, prompt=f"fake: {request.plan.instruction}", nfe=request.steps
+        )
 
     def start_candidates(self, request: EditRequest, seeds: list[int], events, cancel: threading.Event):
         self.calls.append(request)
@@ -350,8 +374,12 @@ class FakeEngine:
                 self.previews = previews
 
             def finish(self, index, events, cancel):
-                return EditResult(image=previews[index], seed=seeds[index], nfe=spent,
-                                  prompt=f"fake: {request.plan.instruction}")
+                return EditResult(
+                    image=previews[index],
+                    seed=seeds[index],
+                    nfe=spent,
+                    prompt=f"fake: {request.plan.instruction}",
+                )
 
         return Started()
 

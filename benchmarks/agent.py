@@ -47,7 +47,9 @@ def main() -> None:
                 totals["agent"] += t["agent"]
                 totals["engine"] += t["total"] - t["rewrite"] - t["agent"]
     per = {k: v / turns for k, v in totals.items()}
-    print(f"tiny preset, {source.width}x{source.height} source, {steps} steps, {turns} turns, file-backed store")
+    print(
+        f"tiny preset, {source.width}x{source.height} source, {steps} steps, {turns} turns, file-backed store"
+    )
     print(f"engine {per['engine'] * 1e3:8.1f} ms/turn")
     print(f"rewrite {per['rewrite'] * 1e3:7.1f} ms/turn (rules)")
     print(f"agent  {per['agent'] * 1e3:8.1f} ms/turn (commit, PNG encode + sha256, bookkeeping)")

@@ -41,8 +41,16 @@ class BrightnessJudge(PairwiseJudge):
 
 def ours(engine, source, seed, m, n, candidates, judge):
     engine.prompts = PromptCache(size=0)  # encode the prompt every run, as the paper's procedure does
-    request = EditRequest(source=source, plan=EditPlan(intent="edit", instruction="add snow"), seed=seed, steps=n,
-                          guidance=50.0, candidates=candidates, early_steps=m, native_size=True)
+    request = EditRequest(
+        source=source,
+        plan=EditPlan(intent="edit", instruction="add snow"),
+        seed=seed,
+        steps=n,
+        guidance=50.0,
+        candidates=candidates,
+        early_steps=m,
+        native_size=True,
+    )
     return early_filter.run(engine, request, judge, lambda e: None, threading.Event()).seed
 
 
@@ -57,20 +65,39 @@ def paper(pipe, canvas, mask, source, prompt, seed, m, n, candidates, judge):
                 p._interrupt = True
             return {}
 
-        pipe(prompt=prompt, image=canvas, mask_image=mask, height=canvas.height, width=canvas.width,
-             guidance_scale=50.0, num_inference_steps=n, generator=torch.Generator("cpu").manual_seed(s),
-             callback_on_step_end=stop_at_m, output_type="latent")
+        pipe(
+            prompt=prompt,
+            image=canvas,
+            mask_image=mask,
+            height=canvas.height,
+            width=canvas.width,
+            guidance_scale=50.0,
+            num_inference_steps=n,
+            generator=torch.Generator("cpu").manual_seed(s),
+            callback_on_step_end=stop_at_m,
+            output_type="latent",
+        )
         sigmas = pipe.scheduler.sigmas
         velocity = (seen[m - 1] - seen[m - 2]) / (sigmas[m] - sigmas[m - 1])
         x0 = seen[m - 1] - sigmas[m] * velocity
         latents = pipe._unpack_latents(x0, canvas.height, canvas.width, pipe.vae_scale_factor)
         latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
-        decoded = pipe.image_processor.postprocess(pipe.vae.decode(latents, return_dict=False)[0], output_type="pil")
+        decoded = pipe.image_processor.postprocess(
+            pipe.vae.decode(latents, return_dict=False)[0], output_type="pil"
+        )
         previews.append(right_panel(decoded[0]))
     infos = [CandidateInfo(seed=seed + i, preview=p, preview_sha256="") for i, p in enumerate(previews)]
     winner, _ = tournament(judge, "add snow", source, infos)
-    pipe(prompt=prompt, image=canvas, mask_image=mask, height=canvas.height, width=canvas.width,
-         guidance_scale=50.0, num_inference_steps=n, generator=torch.Generator("cpu").manual_seed(seed + winner))
+    pipe(
+        prompt=prompt,
+        image=canvas,
+        mask_image=mask,
+        height=canvas.height,
+        width=canvas.width,
+        guidance_scale=50.0,
+        num_inference_steps=n,
+        generator=torch.Generator("cpu").manual_seed(seed + winner),
+    )
     return seed + winner
 
 
@@ -103,10 +130,16 @@ def main() -> None:
             winners["ours"] = ours(engine, source, 100, m, n, M, judge)
             times["ours"].append(time.perf_counter() - start)
     paper_s, ours_s = min(times["paper"]), min(times["ours"])
-    print(f"tiny preset, {canvas.width}x{canvas.height} diptych, M={M} candidates, m={m} of n={n} steps, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"paper (one at a time, winner restarted): {paper_s:.3f} s  NFE {M * m + n}  winner seed {winners['paper']}")
-    print(f"ours  (batched, winner resumed):         {ours_s:.3f} s  NFE {M * m + n - m}  winner seed {winners['ours']}")
+    print(
+        f"tiny preset, {canvas.width}x{canvas.height} diptych, M={M} candidates, m={m} of n={n} steps, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"paper (one at a time, winner restarted): {paper_s:.3f} s  NFE {M * m + n}  winner seed {winners['paper']}"
+    )
+    print(
+        f"ours  (batched, winner resumed):         {ours_s:.3f} s  NFE {M * m + n - m}  winner seed {winners['ours']}"
+    )
     print(f"speedup {paper_s / ours_s:.2f}")
 
 

@@ -60,8 +60,13 @@ from plugins.icedit.presets import CLIP_L_TEXT, FLUX_FILL_TRANSFORMER, T5_XXL_EN
 from plugins.icedit.sampler import FillSampler
 
 SCALED = FLUX_FILL_TRANSFORMER | {
-    "num_layers": 2, "num_single_layers": 4, "num_attention_heads": 4, "attention_head_dim": 64,
-    "axes_dims_rope": (16, 24, 24), "joint_attention_dim": 32, "pooled_projection_dim": 32,
+    "num_layers": 2,
+    "num_single_layers": 4,
+    "num_attention_heads": 4,
+    "attention_head_dim": 64,
+    "axes_dims_rope": (16, 24, 24),
+    "joint_attention_dim": 32,
+    "pooled_projection_dim": 32,
 }
 
 
@@ -79,15 +84,21 @@ def build(full: bool, device: str, dtype: torch.dtype):
         with torch.device(device):
             pipe.transformer = FluxTransformer2DModel(**(FLUX_FILL_TRANSFORMER if full else SCALED)).eval()
             if full:  # the real prompt encoders' shapes: CLIP ViT-L/14's text tower, T5-XXL's encoder (4.8B)
-                pipe.text_encoder = CLIPTextModel(CLIPTextConfig(
-                    **CLIP_L_TEXT, bos_token_id=pipe.tokenizer.bos_token_id,
-                    eos_token_id=pipe.tokenizer.eos_token_id,
-                    pad_token_id=pipe.tokenizer.pad_token_id)).eval()
+                pipe.text_encoder = CLIPTextModel(
+                    CLIPTextConfig(
+                        **CLIP_L_TEXT,
+                        bos_token_id=pipe.tokenizer.bos_token_id,
+                        eos_token_id=pipe.tokenizer.eos_token_id,
+                        pad_token_id=pipe.tokenizer.pad_token_id,
+                    )
+                ).eval()
                 pipe.text_encoder_2 = T5EncoderModel(T5Config(**T5_XXL_ENCODER)).eval()
     finally:
         torch.set_default_dtype(previous)
     pipe = pipe.to(device=device, dtype=dtype)
-    load_lora_moe(pipe.transformer, synthetic_checkpoint(pipe.transformer, num_experts=4, rank=32, scale=0.01))
+    load_lora_moe(
+        pipe.transformer, synthetic_checkpoint(pipe.transformer, num_experts=4, rank=32, scale=0.01)
+    )
     return pipe.to("cpu")
 
 
@@ -146,9 +157,16 @@ def variants(args, device: str) -> list[tuple[str, list[Callable], Callable]]:
         return sampler.decode(cond, sampler.denoise(cond, sampler.start(cond, [0]), args.steps).x)[0]
 
     def stock(pipe, canvas, mask, prompt):
-        return pipe(prompt=prompt, image=canvas, mask_image=mask, height=canvas.height, width=canvas.width,
-                    guidance_scale=50.0, num_inference_steps=args.steps,
-                    generator=torch.Generator("cpu").manual_seed(0)).images[0]
+        return pipe(
+            prompt=prompt,
+            image=canvas,
+            mask_image=mask,
+            height=canvas.height,
+            width=canvas.width,
+            guidance_scale=50.0,
+            num_inference_steps=args.steps,
+            generator=torch.Generator("cpu").manual_seed(0),
+        ).images[0]
 
     def fused(pipe):
         pipe.transformer.fuse_qkv_projections()
@@ -198,7 +216,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="4 steps, two sizes, best of two")
     parser.add_argument("--full", action="store_true", help="the real FLUX.1 Fill architecture (needs a GPU)")
     parser.add_argument("--compile", action="store_true", help="add the torch.compile variant")
-    parser.add_argument("--only", type=lambda s: s.split(","), help="comma-separated variants (baseline always runs)")
+    parser.add_argument(
+        "--only", type=lambda s: s.split(","), help="comma-separated variants (baseline always runs)"
+    )
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
@@ -212,10 +232,14 @@ def main() -> None:
     master = build(args.full, device, dtype)
     prompt = prompts.render("ic_edit.txt", instruction="make it look like winter")
     where = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
-    print(f"{'full FLUX.1 Fill' if args.full else 'scaled-down FLUX'} transformer + random LoRA-MoE, random weights, "
-          f"{args.steps} steps, {dtype}, {where}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{'variant':<22} {'source':>8} {'tokens':>6} {'s/edit':>8} {'peak GiB':>9} {'vs baseline':>11} "
-          f"{'max |diff|':>10}")
+    print(
+        f"{'full FLUX.1 Fill' if args.full else 'scaled-down FLUX'} transformer + random LoRA-MoE, random weights, "
+        f"{args.steps} steps, {dtype}, {where}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"{'variant':<22} {'source':>8} {'tokens':>6} {'s/edit':>8} {'peak GiB':>9} {'vs baseline':>11} "
+        f"{'max |diff|':>10}"
+    )
     ratios = []
     for height in heights:
         source = Image.new("RGB", (512, height), (120, 140, 160))
@@ -238,8 +262,10 @@ def main() -> None:
             diff = np.abs(np.asarray(image, dtype=np.int16) - baseline[1]).max()
             if name == "ours":
                 ratios.append(baseline[0] / seconds)
-            print(f"{name:<22} {f'512x{height}':>8} {tokens:>6} {seconds:>8.3f} {peak:>9.2f} "
-                  f"{baseline[0] / seconds:>10.2f}x {diff:>10}")
+            print(
+                f"{name:<22} {f'512x{height}':>8} {tokens:>6} {seconds:>8.3f} {peak:>9.2f} "
+                f"{baseline[0] / seconds:>10.2f}x {diff:>10}"
+            )
     if ratios:  # `--only` without `ours` compares nothing to the baseline
         print(f"speedup {sum(ratios) / len(ratios):.2f}")
 

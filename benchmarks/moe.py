@@ -70,11 +70,17 @@ def main() -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     ratios = []
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {tokens} tokens, "
-          f"{args.experts} experts of rank {args.rank}, {dtype} on {device}")
-    print("The base Linear is the same on every side; the other columns time the experts' contribution alone.")
-    print(f"{'layer':<10} {'top-k':>5} {'base ms':>9} {'reference':>10} {'dense':>8} {'routed':>8} {'ours':>8} "
-          f"{'speedup':>8} {'ours/base':>10}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {tokens} tokens, "
+        f"{args.experts} experts of rank {args.rank}, {dtype} on {device}"
+    )
+    print(
+        "The base Linear is the same on every side; the other columns time the experts' contribution alone."
+    )
+    print(
+        f"{'layer':<10} {'top-k':>5} {'base ms':>9} {'reference':>10} {'dense':>8} {'routed':>8} {'ours':>8} "
+        f"{'speedup':>8} {'ours/base':>10}"
+    )
     with torch.no_grad():
         for name, fan_in in (("ff.net.2", 12288), ("proj_out", 15360)):
             base = nn.Linear(fan_in, 3072, device=device, dtype=dtype)
@@ -86,15 +92,21 @@ def main() -> None:
                 reference = functools.partial(reference_delta, layer)
                 expected = reference(x).float()
                 for delta in (layer.delta, layer.dense_delta, layer.routed_delta):  # equal up to rounding:
-                    error = (delta(x).float() - expected).norm() / expected.norm()  # bf16 sums round per expert
-                    assert error < (2e-2 if dtype == torch.bfloat16 else 1e-5), f"{delta.__name__}: {error:.1e}"
+                    error = (
+                        delta(x).float() - expected
+                    ).norm() / expected.norm()  # bf16 sums round per expert
+                    assert error < (2e-2 if dtype == torch.bfloat16 else 1e-5), (
+                        f"{delta.__name__}: {error:.1e}"
+                    )
                 (t_base,) = timed([base], x, 3)  # only the last column's scale: three runs do
                 t_ref, t_dense, t_routed, t_ours = timed(
                     [reference, layer.dense_delta, layer.routed_delta, layer.delta], x, args.repeats
                 )
                 ratios.append(t_ref / t_ours)
-                print(f"{name:<10} {top_k:>5} {t_base * 1e3:>9.2f} {t_ref * 1e3:>10.2f} {t_dense * 1e3:>8.2f} "
-                      f"{t_routed * 1e3:>8.2f} {t_ours * 1e3:>8.2f} {t_ref / t_ours:>7.2f}x {t_ours / t_base:>9.1%}")
+                print(
+                    f"{name:<10} {top_k:>5} {t_base * 1e3:>9.2f} {t_ref * 1e3:>10.2f} {t_dense * 1e3:>8.2f} "
+                    f"{t_routed * 1e3:>8.2f} {t_ours * 1e3:>8.2f} {t_ref / t_ours:>7.2f}x {t_ours / t_base:>9.1%}"
+                )
     geo = torch.tensor(ratios).log().mean().exp().item()
     print(f"speedup {geo:.2f}")
 

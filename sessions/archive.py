@@ -161,12 +161,22 @@ class ArchivedParams(BaseModel):
     @model_validator(mode="after")
     def _scalars(self) -> ArchivedParams:
         for key, value in (self.model_extra or {}).items():
-            scalar = (value is None or isinstance(value, bool) or isinstance(value, int) and abs(value) < 2**63
-                      or isinstance(value, float) and math.isfinite(value)
-                      or isinstance(value, str) and len(value) <= MAX_TEXT and not control_in(value))
+            scalar = (
+                value is None
+                or isinstance(value, bool)
+                or isinstance(value, int)
+                and abs(value) < 2**63
+                or isinstance(value, float)
+                and math.isfinite(value)
+                or isinstance(value, str)
+                and len(value) <= MAX_TEXT
+                and not control_in(value)
+            )
             if not scalar or len(key) > 100 or control_in(key):
-                raise ValueError(f"parameter {printable(key[:40])!r}: one this version does not know must be a short "
-                                 "name with a number, true/false, null or plain text")
+                raise ValueError(
+                    f"parameter {printable(key[:40])!r}: one this version does not know must be a short "
+                    "name with a number, true/false, null or plain text"
+                )
         return self
 
 
@@ -286,22 +296,42 @@ def export_archive(store: Store, name: str, path: Path, force: bool = False) -> 
     """
     history, info = store.history(name), store.info(name)
     number = {t.id: n for n, t in enumerate(history.turns, start=1)}
-    archived = _validated({
-        "format": FORMAT,
-        "name": name,
-        "created": info.created,
-        "updated": info.updated,
-        "cursor": number[history.cursor_turn().id],
-        "turns": [
-            {"n": number[t.id], "parent": None if t.parent is None else number[t.parent], "kind": t.kind,
-             "message": t.message, "plan": t.plan, "params": t.params, "image_sha256": t.image_sha256,
-             "timings": t.timings, "created": t.created}
-            for t in history.turns
-        ],
-        "log": [{"role": e.role, "text": e.text, "turn": None if e.turn_id is None else number[e.turn_id],
-                 "created": e.created} for e in store.transcript(name)],
-    }, f"session '{printable(name)}' cannot be archived")
-    data = json.dumps(archived.model_dump(exclude_unset=True), ensure_ascii=False, indent=1, sort_keys=True).encode()
+    archived = _validated(
+        {
+            "format": FORMAT,
+            "name": name,
+            "created": info.created,
+            "updated": info.updated,
+            "cursor": number[history.cursor_turn().id],
+            "turns": [
+                {
+                    "n": number[t.id],
+                    "parent": None if t.parent is None else number[t.parent],
+                    "kind": t.kind,
+                    "message": t.message,
+                    "plan": t.plan,
+                    "params": t.params,
+                    "image_sha256": t.image_sha256,
+                    "timings": t.timings,
+                    "created": t.created,
+                }
+                for t in history.turns
+            ],
+            "log": [
+                {
+                    "role": e.role,
+                    "text": e.text,
+                    "turn": None if e.turn_id is None else number[e.turn_id],
+                    "created": e.created,
+                }
+                for e in store.transcript(name)
+            ],
+        },
+        f"session '{printable(name)}' cannot be archived",
+    )
+    data = json.dumps(
+        archived.model_dump(exclude_unset=True), ensure_ascii=False, indent=1, sort_keys=True
+    ).encode()
     refuse_existing([path], force)
     damaged: set[str] = set()
 
@@ -314,8 +344,9 @@ def export_archive(store: Store, name: str, path: Path, force: bool = False) -> 
                 except DamagedImage:
                     damaged.add(digest)
                     continue
-                zf.writestr(zipfile.ZipInfo(f"images/{digest}.png", _EPOCH), png,
-                            compress_type=zipfile.ZIP_STORED)  # PNGs are compressed already
+                zf.writestr(
+                    zipfile.ZipInfo(f"images/{digest}.png", _EPOCH), png, compress_type=zipfile.ZIP_STORED
+                )  # PNGs are compressed already
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -328,15 +359,19 @@ def export_archive(store: Store, name: str, path: Path, force: bool = False) -> 
 def _read(zf: zipfile.ZipFile, member: zipfile.ZipInfo, limit: int, path: Path) -> bytes:
     """A member's bytes, never more than `limit` of them whatever its header claims; damage is one line."""
     if member.file_size > limit:
-        raise UserError(f"{path}: {member.filename} is {member.file_size} bytes; at most {limit} are accepted")
+        raise UserError(
+            f"{path}: {member.filename} is {member.file_size} bytes; at most {limit} are accepted"
+        )
     if member.flag_bits & 0x1:
         raise UserError(f"{path}: {member.filename} is encrypted: session archives are not")
     try:
         with zf.open(member) as f:
             data = f.read(limit + 1)
     except NotImplementedError as e:  # an unknown compression method, or a zip feature icedit never writes
-        raise UserError(f"{path}: {member.filename} cannot be read: {str(e)[:100]} (compression method "
-                        f"{member.compress_type}): the archive is damaged or not from icedit") from None
+        raise UserError(
+            f"{path}: {member.filename} cannot be read: {str(e)[:100]} (compression method "
+            f"{member.compress_type}): the archive is damaged or not from icedit"
+        ) from None
     except _ZIP_DAMAGE as e:
         raise UserError(f"{path}: {member.filename} is damaged ({printable(str(e))[:200]})") from None
     if len(data) > limit:
@@ -368,8 +403,10 @@ def _open(path: Path) -> zipfile.ZipFile:
     try:
         return zipfile.ZipFile(path)
     except _ZIP_DAMAGE as e:
-        raise UserError(f"{path}: not a session archive (a .zip from `icedit sessions export NAME FILE.zip`): "
-                        f"{printable(str(e))[:200]}") from None
+        raise UserError(
+            f"{path}: not a session archive (a .zip from `icedit sessions export NAME FILE.zip`): "
+            f"{printable(str(e))[:200]}"
+        ) from None
 
 
 def _members(zf: zipfile.ZipFile, path: Path) -> tuple[zipfile.ZipInfo, dict[str, zipfile.ZipInfo]]:
@@ -382,8 +419,10 @@ def _members(zf: zipfile.ZipFile, path: Path) -> tuple[zipfile.ZipInfo, dict[str
     for member in members:
         m = _IMAGE.fullmatch(member.filename)
         if m is None and member.filename != "session.json":
-            raise UserError(f"{path}: unexpected file {member.filename!r} in the archive "
-                            "(a session archive holds session.json and images/<sha256>.png)")
+            raise UserError(
+                f"{path}: unexpected file {member.filename!r} in the archive "
+                "(a session archive holds session.json and images/<sha256>.png)"
+            )
         if (meta if m is None else images.get(m[1])) is not None:
             raise UserError(f"{path}: {member.filename} is in the archive twice: the archive is damaged")
         if m is None:
@@ -395,8 +434,9 @@ def _members(zf: zipfile.ZipFile, path: Path) -> tuple[zipfile.ZipInfo, dict[str
     return meta, images
 
 
-def _unusable(zf: zipfile.ZipFile, images: dict[str, zipfile.ZipInfo], archived: ArchivedSession,
-              path: Path) -> dict[str, str]:
+def _unusable(
+    zf: zipfile.ZipFile, images: dict[str, zipfile.ZipInfo], archived: ArchivedSession, path: Path
+) -> dict[str, str]:
     """{sha256: why} for each image of the session that is missing from the archive or damaged in it."""
     why = {}
     for digest in sorted({t.image_sha256 for t in archived.turns}):
@@ -410,7 +450,9 @@ def _unusable(zf: zipfile.ZipFile, images: dict[str, zipfile.ZipInfo], archived:
     return why
 
 
-def _restorable(archived: ArchivedSession, unusable: dict[str, str], partial: bool) -> tuple[list[int], list[int]]:
+def _restorable(
+    archived: ArchivedSession, unusable: dict[str, str], partial: bool
+) -> tuple[list[int], list[int]]:
     """(damaged, dropped) turn numbers, or one line: a turn without its image goes, and every turn below it
     (an edit is made from its parent's picture); only with `partial`, and only if some turn is left."""
     damaged = [t.n for t in archived.turns if t.image_sha256 in unusable]
@@ -418,15 +460,19 @@ def _restorable(archived: ArchivedSession, unusable: dict[str, str], partial: bo
         return [], []
     first = unusable[archived.turns[damaged[0] - 1].image_sha256]
     if not partial:
-        raise UserError(f"{first}: nothing was imported ({numbered(damaged)} cannot be restored; --partial "
-                        "imports the rest)")
+        raise UserError(
+            f"{first}: nothing was imported ({numbered(damaged)} cannot be restored; --partial "
+            "imports the rest)"
+        )
     dropped: set[int] = set()
     for t in archived.turns:
         if t.image_sha256 in unusable or t.parent in dropped:
             dropped.add(t.n)
     if len(dropped) == len(archived.turns):
-        raise UserError(f"{first}: nothing can be restored ({numbered(damaged)} cannot, and every other turn is "
-                        "an edit of one of them)")
+        raise UserError(
+            f"{first}: nothing can be restored ({numbered(damaged)} cannot, and every other turn is "
+            "an edit of one of them)"
+        )
     return damaged, sorted(dropped)
 
 
@@ -449,17 +495,39 @@ def import_archive(store: Store, path: Path, name: str | None = None, partial: b
         try:
             name = check_name(archived.name if name is None else name)
         except UserError as e:
-            hint = " (the name in the archive: import it under another with --as NAME)" if name is None else ""
+            hint = (
+                " (the name in the archive: import it under another with --as NAME)" if name is None else ""
+            )
             raise UserError(f"{e}{hint}") from None
         damaged, dropped = _restorable(archived, _unusable(zf, images, archived, path), partial)
         gone = set(dropped)
-        turns = [Turn(id=t.n, parent=t.parent, kind=t.kind, message=t.message,
-                      plan=None if t.plan is None else t.plan.model_dump(exclude_unset=True),
-                      params=t.params.model_dump(exclude_unset=True), image_sha256=t.image_sha256,
-                      timings=t.timings, created=t.created) for t in archived.turns if t.n not in gone]
-        log = [LogEntry(role=e.role, text=e.text, turn_id=None if e.turn in gone else e.turn, created=e.created)
-               for e in archived.log]
-        info = SessionInfo(name=name, cursor=_cursor(archived, gone), turns=len(turns), created=archived.created,
-                           updated=archived.updated)
-        history = store.restore(name, info, turns, log, lambda digest: _image(zf, images[digest], digest, path))
+        turns = [
+            Turn(
+                id=t.n,
+                parent=t.parent,
+                kind=t.kind,
+                message=t.message,
+                plan=None if t.plan is None else t.plan.model_dump(exclude_unset=True),
+                params=t.params.model_dump(exclude_unset=True),
+                image_sha256=t.image_sha256,
+                timings=t.timings,
+                created=t.created,
+            )
+            for t in archived.turns
+            if t.n not in gone
+        ]
+        log = [
+            LogEntry(role=e.role, text=e.text, turn_id=None if e.turn in gone else e.turn, created=e.created)
+            for e in archived.log
+        ]
+        info = SessionInfo(
+            name=name,
+            cursor=_cursor(archived, gone),
+            turns=len(turns),
+            created=archived.created,
+            updated=archived.updated,
+        )
+        history = store.restore(
+            name, info, turns, log, lambda digest: _image(zf, images[digest], digest, path)
+        )
     return Imported(history, damaged, dropped)

@@ -31,8 +31,10 @@ class LeftOut(UserError):
 
     def __init__(self, written: list[Path], turns: list[int], below: int):
         their, them = ("its", "it") if len(turns) == 1 else ("their", "them")
-        super().__init__(f"{numbered(turns)}: {their} opened image is damaged in the store; left out of the script "
-                         f"with the {below} turn(s) below {them} (restore the store from a backup)")
+        super().__init__(
+            f"{numbered(turns)}: {their} opened image is damaged in the store; left out of the script "
+            f"with the {below} turn(s) below {them} (restore the store from a backup)"
+        )
         self.written = written
         self.turns = turns
 
@@ -101,7 +103,9 @@ def _climb(stand: list[Turn], depth: int, on_path: set[int]) -> list[dict]:
 def _edit(turn: Turn) -> dict:
     return {
         "say": turn.message,
-        "instruction": (turn.plan or {}).get("instruction"),  # an old import may lack one: the rewriter decides
+        "instruction": (turn.plan or {}).get(
+            "instruction"
+        ),  # an old import may lack one: the rewriter decides
         "seed": turn.params.get("base_seed", turn.seed),
         "steps": turn.params.get("steps"),
         "guidance": turn.params.get("guidance"),
@@ -110,14 +114,19 @@ def _edit(turn: Turn) -> dict:
     }
 
 
-def _write_script(script: Path, name: str, history: History, source: str, turns: list[dict], force: bool) -> None:
+def _write_script(
+    script: Path, name: str, history: History, source: str, turns: list[dict], force: bool
+) -> None:
     header: dict[str, object] = {"source": source}
     for key in ("preset", "judge", "engine"):  # settings every edit of the session shared
         values = {t.params.get(key) for t in history.turns if t.kind == "edit"}
         if len(values) == 1 and None not in values:
             header[key] = values.pop()
-    lines = [f"# replay of session {json.dumps(name)}: icedit replay {script.name} --out DIR",
-             *_toml_table(header), ""]
+    lines = [
+        f"# replay of session {json.dumps(name)}: icedit replay {script.name} --out DIR",
+        *_toml_table(header),
+        "",
+    ]
     for turn in turns:
         lines += ["[[turns]]", *_toml_table(turn), ""]
     write_file(script, "\n".join(lines).encode(), force=force)

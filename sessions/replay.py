@@ -109,8 +109,18 @@ class ReplayScript(BaseModel):
         return any((t.candidates or 0) > 1 for t in self.turns)
 
 
-Kind = Literal["file", "hard link", "folder", "special", "missing", "dangling", "loop", "outside", "bad name",
-               "unreadable"]
+Kind = Literal[
+    "file",
+    "hard link",
+    "folder",
+    "special",
+    "missing",
+    "dangling",
+    "loop",
+    "outside",
+    "bad name",
+    "unreadable",
+]
 
 _SAID: dict[str, str] = SAID | {
     "hard link": "a hard link (the file has another name, maybe outside this folder)",
@@ -152,7 +162,9 @@ def _read_script(path: Path) -> str:
     if found not in ("file", "hard link"):
         raise UserError(f"{path_text(path)}: {_SAID[found]}; replay scripts are files")
     try:
-        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:  # a FIFO swapped in cannot block
+        with os.fdopen(
+            os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb"
+        ) as f:  # a FIFO swapped in cannot block
             st = os.fstat(f.fileno())
             if not stat.S_ISREG(st.st_mode):
                 raise UserError(f"{path}: {_SAID['special']}; replay scripts are files")
@@ -161,7 +173,9 @@ def _read_script(path: Path) -> str:
         raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
     if len(data) > MAX_SCRIPT_BYTES:
         size = st.st_size if st.st_size > MAX_SCRIPT_BYTES else f"over {MAX_SCRIPT_BYTES}"
-        raise UserError(f"{path}: {size} bytes; replay scripts of at most {MAX_SCRIPT_BYTES} bytes are accepted")
+        raise UserError(
+            f"{path}: {size} bytes; replay scripts of at most {MAX_SCRIPT_BYTES} bytes are accepted"
+        )
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -213,8 +227,10 @@ def _open_image(base: Path, relative: str, allow_outside: bool) -> Image.Image:
         except Exception:  # noqa: BLE001 - load_source below says what is wrong with the file
             width = height = 0
         if width * height > MAX_IMAGE_PIXELS:
-            raise UserError(f"{relative}: a {width}x{height} image; replay scripts may open images of at most "
-                            f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels")
+            raise UserError(
+                f"{relative}: a {width}x{height} image; replay scripts may open images of at most "
+                f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels"
+            )
     return load_source(path)
 
 
@@ -291,10 +307,14 @@ def run_script(
     agent = Agent(store, session, settings)
     cancel = cancel or threading.Event()
     if (nfe := total_nfe(script, settings)) > MAX_TOTAL_NFE:
-        raise UserError(f"{script_path}: the edits ask for {nfe} transformer evaluations in all; at most "
-                        f"{MAX_TOTAL_NFE} are accepted")
-    pending: tuple[Image.Image, str] | None = (_open_image(base, script.source, allow_outside),
-                                                f"open {script.source}")
+        raise UserError(
+            f"{script_path}: the edits ask for {nfe} transformer evaluations in all; at most "
+            f"{MAX_TOTAL_NFE} are accepted"
+        )
+    pending: tuple[Image.Image, str] | None = (
+        _open_image(base, script.source, allow_outside),
+        f"open {script.source}",
+    )
     for n, step in enumerate(script.turns, start=1):  # every file the script names, before any turn runs
         if step.open is None:
             continue
@@ -311,9 +331,13 @@ def run_script(
             if cancel.is_set():
                 raise Cancelled("cancelled")
             if spent >= MAX_TOTAL_NFE:
-                raise UserError(f"the turns before it used {spent} transformer evaluations, the most a replay "
-                                "may use: it stops here (the turns before it are kept)")
-            row, turn, opened = _run_turn(agent, script, step, n, base, pending, allow_outside, cancel, events)
+                raise UserError(
+                    f"the turns before it used {spent} transformer evaluations, the most a replay "
+                    "may use: it stops here (the turns before it are kept)"
+                )
+            row, turn, opened = _run_turn(
+                agent, script, step, n, base, pending, allow_outside, cancel, events
+            )
             spent += row.get("nfe") or 0
             if agent.problems:  # observers that failed on this turn's commits
                 row["warnings"], agent.problems = agent.problems, []
@@ -331,9 +355,17 @@ def run_script(
         yield row
 
 
-def _run_turn(agent: Agent, script: ReplayScript, step: ReplayTurn, n: int, base: Path,
-              pending: tuple[Image.Image, str] | None, allow_outside: bool,
-              cancel: threading.Event, events: Events) -> tuple[dict[str, Any], Turn | None, bool]:
+def _run_turn(
+    agent: Agent,
+    script: ReplayScript,
+    step: ReplayTurn,
+    n: int,
+    base: Path,
+    pending: tuple[Image.Image, str] | None,
+    allow_outside: bool,
+    cancel: threading.Event,
+    events: Events,
+) -> tuple[dict[str, Any], Turn | None, bool]:
     """(the turn's row, the turn the cursor is on after it, whether the script's source is in the session now)."""
     row: dict[str, Any] = {"turn": n}
     turn: Turn | None
@@ -363,11 +395,18 @@ def _run_turn(agent: Agent, script: ReplayScript, step: ReplayTurn, n: int, base
     )
     turn = outcome.turn or (agent.current() if agent.history() else None)
     if outcome.result is not None:
-        row |= {"seed": outcome.result.seed, "nfe": outcome.result.nfe,
-                "random_weights": outcome.result.random_weights}
+        row |= {
+            "seed": outcome.result.seed,
+            "nfe": outcome.result.nfe,
+            "random_weights": outcome.result.random_weights,
+        }
         if outcome.result.candidates:
             row["candidate_seeds"] = [c.seed for c in outcome.result.candidates]
             row["verdicts"] = [v.model_dump() for v in outcome.result.verdicts]
-    row |= {"say": step.say, "intent": outcome.intent, "instruction": outcome.plan.instruction,
-            "reply": outcome.reply}
+    row |= {
+        "say": step.say,
+        "intent": outcome.intent,
+        "instruction": outcome.plan.instruction,
+        "reply": outcome.reply,
+    }
     return row, turn, outcome.result is not None

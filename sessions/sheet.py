@@ -52,7 +52,9 @@ def layout(history: History) -> dict[int, tuple[int, int]]:
     rows = -1
     previous = None
     for turn, depth in history.walk():
-        if previous is None or turn.parent != previous.id:  # the walk gives a first child right after its parent
+        if (
+            previous is None or turn.parent != previous.id
+        ):  # the walk gives a first child right after its parent
             rows += 1
         places[turn.id] = (depth, rows)
         previous = turn
@@ -68,12 +70,15 @@ def cursor_path(history: History) -> list[Turn]:
     path = history.path(cursor)
     line = path + history.newest_below(cursor)
     start = min(max(0, len(line) - MAX_CELLS), len(path) - 1)
-    return line[start:start + MAX_CELLS]
+    return line[start : start + MAX_CELLS]
 
 
 def _grid(places: dict[int, tuple[int, int]]) -> tuple[int, int]:
     """(columns, rows) the places take up."""
-    return (max((c for c, _ in places.values()), default=0) + 1, max((r for _, r in places.values()), default=0) + 1)
+    return (
+        max((c for c, _ in places.values()), default=0) + 1,
+        max((r for _, r in places.values()), default=0) + 1,
+    )
 
 
 def _too_big(cols: int, rows: int) -> bool:
@@ -111,8 +116,10 @@ def _thumbnails(store: Store, turns: list[Turn], font) -> tuple[dict[int, Image.
 def damaged_note(turn_ids: list[int]) -> str:
     """The one line saying which turns a sheet drew as "damaged" boxes."""
     their = "its image is" if len(turn_ids) == 1 else "their images are"
-    return (f"{numbered(turn_ids)}: {their} damaged in the store; drawn as grey \"damaged\" boxes "
-            "(restore the store from a backup)")
+    return (
+        f'{numbered(turn_ids)}: {their} damaged in the store; drawn as grey "damaged" boxes '
+        "(restore the store from a backup)"
+    )
 
 
 def thumb_origin(place: tuple[int, int], size: tuple[int, int]) -> tuple[int, int]:
@@ -126,8 +133,10 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: float) -> str:
     if len(text) <= MAX_TEXT and draw.textlength(text, font=font) <= width:
         return text
     text = text[:MAX_TEXT]
-    fitting = bisect.bisect_right(range(len(text) + 1), width, key=lambda n: draw.textlength(text[:n] + "…", font=font))
-    return text[:max(fitting - 1, 0)] + "…"
+    fitting = bisect.bisect_right(
+        range(len(text) + 1), width, key=lambda n: draw.textlength(text[:n] + "…", font=font)
+    )
+    return text[: max(fitting - 1, 0)] + "…"
 
 
 def render_sheet(store: Store, name: str) -> Image.Image:
@@ -144,8 +153,10 @@ def render_sheet(store: Store, name: str) -> Image.Image:
         shown = cursor_path(history)
         places = {t.id: (i % PATH_COLUMNS, i // PATH_COLUMNS) for i, t in enumerate(shown)}
         cols, rows = PATH_COLUMNS, _grid(places)[1]
-        title += (f"  ·  showing the cursor's path: {len(shown)} of {len(history.turns)} turns; "
-                  f"`icedit sessions show {printable(shlex.quote(name))}` lists all")
+        title += (
+            f"  ·  showing the cursor's path: {len(shown)} of {len(history.turns)} turns; "
+            f"`icedit sessions show {printable(shlex.quote(name))}` lists all"
+        )
     sheet = Image.new("RGB", (cols * CELL_W, HEADER + rows * CELL_H), BACKGROUND)
     draw = ImageDraw.Draw(sheet)
     font = ImageFont.load_default(size=11)

@@ -177,10 +177,13 @@ class Store:
             wal.check(Path(path))
         connected: sqlite3.Connection | None = None
         try:
-            self.db = connected = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
-                                                  check_same_thread=False)
+            self.db = connected = sqlite3.connect(
+                self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+            )
             self.db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_S * 1000}")
-            self._check_ours(self.db)  # before the journal mode is set: that would change another program's file
+            self._check_ours(
+                self.db
+            )  # before the journal mode is set: that would change another program's file
             self._wal()
             self.db.execute("PRAGMA foreign_keys = ON")
             if self._migrate() and self.path != ":memory:":
@@ -233,7 +236,9 @@ class Store:
             seen = wal.header(wal.wal_path(self.path)) if self.path != ":memory:" else None
             before = self._written()
             yield self.db
-            if self._written() != before:  # only commits that write count: a read-only open leaves the file as it was
+            if (
+                self._written() != before
+            ):  # only commits that write count: a read-only open leaves the file as it was
                 wal.stamp(self.db, seen)
             self.db.execute("COMMIT")
         except BaseException as e:
@@ -271,13 +276,21 @@ class Store:
         try:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             app = db.execute("PRAGMA application_id").fetchone()[0]
-            tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+            tables = [
+                r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+            ]
         finally:
             db.execute("COMMIT")
-        if app not in (0, APPLICATION_ID) or (version == 0 and tables) or (version and "sessions" not in tables):
+        if (
+            app not in (0, APPLICATION_ID)
+            or (version == 0 and tables)
+            or (version and "sessions" not in tables)
+        ):
             shown = ", ".join(tables[:5]) + (", ..." if len(tables) > 5 else "")
-            raise UserError(f"{self.path} is not a session store (an SQLite database of another program, "
-                            f"tables: {shown or 'none'}): move it away, or set ICEDIT_HOME to another folder")
+            raise UserError(
+                f"{self.path} is not a session store (an SQLite database of another program, "
+                f"tables: {shown or 'none'}): move it away, or set ICEDIT_HOME to another folder"
+            )
 
     # ------------------------------------------------------------------ reading
 
@@ -336,8 +349,11 @@ class Store:
         if row is None:
             raise UserError(f"image {sha256[:12]} is not in the store")
         if hashlib.sha256(row[0]).hexdigest() != sha256:
-            raise DamagedImage(sha256, f"image {sha256[:12]} in the session store {self.path} is damaged (its bytes "
-                               "no longer match their hash): restore the store from a backup")
+            raise DamagedImage(
+                sha256,
+                f"image {sha256[:12]} in the session store {self.path} is damaged (its bytes "
+                "no longer match their hash): restore the store from a backup",
+            )
         return row[0]
 
     @_reading
@@ -364,9 +380,11 @@ class Store:
             row = db.execute("SELECT id FROM sessions WHERE name = ?", (name,)).fetchone()
             if row is None:
                 check_name(name)
-                session_id = _row_id(db.execute(
-                    "INSERT INTO sessions (name, created, updated) VALUES (?, ?, ?)", (name, now, now)
-                ))
+                session_id = _row_id(
+                    db.execute(
+                        "INSERT INTO sessions (name, created, updated) VALUES (?, ?, ?)", (name, now, now)
+                    )
+                )
             else:
                 session_id = row[0]
             if parent is not None:
@@ -407,10 +425,15 @@ class Store:
         with self._tx() as db:
             check_name(name)
             if db.execute("SELECT 1 FROM sessions WHERE name = ?", (name,)).fetchone() is not None:
-                raise UserError(f"a session named '{name}' already exists: import it under another name with --as")
-            session_id = _row_id(db.execute(
-                "INSERT INTO sessions (name, created, updated) VALUES (?, ?, ?)", (name, info.created, info.updated)
-            ))
+                raise UserError(
+                    f"a session named '{name}' already exists: import it under another name with --as"
+                )
+            session_id = _row_id(
+                db.execute(
+                    "INSERT INTO sessions (name, created, updated) VALUES (?, ?, ?)",
+                    (name, info.created, info.updated),
+                )
+            )
             ids: dict[int, int] = {}
             for turn in turns:
                 self._put_image(db, turn.image_sha256, functools.partial(image, turn.image_sha256))
@@ -419,46 +442,66 @@ class Store:
             for entry in transcript:
                 db.execute(
                     "INSERT INTO log (session_id, role, text, turn_id, created) VALUES (?, ?, ?, ?, ?)",
-                    (session_id, entry.role, entry.text, None if entry.turn_id is None else ids[entry.turn_id],
-                     entry.created),
+                    (
+                        session_id,
+                        entry.role,
+                        entry.text,
+                        None if entry.turn_id is None else ids[entry.turn_id],
+                        entry.created,
+                    ),
                 )
             cursor = None if info.cursor is None else ids[info.cursor]
             db.execute("UPDATE sessions SET cursor = ? WHERE id = ?", (cursor, session_id))
         return self.history(name)
 
     @staticmethod
-    def _put_image(db: sqlite3.Connection, sha256: str, content: Callable[[], tuple[bytes, int, int]]) -> None:
+    def _put_image(
+        db: sqlite3.Connection, sha256: str, content: Callable[[], tuple[bytes, int, int]]
+    ) -> None:
         """Store an image once; a copy whose bytes no longer match their hash is replaced (healed) by sound ones."""
         held = db.execute("SELECT png FROM images WHERE sha256 = ?", (sha256,)).fetchone()
         if held is None:
-            db.execute("INSERT INTO images (sha256, png, width, height) VALUES (?, ?, ?, ?)", (sha256, *content()))
+            db.execute(
+                "INSERT INTO images (sha256, png, width, height) VALUES (?, ?, ?, ?)", (sha256, *content())
+            )
         elif hashlib.sha256(held[0]).hexdigest() != sha256:
             png, width, height = content()
-            db.execute("UPDATE images SET png = ?, width = ?, height = ? WHERE sha256 = ?", (png, width, height, sha256))
+            db.execute(
+                "UPDATE images SET png = ?, width = ?, height = ? WHERE sha256 = ?",
+                (png, width, height, sha256),
+            )
 
     @staticmethod
-    def _insert_turn(db: sqlite3.Connection, session_id: int, parent: int | None, turn: NewTurn | Turn,
-                     created: str) -> int:
+    def _insert_turn(
+        db: sqlite3.Connection, session_id: int, parent: int | None, turn: NewTurn | Turn, created: str
+    ) -> int:
         """One row of `turns` (a new draft or an imported turn); its id."""
-        return _row_id(db.execute(
-            "INSERT INTO turns (session_id, parent_id, kind, message, plan_json, params_json, image_sha256,"
-            " timings_json, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                session_id,
-                parent,
-                turn.kind,
-                turn.message,
-                None if turn.plan is None else json.dumps(turn.plan),
-                json.dumps(turn.params),
-                turn.image_sha256,
-                json.dumps(turn.timings),
-                created,
-            ),
-        ))
+        return _row_id(
+            db.execute(
+                "INSERT INTO turns (session_id, parent_id, kind, message, plan_json, params_json, image_sha256,"
+                " timings_json, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    session_id,
+                    parent,
+                    turn.kind,
+                    turn.message,
+                    None if turn.plan is None else json.dumps(turn.plan),
+                    json.dumps(turn.params),
+                    turn.image_sha256,
+                    json.dumps(turn.timings),
+                    created,
+                ),
+            )
+        )
 
     @staticmethod
     def _check_turn(db: sqlite3.Connection, name: str, session_id: int, turn_id: int) -> None:
-        if db.execute("SELECT 1 FROM turns WHERE id = ? AND session_id = ?", (turn_id, session_id)).fetchone() is None:
+        if (
+            db.execute(
+                "SELECT 1 FROM turns WHERE id = ? AND session_id = ?", (turn_id, session_id)
+            ).fetchone()
+            is None
+        ):
             raise UserError(f"session '{name}' has no turn {turn_id}")
 
     def move_cursor(self, name: str, turn_id: int, replies: Sequence[tuple[str, str]] = ()) -> None:
@@ -479,8 +522,13 @@ class Store:
             db.execute("UPDATE sessions SET updated = ? WHERE id = ?", (now, session_id))
 
     @staticmethod
-    def _log(db: sqlite3.Connection, session_id: int, replies: Iterable[tuple[str, str]], turn_id: int | None,
-             now: str) -> None:
+    def _log(
+        db: sqlite3.Connection,
+        session_id: int,
+        replies: Iterable[tuple[str, str]],
+        turn_id: int | None,
+        now: str,
+    ) -> None:
         for role, text in replies:
             db.execute(
                 "INSERT INTO log (session_id, role, text, turn_id, created) VALUES (?, ?, ?, ?, ?)",

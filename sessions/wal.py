@@ -83,8 +83,10 @@ def stamp(db: sqlite3.Connection, seen: str | None) -> None:
         db.execute("DELETE FROM wal_commits WHERE commits < ?", (base,))
     token = os.urandom(8).hex()
     db.execute("INSERT OR REPLACE INTO wal_commits VALUES (?, ?)", (commits + 1, token))
-    db.execute("UPDATE store_state SET commits = ?, token = ?, wal_header = ?, wal_base = ?",
-               (commits + 1, token, seen, base))
+    db.execute(
+        "UPDATE store_state SET commits = ?, token = ?, wal_header = ?, wal_base = ?",
+        (commits + 1, token, seen, base),
+    )
 
 
 State = tuple[str, int, str | None, str | None, int | None, frozenset[tuple[int, str]]]

@@ -26,7 +26,9 @@ ROOT_COPIES = ("flux1-fill-dev.safetensors", "ae.safetensors")
 
 def read_folder(folder: Path) -> dict[str, bytes]:
     """A saved folder as a repo's files: {path in repo: content}."""
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
 
 
 def _safetensors(state) -> bytes:
@@ -68,10 +70,14 @@ def _flux_family() -> dict[str, Repo]:
         pipe.save_pretrained(tmp, safe_serialization=True)
         diffusers_files = read_folder(Path(tmp))
     card = {"README.md": b"---\nlicense: other\n---\n# tiny stand-in\n", "LICENSE.md": b"random weights\n"}
-    main = diffusers_files | card | {
-        "flux1-fill-dev.safetensors": _safetensors(pipe.transformer.state_dict()),
-        "ae.safetensors": _safetensors(pipe.vae.state_dict()),
-    }
+    main = (
+        diffusers_files
+        | card
+        | {
+            "flux1-fill-dev.safetensors": _safetensors(pipe.transformer.state_dict()),
+            "ae.safetensors": _safetensors(pipe.vae.state_dict()),
+        }
+    )
     moe = _safetensors(synthetic_checkpoint(pipe.transformer, num_experts=4, rank=4, seed=1, scale=0.3))
 
     with torch.no_grad():
@@ -81,10 +87,16 @@ def _flux_family() -> dict[str, Repo]:
 
     config = LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v"])
     pipe.transformer.add_adapter(config)
-    layers = {k: v * 30 if "lora_B" in k else v for k, v in get_peft_model_state_dict(pipe.transformer).items()}
+    layers = {
+        k: v * 30 if "lora_B" in k else v for k, v in get_peft_model_state_dict(pipe.transformer).items()
+    }
     with tempfile.TemporaryDirectory() as tmp:
-        FluxFillPipeline.save_lora_weights(tmp, transformer_lora_layers=layers, safe_serialization=True,
-                                           transformer_lora_adapter_metadata=config.to_dict())
+        FluxFillPipeline.save_lora_weights(
+            tmp,
+            transformer_lora_layers=layers,
+            safe_serialization=True,
+            transformer_lora_adapter_metadata=config.to_dict(),
+        )
         lora = read_folder(Path(tmp))
     return {
         FLUX: Repo(main, gated=True, revisions={"v2": v2}),

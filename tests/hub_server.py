@@ -113,14 +113,18 @@ class HubServer(ThreadingHTTPServer):
         self.repos = repos
         self.granted_tokens = set(granted_tokens)
         self._snapshots = {
-            repo_id: {name: Snapshot.of(files) for name, files in {"main": repo.files, **repo.revisions}.items()}
+            repo_id: {
+                name: Snapshot.of(files) for name, files in {"main": repo.files, **repo.revisions}.items()
+            }
             for repo_id, repo in repos.items()
         }
         self._lock = threading.Lock()
         self._requests: list[Request] = []
         self._faults: dict[tuple[str, str], int] = {}
         self._open: set[socket.socket] = set()
-        self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self._thread = threading.Thread(
+            target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
 
     @property
     def endpoint(self) -> str:
@@ -134,8 +138,11 @@ class HubServer(ThreadingHTTPServer):
     def downloads(self, repo_id: str) -> list[str]:
         """The files of `repo_id` sent by a GET (200 or 206, cut by `fail_once` or not), in order, with repeats."""
         prefix = f"/{repo_id}/resolve/"
-        return [r.path[len(prefix):].split("/", 1)[1] for r in self.requests
-                if r.method == "GET" and r.path.startswith(prefix) and r.status in (200, 206)]
+        return [
+            r.path[len(prefix) :].split("/", 1)[1]
+            for r in self.requests
+            if r.method == "GET" and r.path.startswith(prefix) and r.status in (200, 206)
+        ]
 
     def fail_once(self, repo_id: str, filename: str, after_bytes: int) -> None:
         """The next GET of that file (any revision) sends `after_bytes` of the body, then drops the connection."""
@@ -187,10 +194,18 @@ class HubServer(ThreadingHTTPServer):
             raise HubError(404 if token else 401, "RepoNotFound", "Repository not found")
         if files and self.repos[repo_id].gated and token not in self.granted_tokens:
             if token is None:
-                raise HubError(401, "GatedRepo", f"Access to model {repo_id} is restricted. You must have access to "
-                               "it and be authenticated to access it. Please log in.")
-            raise HubError(403, "GatedRepo", f"Access to model {repo_id} is restricted and you are not in the "
-                           f"authorized list. Visit https://huggingface.co/{repo_id} to ask for access.")
+                raise HubError(
+                    401,
+                    "GatedRepo",
+                    f"Access to model {repo_id} is restricted. You must have access to "
+                    "it and be authenticated to access it. Please log in.",
+                )
+            raise HubError(
+                403,
+                "GatedRepo",
+                f"Access to model {repo_id} is restricted and you are not in the "
+                f"authorized list. Visit https://huggingface.co/{repo_id} to ask for access.",
+            )
         snapshots = self._snapshots[repo_id]
         by_sha = {s.sha: s for s in snapshots.values()}
         if revision in snapshots:
@@ -200,8 +215,10 @@ class HubServer(ThreadingHTTPServer):
         raise HubError(404, "RevisionNotFound", f"Invalid rev id: {revision}")
 
 
-_API = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)"
-                  r"(?:/(?P<op>revision|tree|paths-info|auth-check)(?:/(?P<rev>[^/]+))?(?:/(?P<path>.+))?)?$")
+_API = re.compile(
+    r"^/api/models/(?P<repo>[^/]+/[^/]+)"
+    r"(?:/(?P<op>revision|tree|paths-info|auth-check)(?:/(?P<rev>[^/]+))?(?:/(?P<path>.+))?)?$"
+)
 _RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)$")
 _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 
@@ -241,8 +258,13 @@ class _Handler(BaseHTTPRequestHandler):
                 raise HubError(404, None, f"no such endpoint: {self.command} {url.path}")
         except HubError as e:
             headers = {"X-Error-Message": e.message} | ({"X-Error-Code": e.code} if e.code else {})
-            self._send(e.status, json.dumps({"error": e.message}).encode(), headers | (
-                {"X-Repo-Commit": e.commit} if e.commit else {}), "application/json", error=e.code)
+            self._send(
+                e.status,
+                json.dumps({"error": e.message}).encode(),
+                headers | ({"X-Repo-Commit": e.commit} if e.commit else {}),
+                "application/json",
+                error=e.code,
+            )
 
     def _api(self, repo_id: str, op: str | None, revision: str, path: str) -> None:
         if op == "auth-check" and self.command == "GET":
@@ -256,8 +278,13 @@ class _Handler(BaseHTTPRequestHandler):
             snapshot = self.server.snapshot(repo_id, revision, self._token, files=False)
             expand = self._form.get("expand", ["False"])[-1].lower() == "true"
             wanted = [p.strip("/") for p in self._form.get("paths", [])]
-            return self._json([self._entry(snapshot, p, expand) for p in wanted
-                               if p in snapshot.files or p in snapshot.folders()])
+            return self._json(
+                [
+                    self._entry(snapshot, p, expand)
+                    for p in wanted
+                    if p in snapshot.files or p in snapshot.folders()
+                ]
+            )
         raise HubError(404, None, f"no such endpoint: {self.command} {self.path}")
 
     def _model_info(self, repo_id: str, revision: str) -> dict:
@@ -271,9 +298,19 @@ class _Handler(BaseHTTPRequestHandler):
             return {"rfilename": path, "size": blob.size, "blobId": blob.oid} | (lfs if blob.sha256 else {})
 
         return {
-            "_id": snapshot.sha[:24], "id": repo_id, "modelId": repo_id, "author": repo_id.split("/")[0],
-            "sha": snapshot.sha, "lastModified": DATE, "createdAt": DATE, "private": False, "disabled": False,
-            "gated": "manual" if self.server.repos[repo_id].gated else False, "downloads": 0, "likes": 0, "tags": [],
+            "_id": snapshot.sha[:24],
+            "id": repo_id,
+            "modelId": repo_id,
+            "author": repo_id.split("/")[0],
+            "sha": snapshot.sha,
+            "lastModified": DATE,
+            "createdAt": DATE,
+            "private": False,
+            "disabled": False,
+            "gated": "manual" if self.server.repos[repo_id].gated else False,
+            "downloads": 0,
+            "likes": 0,
+            "tags": [],
             "siblings": [sibling(p, b) for p, b in snapshot.blobs.items()],
             "usedStorage": sum(b.size for b in snapshot.blobs.values()),
         }
@@ -286,8 +323,11 @@ class _Handler(BaseHTTPRequestHandler):
         recursive = self._params.get("recursive", "").lower() == "true"
         expand = self._params.get("expand", "").lower() == "true"
         prefix = f"{path}/" if path else ""
-        names = sorted(n for n in snapshot.folders() | snapshot.files.keys()
-                       if n.startswith(prefix) and (recursive or "/" not in n[len(prefix):]))
+        names = sorted(
+            n
+            for n in snapshot.folders() | snapshot.files.keys()
+            if n.startswith(prefix) and (recursive or "/" not in n[len(prefix) :])
+        )
         return [self._entry(snapshot, n, expand) for n in names]
 
     def _entry(self, snapshot: Snapshot, path: str, expand: bool) -> dict:
@@ -297,7 +337,11 @@ class _Handler(BaseHTTPRequestHandler):
             tree = hashlib.sha1(f"{snapshot.sha}/{path}".encode()).hexdigest()
             return {"type": "directory", "oid": tree, "size": 0, "path": path} | commit
         blob = snapshot.blobs[path]
-        lfs = {"lfs": {"oid": blob.sha256, "size": blob.size, "pointerSize": blob.pointer_size}} if blob.sha256 else {}
+        lfs = (
+            {"lfs": {"oid": blob.sha256, "size": blob.size, "pointerSize": blob.pointer_size}}
+            if blob.sha256
+            else {}
+        )
         return {"type": "file", "oid": blob.oid, "size": blob.size, "path": path} | lfs | commit
 
     def _resolve(self, repo_id: str, revision: str, path: str) -> None:
@@ -315,7 +359,7 @@ class _Handler(BaseHTTPRequestHandler):
             end = min(int(m[2]), len(data) - 1) if m and m[2] else len(data) - 1
             if start >= len(data) or end < start:
                 raise HubError(416, None, f"range {asked} not satisfiable for {len(data)} bytes")
-            status, body = 206, data[start:end + 1]
+            status, body = 206, data[start : end + 1]
             headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
         cut = self.server._take_fault(repo_id, path) if self.command == "GET" else None
         self._send(status, body, headers, "application/octet-stream", cut)
@@ -323,13 +367,33 @@ class _Handler(BaseHTTPRequestHandler):
     def _json(self, payload) -> None:
         self._send(200, json.dumps(payload).encode(), {}, "application/json")
 
-    def _send(self, status: int, body: bytes, headers: dict[str, str], content_type: str,
-              cut: int | None = None, error: str | None = None) -> None:
+    def _send(
+        self,
+        status: int,
+        body: bytes,
+        headers: dict[str, str],
+        content_type: str,
+        cut: int | None = None,
+        error: str | None = None,
+    ) -> None:
         """Send a response; with `cut`, only that many body bytes, then the connection drops mid-body."""
-        self.server._record(Request(self.command, unquote(urlsplit(self.path).path), self._params,
-                                    self.headers.get("Range"), self.headers.get("Authorization"), status, error))
+        self.server._record(
+            Request(
+                self.command,
+                unquote(urlsplit(self.path).path),
+                self._params,
+                self.headers.get("Range"),
+                self.headers.get("Authorization"),
+                status,
+                error,
+            )
+        )
         self.send_response(status)
-        for name, value in {"Content-Type": content_type, "Content-Length": str(len(body)), **headers}.items():
+        for name, value in {
+            "Content-Type": content_type,
+            "Content-Length": str(len(body)),
+            **headers,
+        }.items():
             self.send_header(name, value)
         if cut is not None:
             self.send_header("Connection", "close")
@@ -340,12 +404,23 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
 
 
-def client_env(server: HubServer, home: Path, token: str | None = None, offline: bool = False) -> dict[str, str]:
+def client_env(
+    server: HubServer, home: Path, token: str | None = None, offline: bool = False
+) -> dict[str, str]:
     """The environment for a client subprocess: this server, an own HF_HOME, no Xet, no telemetry, no other HF_*."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("HF_", "HUGGINGFACE_")) and k not in ("TRANSFORMERS_OFFLINE", "TRANSFORMERS_CACHE")}
-    env |= {"HF_ENDPOINT": server.endpoint, "HF_HOME": str(home), "HF_HUB_DISABLE_XET": "1",
-            "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("HF_", "HUGGINGFACE_"))
+        and k not in ("TRANSFORMERS_OFFLINE", "TRANSFORMERS_CACHE")
+    }
+    env |= {
+        "HF_ENDPOINT": server.endpoint,
+        "HF_HOME": str(home),
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    }
     if token is not None:
         env["HF_TOKEN"] = token
     if offline:
@@ -355,8 +430,15 @@ def client_env(server: HubServer, home: Path, token: str | None = None, offline:
 
 def run_client(code: str, env: dict[str, str], timeout: float = 120):
     """Run `code` in a fresh interpreter; it prints one JSON value as its last stdout line, which is returned."""
-    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 

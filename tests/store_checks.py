@@ -24,7 +24,9 @@ def popen(*args: object, home: Path, cwd: Path, **kw) -> subprocess.Popen:
     """The real `icedit` console script, as a person runs it."""
     assert ICEDIT.is_file(), f"console script missing: {ICEDIT}"
     pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
-    return subprocess.Popen([str(ICEDIT), *map(str, args)], cwd=cwd, env=env_for(home), text=True, **pipes | kw)
+    return subprocess.Popen(
+        [str(ICEDIT), *map(str, args)], cwd=cwd, env=env_for(home), text=True, **pipes | kw
+    )
 
 
 def dump(home: Path) -> dict | None:
@@ -34,7 +36,9 @@ def dump(home: Path) -> dict | None:
         return None
     con = sqlite3.connect(path)
     try:
-        tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+        tables = [
+            r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+        ]
         out = {t: con.execute(f"SELECT * FROM {t} ORDER BY rowid").fetchall() for t in tables}
         out["user_version"] = con.execute("PRAGMA user_version").fetchone()[0]
         return out
@@ -54,13 +58,15 @@ def check_store(path: Path) -> dict:
         assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
         con.execute("PRAGMA foreign_keys = ON")
         assert con.execute("PRAGMA foreign_key_check").fetchall() == []
-        images = {sha: png for sha, png in con.execute("SELECT sha256, png FROM images")}
+        images = dict(con.execute("SELECT sha256, png FROM images").fetchall())
         for sha, png in images.items():
             assert hashlib.sha256(png).hexdigest() == sha
         turns = {
             r[0]: r[1:]
-            for r in con.execute("SELECT id, session_id, parent_id, kind, plan_json, params_json, image_sha256,"
-                                 " timings_json FROM turns")
+            for r in con.execute(
+                "SELECT id, session_id, parent_id, kind, plan_json, params_json, image_sha256,"
+                " timings_json FROM turns"
+            )
         }
         for tid, (sid, parent, kind, plan, params, image, timings) in turns.items():
             assert image in images, f"turn {tid} has no image"

@@ -72,10 +72,17 @@ def test_first_edit_commits_the_open_turn_and_the_edit_together(agent, store, fa
         (2, 1, "edit", "please add a hat"),
     ]
     assert h.cursor == 2 and out.turn.id == 2
-    assert (out.intent, out.plan.instruction, out.rewriter, out.engine) == ("edit", "add a hat", "rules", "fake")
+    assert (out.intent, out.plan.instruction, out.rewriter, out.engine) == (
+        "edit",
+        "add a hat",
+        "rules",
+        "fake",
+    )
     assert png_of(store, h.turns[0]) == encode_png(photo)
     assert png_of(store, h.turns[1]) == encode_png(out.result.image)
-    assert out.turn.params["seed"] == 5 and out.turn.params["steps"] == 3 and out.turn.params["engine"] == "fake"
+    assert (
+        out.turn.params["seed"] == 5 and out.turn.params["steps"] == 3 and out.turn.params["engine"] == "fake"
+    )
     assert out.turn.plan["ic_prompt"] == "fake: add a hat"
     assert len(fake.engine.calls) == 1
     call = fake.engine.calls[0]
@@ -314,10 +321,22 @@ def test_the_rewriter_sees_the_last_turns_of_the_path(rec_agent, store, recordin
     rec_agent.turn("undo")
     rec_agent.turn("undo")  # cursor on "edit 5"
     rec_agent.turn("make it blue", seed=99)
-    assert [c.message for c in recording.seen[-1][1]] == ["edit 0", "edit 1", "edit 2", "edit 3", "edit 4", "edit 5"]
+    assert [c.message for c in recording.seen[-1][1]] == [
+        "edit 0",
+        "edit 1",
+        "edit 2",
+        "edit 3",
+        "edit 4",
+        "edit 5",
+    ]
     rec_agent.turn("what?")  # a branch: its context holds the branch, not the abandoned edits 6 and 7
     assert [c.message for c in recording.seen[-1][1]] == [
-        "edit 1", "edit 2", "edit 3", "edit 4", "edit 5", "make it blue",
+        "edit 1",
+        "edit 2",
+        "edit 3",
+        "edit 4",
+        "edit 5",
+        "make it blue",
     ]
 
 

@@ -42,8 +42,18 @@ def invoke(*args: object):
 def demo(fake, icedit_home, tmp_path, monkeypatch):
     """Session 'demo': one fake edit of chelsea.png; the working directory is tmp_path."""
     monkeypatch.chdir(tmp_path)
-    result = invoke("edit", CHELSEA, "make it look like winter", *FAKE, "--session", "demo", "--seed", "1",
-                    "-o", tmp_path / "winter.png")
+    result = invoke(
+        "edit",
+        CHELSEA,
+        "make it look like winter",
+        *FAKE,
+        "--session",
+        "demo",
+        "--seed",
+        "1",
+        "-o",
+        tmp_path / "winter.png",
+    )
     assert result.exit_code == 0, result.output
     return icedit_home
 
@@ -80,119 +90,302 @@ def _moe_with(mutate):
 ROUTE = "transformer.single_transformer_blocks.0.proj_out.lora_route.weight"
 CASES = {
     # id: (make the image path (None: chelsea), instruction, extra args built in the folder, the error line)
-    "truncated png": (_write("half.png", _truncated), "add snow", lambda d: FAKE,
-                      "{img}: broken image (image file is truncated)"),
-    "html as png": (_write("page.png", lambda p: p.write_text("<!doctype html><html><body>404</body></html>")),
-                    "add snow", lambda d: FAKE, "{img}: not an image PIL can read (PNG, JPEG, WebP, ...)"),
-    "decompression bomb": (_write("bomb.png", lambda p: Image.new("1", (9000, 8000)).save(p)), "add snow",
-                           lambda d: FAKE, "{img}: image too large (over 64 megapixels)"),
-    "too wide": (_write("wide.png", lambda p: Image.new("RGB", (2000, 40)).save(p)), "add snow", lambda d: TINY,
-                 "a 2000x40 image is too wide: height/width must be between 1/4 and 4"),
-    "too tall": (_write("tall.png", lambda p: Image.new("RGB", (32, 400)).save(p)), "add snow", lambda d: TINY,
-                 "a 32x400 image is too tall: height/width must be between 1/4 and 4"),
-    "one pixel": (_write("dot.png", lambda p: Image.new("RGB", (1, 1)).save(p)), "add snow", lambda d: FAKE,
-                  "{img}: 1x1 is too small to edit (at least 32 pixels on each side)"),
-    "31 pixels wide": (_write("narrow.png", lambda p: Image.new("RGB", (31, 100)).save(p)), "add snow",
-                       lambda d: FAKE, "{img}: 31x100 is too small to edit (at least 32 pixels on each side)"),
-    "31 pixels tall, as a JPEG": (_write("low.jpg", lambda p: Image.new("RGB", (120, 31)).save(p)), "add snow",
-                                  lambda d: FAKE,
-                                  "{img}: 120x31 is too small to edit (at least 32 pixels on each side)"),
-    "guidance nan": (None, "add snow", lambda d: [*FAKE, "--guidance", "nan"],
-                     "Invalid value for '--guidance': 'nan' is not a finite number. (see `icedit edit --help`)"),
-    "guidance NaN, other case": (None, "add snow", lambda d: [*FAKE, "--guidance", "NaN"],
-                                 ("Invalid value for '--guidance': 'NaN' is not a finite number. (see `icedit edit "
-                                  "--help`)")),
-    "lora scale nan": (None, "add snow", lambda d: [*FAKE, "--lora-scale", "nan"],
-                       "Invalid value for '--lora-scale': 'nan' is not a finite number. (see `icedit edit --help`)"),
-    "10 MB instruction": (None, "x" * 10_000_000, lambda d: FAKE,
-                          "the instruction is 10000000 characters long; at most 2000 are accepted"),
-    "escape sequence": (None, "add \x1b[31ma red hat", lambda d: FAKE,
-                        "the instruction contains a control character ('\\x1b'): type plain text"),
-    "unknown judge": (None, "add snow", lambda d: [*FAKE, "--candidates", "2", "--judge", "nope"],
-                      "unknown judge 'nope' (available: qwen_vl)"),
-    "output is a folder": (None, "add snow", lambda d: [*FAKE, "-o", d],
-                           "{d} is a folder: give -o a file name ending in .png"),
-    "output not png": (None, "add snow", lambda d: [*FAKE, "-o", d / "x.jpg"],
-                       "{d}/x.jpg: edits are written as PNG: give -o a name ending in .png"),
-    "output folder missing": (None, "add snow", lambda d: [*FAKE, "-o", d / "nope" / "x.png"],
-                              "{d}/nope: no such folder for -o"),
-    "seed not a number": (None, "add snow", lambda d: [*FAKE, "--seed", "abc"],
-                          ("Invalid value for '--seed': 'abc' is not a valid integer range. "
-                          "(see `icedit edit --help`)")),
-    "guidance zero": (None, "add snow", lambda d: [*FAKE, "--guidance", "0"],
-                      "Invalid value for '--guidance': 0.0 is not in the range 0<x<=200. (see `icedit edit --help`)"),
-    "invalid hub id": (None, "add snow", lambda d: ["--model", "not a/valid id", "--steps", "1"],
-                       "the FLUX.1 Fill pipeline 'not a/valid id' is neither a local path nor a hub id (owner/name)"),
-    "invalid vlm id": (None, "add snow", lambda d: [*FAKE, "--rewriter", "qwen_vl", "--vlm", "bad id!"],
-                       "the VLM 'bad id!' is neither a local path nor a hub id (owner/name)"),
-    "vlm folder missing": (None, "add snow", lambda d: [*FAKE, "--rewriter", "qwen_vl", "--vlm", "../../etc"],
-                       ("VLM '../../etc' (--vlm): no such file or folder; check the path, or give --vlm a hub id "
-                        "(owner/name)")),
-    "uncached lora at a revision": (None, "add snow", lambda d: [*TINY, "--lora", "nobody/nothing",
-                                                                "--lora-revision", "abc123"],
-                                    ("LoRA 'nobody/nothing@abc123' (--lora): not in the Hugging Face cache and "
-                                    "offline mode is set (HF_HUB_OFFLINE); unset HF_HUB_OFFLINE to download it, or "
-                                    "fetch it elsewhere with `hf download nobody/nothing --revision abc123 --include "
-                                    "'*.safetensors'`")),
-    "adapter of the wrong shape": (None, "add snow", lambda d: [*TINY, "--lora", _adapter(d, lambda s: s.__setitem__(
-        ROUTE, torch.zeros(2, 32)))], ("transformer.single_transformer_blocks.0.proj_out.lora_route.weight: shape "
-                                      "(2, 32) does not fit the model (expected (2, 160))")),
-    "adapter with foreign keys": (None, "add snow", lambda d: [*TINY, "--lora", _adapter(d, lambda s: s.__setitem__(
-        "transformer.x_embedder.lora_route.weight", torch.zeros(2, 16)))],
-        ("transformer.x_embedder.lora_route.weight: experts and routers belong on ff.net.2 / proj_out, not on "
-        "'x_embedder'")),
-    "adapter not safetensors inside": (None, "add snow",
-                                       lambda d: [*TINY, "--lora", _garbage(d / "junk.safetensors")],
-                                       ("cannot load the LoRA from {d}/junk.safetensors: Error while deserializing "
-                                       "header: header too large")),
+    "truncated png": (
+        _write("half.png", _truncated),
+        "add snow",
+        lambda d: FAKE,
+        "{img}: broken image (image file is truncated)",
+    ),
+    "html as png": (
+        _write("page.png", lambda p: p.write_text("<!doctype html><html><body>404</body></html>")),
+        "add snow",
+        lambda d: FAKE,
+        "{img}: not an image PIL can read (PNG, JPEG, WebP, ...)",
+    ),
+    "decompression bomb": (
+        _write("bomb.png", lambda p: Image.new("1", (9000, 8000)).save(p)),
+        "add snow",
+        lambda d: FAKE,
+        "{img}: image too large (over 64 megapixels)",
+    ),
+    "too wide": (
+        _write("wide.png", lambda p: Image.new("RGB", (2000, 40)).save(p)),
+        "add snow",
+        lambda d: TINY,
+        "a 2000x40 image is too wide: height/width must be between 1/4 and 4",
+    ),
+    "too tall": (
+        _write("tall.png", lambda p: Image.new("RGB", (32, 400)).save(p)),
+        "add snow",
+        lambda d: TINY,
+        "a 32x400 image is too tall: height/width must be between 1/4 and 4",
+    ),
+    "one pixel": (
+        _write("dot.png", lambda p: Image.new("RGB", (1, 1)).save(p)),
+        "add snow",
+        lambda d: FAKE,
+        "{img}: 1x1 is too small to edit (at least 32 pixels on each side)",
+    ),
+    "31 pixels wide": (
+        _write("narrow.png", lambda p: Image.new("RGB", (31, 100)).save(p)),
+        "add snow",
+        lambda d: FAKE,
+        "{img}: 31x100 is too small to edit (at least 32 pixels on each side)",
+    ),
+    "31 pixels tall, as a JPEG": (
+        _write("low.jpg", lambda p: Image.new("RGB", (120, 31)).save(p)),
+        "add snow",
+        lambda d: FAKE,
+        "{img}: 120x31 is too small to edit (at least 32 pixels on each side)",
+    ),
+    "guidance nan": (
+        None,
+        "add snow",
+        lambda d: [*FAKE, "--guidance", "nan"],
+        "Invalid value for '--guidance': 'nan' is not a finite number. (see `icedit edit --help`)",
+    ),
+    "guidance NaN, other case": (
+        None,
+        "add snow",
+        lambda d: [*FAKE, "--guidance", "NaN"],
+        ("Invalid value for '--guidance': 'NaN' is not a finite number. (see `icedit edit --help`)"),
+    ),
+    "lora scale nan": (
+        None,
+        "add snow",
+        lambda d: [*FAKE, "--lora-scale", "nan"],
+        "Invalid value for '--lora-scale': 'nan' is not a finite number. (see `icedit edit --help`)",
+    ),
+    "10 MB instruction": (
+        None,
+        "x" * 10_000_000,
+        lambda d: FAKE,
+        "the instruction is 10000000 characters long; at most 2000 are accepted",
+    ),
+    "escape sequence": (
+        None,
+        "add \x1b[31ma red hat",
+        lambda d: FAKE,
+        "the instruction contains a control character ('\\x1b'): type plain text",
+    ),
+    "unknown judge": (
+        None,
+        "add snow",
+        lambda d: [*FAKE, "--candidates", "2", "--judge", "nope"],
+        "unknown judge 'nope' (available: qwen_vl)",
+    ),
+    "output is a folder": (
+        None,
+        "add snow",
+        lambda d: [*FAKE, "-o", d],
+        "{d} is a folder: give -o a file name ending in .png",
+    ),
+    "output not png": (
+        None,
+        "add snow",
+        lambda d: [*FAKE, "-o", d / "x.jpg"],
+        "{d}/x.jpg: edits are written as PNG: give -o a name ending in .png",
+    ),
+    "output folder missing": (
+        None,
+        "add snow",
+        lambda d: [*FAKE, "-o", d / "nope" / "x.png"],
+        "{d}/nope: no such folder for -o",
+    ),
+    "seed not a number": (
+        None,
+        "add snow",
+        lambda d: [*FAKE, "--seed", "abc"],
+        ("Invalid value for '--seed': 'abc' is not a valid integer range. (see `icedit edit --help`)"),
+    ),
+    "guidance zero": (
+        None,
+        "add snow",
+        lambda d: [*FAKE, "--guidance", "0"],
+        "Invalid value for '--guidance': 0.0 is not in the range 0<x<=200. (see `icedit edit --help`)",
+    ),
+    "invalid hub id": (
+        None,
+        "add snow",
+        lambda d: ["--model", "not a/valid id", "--steps", "1"],
+        "the FLUX.1 Fill pipeline 'not a/valid id' is neither a local path nor a hub id (owner/name)",
+    ),
+    "invalid vlm id": (
+        None,
+        "add snow",
+        lambda d: [*FAKE, "--rewriter", "qwen_vl", "--vlm", "bad id!"],
+        "the VLM 'bad id!' is neither a local path nor a hub id (owner/name)",
+    ),
+    "vlm folder missing": (
+        None,
+        "add snow",
+        lambda d: [*FAKE, "--rewriter", "qwen_vl", "--vlm", "../../etc"],
+        (
+            "VLM '../../etc' (--vlm): no such file or folder; check the path, or give --vlm a hub id "
+            "(owner/name)"
+        ),
+    ),
+    "uncached lora at a revision": (
+        None,
+        "add snow",
+        lambda d: [*TINY, "--lora", "nobody/nothing", "--lora-revision", "abc123"],
+        (
+            "LoRA 'nobody/nothing@abc123' (--lora): not in the Hugging Face cache and "
+            "offline mode is set (HF_HUB_OFFLINE); unset HF_HUB_OFFLINE to download it, or "
+            "fetch it elsewhere with `hf download nobody/nothing --revision abc123 --include "
+            "'*.safetensors'`"
+        ),
+    ),
+    "adapter of the wrong shape": (
+        None,
+        "add snow",
+        lambda d: [*TINY, "--lora", _adapter(d, lambda s: s.__setitem__(ROUTE, torch.zeros(2, 32)))],
+        (
+            "transformer.single_transformer_blocks.0.proj_out.lora_route.weight: shape "
+            "(2, 32) does not fit the model (expected (2, 160))"
+        ),
+    ),
+    "adapter with foreign keys": (
+        None,
+        "add snow",
+        lambda d: [
+            *TINY,
+            "--lora",
+            _adapter(
+                d, lambda s: s.__setitem__("transformer.x_embedder.lora_route.weight", torch.zeros(2, 16))
+            ),
+        ],
+        (
+            "transformer.x_embedder.lora_route.weight: experts and routers belong on ff.net.2 / proj_out, not on "
+            "'x_embedder'"
+        ),
+    ),
+    "adapter not safetensors inside": (
+        None,
+        "add snow",
+        lambda d: [*TINY, "--lora", _garbage(d / "junk.safetensors")],
+        (
+            "cannot load the LoRA from {d}/junk.safetensors: Error while deserializing "
+            "header: header too large"
+        ),
+    ),
     # paths the file system answers oddly for: one word from assistant.files.kind, one line each
-    "a NUL byte in the path": (lambda d: Path(f"{d}/a\x00b.png"), "add snow", lambda d: FAKE,
-                               "{d}/a\\x00b.png: not a usable file name (a NUL byte, or too long)"),
-    "a name too long for the file system": (lambda d: d / ("x" * 300 + ".png"), "add snow", lambda d: FAKE,
-                                            "{img}: not a usable file name (a NUL byte, or too long)"),
-    "a loop of symbolic links": (lambda d: _loop(d / "loop.png"), "add snow", lambda d: FAKE,
-                                 "{img}: a loop of symbolic links"),
-    "a link to nothing": (_write("gone.png", lambda p: p.symlink_to(p.parent / "nowhere.png")), "add snow",
-                          lambda d: FAKE, "{img}: no such file"),
-    "a device that gives nothing": (lambda d: Path("/dev/null"), "add snow", lambda d: FAKE,
-                                    ("/dev/null: nothing came through (an empty pipe or device): pass a picture's "
-                                     "bytes or a file")),
-    "lora is a device": (None, "add snow", lambda d: [*TINY, "--lora", "/dev/zero"],
-                         "LoRA '/dev/zero' (--lora): a device, pipe or socket, not a file"),
-    "lora is a loop of links": (None, "add snow", lambda d: [*TINY, "--lora", _loop(d / "a.safetensors")],
-                                "LoRA '{d}/a.safetensors' (--lora): a loop of symbolic links"),
-    "adapter with NaN weights": (None, "add snow", lambda d: [*TINY, "--lora", _adapter(d, lambda s: s[ROUTE].fill_(
-        float("nan")))], (f"the adapter {{d}}/adapter.safetensors has NaN or infinite weights ({ROUTE}): it is "
-                          "damaged or its training diverged; nothing was loaded")),
-    "adapter with an infinite weight": (None, "add snow", lambda d: [*TINY, "--lora", _adapter(
-        d, lambda s: s[ROUTE].view(-1).__setitem__(3, float("-inf")))],
-        (f"the adapter {{d}}/adapter.safetensors has NaN or infinite weights ({ROUTE}): it is damaged or its "
-         "training diverged; nothing was loaded")),
+    "a NUL byte in the path": (
+        lambda d: Path(f"{d}/a\x00b.png"),
+        "add snow",
+        lambda d: FAKE,
+        "{d}/a\\x00b.png: not a usable file name (a NUL byte, or too long)",
+    ),
+    "a name too long for the file system": (
+        lambda d: d / ("x" * 300 + ".png"),
+        "add snow",
+        lambda d: FAKE,
+        "{img}: not a usable file name (a NUL byte, or too long)",
+    ),
+    "a loop of symbolic links": (
+        lambda d: _loop(d / "loop.png"),
+        "add snow",
+        lambda d: FAKE,
+        "{img}: a loop of symbolic links",
+    ),
+    "a link to nothing": (
+        _write("gone.png", lambda p: p.symlink_to(p.parent / "nowhere.png")),
+        "add snow",
+        lambda d: FAKE,
+        "{img}: no such file",
+    ),
+    "a device that gives nothing": (
+        lambda d: Path("/dev/null"),
+        "add snow",
+        lambda d: FAKE,
+        ("/dev/null: nothing came through (an empty pipe or device): pass a picture's bytes or a file"),
+    ),
+    "lora is a device": (
+        None,
+        "add snow",
+        lambda d: [*TINY, "--lora", "/dev/zero"],
+        "LoRA '/dev/zero' (--lora): a device, pipe or socket, not a file",
+    ),
+    "lora is a loop of links": (
+        None,
+        "add snow",
+        lambda d: [*TINY, "--lora", _loop(d / "a.safetensors")],
+        "LoRA '{d}/a.safetensors' (--lora): a loop of symbolic links",
+    ),
+    "adapter with NaN weights": (
+        None,
+        "add snow",
+        lambda d: [*TINY, "--lora", _adapter(d, lambda s: s[ROUTE].fill_(float("nan")))],
+        (
+            f"the adapter {{d}}/adapter.safetensors has NaN or infinite weights ({ROUTE}): it is "
+            "damaged or its training diverged; nothing was loaded"
+        ),
+    ),
+    "adapter with an infinite weight": (
+        None,
+        "add snow",
+        lambda d: [*TINY, "--lora", _adapter(d, lambda s: s[ROUTE].view(-1).__setitem__(3, float("-inf")))],
+        (
+            f"the adapter {{d}}/adapter.safetensors has NaN or infinite weights ({ROUTE}): it is damaged or its "
+            "training diverged; nothing was loaded"
+        ),
+    ),
     # session names: the same rule wherever a name comes in (assistant.text.check_name)
-    "empty session name": (None, "add snow", lambda d: [*FAKE, "--session", ""],
-                           "the session name is empty: give a name, e.g. --session trip"),
-    "blank session name": (None, "add snow", lambda d: [*FAKE, "--session", "   "],
-                           "the session name is empty: give a name, e.g. --session trip"),
-    "session name that sets the window title": (None, "add snow", lambda d: [*FAKE, "--session", "a\x1b]0;x\x07"],
-                                                ("the session name contains a control character ('\\x1b'): use "
-                                                 "plain text")),
-    "session name with a newline": (None, "add snow", lambda d: [*FAKE, "--session", "a\nb"],
-                                    "the session name contains a control character ('\\n'): use plain text"),
-    "session name of 201 characters": (None, "add snow", lambda d: [*FAKE, "--session", "n" * 201],
-                                       "the session name is 201 characters long; at most 200 are accepted"),
+    "empty session name": (
+        None,
+        "add snow",
+        lambda d: [*FAKE, "--session", ""],
+        "the session name is empty: give a name, e.g. --session trip",
+    ),
+    "blank session name": (
+        None,
+        "add snow",
+        lambda d: [*FAKE, "--session", "   "],
+        "the session name is empty: give a name, e.g. --session trip",
+    ),
+    "session name that sets the window title": (
+        None,
+        "add snow",
+        lambda d: [*FAKE, "--session", "a\x1b]0;x\x07"],
+        ("the session name contains a control character ('\\x1b'): use plain text"),
+    ),
+    "session name with a newline": (
+        None,
+        "add snow",
+        lambda d: [*FAKE, "--session", "a\nb"],
+        "the session name contains a control character ('\\n'): use plain text",
+    ),
+    "session name of 201 characters": (
+        None,
+        "add snow",
+        lambda d: [*FAKE, "--session", "n" * 201],
+        "the session name is 201 characters long; at most 200 are accepted",
+    ),
     # outputs in the way: refused before the edit runs
-    "-o onto the source": (_write("me.png", lambda p: p.write_bytes(CHELSEA.read_bytes())), "add snow",
-                           lambda d: [*FAKE, "-o", d / "me.png"],
-                           "{img} is the picture being edited: give -o another name, or pass --force to replace it"),
-    "-o onto a hard link of the source": (_write("me.png", lambda p: p.write_bytes(CHELSEA.read_bytes())),
-                                          "add snow", lambda d: [*FAKE, "-o", _hard_link(d / "me.png", d / "me2.png")],
-                                          ("{d}/me2.png is the picture being edited: give -o another name, or pass "
-                                           "--force to replace it")),
-    "-o onto a file of the person's": (None, "add snow", lambda d: [*FAKE, "-o", _taken(d / "mine.png")],
-                                       ("{d}/mine.png already exists: choose another name, or pass --force to "
-                                        "replace it")),
-    "-o onto a link to nothing": (None, "add snow", lambda d: [*FAKE, "-o", _dangling(d / "ln.png")],
-                                  "{d}/ln.png already exists: choose another name, or pass --force to replace it"),
+    "-o onto the source": (
+        _write("me.png", lambda p: p.write_bytes(CHELSEA.read_bytes())),
+        "add snow",
+        lambda d: [*FAKE, "-o", d / "me.png"],
+        "{img} is the picture being edited: give -o another name, or pass --force to replace it",
+    ),
+    "-o onto a hard link of the source": (
+        _write("me.png", lambda p: p.write_bytes(CHELSEA.read_bytes())),
+        "add snow",
+        lambda d: [*FAKE, "-o", _hard_link(d / "me.png", d / "me2.png")],
+        ("{d}/me2.png is the picture being edited: give -o another name, or pass --force to replace it"),
+    ),
+    "-o onto a file of the person's": (
+        None,
+        "add snow",
+        lambda d: [*FAKE, "-o", _taken(d / "mine.png")],
+        ("{d}/mine.png already exists: choose another name, or pass --force to replace it"),
+    ),
+    "-o onto a link to nothing": (
+        None,
+        "add snow",
+        lambda d: [*FAKE, "-o", _dangling(d / "ln.png")],
+        "{d}/ln.png already exists: choose another name, or pass --force to replace it",
+    ),
 }
 
 
@@ -229,7 +422,9 @@ def _garbage(path: Path) -> Path:
 
 
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
-def test_bad_edit_input_is_one_line_exit_2_and_the_store_is_untouched(demo, tmp_path, fake, monkeypatch, case):
+def test_bad_edit_input_is_one_line_exit_2_and_the_store_is_untouched(
+    demo, tmp_path, fake, monkeypatch, case
+):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     make, instruction, extra, expected = CASES[case]
     image = make(tmp_path) if make else CHELSEA
@@ -262,8 +457,11 @@ def test_an_unreadable_file_is_one_line(demo, tmp_path, fake, monkeypatch):
     assert dump(demo) == before
 
 
-@pytest.mark.parametrize(("size", "mode"), [((32, 32), "RGB"), ((128, 32), "RGBA"), ((33, 131), "L")],
-                         ids=["32x32, the smallest", "4:1 with alpha", "odd sides, grey"])
+@pytest.mark.parametrize(
+    ("size", "mode"),
+    [((32, 32), "RGB"), ((128, 32), "RGBA"), ((33, 131), "L")],
+    ids=["32x32, the smallest", "4:1 with alpha", "odd sides, grey"],
+)
 def test_odd_but_valid_images_are_edited_at_their_own_size(fake, icedit_home, tmp_path, size, mode):
     """The tiny engine runs them through the diptych and back: the edit has the source's size, in RGB.
 
@@ -285,7 +483,10 @@ def test_an_image_the_vlm_cannot_size_is_one_line():
     conversation = [{"role": "user", "content": [image_part(Image.new("RGB", (600, 2)), 784, 3136)]}]
     with pytest.raises(UserError) as e:
         Vlm(model=None, processor=Template()).inputs([conversation])
-    assert str(e.value) == "the VLM cannot take this image: absolute aspect ratio must be smaller than 200, got 300.0"
+    assert (
+        str(e.value)
+        == "the VLM cannot take this image: absolute aspect ratio must be smaller than 200, got 300.0"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ the chat
@@ -317,8 +518,9 @@ CHAT_CASES = [
 ]
 
 
-async def test_bad_chat_input_is_an_error_line_the_text_comes_back_and_nothing_is_stored(chat, fake_settings,
-                                                                                         tmp_path):
+async def test_bad_chat_input_is_an_error_line_the_text_comes_back_and_nothing_is_stored(
+    chat, fake_settings, tmp_path
+):
     async with chat.run_test(size=(120, 40)) as pilot:
         prompt = chat.screen.query_one(PromptInput)
         prompt.value = "make it look like winter"
@@ -340,8 +542,10 @@ async def test_bad_chat_input_is_an_error_line_the_text_comes_back_and_nothing_i
         await pilot.press("enter")
         await pilot.pause()
         undone = dump(fake_settings.home)
-        for text, error in [("/undo", "nothing to undo in session 's'"),
-                            ("/retry", "nothing to retry: the current image is not an edit")]:
+        for text, error in [
+            ("/undo", "nothing to undo in session 's'"),
+            ("/retry", "nothing to retry: the current image is not an edit"),
+        ]:
             prompt.value = text
             await pilot.press("enter")
             await chat.workers.wait_for_complete()

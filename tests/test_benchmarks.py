@@ -10,25 +10,45 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 def test_moe_benchmark_checks_all_three_formulations_at_flux_shapes():
     run = subprocess.run(
         [sys.executable, str(BENCHMARKS / "moe.py"), "--tokens", "24", "--repeats", "1"],
-        capture_output=True, text=True, timeout=300, check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert run.returncode == 0, run.stderr[-2000:]
     lines = run.stdout.strip().splitlines()
-    assert [line.split()[:2] for line in lines[3:7]] == [["ff.net.2", "1"], ["ff.net.2", "2"],
-                                                         ["proj_out", "1"], ["proj_out", "2"]]
+    assert [line.split()[:2] for line in lines[3:7]] == [
+        ["ff.net.2", "1"],
+        ["ff.net.2", "2"],
+        ["proj_out", "1"],
+        ["proj_out", "2"],
+    ]
     assert lines[-1].startswith("speedup ") and float(lines[-1].split()[1]) > 0
 
 
 def test_edit_benchmark_compares_the_official_call_with_ours_on_the_same_picture():
     run = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "edit.py"), "--steps", "1", "--repeats", "1", "--only", "ours,ours+merged"],
-        capture_output=True, text=True, timeout=300, check=False,
+        [
+            sys.executable,
+            str(BENCHMARKS / "edit.py"),
+            "--steps",
+            "1",
+            "--repeats",
+            "1",
+            "--only",
+            "ours,ours+merged",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert run.returncode == 0, run.stderr[-2000:]
     rows = [line.split() for line in run.stdout.strip().splitlines()[2:-1]]
     assert [(row[0], row[1], row[2]) for row in rows] == [
         (name, f"512x{height}", str(1024 // 16 * height // 16))  # diptych tokens
-        for height in (256, 512, 768) for name in ("baseline", "ours", "ours+merged")
+        for height in (256, 512, 768)
+        for name in ("baseline", "ours", "ours+merged")
     ]
     assert all(int(row[-1]) <= 2 for row in rows)  # max |diff| in 8-bit levels: the same edit every way
     assert run.stdout.strip().splitlines()[-1].startswith("speedup ")

@@ -47,8 +47,13 @@ def env_for(home: Path, **extra: str) -> dict[str, str]:
 def icedit(*args: object, home: Path, cwd: Path, timeout: float = 120, **extra: str):
     assert ICEDIT.is_file(), f"console script missing: {ICEDIT}"
     return subprocess.run(
-        [str(ICEDIT), *map(str, args)], cwd=cwd, env=env_for(home, **extra), capture_output=True, text=True,
-        timeout=timeout, check=False,
+        [str(ICEDIT), *map(str, args)],
+        cwd=cwd,
+        env=env_for(home, **extra),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
 
 
@@ -60,8 +65,19 @@ def sha(path: Path) -> str:
 def demo(fake, icedit_home, tmp_path, monkeypatch):
     """Session 'demo' with one fake edit of chelsea.png (turn 1 open, turn 2 edit, cursor 2); cwd is tmp."""
     monkeypatch.chdir(tmp_path)
-    result = invoke("edit", CHELSEA, WINTER, "--engine", "fake", "--session", "demo", "--seed", "1",
-                    "-o", tmp_path / "winter.png")
+    result = invoke(
+        "edit",
+        CHELSEA,
+        WINTER,
+        "--engine",
+        "fake",
+        "--session",
+        "demo",
+        "--seed",
+        "1",
+        "-o",
+        tmp_path / "winter.png",
+    )
     assert result.exit_code == 0, result.output
     assert dump(icedit_home)["sessions"][0][1:3] == ("demo", 2)
     return icedit_home
@@ -87,8 +103,9 @@ def test_help_lists_the_commands(tmp_path):
 
 def test_importing_the_cli_does_not_import_torch():
     code = "import assistant.cli, sys; print('torch' in sys.modules, 'diffusers' in sys.modules)"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                          check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "False False\n"
 
@@ -118,12 +135,24 @@ BAD_INPUTS = {
     "text as png": (_bad_file("notes.png", b"text\n"), "add snow", FAKE, "Error: {img}: " + NOT_AN_IMAGE),
     "empty instruction": (None, "", FAKE, EMPTY),
     "whitespace instruction": (None, "   ", FAKE, EMPTY),
-    "unknown preset": (None, "add snow", ["--preset", "nope"],
-                       "Error: unknown preset 'nope' (available: default, moe, tiny)"),
-    "unknown engine": (None, "add snow", ["--engine", "nope"],
-                       "Error: unknown engine 'nope' (available: fake, icedit, kontext)"),
-    "unknown rewriter": (None, "add snow", [*FAKE, "--rewriter", "nope"],
-                         "Error: unknown rewriter 'nope' (available: qwen_vl, rules, verbatim)"),
+    "unknown preset": (
+        None,
+        "add snow",
+        ["--preset", "nope"],
+        "Error: unknown preset 'nope' (available: default, moe, tiny)",
+    ),
+    "unknown engine": (
+        None,
+        "add snow",
+        ["--engine", "nope"],
+        "Error: unknown engine 'nope' (available: fake, icedit, kontext)",
+    ),
+    "unknown rewriter": (
+        None,
+        "add snow",
+        [*FAKE, "--rewriter", "nope"],
+        "Error: unknown rewriter 'nope' (available: qwen_vl, rules, verbatim)",
+    ),
 }
 
 
@@ -174,11 +203,16 @@ def test_undo_at_the_root_says_nothing_to_undo_and_changes_nothing(demo):
     result = invoke("redo", "demo", "--json")
     assert result.exit_code == 0
     assert json.loads(result.stdout) == {
-        "session": "demo", "cursor": 2, "message": WINTER, "image_sha256": before["turns"][1][7],
+        "session": "demo",
+        "cursor": 2,
+        "message": WINTER,
+        "image_sha256": before["turns"][1][7],
     }
 
 
-def test_retry_paints_the_current_edit_again_with_the_next_seed_as_a_sibling(demo, fake, tmp_path, monkeypatch):
+def test_retry_paints_the_current_edit_again_with_the_next_seed_as_a_sibling(
+    demo, fake, tmp_path, monkeypatch
+):
     monkeypatch.chdir(tmp_path)
     result = invoke("retry", "demo", "--engine", "fake", "--json")
     assert result.exit_code == 0, result.output
@@ -191,7 +225,10 @@ def test_retry_paints_the_current_edit_again_with_the_next_seed_as_a_sibling(dem
     invoke("undo", "demo")
     before = dump(demo)
     result = invoke("retry", "demo", "--engine", "fake")
-    assert (result.exit_code, result.stderr) == (2, "Error: nothing to retry: the current image is not an edit\n")
+    assert (result.exit_code, result.stderr) == (
+        2,
+        "Error: nothing to retry: the current image is not an edit\n",
+    )
     assert dump(demo) == before
 
 
@@ -227,23 +264,58 @@ def test_edit_without_output_writes_stem_seed_png_and_reports_it(fake, icedit_ho
 
 def test_sessions_show_after_two_edits(demo, tmp_path):
     second = tmp_path / "scarf.png"
-    result = invoke("edit", tmp_path / "winter.png", "add a red scarf", *FAKE, "--session", "demo",
-                    "--seed", "7", "--steps", "2", "-o", second)
+    result = invoke(
+        "edit",
+        tmp_path / "winter.png",
+        "add a red scarf",
+        *FAKE,
+        "--session",
+        "demo",
+        "--seed",
+        "7",
+        "--steps",
+        "2",
+        "-o",
+        second,
+    )
     assert result.exit_code == 0, result.output
     shown = invoke("sessions", "show", "demo", "--json")
     assert shown.exit_code == 0, shown.output
     data = json.loads(shown.stdout)
     assert set(data) == {"name", "cursor", "turns"}
     assert data["name"] == "demo" and data["cursor"] == 3
-    turns = [{k: t[k] for k in ("id", "parent", "kind", "message", "instruction", "seed", "steps")}
-             for t in data["turns"]]
+    turns = [
+        {k: t[k] for k in ("id", "parent", "kind", "message", "instruction", "seed", "steps")}
+        for t in data["turns"]
+    ]
     assert turns == [
-        {"id": 1, "parent": None, "kind": "open", "message": "open chelsea.png", "instruction": None,
-         "seed": None, "steps": None},
-        {"id": 2, "parent": 1, "kind": "edit", "message": WINTER, "instruction": WINTER, "seed": 1,
-         "steps": 28},
-        {"id": 3, "parent": 2, "kind": "edit", "message": "add a red scarf", "instruction": "add a red scarf",
-         "seed": 7, "steps": 2},
+        {
+            "id": 1,
+            "parent": None,
+            "kind": "open",
+            "message": "open chelsea.png",
+            "instruction": None,
+            "seed": None,
+            "steps": None,
+        },
+        {
+            "id": 2,
+            "parent": 1,
+            "kind": "edit",
+            "message": WINTER,
+            "instruction": WINTER,
+            "seed": 1,
+            "steps": 28,
+        },
+        {
+            "id": 3,
+            "parent": 2,
+            "kind": "edit",
+            "message": "add a red scarf",
+            "instruction": "add a red scarf",
+            "seed": 7,
+            "steps": 2,
+        },
     ]
     shas = [t["image_sha256"] for t in data["turns"]]
     assert shas[1] == sha(tmp_path / "winter.png") and shas[2] == sha(second)
@@ -277,8 +349,14 @@ def tiny(tmp_path_factory):
         "N": [*TINY_EDIT, "-o", "N.png", "--native-size"],
     }
     procs = {
-        k: subprocess.Popen([str(ICEDIT), "edit", *map(str, args)], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        k: subprocess.Popen(
+            [str(ICEDIT), "edit", *map(str, args)],
+            cwd=cwd,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         for k, args in runs.items()
     }
     results = {}
@@ -313,8 +391,17 @@ def test_native_size_keeps_the_panel_size(tiny):
 def test_tiny_json_describes_the_edit(tiny):
     cwd, runs = tiny
     data = json.loads(runs["A"].stdout)
-    assert {"seed", "ic_prompt", "nfe", "rewriter", "engine", "output", "image_sha256", "timings",
-            "random_weights"} <= set(data)
+    assert {
+        "seed",
+        "ic_prompt",
+        "nfe",
+        "rewriter",
+        "engine",
+        "output",
+        "image_sha256",
+        "timings",
+        "random_weights",
+    } <= set(data)
     assert data["seed"] == 5
     assert data["nfe"] == data["steps"] == 2
     assert data["ic_prompt"] == prompts.render("ic_edit.txt", instruction=WINTER)
@@ -341,20 +428,36 @@ def test_tiny_edits_say_their_weights_are_random_on_stderr_only(tiny):
 
 def test_offline_and_nothing_cached_names_offline_mode_and_every_missing_artifact_at_once(tmp_path):
     started = time.monotonic()
-    proc = icedit("edit", CHELSEA, "add snow", "--session", "real", home=tmp_path / "home", cwd=tmp_path,
-                  HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
+    proc = icedit(
+        "edit",
+        CHELSEA,
+        "add snow",
+        "--session",
+        "real",
+        home=tmp_path / "home",
+        cwd=tmp_path,
+        HF_HOME=str(tmp_path / "hf"),
+        HF_HUB_OFFLINE="1",
+    )
     assert proc.returncode == 2
     assert time.monotonic() - started < 30  # no retries, nothing loaded
     assert proc.stdout == ""
     summary, *lines = proc.stderr.splitlines()
-    assert summary.startswith("Error: 2 of the 3 model artifacts this command needs (and 1 optional) cannot be had "
-                              "now (offline mode is set: HF_HUB_OFFLINE)")
+    assert summary.startswith(
+        "Error: 2 of the 3 model artifacts this command needs (and 1 optional) cannot be had "
+        "now (offline mode is set: HF_HUB_OFFLINE)"
+    )
     assert "`icedit download`" in summary and "--preset tiny" in summary
     assert [line.split(" (")[0].strip() for line in lines] == [
-        "FLUX.1 Fill pipeline 'black-forest-labs/FLUX.1-Fill-dev'", "LoRA 'RiverZ/normal-lora'",
-        "VLM 'Qwen/Qwen2.5-VL-7B-Instruct'"]
-    assert all(": not in the Hugging Face cache and offline mode is set (HF_HUB_OFFLINE); unset HF_HUB_OFFLINE to "
-               "download it, or fetch it elsewhere with `hf download " in line for line in lines)
+        "FLUX.1 Fill pipeline 'black-forest-labs/FLUX.1-Fill-dev'",
+        "LoRA 'RiverZ/normal-lora'",
+        "VLM 'Qwen/Qwen2.5-VL-7B-Instruct'",
+    ]
+    assert all(
+        ": not in the Hugging Face cache and offline mode is set (HF_HUB_OFFLINE); unset HF_HUB_OFFLINE to "
+        "download it, or fetch it elsewhere with `hf download " in line
+        for line in lines
+    )
     assert "--include 'model_index.json' --include '*/*.json'" in lines[0]
     assert lines[2].endswith("(optional: without it the rules rewriter runs)")
     assert "Traceback" not in proc.stderr
@@ -369,25 +472,50 @@ def test_verbatim_paints_what_the_official_inference_script_paints(tmp_path):
     from plugins.icedit.presets import build_tiny
 
     instruction = "Make her hair dark green and her clothes checked."
-    result = invoke("edit", EXAMPLES / "astronaut.png", instruction, "--rewriter", "verbatim", "--preset", "tiny",
-                    "--seed", "42", "--native-size", "-o", tmp_path / "ours.png", "--json")
+    result = invoke(
+        "edit",
+        EXAMPLES / "astronaut.png",
+        instruction,
+        "--rewriter",
+        "verbatim",
+        "--preset",
+        "tiny",
+        "--seed",
+        "42",
+        "--native-size",
+        "-o",
+        tmp_path / "ours.png",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["rewriter"] == "verbatim"
 
     image = Image.open(EXAMPLES / "astronaut.png").convert("RGB")
     assert image.size[0] == 512
-    prompt = ("A diptych with two side-by-side images of the same scene. On the right, the scene is exactly the "
-              f"same as on the left but {instruction}")
+    prompt = (
+        "A diptych with two side-by-side images of the same scene. On the right, the scene is exactly the "
+        f"same as on the left but {instruction}"
+    )
     width, height = image.size
     combined = Image.new("RGB", (width * 2, height))
     combined.paste(image, (0, 0))
     combined.paste(image, (width, 0))
     mask_array = np.zeros((height, width * 2), dtype=np.uint8)
     mask_array[:, width:] = 255
-    official = build_tiny()(
-        prompt=prompt, image=combined, mask_image=Image.fromarray(mask_array), height=height, width=width * 2,
-        guidance_scale=50, num_inference_steps=28, generator=torch.Generator("cpu").manual_seed(42),
-    ).images[0].crop((width, 0, width * 2, height))
+    official = (
+        build_tiny()(
+            prompt=prompt,
+            image=combined,
+            mask_image=Image.fromarray(mask_array),
+            height=height,
+            width=width * 2,
+            guidance_scale=50,
+            num_inference_steps=28,
+            generator=torch.Generator("cpu").manual_seed(42),
+        )
+        .images[0]
+        .crop((width, 0, width * 2, height))
+    )
     assert json.loads(result.stdout)["ic_prompt"] == prompt
     assert Image.open(tmp_path / "ours.png").convert("RGB").tobytes() == official.tobytes()
 
@@ -396,9 +524,26 @@ def test_ctrl_c_while_denoising_exits_130_and_saves_nothing(icedit_home, tmp_pat
     """SIGINT once denoising has started (seen on a pty, where progress is printed): stop, keep nothing."""
     master, slave = pty.openpty()
     proc = subprocess.Popen(
-        [str(ICEDIT), "edit", str(CHELSEA), WINTER, "--preset", "tiny", "--steps", "200", "--seed", "1",
-         "--session", "s", "-o", "S.png"],
-        cwd=tmp_path, env=env_for(icedit_home), stdout=subprocess.PIPE, stderr=slave,
+        [
+            str(ICEDIT),
+            "edit",
+            str(CHELSEA),
+            WINTER,
+            "--preset",
+            "tiny",
+            "--steps",
+            "200",
+            "--seed",
+            "1",
+            "--session",
+            "s",
+            "-o",
+            "S.png",
+        ],
+        cwd=tmp_path,
+        env=env_for(icedit_home),
+        stdout=subprocess.PIPE,
+        stderr=slave,
     )
     os.close(slave)
     err, sent = b"", False
@@ -458,9 +603,15 @@ def test_commands_that_do_not_edit_import_no_torch_and_check_no_engine(tmp_path)
     fixture = Path(__file__).resolve().parent / "fixtures" / "store-v1.sqlite3"
     (home / "sessions.sqlite3").write_bytes(fixture.read_bytes())
     env = {k: v for k, v in os.environ.items() if not k.startswith("ICEDIT_")}
-    proc = subprocess.run([sys.executable, "-c", NO_EDIT], capture_output=True, text=True, timeout=60, check=False,
-                          env=env | {"ICEDIT_HOME": str(home), "ICEDIT_PRESET": "no-such-preset",
-                                     "ICEDIT_ENGINE": "no-such-engine"})
+    proc = subprocess.run(
+        [sys.executable, "-c", NO_EDIT],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env
+        | {"ICEDIT_HOME": str(home), "ICEDIT_PRESET": "no-such-preset", "ICEDIT_ENGINE": "no-such-engine"},
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.splitlines()[-1])
     assert result == {"codes": [0, 0, 0, 0], "heavy": []}

@@ -50,10 +50,17 @@ def test_writers_hammering_a_new_store_at_once_all_succeed(tmp_path):
     tests = Path(__file__).resolve().parent
     code = WRITER.format(root=str(tests.parent), tests=str(tests))
     start = time.time() + 2  # they all wait for the same moment, imports done
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(start), str(n), str(path)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for n in range(6)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(start), str(n), str(path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for n in range(6)
+    ]
     outs = [p.communicate(timeout=120) for p in procs]
-    for p, (out, err) in zip(procs, outs, strict=True):
+    for p, (_out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err
         assert err == ""
     sessions = check_store(path)
@@ -67,26 +74,53 @@ def test_writers_hammering_a_new_store_at_once_all_succeed(tmp_path):
 def test_two_edits_and_a_replay_on_one_session_at_once(tmp_path):
     """Console scripts, tiny preset: all finish, every reported turn is kept, the source is opened once."""
     Image.open(EXAMPLES / "chelsea.png").convert("RGB").resize((48, 32)).save(tmp_path / "small.png")
-    (tmp_path / "walk.toml").write_text('source = "small.png"\nsteps = 1\n[[turns]]\nsay = "add snow"\n'
-                                        '[[turns]]\nsay = "add a hat"\n[[turns]]\ncommand = "undo"\n'
-                                        '[[turns]]\nsay = "add a dog"\n')
+    (tmp_path / "walk.toml").write_text(
+        'source = "small.png"\nsteps = 1\n[[turns]]\nsay = "add snow"\n'
+        '[[turns]]\nsay = "add a hat"\n[[turns]]\ncommand = "undo"\n'
+        '[[turns]]\nsay = "add a dog"\n'
+    )
     home = tmp_path / "home"
-    edit = ["edit", "small.png", "make it look like winter", "--preset", "tiny", "--steps", "1", "--session",
-            "shared", "--json"]
-    procs = [popen(*edit, "--seed", 1, "-o", "a.png", home=home, cwd=tmp_path),
-             popen(*edit, "--seed", 2, "-o", "b.png", home=home, cwd=tmp_path),
-             popen("replay", "walk.toml", "--out", "out", "--preset", "tiny", "--session", "shared", "--json",
-                   home=home, cwd=tmp_path)]
+    edit = [
+        "edit",
+        "small.png",
+        "make it look like winter",
+        "--preset",
+        "tiny",
+        "--steps",
+        "1",
+        "--session",
+        "shared",
+        "--json",
+    ]
+    procs = [
+        popen(*edit, "--seed", 1, "-o", "a.png", home=home, cwd=tmp_path),
+        popen(*edit, "--seed", 2, "-o", "b.png", home=home, cwd=tmp_path),
+        popen(
+            "replay",
+            "walk.toml",
+            "--out",
+            "out",
+            "--preset",
+            "tiny",
+            "--session",
+            "shared",
+            "--json",
+            home=home,
+            cwd=tmp_path,
+        ),
+    ]
     outs = [p.communicate(timeout=180) for p in procs]
-    for p, (out, err) in zip(procs, outs, strict=True):
+    for p, (_out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err
         assert "locked" not in err and "Traceback" not in err
     edits = [json.loads(outs[0][0]), json.loads(outs[1][0])]
     rows = [json.loads(line) for line in outs[2][0].splitlines()]
     assert len(rows) == 4
     turns = check_store(home / "sessions.sqlite3")["shared"]
-    for reported in [*((e["turn"], e["image_sha256"]) for e in edits), *((r["cursor"], r["image_sha256"])
-                                                                         for r in rows)]:
+    for reported in [
+        *((e["turn"], e["image_sha256"]) for e in edits),
+        *((r["cursor"], r["image_sha256"]) for r in rows),
+    ]:
         assert turns[reported[0]] == reported[1]
     # 1 open (the same picture, opened by whoever came first), 2 edits, the replay's 3 edits
     assert len(turns) == 6
@@ -97,14 +131,27 @@ def test_two_edits_and_a_replay_on_one_session_at_once(tmp_path):
     assert {e["turn"] for e in edits} | {rows[0]["cursor"]} == {t.id for t in history.children(root.id)}
 
 
-async def test_the_chat_keeps_editing_while_a_replay_writes_the_same_store(tmp_path, fake_settings, fake, photo):
+async def test_the_chat_keeps_editing_while_a_replay_writes_the_same_store(
+    tmp_path, fake_settings, fake, photo
+):
     Image.open(EXAMPLES / "chelsea.png").convert("RGB").resize((48, 32)).save(tmp_path / "small.png")
     turns = "".join(f'[[turns]]\nsay = "edit number {i}"\n' for i in range(6))
     (tmp_path / "r.toml").write_text(f'source = "small.png"\nsteps = 1\n{turns}')
     photo.save(tmp_path / "cat.png")
     app = make_app(fake_settings, session="chat", image=tmp_path / "cat.png", renderer=HalfcellImage)
-    replay = popen("replay", "r.toml", "--out", "out", "--preset", "tiny", "--session", "r", "--json",
-                   home=fake_settings.home, cwd=tmp_path)
+    replay = popen(
+        "replay",
+        "r.toml",
+        "--out",
+        "out",
+        "--preset",
+        "tiny",
+        "--session",
+        "r",
+        "--json",
+        home=fake_settings.home,
+        cwd=tmp_path,
+    )
     said = 0
     async with app.run_test(size=(120, 40)) as pilot:
         while replay.poll() is None or said < 5:

@@ -25,8 +25,8 @@ CHELSEA = ROOT / "examples" / "chelsea.png"
 ICEDIT = Path(sys.executable).with_name("icedit")
 sys.path.insert(0, str(SAMPLE))  # the sample's modules, in-process, without installing it
 
-from icedit_posterize.engine import PosterizeEngine
-from icedit_posterize.rewriter import TidyRewriter
+from icedit_posterize.engine import PosterizeEngine  # noqa: E402 - after the path it is found on
+from icedit_posterize.rewriter import TidyRewriter  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------- engines
 
@@ -66,7 +66,12 @@ class TestSamplePosterizeEngine(EngineContract):
 
 
 class TestRulesRewriter(RewriterContract):
-    intents = (*RewriterContract.intents, ("redo", "redo"), ("try another seed", "retry"), ("please!", "clarify"))
+    intents = (
+        *RewriterContract.intents,
+        ("redo", "redo"),
+        ("try another seed", "retry"),
+        ("please!", "clarify"),
+    )
 
     def make_rewriter(self):
         from plugins.rules.rewriter import RulesRewriter
@@ -112,9 +117,13 @@ class TestQwenJudge(JudgeContract):
 
 
 def test_importing_the_kit_imports_no_torch_and_the_package_no_pytest():
-    code = ("import sys, assistant, assistant.models, assistant.plugins; before = 'pytest' in sys.modules; "
-            "import assistant.testing; print(before, 'torch' in sys.modules)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    code = (
+        "import sys, assistant, assistant.models, assistant.plugins; before = 'pytest' in sys.modules; "
+        "import assistant.testing; print(before, 'torch' in sys.modules)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "False False\n"
 
@@ -147,19 +156,46 @@ def test_a_broken_engine_fails_the_contract():
 def test_the_sample_package_loads_through_its_entry_point_and_edits(tmp_path):
     """pip builds the sample from its pyproject.toml (offline, into a folder on PYTHONPATH); a plain
     `icedit` process, not under tests, then finds it through the `icedit_assistant` entry point."""
-    source = shutil.copytree(SAMPLE, tmp_path / "src", ignore=shutil.ignore_patterns("__pycache__", ".*cache*",
-                                                                                      "build", "*.egg-info"))
+    source = shutil.copytree(
+        SAMPLE,
+        tmp_path / "src",
+        ignore=shutil.ignore_patterns("__pycache__", ".*cache*", "build", "*.egg-info"),
+    )
     site = tmp_path / "site"
-    pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                          "--no-index", "--disable-pip-version-check", "--target", str(site), str(source)],
-                         capture_output=True, text=True, timeout=120, check=False)
+    pip = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--disable-pip-version-check",
+            "--target",
+            str(site),
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert pip.returncode == 0, pip.stderr
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ICEDIT_", "PYTHON"))}
     env |= {"ICEDIT_HOME": str(tmp_path / "home"), "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1"}
 
     def icedit(*args):
-        proc = subprocess.run([str(ICEDIT), *map(str, args)], cwd=tmp_path, env=env, capture_output=True,
-                              text=True, timeout=120, check=False)
+        proc = subprocess.run(
+            [str(ICEDIT), *map(str, args)],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
         assert proc.returncode == 0, proc.stderr
         return proc
 
@@ -167,13 +203,35 @@ def test_the_sample_package_loads_through_its_entry_point_and_edits(tmp_path):
     assert (rows["posterize"]["engines"], rows["posterize"]["rewriters"]) == (["posterize"], ["tidy"])
     assert {"register_engines", "register_rewriters"} <= set(rows["posterize"]["hooks"])
     out = tmp_path / "hat.png"
-    edited = icedit("edit", CHELSEA, "Please add a hat!", "--engine", "posterize", "--rewriter", "tidy",
-                    "--seed", 3, "--steps", 4, "-o", out, "--json")
+    edited = icedit(
+        "edit",
+        CHELSEA,
+        "Please add a hat!",
+        "--engine",
+        "posterize",
+        "--rewriter",
+        "tidy",
+        "--seed",
+        3,
+        "--steps",
+        4,
+        "-o",
+        out,
+        "--json",
+    )
     shown = json.loads(edited.stdout)
     assert {k: shown[k] for k in ("engine", "rewriter", "instruction", "seed", "nfe", "output")} == {
-        "engine": "posterize", "rewriter": "tidy", "instruction": "please add a hat", "seed": 3, "nfe": 4,
-        "output": str(out)}
+        "engine": "posterize",
+        "rewriter": "tidy",
+        "instruction": "please add a hat",
+        "seed": 3,
+        "nfe": 4,
+        "output": str(out),
+    }
     plan = TidyRewriter().rewrite(load_source(CHELSEA), "Please add a hat!", [])
-    here = PosterizeEngine().edit(EditRequest(source=load_source(CHELSEA), plan=plan, seed=3, steps=4),
-                                  lambda event: None, threading.Event())
+    here = PosterizeEngine().edit(
+        EditRequest(source=load_source(CHELSEA), plan=plan, seed=3, steps=4),
+        lambda event: None,
+        threading.Event(),
+    )
     assert out.read_bytes() == encode_png(here.image)  # the installed plugin painted what it paints here

@@ -108,13 +108,40 @@ def lane(name: str, rng: random.Random, home: Path, cwd: Path, results: dict, er
             kind = "edit" if rng.random() < 0.25 else "replay"
             if kind == "edit":  # a single edit, killed from start-up to just after its commit
                 session = f"{name}-{n}"
-                run = Run("edit", "small.png", "add snow", "--preset", "tiny", "--steps", "1", "--session", session,
-                          "--seed", rng.randrange(1000), "-o", f"{name}.png", "--json", home=home, cwd=cwd)
+                run = Run(
+                    "edit",
+                    "small.png",
+                    "add snow",
+                    "--preset",
+                    "tiny",
+                    "--steps",
+                    "1",
+                    "--session",
+                    session,
+                    "--seed",
+                    rng.randrange(1000),
+                    "-o",
+                    f"{name}.png",
+                    "--json",
+                    home=home,
+                    cwd=cwd,
+                )
                 time.sleep(rng.uniform(0.5, 1.05) * first_line["edit"])
             else:  # a replay, killed after a random number of committed turns, a random moment into the next
                 session = name if n % 2 else f"{name}-{n}"
-                run = Run("replay", "walk.toml", "--out", f"out-{name}", "--preset", "tiny", "--session", session,
-                          "--json", home=home, cwd=cwd)
+                run = Run(
+                    "replay",
+                    "walk.toml",
+                    "--out",
+                    f"out-{name}",
+                    "--preset",
+                    "tiny",
+                    "--session",
+                    session,
+                    "--json",
+                    home=home,
+                    cwd=cwd,
+                )
                 if (done := rng.randrange(TURNS)) == 0:
                     time.sleep(rng.uniform(0.5, 1.05) * first_line["replay"])
                 else:
@@ -130,7 +157,9 @@ def lane(name: str, rng: random.Random, home: Path, cwd: Path, results: dict, er
             with lock:
                 results["kills"] += killed
                 results["reported"] += len(reports)
-                sessions = check_store(home / "sessions.sqlite3") if (home / "sessions.sqlite3").exists() else {}
+                sessions = (
+                    check_store(home / "sessions.sqlite3") if (home / "sessions.sqlite3").exists() else {}
+                )
             for turn_id, sha in reports:
                 assert sessions[session].get(turn_id) == sha, f"reported turn {turn_id} of {session} is gone"
     except BaseException as e:  # noqa: BLE001 - handed to the test's thread
@@ -142,8 +171,12 @@ def test_kill_9_at_random_moments_loses_no_reported_turn_and_leaves_the_store_wh
     home = folder / "home"
     results = {"kills": 0, "runs": 0, "reported": 0}
     errors: list[BaseException] = []
-    lanes = [threading.Thread(target=lane, args=(f"lane{i}", random.Random(1000 + i), home, folder, results, errors))
-             for i in range(2)]
+    lanes = [
+        threading.Thread(
+            target=lane, args=(f"lane{i}", random.Random(1000 + i), home, folder, results, errors)
+        )
+        for i in range(2)
+    ]
     for t in lanes:
         t.start()
     for t in lanes:
@@ -155,12 +188,20 @@ def test_kill_9_at_random_moments_loses_no_reported_turn_and_leaves_the_store_wh
     sessions = check_store(home / "sessions.sqlite3")
     with sqlite3.connect(home / "sessions.sqlite3") as con:
         # no "open" turn without its first edit: the two are committed together
-        lonely = con.execute("SELECT id FROM turns t WHERE kind = 'open' AND NOT EXISTS "
-                             "(SELECT 1 FROM turns c WHERE c.parent_id = t.id)").fetchall()
+        lonely = con.execute(
+            "SELECT id FROM turns t WHERE kind = 'open' AND NOT EXISTS "
+            "(SELECT 1 FROM turns c WHERE c.parent_id = t.id)"
+        ).fetchall()
     assert lonely == []
     # the store still serves the person: the same store, read by the console script after all that
-    shown = subprocess.run([str(ICEDIT), "sessions", "show", "lane0", "--json"], env=env_for(home), check=False,
-                           capture_output=True, text=True, timeout=60)
+    shown = subprocess.run(
+        [str(ICEDIT), "sessions", "show", "lane0", "--json"],
+        env=env_for(home),
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert shown.returncode == 0, shown.stderr
     assert {t["id"] for t in json.loads(shown.stdout)["turns"]} == set(sessions["lane0"])
 
@@ -174,8 +215,20 @@ def test_ctrl_c_during_a_replay_keeps_the_turns_before_and_nothing_of_the_one_in
     # stderr is a terminal, so the console script draws its progress line there: Ctrl+C is sent once turn 2
     # has reported a step (an event, not a guess at how long turn 1 takes).
     leader, follower = pty.openpty()
-    run = Run("replay", "slow.toml", "--out", "out", "--preset", "tiny", "--session", "s", "--json",
-              home=home, cwd=folder, stderr=follower)
+    run = Run(
+        "replay",
+        "slow.toml",
+        "--out",
+        "out",
+        "--preset",
+        "tiny",
+        "--session",
+        "s",
+        "--json",
+        home=home,
+        cwd=folder,
+        stderr=follower,
+    )
     os.close(follower)
     err_text, in_turn_2 = [], threading.Event()
 
@@ -209,6 +262,9 @@ def test_ctrl_c_during_a_replay_keeps_the_turns_before_and_nothing_of_the_one_in
     assert "Traceback" not in "\n".join(err)
     first = json.loads(run.lines[0])
     turns = check_store(home / "sessions.sqlite3")["s"]
-    assert set(turns) == {first["cursor"] - 1, first["cursor"]}  # turn 1 (its open and its edit), nothing of 2
+    assert set(turns) == {
+        first["cursor"] - 1,
+        first["cursor"],
+    }  # turn 1 (its open and its edit), nothing of 2
     assert turns[first["cursor"]] == first["image_sha256"]
     assert sorted(p.name for p in (folder / "out").iterdir()) == ["01-edit.png"]

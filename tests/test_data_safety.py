@@ -61,8 +61,12 @@ def ok(result) -> None:
 
 def unchanged(path: Path, before: bytes) -> None:
     after = path.read_bytes()
-    offsets = [i for i, (a, b) in enumerate(zip(before, after)) if a != b][:10]
-    assert after == before, f"{path.name} was changed: {len(before)} -> {len(after)} bytes, differing at {offsets}"
+    offsets = [
+        i for i, (a, b) in enumerate(zip(before, after, strict=False)) if a != b
+    ]  # lengths may differ[:10]
+    assert after == before, (
+        f"{path.name} was changed: {len(before)} -> {len(after)} bytes, differing at {offsets}"
+    )
 
 
 def files(folder: Path) -> dict[str, bytes | str]:
@@ -90,29 +94,61 @@ def work(fake, icedit_home, tmp_path, monkeypatch) -> Path:
     work.mkdir()
     monkeypatch.chdir(work)
     Image.open(EXAMPLES / "chelsea.png").convert("RGB").resize((96, 64)).save(work / "photo.png")
-    ok(invoke("edit", "photo.png", "make it look like winter", *FAKE, "--session", "s", "--seed", "1",
-              "-o", "winter.png"))
+    ok(
+        invoke(
+            "edit",
+            "photo.png",
+            "make it look like winter",
+            *FAKE,
+            "--session",
+            "s",
+            "--seed",
+            "1",
+            "-o",
+            "winter.png",
+        )
+    )
     fake.engine.calls.clear()
     return work
 
 
 def _add_turn(fake) -> None:
     """Change session 's', so that a new export of it would differ from the one already on disk."""
-    ok(invoke("edit", "winter.png", "add a red scarf", *FAKE, "--session", "s", "--seed", "2", "-o", "scarf.png"))
+    ok(
+        invoke(
+            "edit", "winter.png", "add a red scarf", *FAKE, "--session", "s", "--seed", "2", "-o", "scarf.png"
+        )
+    )
     fake.engine.calls.clear()
 
 
 # the commands that write a file a person keeps: args, the name that fails, how to make the old copy (None: winter.png)
 WRITERS = {
-    "edit -o": (["edit", "photo.png", "add snow", *FAKE, "--seed", "5", "-o", "winter.png", "--force"],
-                "winter.png", None),
-    "export zip": (["sessions", "export", "s", "backup.zip", "--force"], "backup.zip",
-                   ["sessions", "export", "s", "backup.zip"]),
-    "export toml: its image": (["sessions", "export", "s", "trip.toml", "--force"], "trip-1.png",
-                               ["sessions", "export", "s", "trip.toml"]),
-    "export toml: the script": (["sessions", "export", "s", "trip.toml", "--force"], "trip.toml",
-                                ["sessions", "export", "s", "trip.toml"]),
-    "sheet": (["sessions", "sheet", "s", "sheet.png", "--force"], "sheet.png", ["sessions", "sheet", "s", "sheet.png"]),
+    "edit -o": (
+        ["edit", "photo.png", "add snow", *FAKE, "--seed", "5", "-o", "winter.png", "--force"],
+        "winter.png",
+        None,
+    ),
+    "export zip": (
+        ["sessions", "export", "s", "backup.zip", "--force"],
+        "backup.zip",
+        ["sessions", "export", "s", "backup.zip"],
+    ),
+    "export toml: its image": (
+        ["sessions", "export", "s", "trip.toml", "--force"],
+        "trip-1.png",
+        ["sessions", "export", "s", "trip.toml"],
+    ),
+    "export toml: the script": (
+        ["sessions", "export", "s", "trip.toml", "--force"],
+        "trip.toml",
+        ["sessions", "export", "s", "trip.toml"],
+    ),
+    "sheet": (
+        ["sessions", "sheet", "s", "sheet.png", "--force"],
+        "sheet.png",
+        ["sessions", "sheet", "s", "sheet.png"],
+    ),
 }
 
 
@@ -168,8 +204,9 @@ def disk_fault(monkeypatch, kind: str, name: str) -> None:
 
 @pytest.mark.parametrize("kind", ["fsync", "disk fills midway"])
 @pytest.mark.parametrize("writer", list(WRITERS))
-def test_a_failed_write_over_a_file_leaves_the_old_file_and_no_temporary(work, fake, icedit_home, monkeypatch,
-                                                                         writer, kind):
+def test_a_failed_write_over_a_file_leaves_the_old_file_and_no_temporary(
+    work, fake, icedit_home, monkeypatch, writer, kind
+):
     args, name, first = WRITERS[writer]
     if first is not None:
         ok(invoke(*first))
@@ -183,7 +220,9 @@ def test_a_failed_write_over_a_file_leaves_the_old_file_and_no_temporary(work, f
     assert dump(icedit_home) == store
 
 
-def test_an_archive_failing_after_its_first_member_leaves_the_old_archive(work, fake, icedit_home, monkeypatch):
+def test_an_archive_failing_after_its_first_member_leaves_the_old_archive(
+    work, fake, icedit_home, monkeypatch
+):
     ok(invoke("sessions", "export", "s", "backup.zip"))
     _add_turn(fake)
     before, store = files(work), dump(icedit_home)
@@ -206,15 +245,21 @@ def test_an_archive_failing_after_its_first_member_leaves_the_old_archive(work, 
         assert zf.testzip() is None and len(zf.namelist()) == 3  # session.json and two images
 
 
-def test_an_edit_kept_in_a_session_says_where_when_its_output_cannot_be_written(work, fake, icedit_home, monkeypatch):
+def test_an_edit_kept_in_a_session_says_where_when_its_output_cannot_be_written(
+    work, fake, icedit_home, monkeypatch
+):
     before = files(work)
     disk_fault(monkeypatch, "disk fills midway", "winter.png")
-    result = invoke("edit", "photo.png", "add snow", *FAKE, "--session", "s", "--seed", "5", "-o", "winter.png",
-                    "--force")
+    result = invoke(
+        "edit", "photo.png", "add snow", *FAKE, "--session", "s", "--seed", "5", "-o", "winter.png", "--force"
+    )
     refused(result, f"cannot write winter.png: {NO_SPACE} (the edit is kept as turn 3 of session s)")
     assert files(work) == before
     assert [row[4] for row in dump(icedit_home)["turns"]] == [
-        "open photo.png", "make it look like winter", "add snow"]  # photo.png is turn 1 again, not a new turn
+        "open photo.png",
+        "make it look like winter",
+        "add snow",
+    ]  # photo.png is turn 1 again, not a new turn
 
 
 KILLED_WRITER = """
@@ -241,8 +286,13 @@ def test_kill_9_mid_write_leaves_the_old_file_or_none(tmp_path, old):
     path = folder / "keep.bin"
     if old is not None:
         path.write_bytes(old)
-    child = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(path), "force" if old else "new"], cwd=ROOT,
-                             env=env_for(tmp_path, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITER, str(path), "force" if old else "new"],
+        cwd=ROOT,
+        env=env_for(tmp_path, PYTHONPATH=str(ROOT)),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         for line in child.stdout:
             if line == "wrote 16\n":  # a megabyte is in the temporary file
@@ -272,12 +322,26 @@ def _elsewhere(tmp_path: Path) -> Path:
     return target
 
 
-@pytest.mark.parametrize("case", ["the source", "the source, as ./path", "the source, absolute", "a hard link to it",
-                                  "a symlink to it", "another file", "a symlink elsewhere", "a dangling symlink"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "the source",
+        "the source, as ./path",
+        "the source, absolute",
+        "a hard link to it",
+        "a symlink to it",
+        "another file",
+        "a symlink elsewhere",
+        "a dangling symlink",
+    ],
+)
 @pytest.mark.parametrize("session", [None, "s"], ids=["no session", "in a session"])
 def test_edit_never_writes_over_a_file_without_force(work, fake, icedit_home, tmp_path, case, session):
-    out = {"the source": "photo.png", "the source, as ./path": "./photo.png",
-           "the source, absolute": str(work / "photo.png")}.get(case, "out.png")
+    out = {
+        "the source": "photo.png",
+        "the source, as ./path": "./photo.png",
+        "the source, absolute": str(work / "photo.png"),
+    }.get(case, "out.png")
     if case == "a hard link to it":
         os.link(work / "photo.png", work / "out.png")
     elif case == "a symlink to it":
@@ -294,18 +358,25 @@ def test_edit_never_writes_over_a_file_without_force(work, fake, icedit_home, tm
     session_args = ["--session", session] if session else []
     result = invoke("edit", "photo.png", "add snow", *FAKE, *session_args, "--seed", "3", "-o", out)
     if source:
-        refused(result, f"{Path(out)} is the picture being edited: give -o another name, or pass --force to replace it")
+        refused(
+            result,
+            f"{Path(out)} is the picture being edited: give -o another name, or pass --force to replace it",
+        )
     else:
         refused(result, f"{out} already exists: choose another name, or pass --force to replace it")
     assert fake.engine.calls == []  # refused before any edit ran
     assert files(work) == before
     assert dump(icedit_home) == store
 
-    result = invoke("edit", "photo.png", "add snow", *FAKE, *session_args, "--seed", "3", "-o", out, "--force")
+    result = invoke(
+        "edit", "photo.png", "add snow", *FAKE, *session_args, "--seed", "3", "-o", out, "--force"
+    )
     ok(result)
     assert len(fake.engine.calls) == 1
     written = Path(out)
-    assert not written.is_symlink() and written.is_file()  # a link is replaced by the edit, not written through
+    assert (
+        not written.is_symlink() and written.is_file()
+    )  # a link is replaced by the edit, not written through
     digest = re.search(r"sha256 ([0-9a-f]{12})\)", result.stdout).group(1)
     assert sha256(written.read_bytes())[:12] == digest
     if outside is not None:
@@ -322,15 +393,33 @@ def _archive(path: Path) -> None:
     path.write_bytes(b"PK\x05\x06" + bytes(18))  # an empty zip: the person's own archive
 
 
-@pytest.mark.parametrize(("args", "name", "plant"), [
-    (["sessions", "export", "s", "trip.toml"], "trip.toml", lambda p: p.write_text("# my own notes\n")),
-    (["sessions", "export", "s", "trip.toml"], "trip-1.png", lambda p: Image.new("RGB", (40, 40)).save(p)),
-    (["sessions", "export", "s", "b.zip"], "b.zip", _archive),
-    (["sessions", "sheet", "s", "out.png"], "out.png", lambda p: Image.new("RGB", (40, 40), "red").save(p)),
-    (["sessions", "sheet", "s", "out.png"], "out.png", lambda p: p.symlink_to(p.parent / "photo.png")),
-    (["sessions", "export", "s", "b.zip"], "b.zip", lambda p: p.symlink_to(p.parent / "nowhere.zip")),
-], ids=["toml over a script", "toml beside the person's trip-1.png", "zip over a zip", "sheet over a png",
-        "sheet over a symlink to a photo", "zip over a dangling symlink"])
+@pytest.mark.parametrize(
+    ("args", "name", "plant"),
+    [
+        (["sessions", "export", "s", "trip.toml"], "trip.toml", lambda p: p.write_text("# my own notes\n")),
+        (
+            ["sessions", "export", "s", "trip.toml"],
+            "trip-1.png",
+            lambda p: Image.new("RGB", (40, 40)).save(p),
+        ),
+        (["sessions", "export", "s", "b.zip"], "b.zip", _archive),
+        (
+            ["sessions", "sheet", "s", "out.png"],
+            "out.png",
+            lambda p: Image.new("RGB", (40, 40), "red").save(p),
+        ),
+        (["sessions", "sheet", "s", "out.png"], "out.png", lambda p: p.symlink_to(p.parent / "photo.png")),
+        (["sessions", "export", "s", "b.zip"], "b.zip", lambda p: p.symlink_to(p.parent / "nowhere.zip")),
+    ],
+    ids=[
+        "toml over a script",
+        "toml beside the person's trip-1.png",
+        "zip over a zip",
+        "sheet over a png",
+        "sheet over a symlink to a photo",
+        "zip over a dangling symlink",
+    ],
+)
 def test_exports_never_write_over_a_file_without_force(work, icedit_home, args, name, plant):
     plant(work / name)
     before, store = files(work), dump(icedit_home)
@@ -353,8 +442,10 @@ def test_a_taken_default_name_gets_a_fresh_one(work, fake, tmp_path):
     before = files(work)
     result = invoke("edit", "photo.png", "add snow", *FAKE, "--seed", "7")
     ok(result)
-    assert f"wrote photo-7-3.png  (seed 7, 96x64, sha256 {sha256((work / 'photo-7-3.png').read_bytes())[:12]})" \
+    assert (
+        f"wrote photo-7-3.png  (seed 7, 96x64, sha256 {sha256((work / 'photo-7-3.png').read_bytes())[:12]})"
         in result.stdout
+    )
     after = files(work)
     assert set(after) - set(before) == {"photo-7-3.png"}
     assert {n: after[n] for n in before} == before
@@ -375,8 +466,10 @@ def test_new_files_get_the_umask_permissions(work, fake, umask):
     ok(invoke("sessions", "export", "s", "new.zip"))
     ok(invoke("sessions", "export", "s", "new.toml"))
     ok(invoke("sessions", "sheet", "s", "new-sheet.png"))
-    modes = {n: (work / n).stat().st_mode & 0o777 for n in
-             ("new.png", "photo-4.png", "new.zip", "new.toml", "new-1.png", "new-sheet.png")}
+    modes = {
+        n: (work / n).stat().st_mode & 0o777
+        for n in ("new.png", "photo-4.png", "new.zip", "new.toml", "new-1.png", "new-sheet.png")
+    }
     assert modes == dict.fromkeys(modes, 0o666 & ~umask)
 
 
@@ -416,8 +509,11 @@ def _open_turns(store: Store, name: str, n: int, colour: tuple[int, int, int]) -
     parent = None
     for i in range(n):
         png = encode_png(Image.new("RGB", (64, 64), (colour[0], colour[1], i * 40)))
-        parent = store.add_turns(name, parent, [NewTurn(kind="open", message=f"{name} {i}", png=png,
-                                                        image_sha256=sha256(png), size=(64, 64))])[0].id
+        parent = store.add_turns(
+            name,
+            parent,
+            [NewTurn(kind="open", message=f"{name} {i}", png=png, image_sha256=sha256(png), size=(64, 64))],
+        )[0].id
 
 
 @pytest.fixture(scope="module")
@@ -443,9 +539,21 @@ def crashed(tmp_path_factory) -> SimpleNamespace:
         dst.close()  # no connection of ours stays open: closing the last one would checkpoint the WAL away
     with Store(other / STORE) as store:
         _open_turns(store, "other", 2, (0, 200))
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(home / STORE), str(NOISE_TURNS), str(COPY_AT),
-                              str(root / "midcopy.sqlite3")], cwd=ROOT, env=env_for(home, PYTHONPATH=str(ROOT)),
-                             stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            CHILD,
+            str(home / STORE),
+            str(NOISE_TURNS),
+            str(COPY_AT),
+            str(root / "midcopy.sqlite3"),
+        ],
+        cwd=ROOT,
+        env=env_for(home, PYTHONPATH=str(ROOT)),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     reports = []
     try:
         for line in child.stdout:
@@ -462,11 +570,20 @@ def crashed(tmp_path_factory) -> SimpleNamespace:
     # the scenario is real: the WAL left behind was started after the backup and after the plain copy
     assert final["base"] > commits_at_backup and final["base"] > at_copy["commits"]
     assert len({r["wal"] for r in reports}) >= 3  # the WAL restarted at least twice
-    return SimpleNamespace(root=root, home=home, backup=backup / STORE, midcopy=root / "midcopy.sqlite3",
-                           other=other / STORE, reports=reports, backup_dump=dump(backup))
+    return SimpleNamespace(
+        root=root,
+        home=home,
+        backup=backup / STORE,
+        midcopy=root / "midcopy.sqlite3",
+        other=other / STORE,
+        reports=reports,
+        backup_dump=dump(backup),
+    )
 
 
-def scene(crashed, tmp_path: Path, main: Path | None = None, wal: Path | None = None, shm: bool = True) -> Path:
+def scene(
+    crashed, tmp_path: Path, main: Path | None = None, wal: Path | None = None, shm: bool = True
+) -> Path:
     """A store folder of copies: the crashed store's files, `main` copied over the main file, `wal` as the -wal."""
     home = tmp_path / "scene"
     home.mkdir()
@@ -489,17 +606,26 @@ def digests(home: Path) -> dict[str, str]:
 
 def stale(home: Path) -> str:
     wal, store = home / f"{STORE}-wal", home / STORE
-    return (f"Error: {wal} does not belong to the session store {store} (it was left by another copy of the store, "
-            f"e.g. when a backup was copied back over it): the store was not opened, nothing in it changed; if {STORE} "
-            f"is the copy you want, move {STORE}-wal and {STORE}-shm out of the folder and run again\n")
+    return (
+        f"Error: {wal} does not belong to the session store {store} (it was left by another copy of the store, "
+        f"e.g. when a backup was copied back over it): the store was not opened, nothing in it changed; if {STORE} "
+        f"is the copy you want, move {STORE}-wal and {STORE}-shm out of the folder and run again\n"
+    )
 
 
-@pytest.mark.parametrize(("main", "wal", "shm"), [
-    ("backup", None, True),
-    ("midcopy", None, True),
-    ("other", None, False),
-], ids=["a backup copied back over the main file", "a plain copy taken mid-run copied back",
-        "a -wal copied from a different store"])
+@pytest.mark.parametrize(
+    ("main", "wal", "shm"),
+    [
+        ("backup", None, True),
+        ("midcopy", None, True),
+        ("other", None, False),
+    ],
+    ids=[
+        "a backup copied back over the main file",
+        "a plain copy taken mid-run copied back",
+        "a -wal copied from a different store",
+    ],
+)
 def test_a_wal_that_is_not_the_stores_is_refused_and_nothing_changes(crashed, tmp_path, main, wal, shm):
     home = scene(crashed, tmp_path, main=getattr(crashed, main), wal=wal, shm=shm)
     before = digests(home)
@@ -516,7 +642,9 @@ def test_a_store_reached_through_a_link_is_checked_where_sqlite_keeps_its_wal(cr
     (home / STORE).symlink_to(real / STORE)
     before = digests(real)
     code, out, err = run_icedit(home, "sessions", "list")
-    assert code == 2 and out == "" and f"Error: {real / STORE}-wal does not belong to the session store" in err
+    assert (
+        code == 2 and out == "" and f"Error: {real / STORE}-wal does not belong to the session store" in err
+    )
     assert digests(real) == before
 
 
@@ -561,7 +689,9 @@ def test_an_upgrade_while_an_older_icedit_holds_a_wal_keeps_the_store_usable(ice
         older.execute("PRAGMA journal_mode = WAL")
         older.execute("UPDATE sessions SET updated = '2026-01-01T00:00:00.000+00:00' WHERE name = 'other'")
         older.execute("BEGIN")
-        older.execute("SELECT COUNT(*) FROM turns").fetchone()  # a reader: the upgrade cannot checkpoint it all
+        older.execute(
+            "SELECT COUNT(*) FROM turns"
+        ).fetchone()  # a reader: the upgrade cannot checkpoint it all
         for args in (["undo", "walk"], ["redo", "walk"], ["sessions", "list"], ["undo", "walk"]):
             code, _, err = run_icedit(icedit_home, *args)
             assert (code, err) == (0, ""), err
@@ -576,8 +706,9 @@ def test_a_crash_without_a_restore_opens_and_keeps_every_turn(crashed, tmp_path)
     home = scene(crashed, tmp_path)
     code, out, err = run_icedit(home, "sessions", "list")
     assert (code, err) == (0, "")
-    assert re.fullmatch(rf"trip\t{SETUP_TURNS + NOISE_TURNS} turns\tcursor {SETUP_TURNS + NOISE_TURNS}\tupdated \S+\n",
-                        out)
+    assert re.fullmatch(
+        rf"trip\t{SETUP_TURNS + NOISE_TURNS} turns\tcursor {SETUP_TURNS + NOISE_TURNS}\tupdated \S+\n", out
+    )
     turns = check_store(home / STORE)["trip"]
     assert len(turns) == SETUP_TURNS + NOISE_TURNS
     assert all(turns[r["turn"]] == r["sha256"] for r in crashed.reports)
@@ -624,7 +755,9 @@ def _notes(con: sqlite3.Connection) -> None:
 
 def _app_id(con: sqlite3.Connection) -> None:
     con.execute("PRAGMA application_id = 1234")
-    con.execute("CREATE TABLE sessions (id INTEGER PRIMARY KEY)")  # a table named like ours does not make it ours
+    con.execute(
+        "CREATE TABLE sessions (id INTEGER PRIMARY KEY)"
+    )  # a table named like ours does not make it ours
 
 
 def _version_2(con: sqlite3.Connection) -> None:
@@ -665,10 +798,16 @@ def test_an_sqlite_file_of_another_program_is_refused_and_untouched(work, fake, 
     finally:
         con.close()
     before = path.read_bytes()
-    args = ["sessions", "list"] if command == "sessions list" else ["edit", "photo.png", "add snow", *FAKE,
-                                                                    "--session", "s", "--seed", "1"]
-    refused(invoke(*args), f"{path} is not a session store (an SQLite database of another program, tables: "
-            f"{tables}): move it away, or set ICEDIT_HOME to another folder")
+    args = (
+        ["sessions", "list"]
+        if command == "sessions list"
+        else ["edit", "photo.png", "add snow", *FAKE, "--session", "s", "--seed", "1"]
+    )
+    refused(
+        invoke(*args),
+        f"{path} is not a session store (an SQLite database of another program, tables: "
+        f"{tables}): move it away, or set ICEDIT_HOME to another folder",
+    )
     assert fake.engine.calls == []
     assert sorted(p.name for p in icedit_home.iterdir()) == [STORE]
     unchanged(path, before)
@@ -692,7 +831,9 @@ def test_a_v1_store_still_opens(icedit_home):
     result = invoke("sessions", "list")
     ok(result)
     assert [line.split("\tupdated ")[0] for line in result.stdout.splitlines()] == [
-        "other\t1 turns\tcursor 5", "walk\t4 turns\tcursor 2"]
+        "other\t1 turns\tcursor 5",
+        "walk\t4 turns\tcursor 2",
+    ]
     assert dump(icedit_home)["user_version"] == 3
 
 
@@ -718,7 +859,9 @@ def test_the_real_console_script_refuses_a_foreign_file_in_one_line(tmp_path):
     before = (home / STORE).read_bytes()
     code, out, err = run_icedit(home, "sessions", "list")
     assert (code, out) == (2, "")
-    assert err == (f"Error: {home / STORE} is not a session store (an SQLite database of another program, tables: "
-                   "notes): move it away, or set ICEDIT_HOME to another folder\n")
+    assert err == (
+        f"Error: {home / STORE} is not a session store (an SQLite database of another program, tables: "
+        "notes): move it away, or set ICEDIT_HOME to another folder\n"
+    )
     assert sorted(p.name for p in home.iterdir()) == [STORE]
     unchanged(home / STORE, before)

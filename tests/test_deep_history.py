@@ -54,9 +54,18 @@ def build(home: Path, name: str, parents: list[int | None], cursor: int | None =
         png = encode_png(Image.new("RGB", (32, 32), colour(i)))
         images[sha256(png)] = (png, 32, 32)
         edit = parent is not None and i not in opens
-        turns.append(Turn(id=i, parent=parent, kind="edit" if edit else "open", message=f"turn {i}",
-                          plan={"intent": "edit", "instruction": f"do {i}", "rationale": ""} if edit else None,
-                          params={"seed": i, "steps": 1} if edit else {}, image_sha256=sha256(png), created=NOW))
+        turns.append(
+            Turn(
+                id=i,
+                parent=parent,
+                kind="edit" if edit else "open",
+                message=f"turn {i}",
+                plan={"intent": "edit", "instruction": f"do {i}", "rationale": ""} if edit else None,
+                params={"seed": i, "steps": 1} if edit else {},
+                image_sha256=sha256(png),
+                created=NOW,
+            )
+        )
     info = SessionInfo(name=name, cursor=cursor or len(turns), turns=len(turns), created=NOW, updated=NOW)
     with Store(home / "sessions.sqlite3") as store:
         history = store.restore(name, info, turns, [], images.__getitem__)
@@ -100,8 +109,11 @@ def damage(home: Path, *turn_ids: int) -> None:
     con = sqlite3.connect(home / "sessions.sqlite3")
     with con:
         for turn_id in turn_ids:
-            sha, png = con.execute("SELECT i.sha256, i.png FROM turns t JOIN images i ON i.sha256 = t.image_sha256 "
-                                   "WHERE t.id = ?", (turn_id,)).fetchone()
+            sha, png = con.execute(
+                "SELECT i.sha256, i.png FROM turns t JOIN images i ON i.sha256 = t.image_sha256 "
+                "WHERE t.id = ?",
+                (turn_id,),
+            ).fetchone()
             rotten = bytearray(png)
             rotten[len(rotten) // 2] ^= 1
             con.execute("UPDATE images SET png = ? WHERE sha256 = ?", (bytes(rotten), sha))
@@ -137,7 +149,10 @@ def test_a_3000_turn_chain_is_shown_exported_and_drawn(icedit_home, tmp_path):
     sheet = tmp_path / "deep.png"
     drawn = invoke("sessions", "sheet", "deep", sheet)
     # the last 600 turns of the path, 20 to a row
-    assert (drawn.exit_code, drawn.output) == (0, f"wrote {sheet} ({PATH_COLUMNS * CELL_W}x{HEADER + 30 * CELL_H})\n")
+    assert (drawn.exit_code, drawn.output) == (
+        0,
+        f"wrote {sheet} ({PATH_COLUMNS * CELL_W}x{HEADER + 30 * CELL_H})\n",
+    )
     assert Image.open(sheet).size == (PATH_COLUMNS * CELL_W, HEADER + 30 * CELL_H)
     assert [t.id for t in cursor_path(history)] == list(range(2401, 3001))
     assert time.perf_counter() - started < 30
@@ -160,7 +175,10 @@ def test_6000_branches_under_one_root_draw_the_cursors_path(icedit_home, tmp_pat
     assert [t.id for t in cursor_path(history)] == [1, 3000]  # the cursor's turn has no children
     sheet = tmp_path / "wide.webp"
     drawn = invoke("sessions", "sheet", "wide", sheet)
-    assert (drawn.exit_code, drawn.output) == (0, f"wrote {sheet} ({PATH_COLUMNS * CELL_W}x{HEADER + CELL_H})\n")
+    assert (drawn.exit_code, drawn.output) == (
+        0,
+        f"wrote {sheet} ({PATH_COLUMNS * CELL_W}x{HEADER + CELL_H})\n",
+    )
     x, y = thumb_origin((1, 0), (32, 32))
     assert Image.open(sheet).convert("RGB").getpixel((x + 16, y + 16)) == pytest.approx(colour(3000), abs=8)
 
@@ -196,14 +214,24 @@ def test_a_wide_and_deep_tree_exports_a_script_that_rebuilds_it(icedit_home, tmp
     assert [t.id for t in cursor_path(history)] == [*range(1, 851), *newest][-600:]
     sheet = tmp_path / "mixed.png"
     drawn = invoke("sessions", "sheet", "mixed", sheet)
-    assert (drawn.exit_code, drawn.output) == (0, f"wrote {sheet} ({PATH_COLUMNS * CELL_W}x{HEADER + 30 * CELL_H})\n")
+    assert (drawn.exit_code, drawn.output) == (
+        0,
+        f"wrote {sheet} ({PATH_COLUMNS * CELL_W}x{HEADER + 30 * CELL_H})\n",
+    )
 
 
 def test_a_deep_chain_through_the_console_script(icedit_home, tmp_path):
     build(icedit_home, "deep", chain(5000))
     for args in (["sessions", "show", "deep"], ["sessions", "sheet", "deep", tmp_path / "deep.png"]):
-        run = subprocess.run([ICEDIT, *map(str, args)], cwd=tmp_path, env=env_for(icedit_home), capture_output=True,
-                             text=True, timeout=120, check=False)
+        run = subprocess.run(
+            [ICEDIT, *map(str, args)],
+            cwd=tmp_path,
+            env=env_for(icedit_home),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
         assert (run.returncode, run.stderr) == (0, "")
     assert run.stdout == f"wrote {tmp_path / 'deep.png'} ({PATH_COLUMNS * CELL_W}x{HEADER + 30 * CELL_H})\n"
 
@@ -245,11 +273,20 @@ def test_damaged_images_are_grey_boxes_and_named(icedit_home, tmp_path):
     build(icedit_home, "rot", ROT, opens={4, 7})
     damage(icedit_home, 4, 6)
     sheet = tmp_path / "rot.png"
-    run = subprocess.run([ICEDIT, "sessions", "sheet", "rot", sheet], cwd=tmp_path, env=env_for(icedit_home),
-                         capture_output=True, text=True, timeout=120, check=False)
+    run = subprocess.run(
+        [ICEDIT, "sessions", "sheet", "rot", sheet],
+        cwd=tmp_path,
+        env=env_for(icedit_home),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert (run.returncode, run.stdout) == (1, f"wrote {sheet} ({5 * CELL_W}x{HEADER + 2 * CELL_H})\n")
-    assert run.stderr == ('warning: turns 4, 6: their images are damaged in the store; drawn as grey "damaged" '
-                          "boxes (restore the store from a backup)\n")
+    assert run.stderr == (
+        'warning: turns 4, 6: their images are damaged in the store; drawn as grey "damaged" '
+        "boxes (restore the store from a backup)\n"
+    )
     with Store(icedit_home / "sessions.sqlite3") as store:
         places = layout(store.history("rot"))
     drawn = Image.open(sheet).convert("RGB")
@@ -267,8 +304,10 @@ def test_the_export_leaves_out_the_branch_under_a_damaged_open(icedit_home, tmp_
     script = tmp_path / "out" / "x.toml"
     with Store(icedit_home / "sessions.sqlite3") as store, pytest.raises(LeftOut) as left_out:
         export_script(store, "rot", script)
-    assert str(left_out.value) == ("turn 4: its opened image is damaged in the store; left out of the script with "
-                                   "the 1 turn(s) below it (restore the store from a backup)")
+    assert str(left_out.value) == (
+        "turn 4: its opened image is damaged in the store; left out of the script with "
+        "the 1 turn(s) below it (restore the store from a backup)"
+    )
     written = [script, script.with_name("x-1.png"), script.with_name("x-7.png")]
     assert (left_out.value.turns, left_out.value.written) == ([4], written)
     assert sorted(script.parent.iterdir()) == sorted(written)
@@ -281,8 +320,10 @@ def test_the_export_command_warns_of_left_out_turns_and_exits_1(icedit_home, tmp
     script = tmp_path / "x.toml"
     result = invoke("sessions", "export", "rot", script)
     assert (result.exit_code, result.stdout) == (1, f"wrote {script} and 2 image(s) beside it\n")
-    warning = ("warning: turn 4: its opened image is damaged in the store; left out of the script with the 1 "
-               "turn(s) below it (restore the store from a backup)\n")
+    warning = (
+        "warning: turn 4: its opened image is damaged in the store; left out of the script with the 1 "
+        "turn(s) below it (restore the store from a backup)\n"
+    )
     assert result.stderr == warning
 
 
@@ -291,8 +332,10 @@ def test_a_damaged_first_image_cannot_be_exported(icedit_home, tmp_path):
     damage(icedit_home, 1)
     result = invoke("sessions", "export", "rot", tmp_path / "out" / "x.toml")
     store = icedit_home / "sessions.sqlite3"
-    error = (f"Error: cannot export session 'rot': turn 1's image {history.turn(1).image_sha256[:12]} in the session "
-             f"store {store} is damaged (its bytes no longer match their hash): restore the store from a backup\n")
+    error = (
+        f"Error: cannot export session 'rot': turn 1's image {history.turn(1).image_sha256[:12]} in the session "
+        f"store {store} is damaged (its bytes no longer match their hash): restore the store from a backup\n"
+    )
     assert (result.exit_code, result.stderr) == (2, error)
     assert not (tmp_path / "out").exists()
 

@@ -28,7 +28,10 @@ def shade(value: int) -> Image.Image:
 
 
 def candidates(*values: int, first_seed: int = 10) -> list[CandidateInfo]:
-    return [CandidateInfo(seed=first_seed + i, preview=shade(v), preview_sha256=str(v)) for i, v in enumerate(values)]
+    return [
+        CandidateInfo(seed=first_seed + i, preview=shade(v), preview_sha256=str(v))
+        for i, v in enumerate(values)
+    ]
 
 
 class BiasedJudge(PairwiseJudge):
@@ -125,12 +128,17 @@ def test_engine_runs_candidates_batched_counts_nfe_and_resume_equals_a_plain_run
     assert result.nfe == 3 * 2 + 6 - 2 == 10
     assert [c.seed for c in result.candidates] == [5, 6, 7]
     assert len(calls) == 2 + 4  # two batched calls for the candidates, four for the winner
-    assert [c.kind for c in events if c.kind in ("candidates", "verdict")] == ["candidates", "verdict", "verdict"]
+    assert [c.kind for c in events if c.kind in ("candidates", "verdict")] == [
+        "candidates",
+        "verdict",
+        "verdict",
+    ]
     previews = next(e for e in events if e.kind == "candidates").previews
     brightness = [np.asarray(p).mean() for p in previews]
     assert result.seed == 5 + int(np.argmax(brightness))
-    plain = engine.edit(EditRequest(source=photo, plan=plan, seed=result.seed, steps=6), lambda e: None,
-                        threading.Event())
+    plain = engine.edit(
+        EditRequest(source=photo, plan=plan, seed=result.seed, steps=6), lambda e: None, threading.Event()
+    )
     # The winner resumed from its batched step-2 latents equals a plain run of its seed up to rounding
     # (batched matmuls sum in another order): at most 1/255 per pixel.
     diff = np.abs(np.asarray(result.image, dtype=np.int16) - np.asarray(plain.image, dtype=np.int16))
@@ -144,8 +152,14 @@ def test_early_steps_must_leave_steps_to_finish(photo):
     with pytest.raises(UserError, match=r"--early-steps must be between 1 and --steps - 1 \(3\), not 4"):
         early_filter.run(
             engine,
-            EditRequest(source=photo, plan=EditPlan(intent="edit", instruction="x"), seed=1, steps=4,
-                        candidates=2, early_steps=4),
+            EditRequest(
+                source=photo,
+                plan=EditPlan(intent="edit", instruction="x"),
+                seed=1,
+                steps=4,
+                candidates=2,
+                early_steps=4,
+            ),
             BrightJudge(),
             lambda e: None,
             threading.Event(),
@@ -156,9 +170,30 @@ def test_cli_reports_candidates_verdicts_nfe_saves_previews_and_replay_repeats_t
     bright_judge, tmp_path, monkeypatch
 ):
     monkeypatch.chdir(tmp_path)
-    args = ["edit", str(EXAMPLES / "chelsea.png"), "add snow", "--preset", "tiny", "--steps", "6", "--candidates",
-            "3", "--early-steps", "2", "--seed", "5", "--judge", "bright", "-o", "f.png", "--json",
-            "--save-candidates", "cands", "--session", "s"]
+    args = [
+        "edit",
+        str(EXAMPLES / "chelsea.png"),
+        "add snow",
+        "--preset",
+        "tiny",
+        "--steps",
+        "6",
+        "--candidates",
+        "3",
+        "--early-steps",
+        "2",
+        "--seed",
+        "5",
+        "--judge",
+        "bright",
+        "-o",
+        "f.png",
+        "--json",
+        "--save-candidates",
+        "cands",
+        "--session",
+        "s",
+    ]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
@@ -179,7 +214,9 @@ def test_cli_reports_candidates_verdicts_nfe_saves_previews_and_replay_repeats_t
     assert CliRunner().invoke(cli, ["sessions", "export", "s", str(tmp_path / "s.toml")]).exit_code == 0
     script = (tmp_path / "s.toml").read_text()
     assert "candidates = 3" in script and "early_steps = 2" in script and "seed = 5" in script
-    replay = CliRunner().invoke(cli, ["replay", str(tmp_path / "s.toml"), "--out", str(tmp_path / "r"), "--json"])
+    replay = CliRunner().invoke(
+        cli, ["replay", str(tmp_path / "s.toml"), "--out", str(tmp_path / "r"), "--json"]
+    )
     assert replay.exit_code == 0, replay.output
     row = json.loads(replay.stdout.splitlines()[-1])
     assert row["image_sha256"] == data["image_sha256"]

@@ -95,11 +95,14 @@ def test_a_stock_diffusers_lora_file_changes_the_edit(photo, tmp_path):
     pipe = build_tiny()
     config = LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v"])
     pipe.transformer.add_adapter(config)
-    layers = {k: v * 30 if "lora_B" in k else v for k, v in get_peft_model_state_dict(pipe.transformer).items()}
+    layers = {
+        k: v * 30 if "lora_B" in k else v for k, v in get_peft_model_state_dict(pipe.transformer).items()
+    }
     FluxFillPipeline.save_lora_weights(tmp_path, transformer_lora_layers=layers, safe_serialization=True)
     base, _ = run(IceditEngine(Settings(preset="tiny")), request(photo))
     adapted, _ = run(
-        IceditEngine(Settings(preset="tiny", lora=str(tmp_path / "pytorch_lora_weights.safetensors"))), request(photo)
+        IceditEngine(Settings(preset="tiny", lora=str(tmp_path / "pytorch_lora_weights.safetensors"))),
+        request(photo),
     )
     assert np.abs(pixels(base.image) - pixels(adapted.image)).mean() > 1
 
@@ -136,7 +139,10 @@ def test_a_repeated_prompt_skips_the_text_encoders_and_paints_the_same(photo):
     run(engine, request(photo))
     again, _ = run(engine, request(photo, seed=6))  # another seed: the same prompt
     assert len(calls) == 1
-    assert again.image.tobytes() == run(IceditEngine(Settings(preset="tiny")), request(photo, seed=6))[0].image.tobytes()
+    assert (
+        again.image.tobytes()
+        == run(IceditEngine(Settings(preset="tiny")), request(photo, seed=6))[0].image.tobytes()
+    )
     other = EditPlan(intent="edit", instruction="make it night")
     run(engine, EditRequest(source=photo, plan=other, seed=5, steps=3))
     assert len(calls) == 2
@@ -162,7 +168,9 @@ def test_the_prompt_cache_keeps_the_latest_prompts():
 
 @pytest.mark.parametrize("mode", ["encoders", "model", "sequential"])
 def test_offload_needs_a_gpu(photo, mode):
-    with pytest.raises(UserError, match=f"--offload {mode} moves weights between the CPU and a GPU; there is no GPU"):
+    with pytest.raises(
+        UserError, match=f"--offload {mode} moves weights between the CPU and a GPU; there is no GPU"
+    ):
         run(IceditEngine(Settings(preset="tiny", offload=mode, device="cpu")), request(photo))
 
 
@@ -171,7 +179,9 @@ def test_offload_encoders_keeps_the_prompt_encoders_on_the_cpu(monkeypatch):
 
     pipe, moved = build_tiny(), {}
     for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
-        monkeypatch.setattr(getattr(pipe, name), "to", lambda device, name=name: moved.setdefault(name, device))
+        monkeypatch.setattr(
+            getattr(pipe, name), "to", lambda device, name=name: moved.setdefault(name, device)
+        )
     place(pipe, "cuda:1", "encoders")  # no GPU needed: where each part is sent is the behaviour
     assert moved == {"transformer": "cuda:1", "vae": "cuda:1", "text_encoder": "cpu", "text_encoder_2": "cpu"}
 
@@ -184,7 +194,10 @@ def test_offload_encoders_paints_what_the_gpu_alone_paints(photo):
     split = run(engine, request(photo))[0]
     pipe = engine.pipeline()
     assert (pipe.text_encoder_2.device.type, pipe.transformer.device.type, pipe.vae.device.type) == (
-        "cpu", "cuda", "cuda")
+        "cpu",
+        "cuda",
+        "cuda",
+    )
     assert np.abs(pixels(split.image) - pixels(on_gpu.image)).mean() < 1
 
 

@@ -75,11 +75,19 @@ def test_pixel_distances_on_solid_colours():
 
 def test_identical_images_score_perfectly_and_different_ones_do_not(loaded):
     a, b = toy("source", 0), toy("target", 0)
-    same, other, unchanged = score(loaded, [
-        Example(source=b, edit=a, target=a),
-        Example(source=a, edit=b, target=a, source_caption="a red circle", target_caption="a blue circle"),
-        Example(source=a, edit=a, target=b, source_caption="a red circle", target_caption="a blue circle"),
-    ], batch_size=2)
+    same, other, unchanged = score(
+        loaded,
+        [
+            Example(source=b, edit=a, target=a),
+            Example(
+                source=a, edit=b, target=a, source_caption="a red circle", target_caption="a blue circle"
+            ),
+            Example(
+                source=a, edit=a, target=b, source_caption="a red circle", target_caption="a blue circle"
+            ),
+        ],
+        batch_size=2,
+    )
     assert (same["l1"], same["l2"]) == (0.0, 0.0)
     assert same["clip_i"] == pytest.approx(1, abs=1e-5) and same["dino"] == pytest.approx(1, abs=1e-5)
     assert same["clip_t"] is None and same["clip_dir"] is None  # no captions
@@ -95,8 +103,10 @@ def test_identical_images_score_perfectly_and_different_ones_do_not(loaded):
 
 
 def test_means_use_the_examples_that_have_each_metric():
-    rows = [dict.fromkeys((m.key for m in METRICS), None) | {"l1": 0.5, "clip_t": 0.25},
-            dict.fromkeys((m.key for m in METRICS), None) | {"l1": 0.25}]
+    rows = [
+        dict.fromkeys((m.key for m in METRICS), None) | {"l1": 0.5, "clip_t": 0.25},
+        dict.fromkeys((m.key for m in METRICS), None) | {"l1": 0.25},
+    ]
     averaged = means(rows)
     assert (averaged["l1"], averaged["clip_t"], averaged["dino"]) == (0.375, 0.25, None)
 
@@ -135,8 +145,9 @@ def answers():
 
 def test_evaluation_pairs_each_edit_with_its_own_target(answers, feature_dirs, tmp_path):
     settings = Settings(engine="answers", clip_model=str(feature_dirs[0]), dino_model=str(feature_dirs[1]))
-    report = evaluate(EvalConfig(data=str(TOY), limit=5, seed=10, batch_size=2, out=tmp_path), settings,
-                      progress=False)
+    report = evaluate(
+        EvalConfig(data=str(TOY), limit=5, seed=10, batch_size=2, out=tmp_path), settings, progress=False
+    )
     assert report.count == 5 and answers.seeds == [10, 11, 12, 13, 14]
     assert [e.index for e in report.examples] == [0, 1, 2, 3, 4]
     assert report.metrics["l1"] == 0.0 and report.metrics["l2"] == 0.0
@@ -167,7 +178,12 @@ def test_vie_score_takes_the_minimum_of_each_pair_and_their_geometric_mean(monke
     monkeypatch.setattr(vlm_model, "load", lambda settings: vlm)
     source, edit = toy("source", 0), toy("target", 0)
     verdict = QwenVieScorer(Settings()).score("the red circle is blue", source, edit)
-    assert (verdict.sc, verdict.pq, verdict.sc_scores, verdict.pq_scores) == (6.0, 4.5, [8.0, 6.0], [9.0, 4.5])
+    assert (verdict.sc, verdict.pq, verdict.sc_scores, verdict.pq_scores) == (
+        6.0,
+        4.5,
+        [8.0, 6.0],
+        [9.0, 4.5],
+    )
     assert verdict.overall == pytest.approx(math.sqrt(27)) and verdict.error is None
     sc_chat, pq_chat = vlm.asked
     assert sc_chat[0]["content"].startswith("You rate image edits, in the manner of VIEScore.")
@@ -187,7 +203,9 @@ def test_a_judge_answer_that_fails_leaves_its_score_missing(answers, feature_dir
     vlm = ScriptedVlm('{"score": [10, 8]}', '{"score": [5, 6]}', "no idea", '{"score": [2, 4]}')
     monkeypatch.setattr(vlm_model, "load", lambda settings: vlm)
     settings = Settings(engine="answers", clip_model=str(feature_dirs[0]), dino_model=str(feature_dirs[1]))
-    report = evaluate(EvalConfig(data=str(TOY), limit=2, out=tmp_path, judge="qwen_vl"), settings, progress=False)
+    report = evaluate(
+        EvalConfig(data=str(TOY), limit=2, out=tmp_path, judge="qwen_vl"), settings, progress=False
+    )
     first, second = (e.judge for e in report.examples)
     assert (first["sc"], first["pq"], first["overall"]) == (8.0, 5.0, pytest.approx(math.sqrt(40)))
     assert (second["sc"], second["pq"], second["overall"]) == (None, 2.0, None)
@@ -202,20 +220,42 @@ def test_cli_eval_on_the_tiny_preset_runs_offline_in_one_process_or_two(tmp_path
     result = invoke(*args)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert {"l1", "clip_i", "dino", "clip_t", "clip_dir"} <= {k for k, v in report["metrics"].items() if v is not None}
+    assert {"l1", "clip_i", "dino", "clip_t", "clip_dir"} <= {
+        k for k, v in report["metrics"].items() if v is not None
+    }
     assert 0 < report["metrics"]["l1"] < 1
     assert [e["seed"] for e in report["examples"]] == [0, 1, 2, 3]
     assert report["random_weights"] is True and report["feature_models"]["clip"] == "tiny (random)"
     assert sorted(p.name for p in (tmp_path / "icedit-eval").iterdir()) == [
-        "edits", "metrics.json", "metrics.md", "sheet.png"]
-    assert result.stderr.endswith("note: random weights (tiny preset): the numbers check the pipeline, "
-                                  "not editing quality\n")
+        "edits",
+        "metrics.json",
+        "metrics.md",
+        "sheet.png",
+    ]
+    assert result.stderr.endswith(
+        "note: random weights (tiny preset): the numbers check the pipeline, not editing quality\n"
+    )
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ICEDIT_", "ACCELERATE_"))}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--no-python",
-         str(ICEDIT), *map(str, args), "--out", "two"],
-        check=False, capture_output=True, text=True, timeout=180, env=env | {"OMP_NUM_THREADS": "1"},
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "--no-python",
+            str(ICEDIT),
+            *map(str, args),
+            "--out",
+            "two",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env | {"OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads(proc.stdout)  # gathered on the main process, which alone prints
@@ -223,7 +263,9 @@ def test_cli_eval_on_the_tiny_preset_runs_offline_in_one_process_or_two(tmp_path
     for one_example, two_example in zip(report["examples"], two["examples"], strict=True):
         assert two_example["seed"] == one_example["seed"]
         assert two_example["metrics"] == pytest.approx(one_example["metrics"], abs=1e-3)
-    assert sorted(p.name for p in (tmp_path / "two" / "edits").iterdir()) == [f"{i:05d}.png" for i in range(4)]
+    assert sorted(p.name for p in (tmp_path / "two" / "edits").iterdir()) == [
+        f"{i:05d}.png" for i in range(4)
+    ]
 
 
 def test_default_models_offline_are_reported_together_before_anything_loads(tmp_path, monkeypatch):
@@ -231,12 +273,19 @@ def test_default_models_offline_are_reported_together_before_anything_loads(tmp_
     result = invoke("eval", "--data", TOY, "--out", tmp_path)  # the default preset: real feature models
     assert result.exit_code == 2
     summary, *lines = result.stderr.splitlines()
-    assert summary.startswith("Error: 4 of the 4 model artifacts this command needs cannot be had now (offline mode "
-                              "is set: HF_HUB_OFFLINE)")
+    assert summary.startswith(
+        "Error: 4 of the 4 model artifacts this command needs cannot be had now (offline mode "
+        "is set: HF_HUB_OFFLINE)"
+    )
     assert [line.split(": not in the Hugging Face cache and offline mode is set")[0] for line in lines] == [
-        "  FLUX.1 Fill pipeline 'black-forest-labs/FLUX.1-Fill-dev' (--model)", "  LoRA 'RiverZ/normal-lora' (--lora)",
-        "  CLIP model 'openai/clip-vit-base-patch32' (--clip-model)", "  DINO model 'facebook/dino-vits16' (--dino-model)"]
-    assert "`hf download openai/clip-vit-base-patch32 --include '*.json' --include '*.safetensors'" in lines[2]
+        "  FLUX.1 Fill pipeline 'black-forest-labs/FLUX.1-Fill-dev' (--model)",
+        "  LoRA 'RiverZ/normal-lora' (--lora)",
+        "  CLIP model 'openai/clip-vit-base-patch32' (--clip-model)",
+        "  DINO model 'facebook/dino-vits16' (--dino-model)",
+    ]
+    assert (
+        "`hf download openai/clip-vit-base-patch32 --include '*.json' --include '*.safetensors'" in lines[2]
+    )
     assert list(tmp_path.iterdir()) == []
 
 

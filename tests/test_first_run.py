@@ -48,13 +48,18 @@ CLIP, DINO = "openai/clip-vit-base-patch32", "facebook/dino-vits16"  # the eval 
 BIG = "test/flux-big"
 NAMED_MOE = "test/moe-named"  # the MoE adapter under another file name, as repos often keep it
 CHUNK = 10 * 2**20  # huggingface_hub writes a download in chunks of this size: a cut file resumes after one
-PICKLE_ONLY = ("pickle weights only (.bin/.pt/.ckpt): icedit loads .safetensors only, since pickle files can "
-               "run code")
-FLUX_GET = (f"hf download {FLUX} --include 'model_index.json' --include '*/*.json' --include '*/*.txt' "
-            "--include '*/*.model' --include '*/*.safetensors'")
+PICKLE_ONLY = (
+    "pickle weights only (.bin/.pt/.ckpt): icedit loads .safetensors only, since pickle files can run code"
+)
+FLUX_GET = (
+    f"hf download {FLUX} --include 'model_index.json' --include '*/*.json' --include '*/*.txt' "
+    "--include '*/*.model' --include '*/*.safetensors'"
+)
 LORA_GET = "hf download {} --include '*.safetensors'"
-VLM_GET = (f"hf download {QWEN_7B} --include '*.json' --include '*.safetensors' --include '*.txt' "
-           "--include '*.model' --include '*.jinja'")
+VLM_GET = (
+    f"hf download {QWEN_7B} --include '*.json' --include '*.safetensors' --include '*.txt' "
+    "--include '*.model' --include '*.jinja'"
+)
 OPTIONAL = "(optional: without it the rules rewriter runs)"
 PIN = "check --{}revision (a commit, tag or branch)"
 LOG_IN = "log in (`hf auth login`, or set HF_TOKEN) and accept the licence at {}/" + FLUX
@@ -64,10 +69,12 @@ LOG_IN = "log in (`hf auth login`, or set HF_TOKEN) and accept the licence at {}
 
 
 def summary(blocked: int, needed: int, offline: bool = False, optional: int = 0) -> str:
-    return (f"Error: {blocked} of the {needed} model artifacts this command needs"
-            f"{f' (and {optional} optional)' if optional else ''} cannot be had now"
-            f"{' (offline mode is set: HF_HUB_OFFLINE)' if offline else ''}; `icedit models` shows them all, "
-            "`icedit download` fetches them, `--preset tiny` runs offline with random weights:")
+    return (
+        f"Error: {blocked} of the {needed} model artifacts this command needs"
+        f"{f' (and {optional} optional)' if optional else ''} cannot be had now"
+        f"{' (offline mode is set: HF_HUB_OFFLINE)' if offline else ''}; `icedit models` shows them all, "
+        "`icedit download` fetches them, `--preset tiny` runs offline with random weights:"
+    )
 
 
 def mib(n: int) -> str:
@@ -83,9 +90,14 @@ def selected(files: dict[str, bytes], layout: str) -> set[str]:
     if layout == "transformers":
         return {p for p in files if p.endswith((".json", ".safetensors", ".txt", ".model", ".jinja"))}
     index = json.loads(files["model_index.json"])
-    parts = {k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is not None}
-    return {"model_index.json"} | {p for p in files if "/" in p and p.split("/")[0] in parts
-                                   and p.endswith((".json", ".txt", ".model", ".safetensors"))}
+    parts = {
+        k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is not None
+    }
+    return {"model_index.json"} | {
+        p
+        for p in files
+        if "/" in p and p.split("/")[0] in parts and p.endswith((".json", ".txt", ".model", ".safetensors"))
+    }
 
 
 def size(files: dict[str, bytes], names: set[str]) -> int:
@@ -110,24 +122,41 @@ class Run(NamedTuple):
     def gets(self, repo_id: str) -> list[str]:
         """The files of `repo_id` it sent (200 or 206), in order, with repeats."""
         prefix = f"/{repo_id}/resolve/"
-        return [r.path[len(prefix):].split("/", 1)[1] for r in self.requests
-                if r.method == "GET" and r.path.startswith(prefix) and r.status in (200, 206)]
+        return [
+            r.path[len(prefix) :].split("/", 1)[1]
+            for r in self.requests
+            if r.method == "GET" and r.path.startswith(prefix) and r.status in (200, 206)
+        ]
 
     def downloading(self) -> list[str]:
         """What it said it was downloading."""
         return [line for line in self.lines if line.startswith("downloading ")]
 
 
-def icedit(server: HubServer, hf_home: Path, *args: object, token: str | None = None, offline: bool = False,
-           program: tuple[str, ...] = (str(ICEDIT),), **env: str) -> Run:
+def icedit(
+    server: HubServer,
+    hf_home: Path,
+    *args: object,
+    token: str | None = None,
+    offline: bool = False,
+    program: tuple[str, ...] = (str(ICEDIT),),
+    **env: str,
+) -> Run:
     """Run the console script (or `program`) with this server, this HF_HOME and an own ICEDIT_HOME."""
     assert ICEDIT.is_file(), f"console script missing: {ICEDIT}"
     environment = client_env(server, hf_home, token, offline)
     environment = {k: v for k, v in environment.items() if not k.startswith("ICEDIT_")}
     environment |= {"ICEDIT_HOME": str(hf_home.parent / "icedit-home"), "OMP_NUM_THREADS": "1"} | env
     before, started = len(server.requests), time.monotonic()
-    done = subprocess.run([*program, *map(str, args)], cwd=hf_home.parent, env=environment, capture_output=True,
-                          text=True, timeout=300, check=False)
+    done = subprocess.run(
+        [*program, *map(str, args)],
+        cwd=hf_home.parent,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     seconds = time.monotonic() - started
     assert "Traceback" not in done.stderr, done.stderr[-4000:]
     return Run(done.returncode, done.stdout, done.stderr, server.requests[before:], seconds)
@@ -135,8 +164,9 @@ def icedit(server: HubServer, hf_home: Path, *args: object, token: str | None = 
 
 def edit(server: HubServer, hf_home: Path, *args: object, **kw) -> Run:
     out = hf_home.parent / f"edit-{time.monotonic_ns()}.png"
-    return icedit(server, hf_home, "edit", CHELSEA, WINTER, "--steps", 2, "--seed", 1, "--json", "-o", out,
-                  *args, **kw)
+    return icedit(
+        server, hf_home, "edit", CHELSEA, WINTER, "--steps", 2, "--seed", 1, "--json", "-o", out, *args, **kw
+    )
 
 
 def blobs(hf_home: Path) -> list[Path]:
@@ -145,15 +175,26 @@ def blobs(hf_home: Path) -> list[Path]:
 
 
 def snapshot_path(hf_home: Path, repo_id: str, files: dict[str, bytes]) -> str:
-    return str(hf_home / "hub" / f"models--{repo_id.replace('/', '--')}" / "snapshots" / Snapshot.of(files).sha)
+    return str(
+        hf_home / "hub" / f"models--{repo_id.replace('/', '--')}" / "snapshots" / Snapshot.of(files).sha
+    )
 
 
 def _eval_model_repo(extra: dict[str, bytes]) -> Repo:
     """An eval model's repo as the real ones are: configs, tokenizer files, safetensors, pickle/TF/Flax twins."""
     weights = save({"w": torch.zeros(4)})
-    return Repo({"config.json": b'{"model_type": "stand-in"}', "model.safetensors": weights,
-                 "pytorch_model.bin": b"pickle twin", "tf_model.h5": b"tf twin", "flax_model.msgpack": b"flax twin",
-                 "preprocessor_config.json": b"{}", "README.md": b"# stand-in\n"} | extra)
+    return Repo(
+        {
+            "config.json": b'{"model_type": "stand-in"}',
+            "model.safetensors": weights,
+            "pytorch_model.bin": b"pickle twin",
+            "tf_model.h5": b"tf twin",
+            "flax_model.msgpack": b"flax twin",
+            "preprocessor_config.json": b"{}",
+            "README.md": b"# stand-in\n",
+        }
+        | extra
+    )
 
 
 @pytest.fixture(scope="module")
@@ -164,11 +205,20 @@ def repos() -> dict[str, Repo]:
     noise = bytearray(random.Random(0).randbytes(CHUNK + 2**20))
     big = save({"weight": torch.frombuffer(noise, dtype=torch.uint8)})  # downloaded, never loaded
     return standard | {
-        CLIP: _eval_model_repo({"merges.txt": b"#version: 0.2\n", "vocab.json": b"{}", "tokenizer.json": b"{}",
-                                  "tokenizer_config.json": b"{}", "special_tokens_map.json": b"{}"}),
+        CLIP: _eval_model_repo(
+            {
+                "merges.txt": b"#version: 0.2\n",
+                "vocab.json": b"{}",
+                "tokenizer.json": b"{}",
+                "tokenizer_config.json": b"{}",
+                "special_tokens_map.json": b"{}",
+            }
+        ),
         DINO: _eval_model_repo({}),
         BIG: Repo({p: flux[p] for p in selected(flux, "diffusers")} | {WEIGHTS: big}),
-        NAMED_MOE: Repo({"ICEdit-MoE-LoRA.safetensors": standard[MOE_LORA].files[LORA], "README.md": b"# moe\n"}),
+        NAMED_MOE: Repo(
+            {"ICEdit-MoE-LoRA.safetensors": standard[MOE_LORA].files[LORA], "README.md": b"# moe\n"}
+        ),
     }
 
 
@@ -199,16 +249,29 @@ def test_the_first_edit_downloads_the_gated_pipeline_and_the_lora_once_then_edit
     assert run.code == 0, run.stderr
     flux, lora = repos[FLUX].files, repos[NORMAL_LORA].files
     wanted = selected(flux, "diffusers")
-    assert run.downloading() == [f"downloading the FLUX.1 Fill pipeline {FLUX} ({mib(size(flux, wanted))})",
-                                 f"downloading the LoRA {NORMAL_LORA} ({mib(len(lora[LORA]))})"]
+    assert run.downloading() == [
+        f"downloading the FLUX.1 Fill pipeline {FLUX} ({mib(size(flux, wanted))})",
+        f"downloading the LoRA {NORMAL_LORA} ({mib(len(lora[LORA]))})",
+    ]
     # model_index.json twice: read into memory to plan the download, then fetched into the cache
     assert Counter(run.gets(FLUX)) == Counter(wanted) + Counter(["model_index.json"])
     assert run.gets(NORMAL_LORA) == [LORA] and not [r for r in run.requests if QWEN_7B in r.path]
     assert all(r.authorization == f"Bearer {GRANTED}" for r in run.requests)
     result = run.json
-    assert (result["rewriter"], result["random_weights"], result["seed"], result["nfe"]) == ("rules", False, 1, 2)
-    assert result["adapter"] == {"kind": "lora", "source": NORMAL_LORA, "keys": len(load(lora[LORA])),
-                                 "num_experts": 0, "top_k": None, "scale": 1.0}
+    assert (result["rewriter"], result["random_weights"], result["seed"], result["nfe"]) == (
+        "rules",
+        False,
+        1,
+        2,
+    )
+    assert result["adapter"] == {
+        "kind": "lora",
+        "source": NORMAL_LORA,
+        "keys": len(load(lora[LORA])),
+        "num_experts": 0,
+        "top_k": None,
+        "scale": 1.0,
+    }
     assert hashlib.sha256(Path(result["output"]).read_bytes()).hexdigest() == result["image_sha256"]
 
 
@@ -218,14 +281,22 @@ def test_an_uncached_moe_lora_by_hub_id_loads_as_lora_moe_and_the_vlm_rewrites_b
     assert run.code == 0, run.stderr
     result = run.json
     moe = repos[MOE_LORA].files[LORA]
-    assert result["adapter"] == {"kind": "lora-moe", "source": MOE_LORA, "keys": len(load(moe)), "num_experts": 4,
-                                 "top_k": 1, "scale": 1.0}
+    assert result["adapter"] == {
+        "kind": "lora-moe",
+        "source": MOE_LORA,
+        "keys": len(load(moe)),
+        "num_experts": 4,
+        "top_k": 1,
+        "scale": 1.0,
+    }
     # the tiny random VLM may answer with no valid plan: then the rules read the request, and the label says why
     assert re.fullmatch(r"qwen_vl( -> rules \(.+\))?", result["rewriter"]), result["rewriter"]
     qwen = repos[QWEN_7B].files
     vlm = selected(qwen, "transformers")
-    assert run.downloading() == [f"downloading the LoRA {MOE_LORA} ({mib(len(moe))})",
-                                 f"downloading the VLM {QWEN_7B} ({mib(size(qwen, vlm))})"]
+    assert run.downloading() == [
+        f"downloading the LoRA {MOE_LORA} ({mib(len(moe))})",
+        f"downloading the VLM {QWEN_7B} ({mib(size(qwen, vlm))})",
+    ]
     assert not [line for line in run.lines if "cannot run" in line]
     assert (f"note: rewriter {result['rewriter']}" in run.lines) == (" -> " in result["rewriter"])
     assert run.gets(MOE_LORA) == [LORA] and sorted(run.gets(QWEN_7B)) == sorted(vlm)
@@ -235,7 +306,9 @@ def test_an_uncached_moe_lora_by_hub_id_loads_as_lora_moe_and_the_vlm_rewrites_b
 def test_the_first_runs_fetch_no_root_level_copy_readme_licence_or_pickle_file(first_run):
     _, runs = first_run
     fetched = [r.path for run in runs.values() for r in run.requests if "/resolve/" in r.path]
-    assert fetched and not [p for p in fetched if p.endswith((*ROOT_COPIES, "README.md", "LICENSE.md", ".bin"))]
+    assert fetched and not [
+        p for p in fetched if p.endswith((*ROOT_COPIES, "README.md", "LICENSE.md", ".bin"))
+    ]
 
 
 def test_the_same_edit_again_offline_runs_from_the_cache_without_a_request(first_run):
@@ -244,8 +317,9 @@ def test_the_same_edit_again_offline_runs_from_the_cache_without_a_request(first
     assert offline.code == 0, offline.stderr
     assert offline.requests == []
     assert offline.downloading() == []
-    assert [offline.json[k] for k in ("image_sha256", "rewriter", "adapter")] == \
-        [online.json[k] for k in ("image_sha256", "rewriter", "adapter")]
+    assert [offline.json[k] for k in ("image_sha256", "rewriter", "adapter")] == [
+        online.json[k] for k in ("image_sha256", "rewriter", "adapter")
+    ]
 
 
 def test_a_real_branch_downloads_only_the_file_that_differs_and_edits_with_it(first_run, repos):
@@ -255,33 +329,55 @@ def test_a_real_branch_downloads_only_the_file_that_differs_and_edits_with_it(fi
     assert run.gets(FLUX) == ["model_index.json", WEIGHTS]  # the plan, then the one blob v2 does not share
     v2 = repos[FLUX].revisions["v2"]
     assert run.downloading() == [
-        f"downloading the FLUX.1 Fill pipeline {FLUX}@v2 ({mib(size(v2, selected(v2, 'diffusers')))})"]
-    assert (hf_home / "hub" / "models--black-forest-labs--FLUX.1-Fill-dev" / "refs" / "v2").read_text() == \
-        Snapshot.of(v2).sha
-    assert run.json["image_sha256"] != runs["default"].json["image_sha256"]  # v2's x_embedder.bias is all ones
+        f"downloading the FLUX.1 Fill pipeline {FLUX}@v2 ({mib(size(v2, selected(v2, 'diffusers')))})"
+    ]
+    assert (
+        hf_home / "hub" / "models--black-forest-labs--FLUX.1-Fill-dev" / "refs" / "v2"
+    ).read_text() == Snapshot.of(v2).sha
+    assert (
+        run.json["image_sha256"] != runs["default"].json["image_sha256"]
+    )  # v2's x_embedder.bias is all ones
     assert run.json["adapter"]["kind"] == "lora"
 
 
 # ------------------------------------------------------------------------------------------------- refusals
 
 
-@pytest.mark.parametrize(("token", "line"), [
-    (None, f"401: gated repo and not logged in; {LOG_IN}"),
-    ("hf_other", "403: the licence is not accepted for this account; accept it at {}/" + FLUX
-     + " (logged in as the account whose token icedit uses)"),
-], ids=["no token", "not granted"])
+@pytest.mark.parametrize(
+    ("token", "line"),
+    [
+        (None, f"401: gated repo and not logged in; {LOG_IN}"),
+        (
+            "hf_other",
+            "403: the licence is not accepted for this account; accept it at {}/"
+            + FLUX
+            + " (logged in as the account whose token icedit uses)",
+        ),
+    ],
+    ids=["no token", "not granted"],
+)
 def test_a_gated_repo_without_access_says_how_to_get_it_and_downloads_nothing(server, tmp_path, token, line):
     hf_home = tmp_path / "hf"
     run = edit(server, hf_home, "--lora", "none", "--rewriter", "rules", token=token)
     assert run.code == 2 and run.stdout == ""
     assert run.lines == [f"Error: FLUX.1 Fill pipeline '{FLUX}' (--model): {line.format(server.endpoint)}"]
-    assert blobs(hf_home) == [] and not [r for r in run.requests if r.method == "GET" and r.status == 200
-                                         and "/resolve/" in r.path]
+    assert blobs(hf_home) == [] and not [
+        r for r in run.requests if r.method == "GET" and r.status == 200 and "/resolve/" in r.path
+    ]
 
 
 def test_a_missing_revision_is_named_with_the_flag_that_pins_it(server, tmp_path):
-    run = edit(server, tmp_path / "hf", "--revision", "nope", "--lora-revision", "nope", "--rewriter", "rules",
-               token=GRANTED)
+    run = edit(
+        server,
+        tmp_path / "hf",
+        "--revision",
+        "nope",
+        "--lora-revision",
+        "nope",
+        "--rewriter",
+        "rules",
+        token=GRANTED,
+    )
     assert run.code == 2
     assert run.lines == [
         summary(2, 2),
@@ -309,9 +405,14 @@ def test_several_missing_artifacts_are_one_report_each_with_its_own_reason(serve
     assert run.code == 2
     gated = f"401: gated repo and not logged in; {LOG_IN.format(server.endpoint)}"
     unknown = "no such repo on the hub; check --lora (a private repo also needs `hf auth login`)"
-    assert run.lines == [summary(2, 3), f"  FLUX.1 Fill pipeline '{FLUX}' (--model): {gated}",
-                         f"  LoRA 'nobody/none' (--lora): {unknown}"]
-    assert run.gets(QWEN_7B) == [] and blobs(tmp_path / "hf") == []  # nothing fetched while something is missing
+    assert run.lines == [
+        summary(2, 3),
+        f"  FLUX.1 Fill pipeline '{FLUX}' (--model): {gated}",
+        f"  LoRA 'nobody/none' (--lora): {unknown}",
+    ]
+    assert (
+        run.gets(QWEN_7B) == [] and blobs(tmp_path / "hf") == []
+    )  # nothing fetched while something is missing
 
 
 def test_an_unreachable_hub_is_one_line_and_no_retries(server, tmp_path):
@@ -360,11 +461,16 @@ def test_a_local_folder_with_only_pickle_weights_is_refused_unopened(server, tmp
     if kind == "pipeline":
         run = edit(server, tmp_path / "hf", "--model", folder, "--lora", "none", "--rewriter", "rules")
         assert run.code == 2 and len(run.lines) == 1, run.stderr
-        part = re.fullmatch(rf"Error: FLUX\.1 Fill pipeline '{re.escape(str(folder))}' \(--model\): (\w+)/: "
-                            + re.escape(PICKLE_ONLY), run.lines[0])
+        part = re.fullmatch(
+            rf"Error: FLUX\.1 Fill pipeline '{re.escape(str(folder))}' \(--model\): (\w+)/: "
+            + re.escape(PICKLE_ONLY),
+            run.lines[0],
+        )
         assert part and list((folder / part[1]).glob("*.bin")), run.lines
     else:
-        run = icedit(server, tmp_path / "hf", "rewrite", CHELSEA, WINTER, "--rewriter", "qwen_vl", "--vlm", folder)
+        run = icedit(
+            server, tmp_path / "hf", "rewrite", CHELSEA, WINTER, "--rewriter", "qwen_vl", "--vlm", folder
+        )
         assert run.code == 2
         assert run.lines == [f"Error: VLM '{folder}' (--vlm): {PICKLE_ONLY}"]
     assert run.requests == [] and not marker.exists()
@@ -378,19 +484,23 @@ def listing(server, tmp_path_factory) -> tuple[Path, dict[str, Run], list[Path]]
     """One HF_HOME: `icedit models` with and without a token, `icedit download --with-vlm`, `icedit models` again;
     and the blobs the two listings left in the cache."""
     hf_home = tmp_path_factory.mktemp("listing") / "hf"
-    runs = {"before": icedit(server, hf_home, "models", "--json", token=GRANTED),
-            "no token": icedit(server, hf_home, "models")}
+    runs = {
+        "before": icedit(server, hf_home, "models", "--json", token=GRANTED),
+        "no token": icedit(server, hf_home, "models"),
+    }
     left = blobs(hf_home)
     runs["download"] = icedit(server, hf_home, "download", "--with-vlm", "--json", token=GRANTED)
     runs["after"] = icedit(server, hf_home, "models", "--json", token=GRANTED)
     return hf_home, runs, left
 
 
-ROWS = [(["edit"], "FLUX.1 Fill pipeline", FLUX, "--model", "diffusers"),
-        (["edit"], "LoRA", NORMAL_LORA, "--lora", "file"),
-        (["rewriter", "early filter"], "VLM", QWEN_7B, "--vlm", "transformers"),
-        (["eval"], "CLIP model", CLIP, "--clip-model", "transformers"),
-        (["eval"], "DINO model", DINO, "--dino-model", "transformers")]
+ROWS = [
+    (["edit"], "FLUX.1 Fill pipeline", FLUX, "--model", "diffusers"),
+    (["edit"], "LoRA", NORMAL_LORA, "--lora", "file"),
+    (["rewriter", "early filter"], "VLM", QWEN_7B, "--vlm", "transformers"),
+    (["eval"], "CLIP model", CLIP, "--clip-model", "transformers"),
+    (["eval"], "DINO model", DINO, "--dino-model", "transformers"),
+]
 
 
 def test_models_lists_every_artifact_with_the_exact_bytes_to_download_and_writes_nothing(listing, repos):
@@ -399,23 +509,50 @@ def test_models_lists_every_artifact_with_the_exact_bytes_to_download_and_writes
     assert run.code == 0 and run.stderr == ""
     report = run.json
     assert (report["cache"], report["offline_mode"]) == (str(hf_home / "hub"), False)
-    assert [[row[k] for k in ("for", "role", "ref", "option")] for row in report["artifacts"]] == \
-        [list(r[:4]) for r in ROWS]
+    assert [[row[k] for k in ("for", "role", "ref", "option")] for row in report["artifacts"]] == [
+        list(r[:4]) for r in ROWS
+    ]
     for row, (_, _, ref, _, layout) in zip(report["artifacts"], ROWS, strict=True):
         files = repos[ref].files
         wanted = selected(files, layout)
-        assert {k: row[k] for k in ("revision", "path", "cached", "commit", "size_on_disk", "to_download", "gated",
-                                    "access", "problem", "fix")} == {
-            "revision": None, "path": None, "cached": False, "commit": Snapshot.of(files).sha, "size_on_disk": 0,
-            "to_download": size(files, wanted), "gated": ref == FLUX, "access": True, "problem": None, "fix": None,
+        assert {
+            k: row[k]
+            for k in (
+                "revision",
+                "path",
+                "cached",
+                "commit",
+                "size_on_disk",
+                "to_download",
+                "gated",
+                "access",
+                "problem",
+                "fix",
+            )
+        } == {
+            "revision": None,
+            "path": None,
+            "cached": False,
+            "commit": Snapshot.of(files).sha,
+            "size_on_disk": 0,
+            "to_download": size(files, wanted),
+            "gated": ref == FLUX,
+            "access": True,
+            "problem": None,
+            "fix": None,
         }, ref
         # the command a person copies to another machine fetches the same files
         words = shlex.split(row["download_command"])
         assert words[:3] == ["hf", "download", ref] and words[3::2] == ["--include"] * len(words[4::2])
-        assert {p for p in files if any(fnmatch.fnmatch(p, pattern) for pattern in words[4::2])} == wanted, ref
+        assert {p for p in files if any(fnmatch.fnmatch(p, pattern) for pattern in words[4::2])} == wanted, (
+            ref
+        )
     assert left == []  # listing fetched nothing into the cache
-    assert not [r for r in run.requests if r.method == "GET" and "/resolve/" in r.path
-                and not r.path.endswith("/model_index.json")]
+    assert not [
+        r
+        for r in run.requests
+        if r.method == "GET" and "/resolve/" in r.path and not r.path.endswith("/model_index.json")
+    ]
 
 
 def test_models_without_a_token_names_the_cache_and_says_the_gated_repo_has_no_access(listing, repos, server):
@@ -430,8 +567,10 @@ def test_models_without_a_token_names_the_cache_and_says_the_gated_repo_has_no_a
         f"  401: gated repo and not logged in; {LOG_IN.format(server.endpoint)}",
     ]
     lora = repos[NORMAL_LORA].files
-    assert (f"LoRA (edit): {NORMAL_LORA}: missing, 0.0 MiB on disk, revision {Snapshot.of(lora).sha[:12]}, "
-            f"{mib(len(lora[LORA]))} to download") in lines
+    assert (
+        f"LoRA (edit): {NORMAL_LORA}: missing, 0.0 MiB on disk, revision {Snapshot.of(lora).sha[:12]}, "
+        f"{mib(len(lora[LORA]))} to download"
+    ) in lines
 
 
 def test_download_fetches_exactly_the_files_the_loaders_read_and_models_then_says_cached(listing, repos):
@@ -452,13 +591,22 @@ def test_download_fetches_exactly_the_files_the_loaders_read_and_models_then_say
         if ref in (CLIP, DINO):
             assert (row["cached"], row["size_on_disk"], row["to_download"]) == (False, 0, size(files, wanted))
             continue
-        on_disk = {"path": snapshot_path(hf_home, ref, files), "cached": True, "commit": Snapshot.of(files).sha,
-                   "size_on_disk": size(files, wanted), "to_download": 0, "problem": None}
+        on_disk = {
+            "path": snapshot_path(hf_home, ref, files),
+            "cached": True,
+            "commit": Snapshot.of(files).sha,
+            "size_on_disk": size(files, wanted),
+            "to_download": 0,
+            "problem": None,
+        }
         assert {k: row[k] for k in on_disk} == on_disk, ref
         assert row["access"] is True
         assert {k: downloaded[ref][k] for k in on_disk} == on_disk, ref
-    assert not [r for r in after.requests if r.method == "GET" and "/resolve/" in r.path
-                and not r.path.endswith("/model_index.json")]
+    assert not [
+        r
+        for r in after.requests
+        if r.method == "GET" and "/resolve/" in r.path and not r.path.endswith("/model_index.json")
+    ]
 
 
 def test_an_interrupted_download_resumes_where_it_stopped(server, repos, tmp_path):
@@ -468,7 +616,9 @@ def test_an_interrupted_download_resumes_where_it_stopped(server, repos, tmp_pat
     assert run.code == 0, run.stderr
     big = repos[BIG].files
     assert [(r.range, r.status) for r in run.requests if r.method == "GET" and r.path.endswith(WEIGHTS)] == [
-        (None, 200), (f"bytes={CHUNK}-", 206)]
+        (None, 200),
+        (f"bytes={CHUNK}-", 206),
+    ]
     (row,) = run.json["artifacts"]
     assert (row["cached"], row["size_on_disk"]) == (True, size(big, selected(big, "diffusers")))
     assert (Path(row["path"]) / WEIGHTS).read_bytes() == big[WEIGHTS]
@@ -496,12 +646,16 @@ def test_too_little_free_space_is_reported_before_any_weight_is_fetched(server, 
     run = icedit(server, hf_home, "download", "--json", token=GRANTED, program=program)
     assert run.code == 2 and run.stdout == ""
     if short == "the pipeline":
-        line = (f"Error: FLUX.1 Fill pipeline '{FLUX}' (--model): no space left: {mib(flux)} to download, "
-                f"{mib(free)} free on {hf_home / 'hub'}; free some space, or point HF_HOME (or HF_HUB_CACHE) at a "
-                "bigger disk")
+        line = (
+            f"Error: FLUX.1 Fill pipeline '{FLUX}' (--model): no space left: {mib(flux)} to download, "
+            f"{mib(free)} free on {hf_home / 'hub'}; free some space, or point HF_HOME (or HF_HUB_CACHE) at a "
+            "bigger disk"
+        )
     else:
-        line = (f"Error: no space left for the download: {mib(flux + lora)} to fetch ({FLUX}, {NORMAL_LORA}), "
-                f"{mib(free)} free on {hf_home / 'hub'}; free some space or point HF_HOME at a bigger disk")
+        line = (
+            f"Error: no space left for the download: {mib(flux + lora)} to fetch ({FLUX}, {NORMAL_LORA}), "
+            f"{mib(free)} free on {hf_home / 'hub'}; free some space or point HF_HOME at a bigger disk"
+        )
     assert run.lines == [line]
     assert run.gets(FLUX) == ["model_index.json"] and run.gets(NORMAL_LORA) == []  # read to plan; no weights
     assert blobs(hf_home) == []
@@ -521,10 +675,18 @@ def test_the_printed_hf_download_command_fetches_what_icedit_loads(server, repos
     rows = {row["ref"]: row for row in listed.json["artifacts"]}
     for repo_id in (FLUX, QWEN_7B):
         hf = Path(sys.executable).with_name("hf")
-        fetched = icedit(server, tmp_path / "hf", *shlex.split(rows[repo_id]["download_command"])[2:],
-                         token=GRANTED, program=(str(hf), "download"))
+        fetched = icedit(
+            server,
+            tmp_path / "hf",
+            *shlex.split(rows[repo_id]["download_command"])[2:],
+            token=GRANTED,
+            program=(str(hf), "download"),
+        )
         assert fetched.code == 0, fetched.stderr
         layout = "diffusers" if repo_id == FLUX else "transformers"
         assert set(fetched.gets(repo_id)) == selected(repos[repo_id].files, layout)
     after = icedit(server, tmp_path / "hf", "models", "--json", token=GRANTED).json["artifacts"]
-    assert {row["ref"]: row["cached"] for row in after if row["ref"] in (FLUX, QWEN_7B)} == {FLUX: True, QWEN_7B: True}
+    assert {row["ref"]: row["cached"] for row in after if row["ref"] in (FLUX, QWEN_7B)} == {
+        FLUX: True,
+        QWEN_7B: True,
+    }

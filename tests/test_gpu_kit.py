@@ -17,9 +17,17 @@ KIT = ROOT / "benchmarks" / "gpu"
 ENV = {**os.environ, "PYTHON": sys.executable}
 CHECKS = [
     ("a", "python benchmarks/moe.py --device cuda"),
-    ("b1", ("python benchmarks/edit.py --full --repeats 1 --only ours,offload-encoders,ours+fp8+offload-encoders,"
-            "offload-model")),
-    ("b2", "python benchmarks/edit.py --full --compile --repeats 1 --only ours+merged+fused-qkv,ours+compile,ours+fp8"),
+    (
+        "b1",
+        (
+            "python benchmarks/edit.py --full --repeats 1 --only ours,offload-encoders,ours+fp8+offload-encoders,"
+            "offload-model"
+        ),
+    ),
+    (
+        "b2",
+        "python benchmarks/edit.py --full --compile --repeats 1 --only ours+merged+fused-qkv,ours+compile,ours+fp8",
+    ),
     ("b3", "python benchmarks/edit.py --full --steps 4 --repeats 1 --only offload-sequential"),
     ("c", "python benchmarks/gpu/plan_check.py"),
     ("d", 'python -m pytest -q tests/test_engine.py -k "offload or cuda"'),
@@ -79,20 +87,31 @@ def test_dry_run_lists_the_checks_in_priority_order_within_the_budget():
 def test_a_short_budget_cuts_the_last_checks_and_a_subset_gets_the_whole_budget():
     rows, setup = plan("--budget", "200")
     assert [(id_, seconds is not None) for id_, seconds, _ in rows[:6]] == [
-        ("a", True), ("b1", True), ("b2", False), ("b3", False), ("c", False), ("d", False)]
+        ("a", True),
+        ("b1", True),
+        ("b2", False),
+        ("b3", False),
+        ("c", False),
+        ("d", False),
+    ]
     assert sum(seconds or 0 for _, seconds, _ in rows) <= 200 - setup
 
     rows, setup = plan("--only", "a,c", "--budget", "300")
     assert [id_ for id_, _, _ in rows] == ["a", "c"]
-    assert [seconds for _, seconds, _ in rows] == [81, 189]  # 30 and 70 stretched alike to the 270 s there are
+    assert [seconds for _, seconds, _ in rows] == [
+        81,
+        189,
+    ]  # 30 and 70 stretched alike to the 270 s there are
     assert [id_ for id_, _, _ in plan("--only", "b")[0]] == ["b1", "b2", "b3"]
 
 
 def test_bad_options_are_one_line_and_exit_2():
     ids = " ".join(id_ for id_, _, _ in plan()[0])
-    for args, message in [(["--only", "x"], f"unknown check 'x' (checks: {ids})"),
-                          (["--budget", "ten"], "--budget must be a whole number of seconds over 40, not 'ten'"),
-                          (["--fast"], "unknown option '--fast'")]:
+    for args, message in [
+        (["--only", "x"], f"unknown check 'x' (checks: {ids})"),
+        (["--budget", "ten"], "--budget must be a whole number of seconds over 40, not 'ten'"),
+        (["--fast"], "unknown option '--fast'"),
+    ]:
         run = run_sh(*args)
         assert (run.returncode, run.stdout) == (2, "")
         usage = "usage: bash benchmarks/gpu/run.sh [--budget SECONDS] [--only IDS] [--dry-run]"
@@ -104,20 +123,27 @@ def test_without_cuda_it_says_so_in_one_line_and_exits_2(tmp_path):
     run = run_sh(env=ENV | {"OUT": str(tmp_path)})
     assert (run.returncode, run.stdout) == (2, "")
     assert run.stderr.splitlines() == [
-        "run.sh: no CUDA GPU here (torch.cuda.is_available() is not true), so nothing ran; --dry-run prints the plan"]
+        "run.sh: no CUDA GPU here (torch.cuda.is_available() is not true), so nothing ran; --dry-run prints the plan"
+    ]
     assert list(tmp_path.iterdir()) == []
 
 
 def test_a_cuda_only_test_that_d_does_not_select_runs_as_d2(tmp_path):
     marked = '@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")\n'
-    root = fake_repo(tmp_path, {
-        "tests/test_engine.py": f"{marked}def test_offload_on_gpu():\n    pass\n\n"
-                                f"{marked}def test_paints_on_gpu():\n    pass\n\ndef test_cpu():\n    pass\n",
-        "tests/test_other.py": f"class TestGpu:\n    {marked}    def test_kernel(self):\n        pass\n",
-    })
+    root = fake_repo(
+        tmp_path,
+        {
+            "tests/test_engine.py": f"{marked}def test_offload_on_gpu():\n    pass\n\n"
+            f"{marked}def test_paints_on_gpu():\n    pass\n\ndef test_cpu():\n    pass\n",
+            "tests/test_other.py": f"class TestGpu:\n    {marked}    def test_kernel(self):\n        pass\n",
+        },
+    )
     rows, _ = plan(root=root)
     assert rows[-1][0] == "d2" and rows[-1][1] > 0
-    assert rows[-1][2] == "python -m pytest -q tests/test_engine.py::test_paints_on_gpu tests/test_other.py::TestGpu::test_kernel"
+    assert (
+        rows[-1][2]
+        == "python -m pytest -q tests/test_engine.py::test_paints_on_gpu tests/test_other.py::TestGpu::test_kernel"
+    )
     assert [id_ for id_, _, _ in plan(root=fake_repo(tmp_path / "none", {}))[0]][-1] == "d"
 
 
@@ -128,17 +154,32 @@ def test_each_check_is_recorded_as_results_md_takes_it(tmp_path):
     site.mkdir()
     (site / "sitecustomize.py").write_text("import torch\n\ntorch.cuda.is_available = lambda: True\n")
     out = tmp_path / "out"
-    run = run_sh("--only", "a", "--budget", "120", root=root, env=ENV | {"OUT": str(out), "PYTHONPATH": str(site)})
+    run = run_sh(
+        "--only", "a", "--budget", "120", root=root, env=ENV | {"OUT": str(out), "PYTHONPATH": str(site)}
+    )
     assert run.returncode == 1, run.stdout + run.stderr  # a check failed
-    assert re.fullmatch(rf"Ran in \d+ s of 120: a exit 3\. Results: {out}/gpu-results\.md", run.stdout.splitlines()[-1])
+    assert re.fullmatch(
+        rf"Ran in \d+ s of 120: a exit 3\. Results: {out}/gpu-results\.md", run.stdout.splitlines()[-1]
+    )
     head, check = (out / "gpu-results.md").read_text().split("\n### ")
     head = head.splitlines()
     assert head[0] == "## GPU run: `bash benchmarks/gpu/run.sh --budget 120 --only a`"
     machine = head[2]
-    assert machine.startswith("**") and f"Python {platform.python_version()}, torch {torch.__version__} " in machine
+    assert (
+        machine.startswith("**")
+        and f"Python {platform.python_version()}, torch {torch.__version__} " in machine
+    )
     assert head[4].startswith("Kit wheels: none in benchmarks/gpu/wheels")
     lines = check.splitlines()
-    assert lines[:7] == ["`python benchmarks/moe.py --device cuda`", "", machine, "", "```", "fake row", "```"]
+    assert lines[:7] == [
+        "`python benchmarks/moe.py --device cuda`",
+        "",
+        machine,
+        "",
+        "```",
+        "fake row",
+        "```",
+    ]
     assert re.fullmatch(r"Exit 3 after \d+ s \(limit \d+ s\)\.", lines[8])
 
 
@@ -156,8 +197,17 @@ def test_every_command_the_kit_names_takes_the_options_it_is_given():
         if "edit.py" in cmd:
             for variant in re.search(r"--only (\S+)", cmd)[1].split(","):
                 assert f'"{variant}"' in source, f"edit.py has no variant {variant}"
-    collected = sh(sys.executable, "-m", "pytest", "--collect-only", "-q", "tests/test_engine.py", "-k", "offload or cuda",
-                   cwd=ROOT)
+    collected = sh(
+        sys.executable,
+        "-m",
+        "pytest",
+        "--collect-only",
+        "-q",
+        "tests/test_engine.py",
+        "-k",
+        "offload or cuda",
+        cwd=ROOT,
+    )
     assert "tests/test_engine.py::test_offload_encoders_paints_what_the_gpu_alone_paints" in collected.stdout
 
 
@@ -170,12 +220,22 @@ def test_plan_check_tiny_runs_every_component_at_the_engines_diptych_size():
     assert run.returncode == 0, run.stderr
     rows = {line.split()[0]: line.split(maxsplit=3)[1:] for line in run.stdout.splitlines()[2:]}
     pipe = build_tiny()
-    shapes = {"text_encoder": (1, 77, 32), "text_encoder_2": (1, 512, 32), "vae": (1, 3, 768, 1024),
-              "transformer": (1, 3072, 64)}
+    shapes = {
+        "text_encoder": (1, 77, 32),
+        "text_encoder_2": (1, 512, 32),
+        "vae": (1, 3, 768, 1024),
+        "transformer": (1, 3072, 64),
+    }
     assert rows == {
-        name: [str(sum(p.numel() for p in getattr(pipe, name).parameters())),
-               str(sum(t.numel() * t.element_size() for t in [*getattr(pipe, name).parameters(),
-                                                               *getattr(pipe, name).buffers()])),
-               str(shape)]
+        name: [
+            str(sum(p.numel() for p in getattr(pipe, name).parameters())),
+            str(
+                sum(
+                    t.numel() * t.element_size()
+                    for t in [*getattr(pipe, name).parameters(), *getattr(pipe, name).buffers()]
+                )
+            ),
+            str(shape),
+        ]
         for name, shape in shapes.items()
     }

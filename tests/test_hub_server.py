@@ -29,8 +29,10 @@ def repos():
 
 def download(repo_id: str, filename: str) -> str:
     """A client script: hf_hub_download one file and print its path."""
-    return ("import json\nfrom huggingface_hub import hf_hub_download\n"
-            f"print(json.dumps(hf_hub_download({repo_id!r}, {filename!r})))\n")
+    return (
+        "import json\nfrom huggingface_hub import hf_hub_download\n"
+        f"print(json.dumps(hf_hub_download({repo_id!r}, {filename!r})))\n"
+    )
 
 
 def test_a_downloaded_file_is_then_served_offline_from_the_cache(hub, repos, tmp_path):
@@ -45,11 +47,16 @@ def test_a_downloaded_file_is_then_served_offline_from_the_cache(hub, repos, tmp
         f"try:\n    hf_hub_download({QWEN_7B!r}, 'model.safetensors')\n"
         "except Exception as e:\n    print(json.dumps([cached, type(e).__name__]))\n"
     )
-    assert run_client(offline, client_env(server, tmp_path, offline=True)) == [path, "LocalEntryNotFoundError"]
+    assert run_client(offline, client_env(server, tmp_path, offline=True)) == [
+        path,
+        "LocalEntryNotFoundError",
+    ]
     assert len(server.requests) == 2
 
 
-def test_an_unreachable_hub_serves_the_cache_and_retries_an_uncached_file_for_23_seconds(hub, repos, tmp_path):
+def test_an_unreachable_hub_serves_the_cache_and_retries_an_uncached_file_for_23_seconds(
+    hub, repos, tmp_path
+):
     server = hub(repos)
     path = run_client(download(QWEN_7B, "config.json"), client_env(server, tmp_path))
     server.stop()  # nothing listens on its port any more
@@ -61,7 +68,11 @@ def test_an_unreachable_hub_serves_the_cache_and_retries_an_uncached_file_for_23
         "    print(json.dumps([cached, type(e).__name__, type(e.__cause__).__name__, sleeps]))\n"
     )
     assert run_client(code, client_env(server, tmp_path)) == [
-        path, "LocalEntryNotFoundError", "ConnectError", [1, 2, 4, 8, 8]]
+        path,
+        "LocalEntryNotFoundError",
+        "ConnectError",
+        [1, 2, 4, 8, 8],
+    ]
 
 
 def test_model_info_with_files_metadata_gives_sizes_and_lfs_hashes(hub, repos, tmp_path):
@@ -81,8 +92,10 @@ def test_model_info_with_files_metadata_gives_sizes_and_lfs_hashes(hub, repos, t
     assert files["model_index.json"] == [len(flux["model_index.json"]), None]
     for name in ("transformer/diffusion_pytorch_model.safetensors", *ROOT_COPIES):
         assert files[name] == [len(flux[name]), hashlib.sha256(flux[name]).hexdigest()]
-    assert lora_files[LORA] == [len(repos[NORMAL_LORA].files[LORA]),
-                                hashlib.sha256(repos[NORMAL_LORA].files[LORA]).hexdigest()]
+    assert lora_files[LORA] == [
+        len(repos[NORMAL_LORA].files[LORA]),
+        hashlib.sha256(repos[NORMAL_LORA].files[LORA]).hexdigest(),
+    ]
     assert next((r.path, r.params) for r in server.requests) == (f"/api/models/{FLUX}", {"blobs": "true"})
 
 
@@ -139,7 +152,9 @@ def test_gated_unknown_and_missing_raise_the_hub_clients_own_errors(hub, repos, 
 
 
 def test_an_interrupted_download_is_resumed_with_a_range_request(hub, tmp_path):
-    chunk = 10 * 2**20  # huggingface_hub writes what it received in chunks of this size: a cut resumes after one
+    chunk = (
+        10 * 2**20
+    )  # huggingface_hub writes what it received in chunks of this size: a cut resumes after one
     data = random.Random(0).randbytes(chunk + 2**20)
     server = hub({"test/big": Repo({"big.safetensors": data})})
     server.fail_once("test/big", "big.safetensors", after_bytes=chunk + 5000)
@@ -147,7 +162,10 @@ def test_an_interrupted_download_is_resumed_with_a_range_request(hub, tmp_path):
     assert Path(path).read_bytes() == data
     # the client retries by itself, within the same call, from the last whole chunk it wrote
     assert [(r.method, r.range, r.status) for r in server.requests] == [
-        ("HEAD", None, 200), ("GET", None, 200), ("GET", f"bytes={chunk}-", 206)]
+        ("HEAD", None, 200),
+        ("GET", None, 200),
+        ("GET", f"bytes={chunk}-", 206),
+    ]
 
 
 def test_stop_cuts_open_connections_and_frees_the_port(hub, repos):
@@ -196,7 +214,9 @@ print(json.dumps({{
 def heavy(tmp_path_factory):
     """One subprocess loads FLUX Fill (gated, main and v2), the normal LoRA and Qwen2.5-VL through the real loaders."""
     with HubServer(standard_repos(), {GRANTED}) as server:
-        results = run_client(HEAVY, client_env(server, tmp_path_factory.mktemp("hf"), token=GRANTED), timeout=300)
+        results = run_client(
+            HEAVY, client_env(server, tmp_path_factory.mktemp("hf"), token=GRANTED), timeout=300
+        )
     return server, results
 
 

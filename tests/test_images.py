@@ -117,8 +117,11 @@ def _html(p: Path) -> None:
         ("empty.png", lambda p: p.write_bytes(b""), "the file is empty"),
         ("text.png", lambda p: p.write_text("hello\nthis is not a picture\n"), NOT_AN_IMAGE),
         ("page.png", _html, NOT_AN_IMAGE),
-        ("half.png", lambda p: p.write_bytes(_valid_png()[: len(_valid_png()) // 2]),
-         "broken image (image file is truncated)"),
+        (
+            "half.png",
+            lambda p: p.write_bytes(_valid_png()[: len(_valid_png()) // 2]),
+            "broken image (image file is truncated)",
+        ),
     ],
 )
 def test_bad_files_are_one_line_user_errors(tmp_path, name, make, expected):

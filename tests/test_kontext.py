@@ -78,17 +78,25 @@ def test_working_size_is_the_trained_resolution_nearest_the_aspect_ratio():
 
     assert list(RESOLUTIONS) == PREFERRED_KONTEXT_RESOLUTIONS
     assert [working_size(s) for s in [(150, 100), (100, 150), (640, 640), (4000, 100)]] == [
-        (1248, 832), (832, 1248), (1024, 1024), (1568, 672)]
+        (1248, 832),
+        (832, 1248),
+        (1024, 1024),
+        (1568, 672),
+    ]
     assert [working_size(s, TINY_SHRINK) for s in [(150, 100), (640, 640), (4000, 100)]] == [
-        (144, 96), (128, 128), (192, 80)]
+        (144, 96),
+        (128, 128),
+        (192, 80),
+    ]
 
 
 def test_candidates_batched_resume_to_a_plain_edits_bytes(engine, photo):
     assert isinstance(engine, CandidateEngine)
     req = request(photo, steps=4, early_steps=2)
     batches, events = [], []
-    hook = engine.pipeline().transformer.register_forward_hook(lambda m, args, kw, out: batches.append(
-        kw["hidden_states"].shape[0]), with_kwargs=True)
+    hook = engine.pipeline().transformer.register_forward_hook(
+        lambda m, args, kw, out: batches.append(kw["hidden_states"].shape[0]), with_kwargs=True
+    )
     try:
         started = engine.start_candidates(req, [7, 8, 9], events.append, threading.Event())
         finished = started.finish(1, events.append, threading.Event())
@@ -97,7 +105,11 @@ def test_candidates_batched_resume_to_a_plain_edits_bytes(engine, photo):
     assert batches == [3, 3, 1, 1]  # the early steps for all seeds at once, then the winner alone
     assert (finished.seed, finished.nfe) == (8, 3 * 2 + 4 - 2)
     assert [(e.i, e.phase) for e in events if e.phase in ("candidates", "finish")] == [
-        (1, "candidates"), (2, "candidates"), (3, "finish"), (4, "finish")]
+        (1, "candidates"),
+        (2, "candidates"),
+        (3, "finish"),
+        (4, "finish"),
+    ]
     plain, _ = run(engine, request(photo, seed=8, steps=4))
     assert encode_png(finished.image) == encode_png(plain.image)
     assert len(started.previews) == 3 and all(p.size == photo.size for p in started.previews)
@@ -109,7 +121,13 @@ def test_candidates_batched_resume_to_a_plain_edits_bytes(engine, photo):
 def test_progress_per_step_and_cancel_between_steps_returns_nothing(engine, photo):
     _, events = run(engine, request(photo, steps=3))
     assert [(e.i, e.n, e.phase) for e in events] == [
-        (0, 3, "load"), (0, 3, "encode"), (1, 3, "denoise"), (2, 3, "denoise"), (3, 3, "denoise"), (3, 3, "decode")]
+        (0, 3, "load"),
+        (0, 3, "encode"),
+        (1, 3, "denoise"),
+        (2, 3, "denoise"),
+        (3, 3, "denoise"),
+        (3, 3, "decode"),
+    ]
     cancel, seen = threading.Event(), []
 
     def on_event(event):
@@ -153,15 +171,24 @@ def test_plugin_registers_kontext_and_names_its_weights_without_importing_torch(
         assert spec.artifacts(Settings(preset="tiny")) == []
         [model] = spec.artifacts(Settings(revision="abc"))
         assert (model.role, model.ref, model.revision, model.layout, model.option) == (
-            "FLUX.1 Kontext pipeline", "black-forest-labs/FLUX.1-Kontext-dev", "abc", "diffusers", "--model")
+            "FLUX.1 Kontext pipeline",
+            "black-forest-labs/FLUX.1-Kontext-dev",
+            "abc",
+            "diffusers",
+            "--model",
+        )
         assert spec.describe(Settings(preset="tiny"))["model"] == "built in-process (random weights)"
     finally:
         if added:
             pm.unregister(name="plugins.kontext")
-    code = ("import sys, plugins.kontext as k; from assistant.settings import Settings; s = Settings(); "
-            "k.register_engines(lambda spec: (spec.artifacts(s), spec.describe(s))); "
-            "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    code = (
+        "import sys, plugins.kontext as k; from assistant.settings import Settings; s = Settings(); "
+        "k.register_engines(lambda spec: (spec.artifacts(s), spec.describe(s))); "
+        "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
     assert (proc.returncode, proc.stdout) == (0, "[]\n"), proc.stderr
 
 
@@ -173,7 +200,9 @@ def test_a_stock_lora_changes_the_edit_and_a_lora_moe_is_refused(engine, photo, 
     transformer = build_tiny().transformer
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v"]))
+        transformer.add_adapter(
+            LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v"])
+        )
     layers = {k: v * 30 if "lora_B" in k else v for k, v in get_peft_model_state_dict(transformer).items()}
     FluxKontextPipeline.save_lora_weights(tmp_path, transformer_lora_layers=layers, safe_serialization=True)
     adapted_engine = KontextEngine(Settings(preset="tiny", lora=str(tmp_path)))
@@ -199,7 +228,9 @@ def test_a_local_kontext_folder_loads_with_real_weights_flags_and_a_missing_one_
     assert "\n" not in str(e.value) and "--model" in str(e.value)
 
 
-def test_cli_edits_with_kontext_offline_and_its_early_filter_asks_the_qwen_judge(icedit_home, tmp_path, monkeypatch):
+def test_cli_edits_with_kontext_offline_and_its_early_filter_asks_the_qwen_judge(
+    icedit_home, tmp_path, monkeypatch
+):
     """`--engine kontext --preset tiny` edits offline; `--candidates 3` runs the host's tournament over kontext's
     previews with the real Qwen2.5-VL judge (a tiny one built from its config), and replay repeats it."""
     import json
@@ -212,14 +243,44 @@ def test_cli_edits_with_kontext_offline_and_its_early_filter_asks_the_qwen_judge
 
     monkeypatch.chdir(tmp_path)
     vlm = save_tiny_qwen(tmp_path / "vlm")
-    args = ["edit", str(Path(__file__).parent.parent / "examples" / "chelsea.png"), "add snow", "--engine", "kontext", "--preset", "tiny",
-            "--steps", "3", "--seed", "4", "--json", "--session", "k"]
+    args = [
+        "edit",
+        str(Path(__file__).parent.parent / "examples" / "chelsea.png"),
+        "add snow",
+        "--engine",
+        "kontext",
+        "--preset",
+        "tiny",
+        "--steps",
+        "3",
+        "--seed",
+        "4",
+        "--json",
+        "--session",
+        "k",
+    ]
     plain = CliRunner().invoke(cli, [*args, "-o", "plain.png"])
     assert plain.exit_code == 0, plain.output
     data = json.loads(plain.stdout)
     assert (data["engine"], data["seed"], data["nfe"], data["rewriter"]) == ("kontext", 4, 3, "rules")
-    filtered = CliRunner().invoke(cli, [*args, "-o", "best.png", "--candidates", "3", "--early-steps", "1",
-                                        "--judge", "qwen_vl", "--vlm", str(vlm), "--rewriter", "rules"])
+    filtered = CliRunner().invoke(
+        cli,
+        [
+            *args,
+            "-o",
+            "best.png",
+            "--candidates",
+            "3",
+            "--early-steps",
+            "1",
+            "--judge",
+            "qwen_vl",
+            "--vlm",
+            str(vlm),
+            "--rewriter",
+            "rules",
+        ],
+    )
     assert filtered.exit_code == 0, filtered.output
     data = json.loads(filtered.stdout)
     assert [c["seed"] for c in data["candidates"]] == [4, 5, 6] and len(data["verdicts"]) == 2

@@ -167,8 +167,12 @@ def test_without_a_gpu_everything_runs_on_the_cpu():
     plan = plan_memory(chat_parts(), None)
     assert plan.fits and plan.capacity is None and plan.usable is None
     assert not any(c.on_gpu for c in plan.choices.values())
-    assert plan.settings_update() == {"device": "cpu", "offload": "none", "quantize": "none",
-                                      "vlm_device": "cpu"}
+    assert plan.settings_update() == {
+        "device": "cpu",
+        "offload": "none",
+        "quantize": "none",
+        "vlm_device": "cpu",
+    }
     assert plan.notes[0] == "no CUDA GPU: every model runs on the CPU, slowly"
     assert plan.explain() == "no GPU: FLUX.1 Fill fp32 on the CPU; Qwen2.5-VL-7B fp32 on the CPU"
     Settings(**plan.settings_update())
@@ -199,11 +203,17 @@ def test_the_peak_is_the_residents_plus_the_busiest_phase():
     def part(name, *options):
         return Part(name=name, title=name.upper(), weights=0, options=list(options))
 
-    a = part("a", Placement(label="on", resident_gpu=10 * GiB, activation_gpu=2 * GiB, cost=1),
-             Placement(label="off", cpu=10 * GiB, cost=5))
-    b = part("b", Placement(label="swapped", resident_gpu=GiB, transient_gpu=6 * GiB, activation_gpu=GiB,
-                            cost=2),
-             Placement(label="fast", resident_gpu=7 * GiB, activation_gpu=GiB, cost=1, requires=(9, 0)))
+    a = part(
+        "a",
+        Placement(label="on", resident_gpu=10 * GiB, activation_gpu=2 * GiB, cost=1),
+        Placement(label="off", cpu=10 * GiB, cost=5),
+    )
+    b = part(
+        "b",
+        Placement(label="swapped", resident_gpu=GiB, transient_gpu=6 * GiB, activation_gpu=GiB, cost=2),
+        Placement(label="fast", resident_gpu=7 * GiB, activation_gpu=GiB, cost=1, requires=(9, 0)),
+    )
+
     def labels(plan):
         return [c.label for c in plan.choices.values()]
 

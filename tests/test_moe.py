@@ -86,7 +86,11 @@ def spec_reference(model, state, top_k):
             n = state[f"{key}.lora_route.weight"].shape[0]
             a = [state[f"{key}.lora_A.expert_{i}.weight"] for i in range(n)]
             b = [state[f"{key}.lora_B.expert_{i}.weight"] for i in range(n)]
-            setattr(ref.get_submodule(parent_name), child, LoopMoe(linear, a, b, state[f"{key}.lora_route.weight"], top_k))
+            setattr(
+                ref.get_submodule(parent_name),
+                child,
+                LoopMoe(linear, a, b, state[f"{key}.lora_route.weight"], top_k),
+            )
         else:
             with torch.no_grad():
                 linear.weight += state[f"{key}.lora_B.weight"] @ state[f"{key}.lora_A.weight"]
@@ -95,9 +99,19 @@ def spec_reference(model, state, top_k):
 
 def small_flux(**kw):
     torch.manual_seed(1)
-    cfg = {"patch_size": 1, "in_channels": 24, "out_channels": 8, "num_layers": 2, "num_single_layers": 3, "attention_head_dim": 8,
-               "num_attention_heads": 3, "joint_attention_dim": 16, "pooled_projection_dim": 12, "guidance_embeds": True,
-               "axes_dims_rope": (2, 2, 4)}
+    cfg = {
+        "patch_size": 1,
+        "in_channels": 24,
+        "out_channels": 8,
+        "num_layers": 2,
+        "num_single_layers": 3,
+        "attention_head_dim": 8,
+        "num_attention_heads": 3,
+        "joint_attention_dim": 16,
+        "pooled_projection_dim": 12,
+        "guidance_embeds": True,
+        "axes_dims_rope": (2, 2, 4),
+    }
     return FluxTransformer2DModel(**cfg | kw).eval()
 
 
@@ -125,8 +139,9 @@ def test_any_size_and_top_k_matches_the_spec_written_independently(experts, rank
     with torch.no_grad():
         ours, theirs = model(**inputs).sample, ref(**inputs).sample
     assert (ours - theirs).abs().max() <= 1e-5
-    assert (ours - theirs).abs().max() < (ours - spec_reference(small_flux(), state, 1 + top_k % experts)(
-        **inputs).sample).abs().max()
+    assert (ours - theirs).abs().max() < (
+        ours - spec_reference(small_flux(), state, 1 + top_k % experts)(**inputs).sample
+    ).abs().max()
 
 
 def test_gates_are_softmax_over_top_k_only():
@@ -155,14 +170,18 @@ def test_routed_and_dense_agree_in_values_and_gradients(num_experts, top_k, monk
     results = []
     for delta in (layer.routed_delta, layer.dense_delta):
         out = delta(x)
-        grads = torch.autograd.grad((out * torch.arange(10.0)).sum(), [x, layer.lora_A, layer.lora_B, layer.lora_route])
+        grads = torch.autograd.grad(
+            (out * torch.arange(10.0)).sum(), [x, layer.lora_A, layer.lora_B, layer.lora_route]
+        )
         results.append((out, grads))
     (routed, routed_grads), (dense, dense_grads) = results
     assert routed.shape == dense.shape == (2, 20, 10)
     assert torch.allclose(routed, dense, atol=1e-5)
     for r, d in zip(routed_grads, dense_grads, strict=True):
         assert torch.allclose(r, d, atol=1e-4)
-    assert dense_grads[3].abs().sum() > 0 if top_k > 1 else dense_grads[3].abs().sum() == 0  # top-1: gate is 1
+    assert (
+        dense_grads[3].abs().sum() > 0 if top_k > 1 else dense_grads[3].abs().sum() == 0
+    )  # top-1: gate is 1
 
 
 def test_routed_delta_runs_only_the_experts_tokens_chose():
@@ -178,14 +197,18 @@ def test_routed_delta_runs_only_the_experts_tokens_chose():
 
 def test_delta_routes_on_cpu_only_where_it_saves_work(monkeypatch):
     picked = []
-    monkeypatch.setattr(LoraMoeLinear, "routed_delta", lambda self, x: picked.append(self.top_k) or self.dense_delta(x))
+    monkeypatch.setattr(
+        LoraMoeLinear, "routed_delta", lambda self, x: picked.append(self.top_k) or self.dense_delta(x)
+    )
     monkeypatch.setattr(LoraMoeLinear, "ROUTE_MIN_FEATURES", 24)
     x = torch.randn(3, 24)
     random_moe(4, rank=2, top_k=1).delta(x)
     random_moe(5, rank=2, top_k=2).delta(x)
     random_moe(2, rank=2, top_k=2).delta(x)  # every expert on every token: nothing to skip
     random_moe(4, rank=2, top_k=2).delta(x)  # half the experts: the gathers cost what the FLOPs save
-    random_moe(4, rank=2, top_k=1, fan_in=23).delta(x[:, :23])  # too narrow: the loop costs more than it saves
+    random_moe(4, rank=2, top_k=1, fan_in=23).delta(
+        x[:, :23]
+    )  # too narrow: the loop costs more than it saves
     assert picked == [1, 2]
 
 
@@ -226,21 +249,42 @@ ROUTE = "transformer.single_transformer_blocks.1.proj_out.lora_route.weight"
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
-        (lambda s: s.__setitem__("transformer.x_embedder.lora_A.weight", torch.zeros(2, 5)),
-         r"^transformer\.x_embedder\.lora_A\.weight: shape \(2, 5\) does not fit the model \(expected \(2, 24\)\)$"),
-        (lambda s: s.__setitem__("transformer.nope.lora_A.weight", torch.zeros(2, 5)),
-         r"^transformer\.nope\.lora_A\.weight: the model has no module 'nope'$"),
-        (lambda s: s.pop("transformer.transformer_blocks.1.ff.net.2.lora_B.expert_1.weight"),
-         r"^transformer\.transformer_blocks\.1\.ff\.net\.2\.lora_B\.expert_1\.weight: missing expert$"),
-        (lambda s: s.pop(ROUTE), r"^transformer\.single_transformer_blocks\.1\.proj_out\.lora_route\.weight: missing"),
-        (lambda s: s.__setitem__(ROUTE, torch.zeros(3, 32)), r"lora_route\.weight: shape \(3, 32\).*expected"),
-        (lambda s: s.pop("transformer.x_embedder.lora_B.weight"), r"^transformer\.x_embedder\.lora_B\.weight: missing"),
-        (lambda s: s.__setitem__("transformer.x_embedder.alpha", torch.zeros(1)),
-         r"^transformer\.x_embedder\.alpha: not a key of the ICEdit LoRA-MoE format$"),
-        (lambda s: s.__setitem__("transformer.x_embedder.lora_route.weight", torch.zeros(2, 24)),
-         r"belong on ff\.net\.2 / proj_out, not on 'x_embedder'"),
-        (lambda s: s.__setitem__("transformer.norm_out.lora_A.weight", torch.zeros(2, 24)),
-         r"module 'norm_out' is a AdaLayerNormContinuous, not a Linear layer"),
+        (
+            lambda s: s.__setitem__("transformer.x_embedder.lora_A.weight", torch.zeros(2, 5)),
+            r"^transformer\.x_embedder\.lora_A\.weight: shape \(2, 5\) does not fit the model \(expected \(2, 24\)\)$",
+        ),
+        (
+            lambda s: s.__setitem__("transformer.nope.lora_A.weight", torch.zeros(2, 5)),
+            r"^transformer\.nope\.lora_A\.weight: the model has no module 'nope'$",
+        ),
+        (
+            lambda s: s.pop("transformer.transformer_blocks.1.ff.net.2.lora_B.expert_1.weight"),
+            r"^transformer\.transformer_blocks\.1\.ff\.net\.2\.lora_B\.expert_1\.weight: missing expert$",
+        ),
+        (
+            lambda s: s.pop(ROUTE),
+            r"^transformer\.single_transformer_blocks\.1\.proj_out\.lora_route\.weight: missing",
+        ),
+        (
+            lambda s: s.__setitem__(ROUTE, torch.zeros(3, 32)),
+            r"lora_route\.weight: shape \(3, 32\).*expected",
+        ),
+        (
+            lambda s: s.pop("transformer.x_embedder.lora_B.weight"),
+            r"^transformer\.x_embedder\.lora_B\.weight: missing",
+        ),
+        (
+            lambda s: s.__setitem__("transformer.x_embedder.alpha", torch.zeros(1)),
+            r"^transformer\.x_embedder\.alpha: not a key of the ICEdit LoRA-MoE format$",
+        ),
+        (
+            lambda s: s.__setitem__("transformer.x_embedder.lora_route.weight", torch.zeros(2, 24)),
+            r"belong on ff\.net\.2 / proj_out, not on 'x_embedder'",
+        ),
+        (
+            lambda s: s.__setitem__("transformer.norm_out.lora_A.weight", torch.zeros(2, 24)),
+            r"module 'norm_out' is a AdaLayerNormContinuous, not a Linear layer",
+        ),
     ],
 )
 def test_a_misfit_names_the_first_bad_key_and_leaves_the_model_untouched(mutate, message):
@@ -258,7 +302,9 @@ def test_a_misfit_names_the_first_bad_key_and_leaves_the_model_untouched(mutate,
 def test_pickle_files_and_bad_top_k_are_refused(tmp_path):
     model = small_flux()
     torch.save({"x": torch.zeros(1)}, tmp_path / "adapter.bin")
-    with pytest.raises(UserError, match=r"pickle weights only \(\.bin/\.pt/\.ckpt\): icedit loads \.safetensors only"):
+    with pytest.raises(
+        UserError, match=r"pickle weights only \(\.bin/\.pt/\.ckpt\): icedit loads \.safetensors only"
+    ):
         load_lora_moe(model, tmp_path / "adapter.bin")
     (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(UserError, match="not a readable safetensors file"):
@@ -279,8 +325,11 @@ def test_full_size_flux_fill_checkpoint_is_placed_entirely_on_the_meta_device():
     assert (report.keys, report.plain_modules, report.moe_modules) == (len(state), plain, moe)
     assert len(state) == plain * 2 + moe * (4 * 2 + 1)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, LoraMoeLinear)}
-    assert sorted(layers) == sorted(n.removeprefix("transformer.").rsplit(".lora_", 1)[0]
-                                    for n in state if n.endswith("lora_route.weight"))
+    assert sorted(layers) == sorted(
+        n.removeprefix("transformer.").rsplit(".lora_", 1)[0]
+        for n in state
+        if n.endswith("lora_route.weight")
+    )
     assert layers["transformer_blocks.0.ff.net.2"].lora_A.shape == (4 * 32, 12288)
     assert layers["single_transformer_blocks.37.proj_out"].lora_B.shape == (3072, 4 * 32)
     peft_layers = [n for n, m in model.named_modules() if hasattr(m, "base_layer") and hasattr(m, "lora_A")]

@@ -57,8 +57,20 @@ def test_a_plugin_from_a_test_module_is_listed_and_used(fake, tmp_path):
         Image.new("RGB", (64, 32), "gray").save(src)
         result = CliRunner().invoke(
             cli,
-            ["edit", str(src), "add a hat", "--engine", "fake", "--rewriter", "shout", "--seed", "1", "--json",
-             "-o", str(tmp_path / "out.png")],
+            [
+                "edit",
+                str(src),
+                "add a hat",
+                "--engine",
+                "fake",
+                "--rewriter",
+                "shout",
+                "--seed",
+                "1",
+                "--json",
+                "-o",
+                str(tmp_path / "out.png"),
+            ],
         )
         assert result.exit_code == 0, result.output
         data = json.loads(result.output)
@@ -98,7 +110,10 @@ def test_turn_finished_observers_see_each_committed_turn(fake, fake_settings, st
 
     agent = Agent(store, "s", fake_settings)
     out = agent.turn("add a hat", source=(photo, "open cat"), seed=3)
-    assert fake.finished == [("s", out.turn.parent), ("s", out.turn.id)]  # the open committed with it, then it
+    assert fake.finished == [
+        ("s", out.turn.parent),
+        ("s", out.turn.id),
+    ]  # the open committed with it, then it
     agent.turn("undo")
     assert fake.finished == [("s", out.turn.parent), ("s", out.turn.id)]  # moving the cursor commits no turn
 
@@ -135,8 +150,9 @@ def observers():
         pm.unregister(name="broken")
 
 
-def test_every_committed_turn_is_observed_and_a_failing_observer_changes_nothing(fake, observers, icedit_home,
-                                                                                 tmp_path, monkeypatch):
+def test_every_committed_turn_is_observed_and_a_failing_observer_changes_nothing(
+    fake, observers, icedit_home, tmp_path, monkeypatch
+):
     """Opens, the open committed with a first edit, edits and imports all reach the observers with their image;
     an observer that raises is one warning line per turn, and the command still writes its output and exits 0."""
     monkeypatch.chdir(tmp_path)
@@ -144,14 +160,29 @@ def test_every_committed_turn_is_observed_and_a_failing_observer_changes_nothing
     from PIL import Image
 
     Image.new("RGB", (48, 32), "orange").save(photo)
-    run = CliRunner().invoke(cli, ["edit", str(photo), "add a hat", "--engine", "fake", "--session", "s", "--seed",
-                                   "1", "-o", "hat.png"])
+    run = CliRunner().invoke(
+        cli,
+        [
+            "edit",
+            str(photo),
+            "add a hat",
+            "--engine",
+            "fake",
+            "--session",
+            "s",
+            "--seed",
+            "1",
+            "-o",
+            "hat.png",
+        ],
+    )
     assert run.exit_code == 0, run.output
     assert (tmp_path / "hat.png").is_file()
     assert observers.seen == [("s", 1, "open", True), ("s", 2, "edit", True)]
     assert run.stderr.splitlines() == [
         "warning: plugin broken failed observing turn 1 (RuntimeError: observer bug on 1)",
-        "warning: plugin broken failed observing turn 2 (RuntimeError: observer bug on 2)"]
+        "warning: plugin broken failed observing turn 2 (RuntimeError: observer bug on 2)",
+    ]
     assert CliRunner().invoke(cli, ["sessions", "export", "s", "s.zip"]).exit_code == 0
     imported = CliRunner().invoke(cli, ["sessions", "import", "s.zip", "--as", "t"])
     assert imported.exit_code == 0, imported.output

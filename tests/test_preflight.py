@@ -24,16 +24,26 @@ def test_real_weights_make_the_vlm_the_default_rewriter_and_its_weights_optional
     settings = Settings()
     assert preflight.rewriter_name(settings) == "qwen_vl"
     assert refs(preflight.needs(settings)) == [
-        ("FLUX.1 Fill pipeline", "black-forest-labs/FLUX.1-Fill-dev", True), ("LoRA", "RiverZ/normal-lora", True),
-        ("VLM", "Qwen/Qwen2.5-VL-7B-Instruct", False)]
+        ("FLUX.1 Fill pipeline", "black-forest-labs/FLUX.1-Fill-dev", True),
+        ("LoRA", "RiverZ/normal-lora", True),
+        ("VLM", "Qwen/Qwen2.5-VL-7B-Instruct", False),
+    ]
     chosen = Settings(rewriter="qwen_vl", preset="moe")
     assert refs(preflight.needs(chosen)) == [
         ("FLUX.1 Fill pipeline", "black-forest-labs/FLUX.1-Fill-dev", True),
-        ("LoRA", "sanaka87/ICEdit-MoE-LoRA", True), ("VLM", "Qwen/Qwen2.5-VL-7B-Instruct", True)]
+        ("LoRA", "sanaka87/ICEdit-MoE-LoRA", True),
+        ("VLM", "Qwen/Qwen2.5-VL-7B-Instruct", True),
+    ]
 
 
-@pytest.mark.parametrize("kw", [{"preset": "tiny"}, {"preset": "tiny", "lora": "tiny-moe"},
-                                {"preset": "tiny", "lora": "someone/adapter"}])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"preset": "tiny"},
+        {"preset": "tiny", "lora": "tiny-moe"},
+        {"preset": "tiny", "lora": "someone/adapter"},
+    ],
+)
 def test_random_weights_keep_the_rules_rewriter_even_with_an_adapter(kw):
     settings = Settings(**kw)
     assert preflight.rewriter_name(settings) == "rules"
@@ -42,7 +52,8 @@ def test_random_weights_keep_the_rules_rewriter_even_with_an_adapter(kw):
 
 def test_the_judge_is_needed_when_the_early_filter_runs_and_shares_the_rewriters_vlm():
     assert refs(preflight.needs(Settings(preset="tiny", candidates=3, vlm="someone/vlm"))) == [
-        ("VLM", "someone/vlm", True)]
+        ("VLM", "someone/vlm", True)
+    ]
     assert preflight.needs(Settings(preset="tiny", candidates=1, vlm="someone/vlm")) == []
     assert preflight.needs(Settings(preset="tiny", candidates=3, vlm="none")) == []
 
@@ -53,7 +64,9 @@ def test_a_training_run_folder_gives_its_adapter_and_a_weight_name_is_honoured(t
     (run / "adapter" / "pytorch_lora_weights.safetensors").write_bytes(b"")
     (lora,) = preflight.needs(Settings(preset="tiny", lora=str(run)))
     assert (lora.ref, lora.filename) == (str(run / "adapter"), "pytorch_lora_weights.safetensors")
-    (named,) = preflight.needs(Settings(preset="tiny", lora="someone/lora", lora_weight_name="edit.safetensors"))
+    (named,) = preflight.needs(
+        Settings(preset="tiny", lora="someone/lora", lora_weight_name="edit.safetensors")
+    )
     assert (named.ref, named.filename, named.layout) == ("someone/lora", "edit.safetensors", "file")
 
 
@@ -86,7 +99,9 @@ def empty_hub_cache(tmp_path, monkeypatch):
 @pytest.mark.parametrize("gib", [16, 24, 48, 80])
 def test_on_a_gpu_the_plan_places_the_models_and_keeps_what_the_person_set(flux_folder, gpu, gib):
     gpu(gib)
-    prepared = preflight.prepare(Settings(model=str(flux_folder), lora="none", rewriter="qwen_vl", vlm="none"))
+    prepared = preflight.prepare(
+        Settings(model=str(flux_folder), lora="none", rewriter="qwen_vl", vlm="none")
+    )
     assert prepared.plan is not None and prepared.plan.fits
     assert prepared.plan.estimated_peak <= gib * GiB * (1 - prepared.plan.headroom)
     s = prepared.settings
@@ -94,8 +109,17 @@ def test_on_a_gpu_the_plan_places_the_models_and_keeps_what_the_person_set(flux_
         assert (s.device, s.offload, s.quantize) == ("cuda", "none", "none")
     else:
         assert s.quantize != "none" or s.offload != "none"
-    forced = preflight.prepare(Settings(model=str(flux_folder), lora="none", rewriter="rules", vlm="none",
-                                        offload="none", quantize="none", steps=3))
+    forced = preflight.prepare(
+        Settings(
+            model=str(flux_folder),
+            lora="none",
+            rewriter="rules",
+            vlm="none",
+            offload="none",
+            quantize="none",
+            steps=3,
+        )
+    )
     assert (forced.settings.offload, forced.settings.quantize) == ("none", "none")
     assert forced.plan.forced == {"offload": "none", "quantize": "none"}  # placements only, not steps or home
     assert forced.plan.fits == (gib >= 48)
@@ -138,7 +162,10 @@ def test_an_adapter_folder_holding_one_safetensors_file_of_another_name_loads_it
     else:
         with pytest.raises(UserError, match="no pytorch_lora_weights.safetensors in it"):
             hub.locate(lora_artifact(str(folder)))
-        assert hub.locate(lora_artifact(str(folder), weight_name="other.safetensors")) == folder / "other.safetensors"
+        assert (
+            hub.locate(lora_artifact(str(folder), weight_name="other.safetensors"))
+            == folder / "other.safetensors"
+        )
 
 
 @pytest.mark.parametrize("gib", [16, 24, 48, 80])
@@ -151,9 +178,18 @@ def test_models_json_plans_for_the_gpu_memory_given(monkeypatch, gib):
     assert plan["capacity"] == gib * GiB and plan["fits"]
     assert plan["estimated_peak"] <= plan["usable"] <= gib * GiB
     assert set(plan["choices"]) == {"flux", "vlm"} and plan["explain"].startswith(f"{gib} GiB GPU: ")
-    assert [a["role"] for a in report["artifacts"]] == ["FLUX.1 Fill pipeline", "LoRA", "VLM", "CLIP model",
-                                                       "DINO model"]
-    assert all(a["cached"] is False and a["download_command"].startswith(f"hf download {a['ref']} --include ")
-               for a in report["artifacts"])
+    assert [a["role"] for a in report["artifacts"]] == [
+        "FLUX.1 Fill pipeline",
+        "LoRA",
+        "VLM",
+        "CLIP model",
+        "DINO model",
+    ]
+    assert all(
+        a["cached"] is False and a["download_command"].startswith(f"hf download {a['ref']} --include ")
+        for a in report["artifacts"]
+    )
     if gib == 24:
-        assert any("Qwen2.5-VL-3B" in note and "--vlm Qwen/Qwen2.5-VL-3B-Instruct" in note for note in plan["notes"])
+        assert any(
+            "Qwen2.5-VL-3B" in note and "--vlm Qwen/Qwen2.5-VL-3B-Instruct" in note for note in plan["notes"]
+        )

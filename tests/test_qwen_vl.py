@@ -60,7 +60,9 @@ class Scripted(LogitsProcessor):
 
     def __init__(self, tokenizer, answers: list[str]):
         self.tokenizer = tokenizer
-        self.answers = [tokenizer.encode(a, add_special_tokens=False) + [tokenizer.eos_token_id] for a in answers]
+        self.answers = [
+            tokenizer.encode(a, add_special_tokens=False) + [tokenizer.eos_token_id] for a in answers
+        ]
         self.prompts: list[str] = []
         self._forced: list[int] | None = None
         self._next_length = -1
@@ -106,7 +108,8 @@ def test_a_folder_with_the_published_file_layout_loads_too(tiny_vlm, tmp_path, c
     vlm = model.load(settings)
     assert type(vlm.processor) is ImageOnlyProcessor and vlm.processor.chat_template == CHAT_TEMPLATE
     assert QwenJudge(settings).compare(WINTER, cat, cat, cat) == QwenJudge(
-        Settings(vlm=tiny_vlm, **SMALL)).compare(WINTER, cat, cat, cat)
+        Settings(vlm=tiny_vlm, **SMALL)
+    ).compare(WINTER, cat, cat, cat)
 
 
 def test_plugin_registers_rewriter_and_judge_without_importing_torch(vlm_settings):
@@ -114,10 +117,15 @@ def test_plugin_registers_rewriter_and_judge_without_importing_torch(vlm_setting
     assert plugins.registrations("judges")["qwen_vl"][0] == "plugins.qwen_vl"
     assert isinstance(plugins.get("rewriters", "qwen_vl").factory(vlm_settings), QwenRewriter)
     assert isinstance(plugins.get("judges", "qwen_vl").factory(vlm_settings), QwenJudge)
-    code = ("import sys, assistant.cli, plugins.qwen_vl; from assistant.plugins import get_plugin_manager; "
-            "get_plugin_manager(); print(sorted(m for m in sys.modules if m.split('.')[0] in "
-            "('torch', 'transformers')))")
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
+    code = (
+        "import sys, assistant.cli, plugins.qwen_vl; from assistant.plugins import get_plugin_manager; "
+        "get_plugin_manager(); print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('torch', 'transformers')))"
+    )
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        == "[]\n"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- rewriter
@@ -137,23 +145,34 @@ def test_garbage_answers_retry_once_quoting_the_error_then_fall_back_to_rules(vl
     assert f'1. "give it a hat" -> edit: add a red hat to the cat\nRequest: {WINTER}' in first
     assert second.startswith(first)
     error = plan.fallback.removeprefix("rules (invalid answer twice: ").removesuffix(")")
-    assert "<|im_start|>user\nThat answer is not valid (Invalid JSON: " in second[len(first):]
+    assert "<|im_start|>user\nThat answer is not valid (Invalid JSON: " in second[len(first) :]
     assert error.startswith("Invalid JSON: ")
 
 
 @pytest.mark.parametrize(
     ("answer", "expected"),
     [
-        ('{"intent": "edit", "instruction": "add snow to the roof", "subject": "the roof", "rationale": "snow"}',
-         EditPlan(intent="edit", instruction="add snow to the roof", subject="the roof", rationale="snow",
-                  ic_prompt=prompts.render("ic_edit.txt", instruction="add snow to the roof"))),
-        ('```json\n{"intent": "undo", "rationale": "back to the cat without a hat"}\n```',
-         EditPlan(intent="undo", rationale="back to the cat without a hat")),
+        (
+            '{"intent": "edit", "instruction": "add snow to the roof", "subject": "the roof", "rationale": "snow"}',
+            EditPlan(
+                intent="edit",
+                instruction="add snow to the roof",
+                subject="the roof",
+                rationale="snow",
+                ic_prompt=prompts.render("ic_edit.txt", instruction="add snow to the roof"),
+            ),
+        ),
+        (
+            '```json\n{"intent": "undo", "rationale": "back to the cat without a hat"}\n```',
+            EditPlan(intent="undo", rationale="back to the cat without a hat"),
+        ),
     ],
 )
 def test_a_scripted_answer_becomes_the_plan(vlm_settings, cat, answer, expected):
     script = scripted(vlm_settings, answer)
-    plan = QwenRewriter(vlm_settings.model_copy(update={"vlm_max_new_tokens": 120}), LogitsProcessorList([script])).rewrite(cat, "x", [])
+    plan = QwenRewriter(
+        vlm_settings.model_copy(update={"vlm_max_new_tokens": 120}), LogitsProcessorList([script])
+    ).rewrite(cat, "x", [])
     assert plan == expected
     assert len(script.prompts) == 1 and not script.answers
 
@@ -161,10 +180,12 @@ def test_a_scripted_answer_becomes_the_plan(vlm_settings, cat, answer, expected)
 def test_an_invalid_answer_is_retried_once_with_the_error_quoted(vlm_settings, cat):
     valid = '{"intent": "edit", "instruction": "make it snow", "rationale": "snow"}'
     script = scripted(vlm_settings, '{"intent": "paint", "rationale": "?"}', valid)
-    plan = QwenRewriter(vlm_settings.model_copy(update={"vlm_max_new_tokens": 80}), LogitsProcessorList([script])).rewrite(cat, WINTER, [])
+    plan = QwenRewriter(
+        vlm_settings.model_copy(update={"vlm_max_new_tokens": 80}), LogitsProcessorList([script])
+    ).rewrite(cat, WINTER, [])
     assert (plan.intent, plan.instruction, plan.fallback) == ("edit", "make it snow", None)
     first, second = script.prompts
-    assert second[len(first):].startswith(
+    assert second[len(first) :].startswith(
         '{"intent": "paint", "rationale": "?"}<|im_end|>\n<|im_start|>user\n'
         "That answer is not valid (intent: Input should be 'edit', 'undo', 'redo', 'retry', 'answer' or 'clarify')."
     )
@@ -216,7 +237,9 @@ def test_compare_many_is_one_padded_batch_equal_to_single_compares(vlm_settings,
     judge = QwenJudge(vlm_settings)
     big, small, other = cat.resize((56, 56)), cat.resize((28, 28)), cat.rotate(180).resize((56, 28))
     pairs = [(big, small), (small, other), (other, big)]
-    mask = model.load(vlm_settings).inputs([judge.conversation(WINTER, cat, *p) for p in pairs])["attention_mask"]
+    mask = model.load(vlm_settings).inputs([judge.conversation(WINTER, cat, *p) for p in pairs])[
+        "attention_mask"
+    ]
     assert mask[:, -1].all() and not mask[:, 0].all()  # different lengths, padded on the left
     batched = judge.compare_many(WINTER, cat, pairs)
     assert batched == pytest.approx([judge.compare(WINTER, cat, *p) for p in pairs], abs=1e-4)
@@ -240,7 +263,9 @@ def small_env(monkeypatch):
 
 
 def test_cli_rewrite_prints_the_plan_and_the_fallback(tiny_vlm, small_env):
-    result = CliRunner().invoke(cli, ["rewrite", CHELSEA, WINTER, "--rewriter", "qwen_vl", "--vlm", tiny_vlm, "--json"])
+    result = CliRunner().invoke(
+        cli, ["rewrite", CHELSEA, WINTER, "--rewriter", "qwen_vl", "--vlm", tiny_vlm, "--json"]
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["rewriter"].startswith("qwen_vl -> rules (invalid answer twice: Invalid JSON")
@@ -252,8 +277,25 @@ def test_cli_rewrite_prints_the_plan_and_the_fallback(tiny_vlm, small_env):
 
 def test_cli_edit_runs_end_to_end_with_the_vlm_rewriter(tiny_vlm, small_env, tmp_path):
     out = tmp_path / "out.png"
-    result = CliRunner().invoke(cli, ["edit", CHELSEA, WINTER, "--preset", "tiny", "--steps", "2", "--rewriter",
-                                      "qwen_vl", "--vlm", tiny_vlm, "--json", "-o", str(out)])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "edit",
+            CHELSEA,
+            WINTER,
+            "--preset",
+            "tiny",
+            "--steps",
+            "2",
+            "--rewriter",
+            "qwen_vl",
+            "--vlm",
+            tiny_vlm,
+            "--json",
+            "-o",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["rewriter"].startswith("qwen_vl -> rules (")
@@ -269,23 +311,30 @@ def test_cli_vlm_none_falls_back_with_a_notice(small_env):
 
 
 def test_cli_missing_vlm_folder_is_one_line_naming_the_download(tmp_path):
-    result = CliRunner().invoke(cli, ["rewrite", CHELSEA, WINTER, "--rewriter", "qwen_vl", "--vlm",
-                                      str(tmp_path / "nope")])
+    result = CliRunner().invoke(
+        cli, ["rewrite", CHELSEA, WINTER, "--rewriter", "qwen_vl", "--vlm", str(tmp_path / "nope")]
+    )
     assert result.exit_code == 2
     assert result.stdout == ""
     (line,) = result.stderr.splitlines()
-    assert line == f"Error: VLM '{tmp_path / 'nope'}' (--vlm): no such file or folder; check the path, or give --vlm " \
-                   "a hub id (owner/name)"
+    assert (
+        line
+        == f"Error: VLM '{tmp_path / 'nope'}' (--vlm): no such file or folder; check the path, or give --vlm "
+        "a hub id (owner/name)"
+    )
 
 
 def test_cli_uncached_hub_id_offline_is_one_line_naming_the_download(monkeypatch):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    result = CliRunner().invoke(cli, ["rewrite", CHELSEA, WINTER, "--rewriter", "qwen_vl", "--vlm",
-                                      "nobody/no-such-vlm"])
+    result = CliRunner().invoke(
+        cli, ["rewrite", CHELSEA, WINTER, "--rewriter", "qwen_vl", "--vlm", "nobody/no-such-vlm"]
+    )
     assert result.exit_code == 2
     (line,) = result.stderr.splitlines()
-    assert line.startswith("Error: VLM 'nobody/no-such-vlm' (--vlm): not in the Hugging Face cache and offline mode "
-                           "is set (HF_HUB_OFFLINE)")
+    assert line.startswith(
+        "Error: VLM 'nobody/no-such-vlm' (--vlm): not in the Hugging Face cache and offline mode "
+        "is set (HF_HUB_OFFLINE)"
+    )
     assert "`hf download nobody/no-such-vlm --include '*.json' --include '*.safetensors'" in line

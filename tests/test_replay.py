@@ -76,8 +76,17 @@ def test_the_example_rows_say_what_each_turn_did(winter_runs):
     assert rows[2]["image_sha256"] == rows[0]["image_sha256"]
     assert rows[2]["cursor"] == rows[0]["cursor"]
     assert (out / "03-undo.png").read_bytes() == (out / "01-edit.png").read_bytes()
-    assert len({rows[0]["image_sha256"], rows[1]["image_sha256"], rows[3]["image_sha256"],
-                rows[4]["image_sha256"]}) == 4
+    assert (
+        len(
+            {
+                rows[0]["image_sha256"],
+                rows[1]["image_sha256"],
+                rows[3]["image_sha256"],
+                rows[4]["image_sha256"],
+            }
+        )
+        == 4
+    )
 
 
 # ---------------------------------------------------------------------- validation: one line, exit 2
@@ -103,30 +112,72 @@ OK_TURN = '[[turns]]\nsay = "add a hat"\n'
 @pytest.mark.parametrize(
     ("text", "error"),
     [
-        ('source = "cat.png"\n[[turns]]\nsay =\n', "s.toml: not valid TOML: Invalid value (at line 3, column 6)"),
+        (
+            'source = "cat.png"\n[[turns]]\nsay =\n',
+            "s.toml: not valid TOML: Invalid value (at line 3, column 6)",
+        ),
         ('source = "cat.png"\ncolour = 1\n' + OK_TURN, "s.toml: colour: Extra inputs are not permitted"),
-        ('source = "cat.png"\n' + OK_TURN + '[[turns]]\nsay = "x"\ncolur = "red"\n',
-         "s.toml: turn 2: colur: Extra inputs are not permitted"),
-        ('source = "cat.png"\n[[turns]]\nsay = "x"\ncommand = "undo"\n',
-         "s.toml: turn 1: Value error, a turn needs exactly one of say, command, open"),
-        ('source = "cat.png"\n[[turns]]\ncommand = "undo"\nseed = 3\n',
-         "s.toml: turn 1: Value error, instruction, seed, steps, guidance, candidates and early_steps go with say"),
-        ('source = "cat.png"\n[[turns]]\ncommand = "jump"\n', "s.toml: turn 1: command: Input should be 'undo' or 'redo'"),
-        ('source = "cat.png"\nturns = []\n', "s.toml: turns: List should have at least 1 item after validation, not 0"),
+        (
+            'source = "cat.png"\n' + OK_TURN + '[[turns]]\nsay = "x"\ncolur = "red"\n',
+            "s.toml: turn 2: colur: Extra inputs are not permitted",
+        ),
+        (
+            'source = "cat.png"\n[[turns]]\nsay = "x"\ncommand = "undo"\n',
+            "s.toml: turn 1: Value error, a turn needs exactly one of say, command, open",
+        ),
+        (
+            'source = "cat.png"\n[[turns]]\ncommand = "undo"\nseed = 3\n',
+            "s.toml: turn 1: Value error, instruction, seed, steps, guidance, candidates and early_steps go with say",
+        ),
+        (
+            'source = "cat.png"\n[[turns]]\ncommand = "jump"\n',
+            "s.toml: turn 1: command: Input should be 'undo' or 'redo'",
+        ),
+        (
+            'source = "cat.png"\nturns = []\n',
+            "s.toml: turns: List should have at least 1 item after validation, not 0",
+        ),
         ('source = "cat.png"\n', "s.toml: turns: Field required"),
         (OK_TURN, "s.toml: source: Field required"),
-        ('source = "cat.png"\nsteps = 0\n' + OK_TURN, "s.toml: steps: Input should be greater than or equal to 1"),
-        ('source = "cat.png"\n[[turns]]\nsay = "x"\nsteps = 0\n',
-         "s.toml: turn 1: steps: Input should be greater than or equal to 1"),
-        ('source = "../x.png"\n' + OK_TURN, "../x.png: replay scripts may only name files in their own folder"),
-        ('source = "sub/../../x.png"\n' + OK_TURN,
-         "sub/../../x.png: replay scripts may only name files in their own folder"),
-        ('source = "/etc/passwd"\n' + OK_TURN, "/etc/passwd: replay scripts may only name files in their own folder"),
+        (
+            'source = "cat.png"\nsteps = 0\n' + OK_TURN,
+            "s.toml: steps: Input should be greater than or equal to 1",
+        ),
+        (
+            'source = "cat.png"\n[[turns]]\nsay = "x"\nsteps = 0\n',
+            "s.toml: turn 1: steps: Input should be greater than or equal to 1",
+        ),
+        (
+            'source = "../x.png"\n' + OK_TURN,
+            "../x.png: replay scripts may only name files in their own folder",
+        ),
+        (
+            'source = "sub/../../x.png"\n' + OK_TURN,
+            "sub/../../x.png: replay scripts may only name files in their own folder",
+        ),
+        (
+            'source = "/etc/passwd"\n' + OK_TURN,
+            "/etc/passwd: replay scripts may only name files in their own folder",
+        ),
         ('source = "missing.png"\n' + OK_TURN, "{folder}/missing.png: no such file"),
     ],
-    ids=["toml", "unknown-key", "unknown-turn-key", "say+command", "seed-on-command", "bad-command", "no-turns",
-         "turns-missing", "source-missing", "steps-0", "turn-steps-0", "dotdot", "dotdot-inside", "absolute",
-         "missing-file"],
+    ids=[
+        "toml",
+        "unknown-key",
+        "unknown-turn-key",
+        "say+command",
+        "seed-on-command",
+        "bad-command",
+        "no-turns",
+        "turns-missing",
+        "source-missing",
+        "steps-0",
+        "turn-steps-0",
+        "dotdot",
+        "dotdot-inside",
+        "absolute",
+        "missing-file",
+    ],
 )
 def test_script_errors_are_one_line_exit_2(folder, fake, text, error):
     out = folder / "out"
@@ -144,7 +195,9 @@ def test_a_link_leading_out_of_the_folder_is_refused(folder, tmp_path, fake):
     outside = tmp_path / "secret.png"
     outside.write_bytes((EXAMPLES / "chelsea.png").read_bytes())
     (folder / "link.png").symlink_to(outside)
-    result = replay(script(folder, 'source = "link.png"\n' + OK_TURN), "--out", folder / "out", "--engine", "fake")
+    result = replay(
+        script(folder, 'source = "link.png"\n' + OK_TURN), "--out", folder / "out", "--engine", "fake"
+    )
     assert result.exit_code == 2
     assert result.stderr == "Error: link.png: leads outside the script's folder\n"
     assert fake.engine.calls == []
@@ -156,10 +209,18 @@ def test_a_missing_script_is_one_line(tmp_path):
     assert result.stderr == f"Error: {tmp_path / 'nope.toml'}: no such replay script\n"
 
 
-def test_script_paths_are_relative_to_the_script_not_the_working_directory(folder, fake, tmp_path, monkeypatch):
+def test_script_paths_are_relative_to_the_script_not_the_working_directory(
+    folder, fake, tmp_path, monkeypatch
+):
     monkeypatch.chdir(tmp_path)
-    result = replay(script(folder, 'source = "cat.png"\nseed = 10\n' + OK_TURN), "--out", "o", "--engine", "fake",
-                    "--json")
+    result = replay(
+        script(folder, 'source = "cat.png"\nseed = 10\n' + OK_TURN),
+        "--out",
+        "o",
+        "--engine",
+        "fake",
+        "--json",
+    )
     (row,) = rows_of(result)
     assert (row["intent"], row["seed"], row["instruction"]) == ("edit", 11, "add a hat")
     assert Path(row["output"]) == Path("o") / "01-edit.png"
@@ -201,7 +262,10 @@ def shape(history: History, turn_id: int) -> tuple:
 
 
 def cursor_path(history: History) -> list[tuple]:
-    return [(t.kind, t.message if t.kind == "edit" else None, t.image_sha256) for t in history.path(history.cursor)]
+    return [
+        (t.kind, t.message if t.kind == "edit" else None, t.image_sha256)
+        for t in history.path(history.cursor)
+    ]
 
 
 def test_export_then_replay_rebuilds_the_same_tree(fake, fake_settings, photo, tmp_path):
@@ -227,7 +291,9 @@ def test_export_then_replay_rebuilds_the_same_tree(fake, fake_settings, photo, t
     assert sha256((exported.parent / "walk-1.png").read_bytes()) == original.turn(1).image_sha256
 
     calls_before = len(fake.engine.calls)
-    rows = rows_of(replay(exported, "--out", tmp_path / "out", "--session", "again", "--engine", "fake", "--json"))
+    rows = rows_of(
+        replay(exported, "--out", tmp_path / "out", "--session", "again", "--engine", "fake", "--json")
+    )
     # depth first, the branch off the cursor's path first, each side branch closed by an undo
     assert [r["intent"] for r in rows] == ["edit", "edit", "undo", "edit", "edit", "undo", "edit", "undo"]
     assert len(fake.engine.calls) - calls_before == 5
@@ -254,10 +320,13 @@ def test_an_open_turn_opens_a_new_image_or_jumps_to_one_already_shown(folder, fa
     from PIL import Image
 
     Image.new("RGB", (40, 32), (200, 10, 10)).save(folder / "red.png")
-    text = ('source = "cat.png"\n' + OK_TURN + '[[turns]]\nopen = "red.png"\n[[turns]]\nsay = "add a dog"\n'
-            '[[turns]]\nopen = "cat.png"\n')
-    rows = rows_of(replay(script(folder, text), "--out", folder / "out", "--session", "o", "--engine", "fake",
-                          "--json"))
+    text = (
+        'source = "cat.png"\n' + OK_TURN + '[[turns]]\nopen = "red.png"\n[[turns]]\nsay = "add a dog"\n'
+        '[[turns]]\nopen = "cat.png"\n'
+    )
+    rows = rows_of(
+        replay(script(folder, text), "--out", folder / "out", "--session", "o", "--engine", "fake", "--json")
+    )
     assert [r["intent"] for r in rows] == ["edit", "open", "edit", "open"]
     assert [r["cursor"] for r in rows] == [2, 3, 4, 1]  # the cat is turn 1 already: a jump, not a new turn
     with Store(Path(os.environ["ICEDIT_HOME"]) / "sessions.sqlite3") as store:

@@ -68,7 +68,9 @@ def invoke(*args: object):
 
 
 def replay(script: Path, *args: object):
-    return invoke("replay", script, "--out", script.parent / "out", "--engine", "fake", "--session", "r", *args)
+    return invoke(
+        "replay", script, "--out", script.parent / "out", "--engine", "fake", "--session", "r", *args
+    )
 
 
 def refused(result, error: str) -> None:
@@ -106,30 +108,56 @@ def _two_step_loop(out: Path) -> str:
 
 
 PLANTED = {
-    "hard link named like the output": (lambda out, v: os.link(v, out / "01-edit.png"), "01-edit.png",
-                                        "a hard link (the file has another name, maybe outside this folder)"),
-    "hard link under another name": (lambda out, v: os.link(v, out / "keep.png"), "keep.png",
-                                     "a hard link (the file has another name, maybe outside this folder)"),
-    "link inside to a hard link": (lambda out, v: (os.link(v, out / "z.png"), (out / "01-edit.png").symlink_to("z.png")),
-                                   "01-edit.png", "a hard link (the file has another name, maybe outside this folder)"),
+    "hard link named like the output": (
+        lambda out, v: os.link(v, out / "01-edit.png"),
+        "01-edit.png",
+        "a hard link (the file has another name, maybe outside this folder)",
+    ),
+    "hard link under another name": (
+        lambda out, v: os.link(v, out / "keep.png"),
+        "keep.png",
+        "a hard link (the file has another name, maybe outside this folder)",
+    ),
+    "link inside to a hard link": (
+        lambda out, v: (os.link(v, out / "z.png"), (out / "01-edit.png").symlink_to("z.png")),
+        "01-edit.png",
+        "a hard link (the file has another name, maybe outside this folder)",
+    ),
     "symlink loop": (lambda out, v: _loop(out), "01-edit.png", "a loop of symbolic links"),
     "two-link loop": (lambda out, v: _two_step_loop(out), "a", "a loop of symbolic links"),
-    "fifo named like the output": (lambda out, v: os.mkfifo(out / "01-edit.png"), "01-edit.png",
-                                   "a device, pipe or socket, not a file"),
-    "fifo under another name": (lambda out, v: os.mkfifo(out / "pipe"), "pipe",
-                                "a device, pipe or socket, not a file"),
-    "dangling link inside": (lambda out, v: (out / "01-edit.png").symlink_to(out / "nothing.png"), "01-edit.png",
-                             "a link to nothing"),
-    "dangling link outside": (lambda out, v: (out / "01-edit.png").symlink_to(v.parent / "new.png"), "01-edit.png",
-                              "a link leading outside {out}"),
-    "link to /dev/zero": (lambda out, v: (out / "01-edit.png").symlink_to("/dev/zero"), "01-edit.png",
-                          "a link leading outside {out}"),
+    "fifo named like the output": (
+        lambda out, v: os.mkfifo(out / "01-edit.png"),
+        "01-edit.png",
+        "a device, pipe or socket, not a file",
+    ),
+    "fifo under another name": (
+        lambda out, v: os.mkfifo(out / "pipe"),
+        "pipe",
+        "a device, pipe or socket, not a file",
+    ),
+    "dangling link inside": (
+        lambda out, v: (out / "01-edit.png").symlink_to(out / "nothing.png"),
+        "01-edit.png",
+        "a link to nothing",
+    ),
+    "dangling link outside": (
+        lambda out, v: (out / "01-edit.png").symlink_to(v.parent / "new.png"),
+        "01-edit.png",
+        "a link leading outside {out}",
+    ),
+    "link to /dev/zero": (
+        lambda out, v: (out / "01-edit.png").symlink_to("/dev/zero"),
+        "01-edit.png",
+        "a link leading outside {out}",
+    ),
     "folder named like an output": (lambda out, v: (out / "01-edit.png").mkdir(), "01-edit.png", "a folder"),
 }
 
 
 @pytest.mark.parametrize(("plant", "entry", "said"), PLANTED.values(), ids=PLANTED.keys())
-def test_anything_planted_in_out_is_refused_before_a_turn_runs(folder, victim, icedit_home, fake, plant, entry, said):
+def test_anything_planted_in_out_is_refused_before_a_turn_runs(
+    folder, victim, icedit_home, fake, plant, entry, said
+):
     out = folder / "out"
     out.mkdir()
     plant(out, victim)
@@ -165,9 +193,13 @@ def test_paths_with_a_nul_byte_are_one_line(folder):
         load_script(folder / "s\0.toml")
     with pytest.raises(UserError) as out:
         _prepare_out(folder / "o\0ut")
-    assert str(script.value) == f"{folder}/s\\x00.toml: not a usable file name (a NUL byte, or too long); {SHOWN}"
-    assert str(out.value) == (f"{folder}/o\\x00ut: not a usable file name (a NUL byte, or too long); --out must be "
-                              "a folder")
+    assert (
+        str(script.value)
+        == f"{folder}/s\\x00.toml: not a usable file name (a NUL byte, or too long); {SHOWN}"
+    )
+    assert str(out.value) == (
+        f"{folder}/o\\x00ut: not a usable file name (a NUL byte, or too long); --out must be a folder"
+    )
 
 
 def test_a_rerun_replaces_its_own_outputs_and_a_persons_hard_link_keeps_its_bytes(folder, tmp_path, fake):
@@ -183,8 +215,11 @@ def test_a_rerun_replaces_its_own_outputs_and_a_persons_hard_link_keeps_its_byte
     # a person keeps the second picture by a hard link: the next run refuses, and both names keep it
     os.link(out / "01-edit.png", tmp_path / "kept.png")
     (folder / "s.toml").write_text('source = "cat.png"\nseed = 9\n[[turns]]\nsay = "add a hat"\n')
-    refused(replay(folder / "s.toml"), f"{out / '01-edit.png'}: a hard link (the file has another name, maybe "
-                                       "outside this folder); replay writes only into --out")
+    refused(
+        replay(folder / "s.toml"),
+        f"{out / '01-edit.png'}: a hard link (the file has another name, maybe "
+        "outside this folder); replay writes only into --out",
+    )
     assert (tmp_path / "kept.png").read_bytes() == second == (out / "01-edit.png").read_bytes()
 
 
@@ -259,30 +294,67 @@ def test_nesting_tomllib_can_parse_is_a_validation_line(folder, fake):
 
 OPENS_X = 'source = "cat.png"\n[[turns]]\nsay = "add snow"\n[[turns]]\nopen = "x.png"'
 IMAGES = {
-    "fifo source": (lambda d: os.mkfifo(d / "x.png"), 'source = "x.png"', (),
-                    f"x.png: a device, pipe or socket, not a file; {IMAGES_ONLY}"),
-    "/dev/zero link": (lambda d: (d / "x.png").symlink_to("/dev/zero"), 'source = "x.png"', (),
-                       "x.png: leads outside the script's folder"),
-    "/dev/zero link, allowed outside": (lambda d: (d / "x.png").symlink_to("/dev/zero"), 'source = "x.png"',
-                                        ("--allow-outside",),
-                                        f"x.png: a device, pipe or socket, not a file; {IMAGES_ONLY}"),
-    "loop source": (lambda d: (d / "x.png").symlink_to(d / "x.png"), 'source = "x.png"', (),
-                    f"x.png: a loop of symbolic links; {IMAGES_ONLY}"),
-    "loop in the path": (lambda d: (d / "sub").symlink_to(d / "sub"), 'source = "sub/x.png"', (),
-                         f"sub/x.png: a loop of symbolic links; {IMAGES_ONLY}"),
-    "nul in the name": (lambda d: None, 'source = "x\\u0000.png"', (),
-                        f"x\\x00.png: not a usable file name (a NUL byte, or too long); {IMAGES_ONLY}"),
-    "folder source": (lambda d: (d / "x.png").mkdir(), 'source = "x.png"', (),
-                      "{folder}/x.png is a folder, not an image"),
-    "fifo opened in turn 2": (lambda d: os.mkfifo(d / "x.png"), OPENS_X, (),
-                              f"turn 2: x.png: a device, pipe or socket, not a file; {IMAGES_ONLY}"),
-    "loop opened in turn 2": (lambda d: (d / "x.png").symlink_to(d / "x.png"), OPENS_X, (),
-                              f"turn 2: x.png: a loop of symbolic links; {IMAGES_ONLY}"),
+    "fifo source": (
+        lambda d: os.mkfifo(d / "x.png"),
+        'source = "x.png"',
+        (),
+        f"x.png: a device, pipe or socket, not a file; {IMAGES_ONLY}",
+    ),
+    "/dev/zero link": (
+        lambda d: (d / "x.png").symlink_to("/dev/zero"),
+        'source = "x.png"',
+        (),
+        "x.png: leads outside the script's folder",
+    ),
+    "/dev/zero link, allowed outside": (
+        lambda d: (d / "x.png").symlink_to("/dev/zero"),
+        'source = "x.png"',
+        ("--allow-outside",),
+        f"x.png: a device, pipe or socket, not a file; {IMAGES_ONLY}",
+    ),
+    "loop source": (
+        lambda d: (d / "x.png").symlink_to(d / "x.png"),
+        'source = "x.png"',
+        (),
+        f"x.png: a loop of symbolic links; {IMAGES_ONLY}",
+    ),
+    "loop in the path": (
+        lambda d: (d / "sub").symlink_to(d / "sub"),
+        'source = "sub/x.png"',
+        (),
+        f"sub/x.png: a loop of symbolic links; {IMAGES_ONLY}",
+    ),
+    "nul in the name": (
+        lambda d: None,
+        'source = "x\\u0000.png"',
+        (),
+        f"x\\x00.png: not a usable file name (a NUL byte, or too long); {IMAGES_ONLY}",
+    ),
+    "folder source": (
+        lambda d: (d / "x.png").mkdir(),
+        'source = "x.png"',
+        (),
+        "{folder}/x.png is a folder, not an image",
+    ),
+    "fifo opened in turn 2": (
+        lambda d: os.mkfifo(d / "x.png"),
+        OPENS_X,
+        (),
+        f"turn 2: x.png: a device, pipe or socket, not a file; {IMAGES_ONLY}",
+    ),
+    "loop opened in turn 2": (
+        lambda d: (d / "x.png").symlink_to(d / "x.png"),
+        OPENS_X,
+        (),
+        f"turn 2: x.png: a loop of symbolic links; {IMAGES_ONLY}",
+    ),
 }
 
 
 @pytest.mark.parametrize(("make", "head", "args", "error"), IMAGES.values(), ids=IMAGES.keys())
-def test_an_image_that_is_not_a_regular_file_is_refused_unopened(folder, icedit_home, fake, make, head, args, error):
+def test_an_image_that_is_not_a_regular_file_is_refused_unopened(
+    folder, icedit_home, fake, make, head, args, error
+):
     make(folder)
     (folder / "s.toml").write_text(f'{head}\n[[turns]]\nsay = "add a hat"\n')
     refused(replay(folder / "s.toml", *args), error.format(folder=folder.resolve()))
@@ -309,14 +381,19 @@ def judge():
     pm.unregister(name="first-judge")
 
 
-EARLY_FILTER_TURN = '[[turns]]\nsay = "add a hat"\ncandidates = 16\nearly_steps = 120\n'  # 16*120 + 200 - 120 = 2000
+EARLY_FILTER_TURN = (
+    '[[turns]]\nsay = "add a hat"\ncandidates = 16\nearly_steps = 120\n'  # 16*120 + 200 - 120 = 2000
+)
 
 
 def test_the_cap_counts_transformer_evaluations_up_to_exactly_20000(folder, icedit_home, judge, fake):
     head = 'source = "cat.png"\nsteps = 200\njudge = "first"\n'
     (folder / "s.toml").write_text(head + EARLY_FILTER_TURN * 10 + '[[turns]]\nsay = "x"\nsteps = 1\n')
-    refused(replay(folder / "s.toml"), f"{folder / 's.toml'}: the edits ask for 20001 transformer evaluations in "
-                                       "all; at most 20000 are accepted")
+    refused(
+        replay(folder / "s.toml"),
+        f"{folder / 's.toml'}: the edits ask for 20001 transformer evaluations in "
+        "all; at most 20000 are accepted",
+    )
     assert fake.engine.calls == [] and nothing_stored(icedit_home)
     (folder / "s.toml").write_text(head + EARLY_FILTER_TURN * 10)
     result = replay(folder / "s.toml")
@@ -326,8 +403,10 @@ def test_the_cap_counts_transformer_evaluations_up_to_exactly_20000(folder, iced
 
 def test_the_early_filter_from_the_command_line_counts_too(folder, icedit_home, judge, fake):
     (folder / "s.toml").write_text('source = "cat.png"\nsteps = 200\n' + '[[turns]]\nsay = "x"\n' * 7)
-    refused(replay(folder / "s.toml", "--candidates", "16", "--early-steps", "199", "--judge", "first"),
-            f"{folder / 's.toml'}: the edits ask for 22295 transformer evaluations in all; at most 20000 are accepted")
+    refused(
+        replay(folder / "s.toml", "--candidates", "16", "--early-steps", "199", "--judge", "first"),
+        f"{folder / 's.toml'}: the edits ask for 22295 transformer evaluations in all; at most 20000 are accepted",
+    )
     assert fake.engine.calls == [] and nothing_stored(icedit_home)
 
 
@@ -336,8 +415,15 @@ def test_the_early_filter_from_the_command_line_counts_too(folder, icedit_home, 
 
 def run_icedit(*args: object, home: Path, cwd: Path) -> subprocess.CompletedProcess:
     """`icedit` as a person runs it; the timeout fails the test instead of hanging on a FIFO."""
-    return subprocess.run([str(ICEDIT), *map(str, args)], cwd=cwd, env=env_for(home), text=True,
-                          capture_output=True, timeout=60, check=False)
+    return subprocess.run(
+        [str(ICEDIT), *map(str, args)],
+        cwd=cwd,
+        env=env_for(home),
+        text=True,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def test_fifos_never_hang_the_console_script(folder, icedit_home):
@@ -347,10 +433,13 @@ def test_fifos_never_hang_the_console_script(folder, icedit_home):
     assert (script.returncode, script.stderr) == (2, f"Error: pipe.toml: {said}; {SHOWN}\n")
     os.mkfifo(folder / "pipe.png")
     (folder / "s.toml").write_text('source = "pipe.png"\nsteps = 1\n[[turns]]\nsay = "add a hat"\n')
-    image = run_icedit("replay", "s.toml", "--out", "out", "--preset", "tiny", "--session", "r", home=icedit_home,
-                       cwd=folder)
+    image = run_icedit(
+        "replay", "s.toml", "--out", "out", "--preset", "tiny", "--session", "r", home=icedit_home, cwd=folder
+    )
     assert (image.returncode, image.stderr) == (2, f"Error: pipe.png: {said}; {IMAGES_ONLY}\n")
-    assert script.stdout == image.stdout == "" and not (folder / "out").exists() and nothing_stored(icedit_home)
+    assert (
+        script.stdout == image.stdout == "" and not (folder / "out").exists() and nothing_stored(icedit_home)
+    )
 
 
 def test_a_hard_link_in_out_is_refused_by_the_console_script(folder, victim, icedit_home):
@@ -358,11 +447,14 @@ def test_a_hard_link_in_out_is_refused_by_the_console_script(folder, victim, ice
     (folder / "out").mkdir()
     os.link(victim, folder / "out" / "01-edit.png")
     (folder / "s.toml").write_text('source = "cat.png"\nsteps = 1\n[[turns]]\nsay = "add a hat"\n')
-    result = run_icedit("replay", "s.toml", "--out", "out", "--preset", "tiny", "--session", "r", home=icedit_home,
-                        cwd=folder)
+    result = run_icedit(
+        "replay", "s.toml", "--out", "out", "--preset", "tiny", "--session", "r", home=icedit_home, cwd=folder
+    )
     assert (result.returncode, result.stdout) == (2, "")
-    assert result.stderr == ("Error: out/01-edit.png: a hard link (the file has another name, maybe outside this "
-                             "folder); replay writes only into --out\n")
+    assert result.stderr == (
+        "Error: out/01-edit.png: a hard link (the file has another name, maybe outside this "
+        "folder); replay writes only into --out\n"
+    )
     assert hashlib.sha256(victim.read_bytes()).hexdigest() == digest and nothing_stored(icedit_home)
 
 
@@ -370,11 +462,19 @@ def test_retries_count_what_they_really_cost(folder, fake, icedit_home):
     """A retry repeats the steps of the turn it retries, which the count before the run cannot know: the run
     stops, keeping what it did, once the edits have used the cap (200 + 99 retries x 200 = 20 000)."""
     script = folder / "retry.toml"
-    script.write_text('source = "cat.png"\n[[turns]]\nsay = "add a hat"\nsteps = 200\n'
-                      + '[[turns]]\nsay = "try another seed"\n' * 120)
+    script.write_text(
+        'source = "cat.png"\n[[turns]]\nsay = "add a hat"\nsteps = 200\n'
+        + '[[turns]]\nsay = "try another seed"\n' * 120
+    )
     result = replay(script, "--json")
     assert result.exit_code == 2
-    assert result.stderr == ("Error: turn 101: the turns before it used 20000 transformer evaluations, the most a "
-                             "replay may use: it stops here (the turns before it are kept)\n")
+    assert result.stderr == (
+        "Error: turn 101: the turns before it used 20000 transformer evaluations, the most a "
+        "replay may use: it stops here (the turns before it are kept)\n"
+    )
     rows = [json.loads(line) for line in result.stdout.splitlines()]
-    assert len(rows) == 100 and {r["intent"] for r in rows[1:]} == {"retry"} and sum(r["nfe"] for r in rows) == 20_000
+    assert (
+        len(rows) == 100
+        and {r["intent"] for r in rows[1:]} == {"retry"}
+        and sum(r["nfe"] for r in rows) == 20_000
+    )

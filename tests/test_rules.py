@@ -96,8 +96,15 @@ def test_undo_inside_a_longer_request_is_an_edit_not_a_history_move():
     assert plan.instruction == "undo the snow and add rain"
 
 
-@pytest.mark.parametrize("message", ["Make her hair dark green and her clothes checked.", "undo",
-                                     "  please   add a hat!  ", "try another seed"])
+@pytest.mark.parametrize(
+    "message",
+    [
+        "Make her hair dark green and her clothes checked.",
+        "undo",
+        "  please   add a hat!  ",
+        "try another seed",
+    ],
+)
 def test_verbatim_passes_the_message_unchanged_as_the_edit_instruction(message):
     plan = VerbatimRewriter().rewrite(Image.new("RGB", (8, 8)), message, [])
     assert (plan.intent, plan.instruction) == ("edit", message)

@@ -11,8 +11,10 @@ from plugins.icedit.diptych import make_diptych
 from plugins.icedit.presets import build_tiny
 from plugins.icedit.sampler import FillSampler
 
-PROMPT = "A diptych with two side-by-side images of the same scene. On the right, the scene is exactly the same " \
-         "as on the left but add snow"
+PROMPT = (
+    "A diptych with two side-by-side images of the same scene. On the right, the scene is exactly the same "
+    "as on the left but add snow"
+)
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +28,17 @@ def diptych(photo):
 
 
 def stock(pipe, canvas, mask, seed, steps, **kw):
-    return pipe(prompt=PROMPT, image=canvas, mask_image=mask, height=canvas.height, width=canvas.width,
-                guidance_scale=50.0, num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(seed),
-                **kw).images
+    return pipe(
+        prompt=PROMPT,
+        image=canvas,
+        mask_image=mask,
+        height=canvas.height,
+        width=canvas.width,
+        guidance_scale=50.0,
+        num_inference_steps=steps,
+        generator=torch.Generator("cpu").manual_seed(seed),
+        **kw,
+    ).images
 
 
 @pytest.mark.parametrize("seed", [0, 11])

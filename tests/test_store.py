@@ -41,7 +41,9 @@ def dump(store: Store) -> list[str]:
 @pytest.fixture
 def tree(store):
     """open(1) -> a(2) -> b(3); cursor on b."""
-    opened, a = store.add_turns("s", None, [draft("open", "open cat", (1, 1, 1)), draft("edit", "a", (2, 2, 2))])
+    opened, a = store.add_turns(
+        "s", None, [draft("open", "open cat", (1, 1, 1)), draft("edit", "a", (2, 2, 2))]
+    )
     (b,) = store.add_turns("s", a.id, [draft("edit", "b", (3, 3, 3))])
     return opened, a, b
 
@@ -68,7 +70,12 @@ def test_a_new_turn_after_undo_makes_a_branch_and_undo_deletes_nothing(store, tr
     assert [t.id for t in store.history("s").turns] == [opened.id, a.id, b.id]
     (c,) = store.add_turns("s", store.history("s").cursor, [draft("edit", "c", (4, 4, 4))])
     h = store.history("s")
-    assert [(t.id, t.parent) for t in h.turns] == [(opened.id, None), (a.id, opened.id), (b.id, a.id), (c.id, a.id)]
+    assert [(t.id, t.parent) for t in h.turns] == [
+        (opened.id, None),
+        (a.id, opened.id),
+        (b.id, a.id),
+        (c.id, a.id),
+    ]
     assert h.cursor == c.id
     assert [t.id for t in h.path(c.id)] == [opened.id, a.id, c.id]
     assert store.image(b.image_sha256) == encode_png(Image.new("RGB", (8, 6), (3, 3, 3)))
@@ -84,7 +91,9 @@ def test_undo_at_the_root_and_redo_at_a_leaf_are_clear_errors(store, tree):
 
 
 def test_add_turns_chains_parents_and_moves_the_cursor_to_the_last(store):
-    opened, edited = store.add_turns("s", None, [draft("open", "open cat", (1, 1, 1)), draft("edit", "a", (2, 2, 2))])
+    opened, edited = store.add_turns(
+        "s", None, [draft("open", "open cat", (1, 1, 1)), draft("edit", "a", (2, 2, 2))]
+    )
     assert (opened.kind, opened.parent, opened.message) == ("open", None, "open cat")
     assert (edited.kind, edited.parent, edited.message) == ("edit", opened.id, "a")
     assert edited.id == opened.id + 1
@@ -178,7 +187,9 @@ def test_transcript_holds_the_chat_lines_in_order(store):
         None,
         [
             draft("open", "open cat", (1, 1, 1), replies=[("user", "open cat")]),
-            draft("edit", "add a hat", (2, 2, 2), replies=[("user", "add a hat"), ("assistant", "a hat it is")]),
+            draft(
+                "edit", "add a hat", (2, 2, 2), replies=[("user", "add a hat"), ("assistant", "a hat it is")]
+            ),
         ],
     )
     store.move_cursor("s", opened.id, [("user", "undo that")])

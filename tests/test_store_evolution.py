@@ -35,8 +35,10 @@ def invoke(*args: object):
 def rows(path: Path) -> dict:
     """The data of the v1 tables, row by row (not the schema)."""
     with sqlite3.connect(path) as con:
-        return {t: con.execute(f"SELECT * FROM {t} ORDER BY rowid").fetchall()
-                for t in ("sessions", "turns", "images", "log")}
+        return {
+            t: con.execute(f"SELECT * FROM {t} ORDER BY rowid").fetchall()
+            for t in ("sessions", "turns", "images", "log")
+        }
 
 
 @pytest.fixture
@@ -61,12 +63,21 @@ def test_a_v1_store_opens_upgrades_and_keeps_everything(v1_home):
         ]
         assert walk.cursor == 2 and walk.turn(3).seed == 7
         assert [(e.role, e.text) for e in store.transcript("walk")][-3:] == [
-            ("user", "what is in the picture?"), ("assistant", "a cat in the snow"), ("user", "/branch 2")]
+            ("user", "what is in the picture?"),
+            ("assistant", "a cat in the snow"),
+            ("user", "/branch 2"),
+        ]
         # the v2 indexes exist and the two lookups they are for use them
-        plans = [" ".join(r[3] for r in store.db.execute(f"EXPLAIN QUERY PLAN {q}", args)) for q, args in [
-            ("SELECT id FROM turns WHERE session_id = ? AND image_sha256 = ? ORDER BY id DESC LIMIT 1", (1, "x")),
-            ("SELECT role, text, turn_id, created FROM log WHERE session_id = ? ORDER BY id", (1,)),
-        ]]
+        plans = [
+            " ".join(r[3] for r in store.db.execute(f"EXPLAIN QUERY PLAN {q}", args))
+            for q, args in [
+                (
+                    "SELECT id FROM turns WHERE session_id = ? AND image_sha256 = ? ORDER BY id DESC LIMIT 1",
+                    (1, "x"),
+                ),
+                ("SELECT role, text, turn_id, created FROM log WHERE session_id = ? ORDER BY id", (1,)),
+            ]
+        ]
         assert "turns_by_image" in plans[0] and "log_by_session" in plans[1]
     assert rows(path) == before  # not a row changed
     check_store(path)
@@ -89,11 +100,17 @@ def test_a_failed_upgrade_leaves_the_old_store_as_it_was(v1_home, monkeypatch):
     monkeypatch.setattr("sessions.store.MIGRATIONS", [MIGRATIONS[0], broken])
     result = invoke("sessions", "list")
     assert result.exit_code == 2
-    assert result.stderr == f"Error: cannot open the session store {path}: no such table: main.no_such_table\n"
+    assert (
+        result.stderr == f"Error: cannot open the session store {path}: no such table: main.no_such_table\n"
+    )
     assert dump(v1_home) == before  # still version 1, no half of version 2
     with sqlite3.connect(path) as con:
-        assert con.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND name = 'turns_by_image'"
-                           ).fetchall() == []
+        assert (
+            con.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'index' AND name = 'turns_by_image'"
+            ).fetchall()
+            == []
+        )
 
 
 def test_a_store_from_a_newer_version_is_refused_in_one_line(v1_home):
@@ -103,9 +120,14 @@ def test_a_store_from_a_newer_version_is_refused_in_one_line(v1_home):
     before = dump(v1_home)
     for args in (["sessions", "list"], ["undo", "walk"]):
         result = invoke(*args)
-        assert (result.exit_code, result.stderr) == (2, (f"Error: the session store {path} is from a newer "
-                                                        "icedit-assistant (schema 9, this one knows 3): upgrade "
-                                                        "icedit-assistant\n"))
+        assert (result.exit_code, result.stderr) == (
+            2,
+            (
+                f"Error: the session store {path} is from a newer "
+                "icedit-assistant (schema 9, this one knows 3): upgrade "
+                "icedit-assistant\n"
+            ),
+        )
     assert dump(v1_home) == before
 
 
@@ -153,10 +175,16 @@ def test_export_import_round_trips_a_session_exactly(walk, tmp_path, monkeypatch
             assert store.image(c.image_sha256) == store.image(o.image_sha256)
         assert copy.cursor == ids[original.cursor]
         assert [e.model_dump() | {"turn_id": None} for e in store.transcript("copy")] == [
-            e.model_dump() | {"turn_id": None} for e in store.transcript("walk")]
-        assert [ids[e.turn_id] for e in store.transcript("walk")] == [e.turn_id for e in store.transcript("copy")]
+            e.model_dump() | {"turn_id": None} for e in store.transcript("walk")
+        ]
+        assert [ids[e.turn_id] for e in store.transcript("walk")] == [
+            e.turn_id for e in store.transcript("copy")
+        ]
         infos = {i.name: i for i in store.sessions()}
-        assert (infos["copy"].created, infos["copy"].updated) == (infos["walk"].created, infos["walk"].updated)
+        assert (infos["copy"].created, infos["copy"].updated) == (
+            infos["walk"].created,
+            infos["walk"].updated,
+        )
 
 
 def _rezip(src: Path, dest: Path, change) -> Path:
@@ -194,37 +222,76 @@ def _jpeg_named_by_its_hash(members) -> None:
 
 
 BAD_ARCHIVES = {
-    "text file": (lambda a, d: (d / "x.zip").write_text("not a zip") and d / "x.zip",
-                  ("{path}: not a session archive (a .zip from `icedit sessions export NAME FILE.zip`): File is not a "
-                  "zip file")),
-    "folder": (lambda a, d: (d / "f.zip").mkdir() or d / "f.zip", "{path} is a folder, not a session archive"),
+    "text file": (
+        lambda a, d: (d / "x.zip").write_text("not a zip") and d / "x.zip",
+        (
+            "{path}: not a session archive (a .zip from `icedit sessions export NAME FILE.zip`): File is not a "
+            "zip file"
+        ),
+    ),
+    "folder": (
+        lambda a, d: (d / "f.zip").mkdir() or d / "f.zip",
+        "{path} is a folder, not a session archive",
+    ),
     "missing": (lambda a, d: d / "nope.zip", "{path}: no such file"),
-    "path escape": (lambda a, d: _rezip(a, d / "b.zip", lambda m: m.__setitem__("../evil.sh", b"rm -rf ~")),
-                    ("{path}: unexpected file '../evil.sh' in the archive (a session archive holds session.json and "
-                    "images/<sha256>.png)")),
+    "path escape": (
+        lambda a, d: _rezip(a, d / "b.zip", lambda m: m.__setitem__("../evil.sh", b"rm -rf ~")),
+        (
+            "{path}: unexpected file '../evil.sh' in the archive (a session archive holds session.json and "
+            "images/<sha256>.png)"
+        ),
+    ),
     "image not matching its name": (
-        lambda a, d: _rezip(a, d / "b.zip", lambda m: m.__setitem__(_first_image(m), m[_first_image(m)] + b"x")),
-        ("{path}: {first} does not hash to its name: the archive is damaged"
-         ": nothing was imported (turn 3 cannot be restored; --partial imports the rest)")),
-    "image missing": (lambda a, d: _rezip(a, d / "b.zip", lambda m: m.pop(_first_image(m))),
-                      ("{path}: image {short} of the session is not in the archive"
-         ": nothing was imported (turn 3 cannot be restored; --partial imports the rest)")),
-    "a jpeg": (lambda a, d: _rezip(a, d / "b.zip", _jpeg_named_by_its_hash), ("{path}: {jpeg} is a JPEG, not a PNG"
-         ": nothing was imported (turn 3 cannot be restored; --partial imports the rest)")),
-    "cursor on no turn": (lambda a, d: _rezip(a, d / "b.zip", _session_json(lambda s: s.__setitem__("cursor", 99))),
-                          "{path}: session.json: Value error, the cursor 99 is not one of the turns"),
+        lambda a, d: _rezip(
+            a, d / "b.zip", lambda m: m.__setitem__(_first_image(m), m[_first_image(m)] + b"x")
+        ),
+        (
+            "{path}: {first} does not hash to its name: the archive is damaged"
+            ": nothing was imported (turn 3 cannot be restored; --partial imports the rest)"
+        ),
+    ),
+    "image missing": (
+        lambda a, d: _rezip(a, d / "b.zip", lambda m: m.pop(_first_image(m))),
+        (
+            "{path}: image {short} of the session is not in the archive"
+            ": nothing was imported (turn 3 cannot be restored; --partial imports the rest)"
+        ),
+    ),
+    "a jpeg": (
+        lambda a, d: _rezip(a, d / "b.zip", _jpeg_named_by_its_hash),
+        (
+            "{path}: {jpeg} is a JPEG, not a PNG"
+            ": nothing was imported (turn 3 cannot be restored; --partial imports the rest)"
+        ),
+    ),
+    "cursor on no turn": (
+        lambda a, d: _rezip(a, d / "b.zip", _session_json(lambda s: s.__setitem__("cursor", 99))),
+        "{path}: session.json: Value error, the cursor 99 is not one of the turns",
+    ),
     "parent after child": (
         lambda a, d: _rezip(a, d / "b.zip", _session_json(lambda s: s["turns"][1].__setitem__("parent", 5))),
-        "{path}: session.json: Value error, turn 2: its parent 5 is not an earlier turn"),
+        "{path}: session.json: Value error, turn 2: its parent 5 is not an earlier turn",
+    ),
     "unknown format": (
-        lambda a, d: _rezip(a, d / "b.zip", _session_json(lambda s: s.__setitem__("format", "icedit-session/9"))),
-        "{path}: session.json: format: Input should be 'icedit-session/1'"),
-    "no session.json": (lambda a, d: _rezip(a, d / "b.zip", lambda m: m.pop("session.json")),
-                        "{path}: no session.json in the archive"),
-    "oversized session.json": (lambda a, d: _rezip(a, d / "b.zip", lambda m: m.__setitem__(
-        "session.json", m["session.json"] + b" " * 2_000_000)),
-        "{path}: session.json is {size} bytes; at most 1000000 are accepted"),
-    "name taken": (lambda a, d: a, "a session named 'walk' already exists: import it under another name with --as"),
+        lambda a, d: _rezip(
+            a, d / "b.zip", _session_json(lambda s: s.__setitem__("format", "icedit-session/9"))
+        ),
+        "{path}: session.json: format: Input should be 'icedit-session/1'",
+    ),
+    "no session.json": (
+        lambda a, d: _rezip(a, d / "b.zip", lambda m: m.pop("session.json")),
+        "{path}: no session.json in the archive",
+    ),
+    "oversized session.json": (
+        lambda a, d: _rezip(
+            a, d / "b.zip", lambda m: m.__setitem__("session.json", m["session.json"] + b" " * 2_000_000)
+        ),
+        "{path}: session.json is {size} bytes; at most 1000000 are accepted",
+    ),
+    "name taken": (
+        lambda a, d: a,
+        "a session named 'walk' already exists: import it under another name with --as",
+    ),
 }
 
 
@@ -237,12 +304,16 @@ def test_a_bad_archive_is_one_line_and_changes_nothing(walk, tmp_path, monkeypat
     path = make(archive, tmp_path)
     names = zipfile.ZipFile(path).namelist() if path.is_file() and zipfile.is_zipfile(path) else []
     first = min(n for n in zipfile.ZipFile(archive).namelist() if n.startswith("images/"))
-    jpeg = next((n for n in names if n.startswith("images/") and n not in zipfile.ZipFile(archive).namelist()), "")
+    jpeg = next(
+        (n for n in names if n.startswith("images/") and n not in zipfile.ZipFile(archive).namelist()), ""
+    )
     size = zipfile.ZipFile(path).getinfo("session.json").file_size if "session.json" in names else 0
     before = dump(walk)
     result = invoke("sessions", "import", path)
     assert result.exit_code == 2, result.output
-    assert result.stderr == "Error: " + expected.format(path=path, first=first, short=first[7:19], jpeg=jpeg,
-                                                        size=size) + "\n"
+    assert (
+        result.stderr
+        == "Error: " + expected.format(path=path, first=first, short=first[7:19], jpeg=jpeg, size=size) + "\n"
+    )
     assert "Traceback" not in result.output
     assert dump(walk) == before

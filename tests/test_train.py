@@ -96,8 +96,18 @@ def test_the_adapter_is_the_published_format_and_changes_the_output(trained):
 
 def test_the_engine_edits_with_the_trained_adapter(trained, tmp_path):
     _, out = trained
-    args = ["edit", TOY / "source" / "00.png", "the red circle is blue", "--preset", "tiny", "--steps", 2,
-            "--seed", 3, "--json"]
+    args = [
+        "edit",
+        TOY / "source" / "00.png",
+        "the red circle is blue",
+        "--preset",
+        "tiny",
+        "--steps",
+        2,
+        "--seed",
+        3,
+        "--json",
+    ]
     plain = json.loads(invoke(*args, "-o", tmp_path / "a.png", "--lora", "none").stdout)
     tuned = json.loads(invoke(*args, "-o", tmp_path / "b.png", "--lora", out / "adapter").stdout)
     assert tuned["adapter"]["kind"] == "lora-moe" and tuned["adapter"]["keys"] == 40
@@ -120,14 +130,19 @@ def test_a_fresh_adapter_starts_as_the_base_model_and_is_seeded():
     assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in published.items()}
     moe.add_lora_moe(again, num_experts=3, rank=2, top_k=2, seed=5)
     moe.add_lora_moe(other, num_experts=3, rank=2, top_k=2, seed=6)
-    assert digest(moe_checkpoint.adapter_state(again)) == digest(state) != digest(moe_checkpoint.adapter_state(other))
+    assert (
+        digest(moe_checkpoint.adapter_state(again))
+        == digest(state)
+        != digest(moe_checkpoint.adapter_state(other))
+    )
 
 
 def test_resume_takes_exactly_the_steps_of_the_uninterrupted_run(tmp_path):
     common = ["--steps", 4, "--checkpoint-every", 2, "--grad-accum", 2, "--batch-size", 2]
     whole = train_json(*common, "--out", tmp_path / "whole")
-    resumed = train_json(*common, "--out", tmp_path / "resumed",
-                         "--resume", tmp_path / "whole" / "checkpoints" / "step-000002")
+    resumed = train_json(
+        *common, "--out", tmp_path / "resumed", "--resume", tmp_path / "whole" / "checkpoints" / "step-000002"
+    )
     assert resumed["resumed_from"] == 2
     assert metrics(tmp_path / "resumed") == metrics(tmp_path / "whole")[2:]
     assert resumed["adapter_sha256"] == whole["adapter_sha256"]
@@ -135,17 +150,38 @@ def test_resume_takes_exactly_the_steps_of_the_uninterrupted_run(tmp_path):
 
     again = invoke("train", *SMALL, *common, "--out", tmp_path / "whole", "--resume", "latest")
     assert again.exit_code == 2
-    assert again.stderr == (f"Error: nothing to do: {tmp_path / 'whole' / 'checkpoints' / 'step-000004'} is at "
-                            "step 4 already (ask for more with --steps)\n")
+    assert again.stderr == (
+        f"Error: nothing to do: {tmp_path / 'whole' / 'checkpoints' / 'step-000004'} is at "
+        "step 4 already (ask for more with --steps)\n"
+    )
 
 
 def test_two_processes_end_with_identical_adapters(tmp_path):
     out = tmp_path / "ddp"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ICEDIT_", "ACCELERATE_"))}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--no-python",
-         str(ICEDIT), "train", *map(str, SMALL), "--steps", "4", "--out", str(out), "--json"],
-        check=False, capture_output=True, text=True, timeout=180, env=env | {"OMP_NUM_THREADS": "1"},
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "--no-python",
+            str(ICEDIT),
+            "train",
+            *map(str, SMALL),
+            "--steps",
+            "4",
+            "--out",
+            str(out),
+            "--json",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env | {"OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)  # only the main process prints
@@ -160,12 +196,22 @@ def test_bad_data_is_one_line(tmp_path):
     names = ", ".join(COLUMNS)
     empty = tmp_path / "empty"
     cases = [
-        (["--data", empty], f"Error: {empty}: no metadata.jsonl in it (see examples/toy_edits/ for the layout)"),
-        (["--data", TOY, "--columns", "picture=img"],
-         f"Error: --columns: 'picture=img' is not NAME=COLUMN with NAME one of {names}"),
-        (["--data", TOY, "--columns", "target=after"],
-         f"Error: {TOY} has no column 'after' for the target (columns: {names}); map it with --columns target=COLUMN"),
-        (["--data", TOY, "--panel-width", 100], "Error: bad option --panel-width: Input should be a multiple of 16"),
+        (
+            ["--data", empty],
+            f"Error: {empty}: no metadata.jsonl in it (see examples/toy_edits/ for the layout)",
+        ),
+        (
+            ["--data", TOY, "--columns", "picture=img"],
+            f"Error: --columns: 'picture=img' is not NAME=COLUMN with NAME one of {names}",
+        ),
+        (
+            ["--data", TOY, "--columns", "target=after"],
+            f"Error: {TOY} has no column 'after' for the target (columns: {names}); map it with --columns target=COLUMN",
+        ),
+        (
+            ["--data", TOY, "--panel-width", 100],
+            "Error: bad option --panel-width: Input should be a multiple of 16",
+        ),
     ]
     for args, expected in cases:
         result = invoke("train", "--preset", "tiny", "--out", tmp_path / "out", *args)
@@ -189,9 +235,19 @@ def test_columns_map_a_dataset_s_own_names(tmp_path):
     rows = [json.loads(line) for line in (TOY / "metadata.jsonl").read_text().splitlines()[:3]]
     for kind in ("source", "target"):
         shutil.copytree(TOY / kind, tmp_path / kind)
-    (tmp_path / "metadata.jsonl").write_text("".join(
-        json.dumps({"before_file_name": r["source_file_name"], "after_file_name": r["target_file_name"],
-                    "edit": r["instruction"]}) + "\n" for r in rows))
+    (tmp_path / "metadata.jsonl").write_text(
+        "".join(
+            json.dumps(
+                {
+                    "before_file_name": r["source_file_name"],
+                    "after_file_name": r["target_file_name"],
+                    "edit": r["instruction"],
+                }
+            )
+            + "\n"
+            for r in rows
+        )
+    )
     edits = load_edits(str(tmp_path), parse_columns("source=before, target=after,instruction=edit"), limit=2)
     assert edits.column_names == ["source", "target", "instruction"]
     assert [e["instruction"] for e in edits] == [r["instruction"] for r in rows[:2]]

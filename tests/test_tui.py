@@ -292,8 +292,10 @@ async def test_reopening_restores_log_tree_and_cursor(fake_settings, fake, cat):
         assert "▶" in nodes[2][1]
         assert again.screen.query_one(HistoryTree).cursor_node.data == 2
         with Store(fake_settings.store_path) as store:
-            assert same(again.screen.query_one(Picture).result, Agent(store, "s", fake_settings).image(
-                store.history("s").turn(2)))
+            assert same(
+                again.screen.query_one(Picture).result,
+                Agent(store, "s", fake_settings).image(store.history("s").turn(2)),
+            )
         prompt = again.screen.query_one(PromptInput)
         await pilot.press("up")
         assert prompt.value == "/branch 2"
@@ -416,15 +418,18 @@ def test_sessions_sheet_command(fake_settings, fake, photo, tmp_path):
     assert (result.exit_code, result.output) == (2, error)
 
 
-async def test_candidates_are_refused_in_one_line_while_the_judges_weights_are_not_on_disk(fake_settings, fake, cat,
-                                                                                          monkeypatch):
+async def test_candidates_are_refused_in_one_line_while_the_judges_weights_are_not_on_disk(
+    fake_settings, fake, cat, monkeypatch
+):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     app = app_for(fake_settings, image=cat)
     async with app.run_test(size=SIZE) as pilot:
         await say(pilot, "/candidates 3")
-        refused = ("VLM 'Qwen/Qwen2.5-VL-7B-Instruct' (--vlm): not in the Hugging Face cache and offline mode is set "
-                   "(HF_HUB_OFFLINE); unset HF_HUB_OFFLINE to download it, or fetch it elsewhere with `hf download "
-                   "Qwen/Qwen2.5-VL-7B-Instruct --include '*.json' --include '*.safetensors' --include '*.txt' "
-                   "--include '*.model' --include '*.jinja'`")
+        refused = (
+            "VLM 'Qwen/Qwen2.5-VL-7B-Instruct' (--vlm): not in the Hugging Face cache and offline mode is set "
+            "(HF_HUB_OFFLINE); unset HF_HUB_OFFLINE to download it, or fetch it elsewhere with `hf download "
+            "Qwen/Qwen2.5-VL-7B-Instruct --include '*.json' --include '*.safetensors' --include '*.txt' "
+            "--include '*.model' --include '*.jinja'`"
+        )
         assert log_lines(app)[-1] == ("error", refused)
         assert "candidates 1" in str(app.screen.query_one(StatusLine).render())

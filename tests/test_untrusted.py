@@ -44,15 +44,28 @@ def test_no_code_path_unpickles_evaluates_or_trusts_remote_code():
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Call):
                 name = ast.unparse(node.func)
-                if name in ("torch.load", "pickle.load", "pickle.loads", "eval", "exec", "yaml.load",
-                            "torch.serialization.load") or name.endswith("Unpickler"):
+                if name in (
+                    "torch.load",
+                    "pickle.load",
+                    "pickle.loads",
+                    "eval",
+                    "exec",
+                    "yaml.load",
+                    "torch.serialization.load",
+                ) or name.endswith("Unpickler"):
                     found.append(f"{path.relative_to(ROOT)}:{node.lineno} {name}(...)")
-                found += [f"{path.relative_to(ROOT)}:{node.lineno} trust_remote_code" for k in node.keywords
-                          if k.arg == "trust_remote_code"]
+                found += [
+                    f"{path.relative_to(ROOT)}:{node.lineno} trust_remote_code"
+                    for k in node.keywords
+                    if k.arg == "trust_remote_code"
+                ]
             elif isinstance(node, ast.Import | ast.ImportFrom):
                 names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
-                found += [f"{path.relative_to(ROOT)}:{node.lineno} import {n}" for n in names
-                          if n in ("pickle", "dill", "cloudpickle", "yaml")]
+                found += [
+                    f"{path.relative_to(ROOT)}:{node.lineno} import {n}"
+                    for n in names
+                    if n in ("pickle", "dill", "cloudpickle", "yaml")
+                ]
     assert found == []
 
 
@@ -76,12 +89,27 @@ def test_pickled_adapters_are_refused_without_being_opened(tmp_path, icedit_home
     path = tmp_path / "adapter" / "pytorch_lora_weights.bin"
     torch.save(weights, path)
     lora = path if layout == "file" else path.parent
-    result = invoke("edit", EXAMPLES / "chelsea.png", "add snow", "--preset", "tiny", "--steps", "1",
-                    "--lora", lora, "--session", "s", "-o", tmp_path / "x.png")
+    result = invoke(
+        "edit",
+        EXAMPLES / "chelsea.png",
+        "add snow",
+        "--preset",
+        "tiny",
+        "--steps",
+        "1",
+        "--lora",
+        lora,
+        "--session",
+        "s",
+        "-o",
+        tmp_path / "x.png",
+    )
     assert result.exit_code == 2
     assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.output
-    assert result.stderr == f"Error: LoRA '{lora}' (--lora): pickle weights only (.bin/.pt/.ckpt): icedit loads " \
-                            ".safetensors only, since pickle files can run code\n"
+    assert (
+        result.stderr == f"Error: LoRA '{lora}' (--lora): pickle weights only (.bin/.pt/.ckpt): icedit loads "
+        ".safetensors only, since pickle files can run code\n"
+    )
     assert no_unpickling == []
     assert nothing_stored(icedit_home)
 
@@ -119,24 +147,42 @@ def test_a_pinned_pipeline_revision_loads_that_revision(offline_cache):
         pipe.save_pretrained(folder)
 
     _fake_hub(offline_cache, "someone/flux", {"main": MAIN, "v1": V1}, write)
-    bias = {rev: float(_from_pretrained("someone/flux", torch.float32, rev).transformer.x_embedder.bias.detach()[0])
-            for rev in (None, "v1", V1)}
+    bias = {
+        rev: float(
+            _from_pretrained("someone/flux", torch.float32, rev).transformer.x_embedder.bias.detach()[0]
+        )
+        for rev in (None, "v1", V1)
+    }
     assert bias == {None: 0.0, "v1": 1.0, V1: 1.0}
-    with pytest.raises(Exception, match=r"'someone/flux@v2' \(--model\): not in the Hugging Face cache and offline "
-                                        r"mode is set .* --revision v2"):
+    with pytest.raises(
+        Exception,
+        match=r"'someone/flux@v2' \(--model\): not in the Hugging Face cache and offline "
+        r"mode is set .* --revision v2",
+    ):
         _from_pretrained("someone/flux", torch.float32, "v2")
 
 
 def test_a_pinned_lora_revision_loads_that_adapter(offline_cache):
     pipe = build_tiny()
-    states = [moe_checkpoint.synthetic_checkpoint(pipe.transformer, num_experts=2, rank=2, seed=s) for s in (1, 2)]
-    _fake_hub(offline_cache, "someone/moe", {"main": MAIN, "v1": V1},
-              lambda folder, i: (folder.mkdir(parents=True), save_file(states[i], folder / moe_checkpoint.WEIGHTS_NAME)))
+    states = [
+        moe_checkpoint.synthetic_checkpoint(pipe.transformer, num_experts=2, rank=2, seed=s) for s in (1, 2)
+    ]
+    _fake_hub(
+        offline_cache,
+        "someone/moe",
+        {"main": MAIN, "v1": V1},
+        lambda folder, i: (
+            folder.mkdir(parents=True),
+            save_file(states[i], folder / moe_checkpoint.WEIGHTS_NAME),
+        ),
+    )
     for revision, expected in [(None, states[0]), ("v1", states[1])]:
         got = moe_checkpoint.read_checkpoint("someone/moe", revision)
         assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
     # through the engine's loader: the adapter is recognised and placed from the pinned revision
-    _, _, adapter = load_pipeline(Settings(preset="tiny", lora="someone/moe", lora_revision="v1", device="cpu"))
+    _, _, adapter = load_pipeline(
+        Settings(preset="tiny", lora="someone/moe", lora_revision="v1", device="cpu")
+    )
     assert (adapter.kind, adapter.keys, adapter.num_experts) == ("lora-moe", len(states[1]), 2)
 
 
@@ -145,10 +191,14 @@ def test_a_pinned_vlm_revision_loads_that_model(offline_cache):
 
     from plugins.qwen_vl import model
 
-    _fake_hub(offline_cache, "someone/vlm", {"main": MAIN, "v1": V1}, lambda folder, i: save_tiny_qwen(folder, i))
+    _fake_hub(
+        offline_cache, "someone/vlm", {"main": MAIN, "v1": V1}, lambda folder, i: save_tiny_qwen(folder, i)
+    )
     settings = Settings(vlm="someone/vlm", vlm_device="cpu")
-    weights = {rev: next(model.load(settings.model_copy(update={"vlm_revision": rev})).model.parameters())
-               for rev in (None, "v1", MAIN)}
+    weights = {
+        rev: next(model.load(settings.model_copy(update={"vlm_revision": rev})).model.parameters())
+        for rev in (None, "v1", MAIN)
+    }
     assert torch.equal(weights[None], weights[MAIN]) and not torch.equal(weights[None], weights["v1"])
 
 
@@ -164,16 +214,22 @@ def folder(tmp_path, fake):
 
 
 def replay(script: Path, *args: object):
-    return invoke("replay", script, "--out", script.parent / "out", "--engine", "fake", "--session", "r", *args)
+    return invoke(
+        "replay", script, "--out", script.parent / "out", "--engine", "fake", "--session", "r", *args
+    )
 
 
 def test_allow_outside_lets_a_trusted_script_read_beside_its_folder(folder, tmp_path, fake):
     (tmp_path / "dog.png").write_bytes((folder / "cat.png").read_bytes())
     script = folder / "s.toml"
-    script.write_text(f'source = "../dog.png"\n[[turns]]\nsay = "add a hat"\n[[turns]]\nopen = "{tmp_path}/dog.png"\n')
+    script.write_text(
+        f'source = "../dog.png"\n[[turns]]\nsay = "add a hat"\n[[turns]]\nopen = "{tmp_path}/dog.png"\n'
+    )
     refused = replay(script)
     assert (refused.exit_code, refused.stderr) == (
-        2, "Error: ../dog.png: replay scripts may only name files in their own folder\n")
+        2,
+        "Error: ../dog.png: replay scripts may only name files in their own folder\n",
+    )
     allowed = replay(script, "--allow-outside", "--json")
     assert allowed.exit_code == 0, allowed.output
     assert [json.loads(line)["intent"] for line in allowed.stdout.splitlines()] == ["edit", "open"]
@@ -189,8 +245,10 @@ def test_outputs_stay_in_the_out_folder(folder, tmp_path, icedit_home, fake):
     script.write_text('source = "cat.png"\n[[turns]]\nsay = "add a hat"\n')
     result = replay(script)
     assert result.exit_code == 2
-    assert result.stderr == (f"Error: {folder / 'out' / '01-edit.png'}: a link leading outside {folder / 'out'}; "
-                             "replay writes only into --out\n")
+    assert result.stderr == (
+        f"Error: {folder / 'out' / '01-edit.png'}: a link leading outside {folder / 'out'}; "
+        "replay writes only into --out\n"
+    )
     assert victim.read_bytes() == b"precious"
     assert nothing_stored(icedit_home) and fake.engine.calls == []
 
@@ -198,28 +256,66 @@ def test_outputs_stay_in_the_out_folder(folder, tmp_path, icedit_home, fake):
 @pytest.mark.parametrize(
     ("make", "error"),
     [
-        (lambda d: (d / "s.toml").write_text("# " + "x" * 1_000_000 + '\nsource = "cat.png"\n'),
-         "{script}: 1000022 bytes; replay scripts of at most 1000000 bytes are accepted"),
-        (lambda d: (d / "s.toml").write_text('source = "cat.png"\nsteps = 200\n' + '[[turns]]\nsay = "x"\n' * 101),
-         "{script}: the edits ask for 20200 transformer evaluations in all; at most 20000 are accepted"),
-        (lambda d: (Image.new("1", (5000, 4000)).save(d / "big.png"),
-                    (d / "s.toml").write_text('source = "big.png"\n[[turns]]\nsay = "x"\n')),
-         "big.png: a 5000x4000 image; replay scripts may open images of at most 16 megapixels"),
-        (lambda d: (d / "s.toml").write_text('source = "cat.png"\n[[turns]]\nsay = "x"\n[[turns]]\nsay = ""\n'),
-         ("{script}: turn 2: say: Value error, the instruction is empty: say what to change, e.g. \"make it look "
-         "like winter\"")),
-        (lambda d: (d / "s.toml").write_text('source = "cat.png"\n[[turns]]\nsay = "add\\u001b[31m a hat"\n'),
-         ("{script}: turn 1: say: Value error, the instruction contains a control character ('\\x1b'): type plain "
-         "text")),
-        (lambda d: (d / "s.toml").write_text(f'source = "cat.png"\n[[turns]]\nsay = "x"\ninstruction = "{"y" * 2001}"\n'),
-         ("{script}: turn 1: instruction: Value error, the instruction is 2001 characters long; at most 2000 are "
-         "accepted")),
-        (lambda d: (d / "s.toml").write_bytes(b'source = "cat.png"\n\xff\xfe[[turns]]\n'),
-         "{script}: cannot read ('utf-8' codec can't decode byte 0xff in position 19: invalid start byte)"),
+        (
+            lambda d: (d / "s.toml").write_text("# " + "x" * 1_000_000 + '\nsource = "cat.png"\n'),
+            "{script}: 1000022 bytes; replay scripts of at most 1000000 bytes are accepted",
+        ),
+        (
+            lambda d: (d / "s.toml").write_text(
+                'source = "cat.png"\nsteps = 200\n' + '[[turns]]\nsay = "x"\n' * 101
+            ),
+            "{script}: the edits ask for 20200 transformer evaluations in all; at most 20000 are accepted",
+        ),
+        (
+            lambda d: (
+                Image.new("1", (5000, 4000)).save(d / "big.png"),
+                (d / "s.toml").write_text('source = "big.png"\n[[turns]]\nsay = "x"\n'),
+            ),
+            "big.png: a 5000x4000 image; replay scripts may open images of at most 16 megapixels",
+        ),
+        (
+            lambda d: (d / "s.toml").write_text(
+                'source = "cat.png"\n[[turns]]\nsay = "x"\n[[turns]]\nsay = ""\n'
+            ),
+            (
+                '{script}: turn 2: say: Value error, the instruction is empty: say what to change, e.g. "make it look '
+                'like winter"'
+            ),
+        ),
+        (
+            lambda d: (d / "s.toml").write_text(
+                'source = "cat.png"\n[[turns]]\nsay = "add\\u001b[31m a hat"\n'
+            ),
+            (
+                "{script}: turn 1: say: Value error, the instruction contains a control character ('\\x1b'): type plain "
+                "text"
+            ),
+        ),
+        (
+            lambda d: (d / "s.toml").write_text(
+                f'source = "cat.png"\n[[turns]]\nsay = "x"\ninstruction = "{"y" * 2001}"\n'
+            ),
+            (
+                "{script}: turn 1: instruction: Value error, the instruction is 2001 characters long; at most 2000 are "
+                "accepted"
+            ),
+        ),
+        (
+            lambda d: (d / "s.toml").write_bytes(b'source = "cat.png"\n\xff\xfe[[turns]]\n'),
+            "{script}: cannot read ('utf-8' codec can't decode byte 0xff in position 19: invalid start byte)",
+        ),
         (lambda d: (d / "s.toml").mkdir(), "{script} is a folder, not a replay script"),
     ],
-    ids=["script-over-1MB", "too-many-steps", "image-over-16MP", "empty-say-in-turn-2", "control-character",
-         "instruction-too-long", "not-utf8", "script-is-a-folder"],
+    ids=[
+        "script-over-1MB",
+        "too-many-steps",
+        "image-over-16MP",
+        "empty-say-in-turn-2",
+        "control-character",
+        "instruction-too-long",
+        "not-utf8",
+        "script-is-a-folder",
+    ],
 )
 def test_script_limits_are_one_line_before_anything_runs(folder, icedit_home, fake, make, error):
     make(folder)

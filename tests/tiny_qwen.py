@@ -19,8 +19,15 @@ from transformers import (
 
 from plugins.qwen_vl.processor import ImageOnlyProcessor
 
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
-            "<|video_pad|>"]
+SPECIALS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
 
 # The structure of the official Qwen2-VL / Qwen2.5-VL chat template.
 CHAT_TEMPLATE = (
@@ -63,9 +70,15 @@ def make_tokenizer() -> Qwen2Tokenizer:
     """Byte-level BPE without merges (one token per byte) plus the Qwen special tokens."""
     vocab = {c: i for i, c in enumerate(_byte_symbols())}
     vocab |= {s: len(vocab) + i for i, s in enumerate(SPECIALS)}
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, eos_token="<|im_end|>",
-                               pad_token="<|endoftext|>", additional_special_tokens=SPECIALS[1:],
-                               model_max_length=32768)
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab,
+        merges=[],
+        unk_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=SPECIALS[1:],
+        model_max_length=32768,
+    )
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
@@ -76,16 +89,29 @@ def make_model(tokenizer: Qwen2Tokenizer, seed: int = 0) -> Qwen2_5_VLForConditi
     ids = {s: tokenizer.convert_tokens_to_ids(s) for s in SPECIALS}
     config = Qwen2_5_VLConfig(
         text_config={
-            "vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 32768,
+            "vocab_size": len(tokenizer),
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 32768,
             # head_dim 16: mrope_section must sum to head_dim / 2
             "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
-            "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
+            "bos_token_id": ids["<|endoftext|>"],
+            "eos_token_id": ids["<|im_end|>"],
             "pad_token_id": ids["<|endoftext|>"],
         },
         vision_config={
-            "depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "patch_size": 14,
-            "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112, "out_hidden_size": 64,
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": 112,
+            "out_hidden_size": 64,
             "fullatt_block_indexes": [1],
         },
         image_token_id=ids["<|image_pad|>"],
@@ -102,8 +128,9 @@ def make_model(tokenizer: Qwen2Tokenizer, seed: int = 0) -> Qwen2_5_VLForConditi
 def save_tiny_qwen(folder: Path, seed: int = 0) -> Path:
     """Write model + tokenizer + image processor + chat template to `folder`, as a hub repo has them."""
     tokenizer = make_tokenizer()
-    processor = ImageOnlyProcessor(image_processor=Qwen2VLImageProcessorPil(), tokenizer=tokenizer,
-                                   chat_template=CHAT_TEMPLATE)
+    processor = ImageOnlyProcessor(
+        image_processor=Qwen2VLImageProcessorPil(), tokenizer=tokenizer, chat_template=CHAT_TEMPLATE
+    )
     processor.save_pretrained(folder)
     make_model(tokenizer, seed).save_pretrained(folder)
     return folder
@@ -116,7 +143,9 @@ def hub_layout(folder: Path, dest: Path) -> Path:
     (dest / "preprocessor_config.json").write_text(
         json.dumps(processor["image_processor"] | {"processor_class": "Qwen2_5_VLProcessor"})
     )
-    (dest / "chat_template.json").write_text(json.dumps({"chat_template": (dest / "chat_template.jinja").read_text()}))
+    (dest / "chat_template.json").write_text(
+        json.dumps({"chat_template": (dest / "chat_template.jinja").read_text()})
+    )
     for name in ("processor_config.json", "chat_template.jinja"):
         (dest / name).unlink()
     return dest

@@ -23,8 +23,15 @@ class ChatApp(App):
     CSS_PATH = "app.tcss"
     TITLE = "icedit chat"
 
-    def __init__(self, store: Store, session: str, settings: Settings, renderer: Renderer | None = None,
-                 notes: list[str] | None = None, memory: str | None = None):
+    def __init__(
+        self,
+        store: Store,
+        session: str,
+        settings: Settings,
+        renderer: Renderer | None = None,
+        notes: list[str] | None = None,
+        memory: str | None = None,
+    ):
         super().__init__()
         self.store = store
         self.session = session
@@ -37,8 +44,9 @@ class ChatApp(App):
         """The memory plan's one line (where each model runs), on the status line."""
 
     def on_mount(self) -> None:
-        self.push_screen(ChatScreen(self.store, self.session, self.settings, self.renderer, self.notes,
-                                    self.memory))
+        self.push_screen(
+            ChatScreen(self.store, self.session, self.settings, self.renderer, self.notes, self.memory)
+        )
 
 
 def default_session() -> str:

@@ -28,10 +28,14 @@ BUILTINS: dict[str, Builtin] = {
     "retry": Builtin("/retry", "the same edit again with a new seed"),
     "seed": Builtin("/seed N|random", "noise seed for the next edits (default: random)", needs_store=False),
     "steps": Builtin("/steps N", "denoising steps for the next edits", needs_store=False),
-    "candidates": Builtin("/candidates N", "early filter: noises tried per edit, the judge keeps one",
-                          needs_store=False),
+    "candidates": Builtin(
+        "/candidates N", "early filter: noises tried per edit, the judge keeps one", needs_store=False
+    ),
     "open": Builtin("/open PATH", "open an image (the next edit starts from it)"),
-    "save": Builtin("/save PATH [--force]", "write the current image to PATH (.png, .jpg, .webp, ...); --force replaces a file"),
+    "save": Builtin(
+        "/save PATH [--force]",
+        "write the current image to PATH (.png, .jpg, .webp, ...); --force replaces a file",
+    ),
     "history": Builtin("/history", "the session's turns as a tree; * marks where you are"),
     "branch": Builtin("/branch N", "jump to turn N; an edit from there starts a branch"),
     "session": Builtin("/session NAME", "switch to session NAME (a new name starts a new one)"),

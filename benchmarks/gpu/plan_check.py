@@ -34,7 +34,10 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # the project, and edit.py's builder with its `moe` import
+sys.path[:0] = [
+    str(ROOT),
+    str(ROOT / "benchmarks"),
+]  # the project, and edit.py's builder with its `moe` import
 
 TEXT_TOKENS = 512  # FluxFillPipeline's max_sequence_length: T5 always runs on 512 tokens
 GIB = 2**30
@@ -68,18 +71,25 @@ def forwards(pipe, device: str, dtype: torch.dtype) -> list[tuple[str, Callable[
             timestep=torch.ones(1, device=device, dtype=dtype),
             guidance=torch.full([1], 50.0, device=device) if config.guidance_embeds else None,
             pooled_projections=torch.randn(1, config.pooled_projection_dim, device=device, dtype=dtype),
-            encoder_hidden_states=torch.randn(1, TEXT_TOKENS, config.joint_attention_dim, device=device, dtype=dtype),
+            encoder_hidden_states=torch.randn(
+                1, TEXT_TOKENS, config.joint_attention_dim, device=device, dtype=dtype
+            ),
             txt_ids=torch.zeros(TEXT_TOKENS, 3, device=device, dtype=dtype),
             img_ids=pipe._prepare_latent_image_ids(1, lat_h // 2, lat_w // 2, device, dtype),
             return_dict=False,
         )[0]
 
     def vae():  # the masked canvas encoded once, the painted one decoded: the peak is the larger of the two
-        masked = pipe.vae.encode(torch.randn(1, 3, height, width, device=device, dtype=dtype)).latent_dist.mean
+        masked = pipe.vae.encode(
+            torch.randn(1, 3, height, width, device=device, dtype=dtype)
+        ).latent_dist.mean
         return pipe.vae.decode(torch.randn_like(masked), return_dict=False)[0]
 
     return [
-        ("text_encoder", lambda: pipe.text_encoder(tokens(pipe.text_encoder, pipe.tokenizer.model_max_length))[0]),
+        (
+            "text_encoder",
+            lambda: pipe.text_encoder(tokens(pipe.text_encoder, pipe.tokenizer.model_max_length))[0],
+        ),
         ("text_encoder_2", lambda: pipe.text_encoder_2(tokens(pipe.text_encoder_2, TEXT_TOKENS))[0]),
         ("vae", vae),
         ("transformer", transformer),
@@ -110,14 +120,18 @@ def tiny() -> None:
     from plugins.icedit.presets import build_tiny
 
     pipe, dtype = build_tiny(), torch.float32
-    print(f"tiny preset components, random weights, {dtype} on cpu, torch {torch.__version__}, "
-          f"1024x768 diptych, {TEXT_TOKENS} text tokens")
+    print(
+        f"tiny preset components, random weights, {dtype} on cpu, torch {torch.__version__}, "
+        f"1024x768 diptych, {TEXT_TOKENS} text tokens"
+    )
     print(f"{'component':<16} {'parameters':>11} {'bytes':>10}  output")
     for name, forward in forwards(pipe, "cpu", dtype):
         module = getattr(pipe, name)
         with torch.no_grad():
             shape = tuple(forward().shape)
-        print(f"{name:<16} {sum(p.numel() for p in module.parameters()):>11} {resident_bytes(module):>10}  {shape}")
+        print(
+            f"{name:<16} {sum(p.numel() for p in module.parameters()):>11} {resident_bytes(module):>10}  {shape}"
+        )
 
 
 def on_gpu() -> None:
@@ -126,8 +140,10 @@ def on_gpu() -> None:
         from plugins.icedit import memory as icedit_memory
         from plugins.qwen_vl import memory as qwen_vl_memory
     except ImportError as e:
-        sys.exit(f"plan_check.py: the memory planner is missing ({e}); it needs assistant.memory "
-                 "(plan_memory, gpu_capacity), plugins.icedit.memory and plugins.qwen_vl.memory")
+        sys.exit(
+            f"plan_check.py: the memory planner is missing ({e}); it needs assistant.memory "
+            "(plan_memory, gpu_capacity), plugins.icedit.memory and plugins.qwen_vl.memory"
+        )
     from diffusers import AutoencoderKL
     from edit import build
 
@@ -141,13 +157,21 @@ def on_gpu() -> None:
     pipe = build(True, "cuda", dtype)
     torch.manual_seed(0)
     pipe.vae = AutoencoderKL(**FLUX_VAE).to(dtype).eval()
-    print(f"full-size FLUX.1 Fill components, random weights, {dtype} on {torch.cuda.get_device_name()}, "
-          f"torch {torch.__version__}, 1024x768 diptych, {TEXT_TOKENS} text tokens; GiB")
-    print("Estimated: plugins.icedit.memory.components(Settings(dtype='bfloat16')), the adapter counted in the "
-          "LoRA-MoE layout that edit.py's random adapter has.")
-    print(f"{'component':<18} {'est. weights':>12} {'weights':>8} {'est. activation':>15} {'activation':>10} "
-          f"{'measured/est.':>13}")
-    fp8 = torch.cuda.get_device_capability() >= (8, 9) and importlib.util.find_spec("torchao")  # --quantize fp8's needs
+    print(
+        f"full-size FLUX.1 Fill components, random weights, {dtype} on {torch.cuda.get_device_name()}, "
+        f"torch {torch.__version__}, 1024x768 diptych, {TEXT_TOKENS} text tokens; GiB"
+    )
+    print(
+        "Estimated: plugins.icedit.memory.components(Settings(dtype='bfloat16')), the adapter counted in the "
+        "LoRA-MoE layout that edit.py's random adapter has."
+    )
+    print(
+        f"{'component':<18} {'est. weights':>12} {'weights':>8} {'est. activation':>15} {'activation':>10} "
+        f"{'measured/est.':>13}"
+    )
+    fp8 = torch.cuda.get_device_capability() >= (8, 9) and importlib.util.find_spec(
+        "torchao"
+    )  # --quantize fp8's needs
     measured = []
     for name, forward in forwards(pipe, "cuda", dtype):
         measured.append(name)
@@ -156,8 +180,11 @@ def on_gpu() -> None:
         if name == "transformer" and fp8:
             module.to("cpu")
             quantized = icedit_memory.components(settings.model_copy(update={"quantize": "fp8"}))
-            print_row("transformer (fp8)", quantized.get(name),
-                      measure_on_gpu(functools.partial(quantize, module, "fp8", "cuda"), forward))
+            print_row(
+                "transformer (fp8)",
+                quantized.get(name),
+                measure_on_gpu(functools.partial(quantize, module, "fp8", "cuda"), forward),
+            )
         setattr(pipe, name, None)
         del module
     if missing := sorted(set(estimates) - set(measured)):
@@ -167,7 +194,9 @@ def on_gpu() -> None:
     torch.cuda.empty_cache()
     capacity, capability = gpu_capacity()
     flux = icedit_memory.parts(settings)
-    print("\nPlanned peaks of FLUX.1 Fill alone on this GPU, beside the `peak GiB` that edit.py --full measures:")
+    print(
+        "\nPlanned peaks of FLUX.1 Fill alone on this GPU, beside the `peak GiB` that edit.py --full measures:"
+    )
     print(f"{'edit.py variant':<26} {'planned GiB':>11}  placement")
     for variant, forced in MODES.items():
         plan = plan_memory(flux, capacity, forced={"device": "cuda"} | forced, capability=capability)
@@ -186,13 +215,18 @@ def print_row(name: str, estimate, measured: tuple[int, int]) -> None:
     """`estimate`: a `plugins.icedit.memory.Component` (weights, activation), or None."""
     est_w, est_a = (estimate.weights, estimate.activation) if estimate else (None, None)
     ratio = f"{sum(measured) / (est_w + est_a):.2f}x" if estimate and est_w + est_a else "-"
-    print(f"{name:<18} {gib(est_w):>12} {gib(measured[0]):>8} {gib(est_a):>15} {gib(measured[1]):>10} {ratio:>13}")
+    print(
+        f"{name:<18} {gib(est_w):>12} {gib(measured[0]):>8} {gib(est_a):>15} {gib(measured[1]):>10} {ratio:>13}"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true",
-                        help="the tiny preset on the CPU: the same inputs and forwards, parameter bytes only")
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="the tiny preset on the CPU: the same inputs and forwards, parameter bytes only",
+    )
     args = parser.parse_args()
     if args.tiny:
         tiny()

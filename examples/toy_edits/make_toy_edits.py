@@ -51,13 +51,15 @@ def main() -> None:
         for kind, colour in (("source", before), ("target", after)):
             (root / kind).mkdir(exist_ok=True)
             draw(shape, colour).save(root / kind / f"{i:02d}.png", optimize=True)
-        rows.append({
-            "source_file_name": f"source/{i:02d}.png",
-            "target_file_name": f"target/{i:02d}.png",
-            "instruction": f"the {before} {shape} is {after}",
-            "source_caption": f"a {before} {shape} on a light background",
-            "target_caption": f"a {after} {shape} on a light background",
-        })
+        rows.append(
+            {
+                "source_file_name": f"source/{i:02d}.png",
+                "target_file_name": f"target/{i:02d}.png",
+                "instruction": f"the {before} {shape} is {after}",
+                "source_caption": f"a {before} {shape} on a light background",
+                "target_caption": f"a {after} {shape} on a light background",
+            }
+        )
     (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 

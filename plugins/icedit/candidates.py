@@ -33,7 +33,9 @@ def run_candidates(
     while True:
         try:
             parts = [
-                sampler.denoise(cond, sampler.start(cond, seeds[i : i + chunk]), early_steps, progress, cancel)
+                sampler.denoise(
+                    cond, sampler.start(cond, seeds[i : i + chunk]), early_steps, progress, cancel
+                )
                 for i in range(0, len(seeds), chunk)
             ]
             break
@@ -50,7 +52,11 @@ def run_candidates(
         velocity=torch.cat([p.velocity for p in parts]),
     )
     x0 = sampler.x0(cond, batch)
-    canvases = [image for start in range(0, len(seeds), chunk) for image in sampler.decode(cond, x0[start : start + chunk])]
+    canvases = [
+        image
+        for start in range(0, len(seeds), chunk)
+        for image in sampler.decode(cond, x0[start : start + chunk])
+    ]
     return batch, canvases
 
 
@@ -62,5 +68,7 @@ class IceditCandidates:
     batch: Latents
     finish_with: Callable[[Latents, int, Callable[[EngineEvent], None], threading.Event], EditResult]
 
-    def finish(self, index: int, events: Callable[[EngineEvent], None], cancel: threading.Event) -> EditResult:
+    def finish(
+        self, index: int, events: Callable[[EngineEvent], None], cancel: threading.Event
+    ) -> EditResult:
         return self.finish_with(self.batch.select(index), len(self.previews), events, cancel)

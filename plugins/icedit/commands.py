@@ -10,8 +10,12 @@ import click
 from assistant import command_kit as kit
 
 data_options = [
-    click.option("--data", required=True, help="folder (metadata.jsonl: source, target, instruction) or hub dataset id"),
-    click.option("--columns", help="map our columns to the dataset's: source=source_img,target=target_img,..."),
+    click.option(
+        "--data", required=True, help="folder (metadata.jsonl: source, target, instruction) or hub dataset id"
+    ),
+    click.option(
+        "--columns", help="map our columns to the dataset's: source=source_img,target=target_img,..."
+    ),
     click.option("--split", help="dataset split (default train)"),
     click.option("--limit", type=click.IntRange(1), help="use the first N examples only"),
     click.option("--seed", type=click.IntRange(0, 2**32 - 1), help="seed (default 0)"),
@@ -39,10 +43,18 @@ def with_data_options(fn):
 @click.option("--max-grad-norm", type=kit.FiniteRange(0, min_open=True), help="gradient clipping (default 1)")
 @click.option("--batch-size", type=click.IntRange(1), help="examples per process and step (default 1)")
 @click.option("--grad-accum", type=click.IntRange(1), help="gradient accumulation steps (default 1)")
-@click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), help="default: bf16 on CUDA, else no")
-@click.option("--gradient-checkpointing", is_flag=True, default=None, help="recompute activations to save memory")
-@click.option("--panel-width", type=click.IntRange(16), help="diptych panel width, a multiple of 16 (default 512)")
-@click.option("--guidance", type=kit.FiniteRange(0, min_open=True), help="FLUX guidance embedding (default 1)")
+@click.option(
+    "--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), help="default: bf16 on CUDA, else no"
+)
+@click.option(
+    "--gradient-checkpointing", is_flag=True, default=None, help="recompute activations to save memory"
+)
+@click.option(
+    "--panel-width", type=click.IntRange(16), help="diptych panel width, a multiple of 16 (default 512)"
+)
+@click.option(
+    "--guidance", type=kit.FiniteRange(0, min_open=True), help="FLUX guidance embedding (default 1)"
+)
 @click.option("--checkpoint-every", type=click.IntRange(1), help="save_state every N steps (default 500)")
 @click.option("--resume", help="continue from a checkpoint folder, or 'latest' under OUT/checkpoints")
 @click.option("--json", "json_", is_flag=True, help="print the report as JSON")
@@ -60,12 +72,16 @@ def train_cmd(data, columns, preset, model, device, json_, **options) -> None:
     if json_:
         kit.emit(report.model_dump())
     else:
-        click.echo(f"trained to step {report.steps} on {report.num_processes} process(es): "
-                   f"loss {report.loss_first:.4f} -> {report.loss_last:.4f}")
+        click.echo(
+            f"trained to step {report.steps} on {report.num_processes} process(es): "
+            f"loss {report.loss_first:.4f} -> {report.loss_last:.4f}"
+        )
         click.echo(f"adapter {report.adapter} (icedit edit IMAGE TEXT --lora {Path(report.adapter).parent})")
         click.echo(f"metrics {report.metrics}; checkpoints {', '.join(report.checkpoints) or 'none'}")
     if report.random_weights:
-        click.echo("note: the tiny preset has random weights: this checks the training loop, not quality", err=True)
+        click.echo(
+            "note: the tiny preset has random weights: this checks the training loop, not quality", err=True
+        )
 
 
 @click.command("eval")
@@ -74,27 +90,45 @@ def train_cmd(data, columns, preset, model, device, json_, **options) -> None:
 @click.option("--steps", type=click.IntRange(1, 200), help="denoising steps (default 28)")
 @click.option("--guidance", type=kit.FiniteRange(0, 200, min_open=True), help="guidance (default 50)")
 @click.option("--batch-size", type=click.IntRange(1), help="examples per scoring round (default 8)")
-@click.option("--judge", type=click.Choice(["qwen_vl"]), help="also rate each edit with the VLM (VIEScore SC/PQ)")
+@click.option(
+    "--judge", type=click.Choice(["qwen_vl"]), help="also rate each edit with the VLM (VIEScore SC/PQ)"
+)
 @click.option("--lora", help="LoRA hub id or path (overrides the preset); 'none' for none")
 @click.option("--lora-scale", type=kit.FiniteRange(0, 4), help="adapter strength (default 1)")
-@click.option("--top-k", "engine_top_k", type=click.IntRange(1, 64), help="experts per token of a LoRA-MoE adapter")
-@click.option("--offload", type=click.Choice(kit.OFFLOAD_MODES), help="memory modes for small GPUs (see README)")
+@click.option(
+    "--top-k", "engine_top_k", type=click.IntRange(1, 64), help="experts per token of a LoRA-MoE adapter"
+)
+@click.option(
+    "--offload", type=click.Choice(kit.OFFLOAD_MODES), help="memory modes for small GPUs (see README)"
+)
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), help="default: bf16 on CUDA")
 @click.option("--engine", help="engine plugin (see `icedit plugins`)")
 @click.option("--vlm", help="Qwen2.5-VL hub id or local folder for --judge qwen_vl")
 @click.option("--clip-model", help="CLIP hub id or folder (default openai/clip-vit-base-patch32)")
 @click.option("--dino-model", help="DINO ViT hub id or folder (default facebook/dino-vits16)")
 @click.option("--json", "json_", is_flag=True, help="print the report (means and per example) as JSON")
-def eval_cmd(data, columns, split, limit, seed, out, steps, guidance, batch_size, judge, json_, engine_top_k,
-             **options) -> None:
+def eval_cmd(
+    data, columns, split, limit, seed, out, steps, guidance, batch_size, judge, json_, engine_top_k, **options
+) -> None:
     """Edit every example of a dataset and score the edits (MagicBrush and Emu Edit metrics)."""
     from plugins.icedit.data import parse_columns
     from plugins.icedit.evaluate import EvalConfig, evaluate
     from plugins.icedit.loading import feature_artifacts
 
     settings = kit.settings(top_k=engine_top_k, **options)
-    config = kit.options(EvalConfig, data=data, columns=parse_columns(columns), split=split, limit=limit, seed=seed,
-                      out=out, steps=steps, guidance=guidance, batch_size=batch_size, judge=judge)
+    config = kit.options(
+        EvalConfig,
+        data=data,
+        columns=parse_columns(columns),
+        split=split,
+        limit=limit,
+        seed=seed,
+        out=out,
+        steps=steps,
+        guidance=guidance,
+        batch_size=batch_size,
+        judge=judge,
+    )
     settings = kit.prepare(settings, feature_artifacts(settings), rewriter=False, judge=bool(judge)).settings
     report = evaluate(config, settings)
     if report is None:  # not the main process
@@ -105,7 +139,10 @@ def eval_cmd(data, columns, split, limit, seed, out, steps, guidance, batch_size
         click.echo(Path(report.table).read_text(), nl=False)
         click.echo(f"wrote {report.report}, {report.table}, {report.sheet} and {report.count} edits")
     if report.random_weights:
-        click.echo("note: random weights (tiny preset): the numbers check the pipeline, not editing quality", err=True)
+        click.echo(
+            "note: random weights (tiny preset): the numbers check the pipeline, not editing quality",
+            err=True,
+        )
 
 
 def register(cli: click.Group) -> None:

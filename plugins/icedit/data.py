@@ -47,8 +47,13 @@ def _offline() -> Iterator[None]:
         datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE = saved
 
 
-def load_edits(data: str, columns: dict[str, str] | None = None, split: str = "train", limit: int | None = None,
-               need_target: bool = True):
+def load_edits(
+    data: str,
+    columns: dict[str, str] | None = None,
+    split: str = "train",
+    limit: int | None = None,
+    need_target: bool = True,
+):
     """A `datasets.Dataset` with columns source, target (when there), instruction and any captions."""
     import datasets
     from datasets import load_dataset
@@ -76,7 +81,9 @@ def load_edits(data: str, columns: dict[str, str] | None = None, split: str = "t
                     dataset = load_dataset(data, split=split)
         except Exception as e:  # noqa: BLE001 - hub clients raise OSError, ValueError or their own errors
             if reachable():
-                raise UserError(f"cannot load the dataset '{data}' (split {split}): {first_line(e)}") from None
+                raise UserError(
+                    f"cannot load the dataset '{data}' (split {split}): {first_line(e)}"
+                ) from None
             why = "offline mode is set (HF_HUB_OFFLINE)" if offline_mode() else "the hub is unreachable"
             raise WeightsMissing(
                 f"the dataset '{data}' is not in the Hugging Face cache and {why}: download it on "
@@ -86,8 +93,10 @@ def load_edits(data: str, columns: dict[str, str] | None = None, split: str = "t
     needed = (*REQUIRED, "target") if need_target else REQUIRED
     for ours in needed:
         if mapping[ours] not in dataset.column_names:
-            raise UserError(f"{data} has no column '{mapping[ours]}' for the {ours} (columns: "
-                            f"{', '.join(dataset.column_names)}); map it with --columns {ours}=COLUMN")
+            raise UserError(
+                f"{data} has no column '{mapping[ours]}' for the {ours} (columns: "
+                f"{', '.join(dataset.column_names)}); map it with --columns {ours}=COLUMN"
+            )
     keep = {theirs: ours for ours, theirs in mapping.items() if theirs in dataset.column_names}
     dataset = dataset.select_columns(list(keep)).rename_columns({t: o for t, o in keep.items() if t != o})
     if limit is not None:
@@ -112,8 +121,9 @@ def example(edits, index: int) -> dict:
         try:
             row[column].load()
         except Exception as e:  # noqa: BLE001 - PIL raises many kinds for bad data; all mean "not an image"
-            raise UserError(f"example {index + 1} of the dataset: its {column} is not a readable image "
-                            f"({first_line(e)})") from None
+            raise UserError(
+                f"example {index + 1} of the dataset: its {column} is not a readable image ({first_line(e)})"
+            ) from None
     return row
 
 

@@ -36,7 +36,9 @@ class IceditEngine:
             self._pipe, self.random_weights, self.adapter = load_pipeline(self.settings)
         return self._pipe
 
-    def _begin(self, request: EditRequest, events: Callable[[EngineEvent], None], cancel: threading.Event) -> _Edit:
+    def _begin(
+        self, request: EditRequest, events: Callable[[EngineEvent], None], cancel: threading.Event
+    ) -> _Edit:
         """Load (once), encode the prompt and the diptych: what every seed of this edit shares."""
         if not request.plan.instruction:
             raise UserError("the plan has no instruction to edit with")
@@ -52,8 +54,15 @@ class IceditEngine:
         events(Step(i=0, n=request.steps, phase="encode"))
         with _out_of_memory(canvas, pipe):
             cond = sampler.prepare(canvas, mask, prompt, request.steps, request.guidance)
-        return _Edit(self, request, prompt, canvas, sampler, cond,
-                     {"load": loaded - started, "encode": time.perf_counter() - loaded})
+        return _Edit(
+            self,
+            request,
+            prompt,
+            canvas,
+            sampler,
+            cond,
+            {"load": loaded - started, "encode": time.perf_counter() - loaded},
+        )
 
     def edit(
         self, request: EditRequest, events: Callable[[EngineEvent], None], cancel: threading.Event
@@ -71,20 +80,31 @@ class IceditEngine:
         return job.result(latents, request.steps, {"denoise": time.perf_counter() - started}, events)
 
     def start_candidates(
-        self, request: EditRequest, seeds: list[int], events: Callable[[EngineEvent], None], cancel: threading.Event
+        self,
+        request: EditRequest,
+        seeds: list[int],
+        events: Callable[[EngineEvent], None],
+        cancel: threading.Event,
     ) -> IceditCandidates:
         """The early filter's first steps for every seed, batched; the winner resumes from there."""
         job = self._begin(request, events, cancel)
         started = time.perf_counter()
         with _out_of_memory(job.canvas, job.sampler.pipe):
-            batch, canvases = run_candidates(job.sampler, job.cond, seeds, request.early_steps, events, cancel)
+            batch, canvases = run_candidates(
+                job.sampler, job.cond, seeds, request.early_steps, events, cancel
+            )
         candidates = time.perf_counter() - started
 
         def finish(one: Latents, count: int, events: Callable[[EngineEvent], None], cancel: threading.Event):
             resumed = time.perf_counter()
             with _out_of_memory(job.canvas, job.sampler.pipe):
-                final = job.sampler.denoise(job.cond, one, request.steps,
-                                            on_step=lambda i, n: events(Step(i=i, n=n, phase="finish")), cancel=cancel)
+                final = job.sampler.denoise(
+                    job.cond,
+                    one,
+                    request.steps,
+                    on_step=lambda i, n: events(Step(i=i, n=n, phase="finish")),
+                    cancel=cancel,
+                )
             spent = request.steps + (count - 1) * request.early_steps
             return job.result(final, spent, {"denoise": candidates + time.perf_counter() - resumed}, events)
 

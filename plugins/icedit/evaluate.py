@@ -42,7 +42,9 @@ class EvalConfig(BaseModel):
     seed: int = Field(0, ge=0, lt=SEEDS, description="example i is edited with seed + i")
     steps: int | None = Field(None, ge=1, le=200, description="default: the settings' steps (28)")
     guidance: float | None = Field(None, gt=0, le=200)
-    batch_size: int = Field(8, ge=1, description="examples per round: edited one by one, then scored in one batch")
+    batch_size: int = Field(
+        8, ge=1, description="examples per round: edited one by one, then scored in one batch"
+    )
     judge: Literal["qwen_vl"] | None = None
 
 
@@ -57,7 +59,9 @@ class ExampleResult(BaseModel):
 
 class EvalReport(BaseModel):
     metrics: dict[str, float | None] = Field(description="mean of each metric over the examples that have it")
-    judge: dict[str, float | None] | None = Field(None, description="mean VIE sc, pq and overall (with --judge)")
+    judge: dict[str, float | None] | None = Field(
+        None, description="mean VIE sc, pq and overall (with --judge)"
+    )
     count: int
     examples: list[ExampleResult]
     table: str
@@ -113,25 +117,47 @@ def evaluate(config: EvalConfig, settings: Settings, progress: bool = True) -> E
     with state.split_between_processes(list(range(len(edits)))) as mine:
         bar = tqdm(total=len(mine), desc="eval", disable=not (progress and state.is_main_process))
         for start in range(0, len(mine), config.batch_size):
-            chunk = mine[start:start + config.batch_size]
+            chunk = mine[start : start + config.batch_size]
             rows = [example(edits, i) for i in chunk]
             made = []
             for i, row in zip(chunk, rows, strict=True):
                 plan = EditPlan(intent="edit", instruction=row["instruction"])
-                request = EditRequest(source=row["source"].convert("RGB"), plan=plan, seed=next_seed(config.seed, i),
-                                      steps=steps, guidance=guidance)
+                request = EditRequest(
+                    source=row["source"].convert("RGB"),
+                    plan=plan,
+                    seed=next_seed(config.seed, i),
+                    steps=steps,
+                    guidance=guidance,
+                )
                 made.append(engine.edit(request, lambda event: None, threading.Event()))
                 bar.update(1)
-            examples = [Example(row["source"], result.image, row.get("target"), row.get("source_caption"),
-                                row.get("target_caption")) for row, result in zip(rows, made, strict=True)]
-            for i, row, result, metrics in zip(chunk, rows, made, score(features, examples, config.batch_size),
-                                               strict=True):
+            examples = [
+                Example(
+                    row["source"],
+                    result.image,
+                    row.get("target"),
+                    row.get("source_caption"),
+                    row.get("target_caption"),
+                )
+                for row, result in zip(rows, made, strict=True)
+            ]
+            for i, row, result, metrics in zip(
+                chunk, rows, made, score(features, examples, config.batch_size), strict=True
+            ):
                 path = edits_dir / f"{i:05d}.png"
                 save_image(result.image, path, force=True)  # the run's own folder: a rerun replaces its edits
                 random_weights |= result.random_weights
                 verdict = scorer.score(row["instruction"], row["source"], result.image) if scorer else None
-                results.append(ExampleResult(index=i, instruction=row["instruction"], seed=result.seed, edit=str(path),
-                                             metrics=metrics, judge=verdict.model_dump() if verdict else None))
+                results.append(
+                    ExampleResult(
+                        index=i,
+                        instruction=row["instruction"],
+                        seed=result.seed,
+                        edit=str(path),
+                        metrics=metrics,
+                        judge=verdict.model_dump() if verdict else None,
+                    )
+                )
                 if i < SHEET_ROWS:
                     sheet.append((i, row["source"], result.image, row.get("target"), row["instruction"]))
         bar.close()
@@ -145,11 +171,24 @@ def evaluate(config: EvalConfig, settings: Settings, progress: bool = True) -> E
     if scorer:
         judge = {k: _mean([r.judge[k] for r in results]) for k in ("sc", "pq", "overall")}
     averages = means([r.metrics for r in results])
-    table, sheet_path, report_path = config.out / "metrics.md", config.out / "sheet.png", config.out / "metrics.json"
+    table, sheet_path, report_path = (
+        config.out / "metrics.md",
+        config.out / "sheet.png",
+        config.out / "metrics.json",
+    )
     write_file(table, markdown_table(averages, len(results), judge).encode(), force=True)
     save_image(contact_sheet([row[1:] for row in sheet]), sheet_path, force=True)
-    report = EvalReport(metrics=averages, judge=judge, count=len(results), examples=results, table=str(table),
-                        sheet=str(sheet_path), report=str(report_path), num_processes=state.num_processes,
-                        random_weights=random_weights, feature_models=feature_names)
+    report = EvalReport(
+        metrics=averages,
+        judge=judge,
+        count=len(results),
+        examples=results,
+        table=str(table),
+        sheet=str(sheet_path),
+        report=str(report_path),
+        num_processes=state.num_processes,
+        random_weights=random_weights,
+        feature_models=feature_names,
+    )
     write_file(report_path, (json.dumps(report.model_dump(), indent=2) + "\n").encode(), force=True)
     return report

@@ -46,7 +46,9 @@ class FeatureModels:
     @torch.no_grad()
     def clip_texts(self, texts: list[str]) -> torch.Tensor:
         tokens = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(self.device)
-        out = self.clip.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+        out = self.clip.get_text_features(
+            input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
+        )
         return F.normalize(out.pooler_output.float(), dim=-1)
 
     @torch.no_grad()
@@ -70,7 +72,11 @@ def load(clip_ref: str, dino_ref: str, device: str | torch.device) -> FeatureMod
     except Exception as e:  # noqa: BLE001 - every loader failure becomes one line
         raise UserError(f"cannot load the CLIP model from {clip_ref}: {hub.first_line(e)}") from None
     try:
-        dino = ViTModel.from_pretrained(dino_src, add_pooling_layer=False, use_safetensors=True).eval().to(device)
+        dino = (
+            ViTModel.from_pretrained(dino_src, add_pooling_layer=False, use_safetensors=True)
+            .eval()
+            .to(device)
+        )
         dino_processor = ViTImageProcessorPil.from_pretrained(dino_src)
     except Exception as e:  # noqa: BLE001
         raise UserError(f"cannot load the DINO model from {dino_ref}: {hub.first_line(e)}") from None
@@ -99,16 +105,46 @@ def tiny(device: str | torch.device = "cpu") -> FeatureModels:
     dino_processor = ViTImageProcessorPil(size=side)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
-        clip = CLIPModel(CLIPConfig(
-            text_config={"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1,
-                         "num_attention_heads": 4, "max_position_embeddings": 77,
-                         "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-                         "pad_token_id": tokenizer.pad_token_id},
-            vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1,
-                           "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
-            projection_dim=16,
-        ))
-        dino = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37,
-                                  image_size=32, patch_size=8), add_pooling_layer=False)
-    return FeatureModels(clip.eval().to(device), clip_processor, tokenizer, dino.eval().to(device), dino_processor,
-                         random_weights=True)
+        clip = CLIPModel(
+            CLIPConfig(
+                text_config={
+                    "vocab_size": len(vocab),
+                    "hidden_size": 32,
+                    "intermediate_size": 37,
+                    "num_hidden_layers": 1,
+                    "num_attention_heads": 4,
+                    "max_position_embeddings": 77,
+                    "bos_token_id": tokenizer.bos_token_id,
+                    "eos_token_id": tokenizer.eos_token_id,
+                    "pad_token_id": tokenizer.pad_token_id,
+                },
+                vision_config={
+                    "hidden_size": 32,
+                    "intermediate_size": 37,
+                    "num_hidden_layers": 1,
+                    "num_attention_heads": 4,
+                    "image_size": 32,
+                    "patch_size": 8,
+                },
+                projection_dim=16,
+            )
+        )
+        dino = ViTModel(
+            ViTConfig(
+                hidden_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=4,
+                intermediate_size=37,
+                image_size=32,
+                patch_size=8,
+            ),
+            add_pooling_layer=False,
+        )
+    return FeatureModels(
+        clip.eval().to(device),
+        clip_processor,
+        tokenizer,
+        dino.eval().to(device),
+        dino_processor,
+        random_weights=True,
+    )

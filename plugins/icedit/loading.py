@@ -41,13 +41,19 @@ def resolve_dtype(dtype: str | None, device: str):
     """bf16 on CUDA, fp32 elsewhere, unless asked otherwise."""
     import torch
 
-    return getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-
+    return (
+        getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    )
 
 
 def flux_artifact(model: str, revision: str | None = None) -> Artifact:
-    return Artifact(role="FLUX.1 Fill pipeline", ref=model, revision=None if hub.is_local(model) else revision,
-                    layout="diffusers", option="--model")
+    return Artifact(
+        role="FLUX.1 Fill pipeline",
+        ref=model,
+        revision=None if hub.is_local(model) else revision,
+        layout="diffusers",
+        option="--model",
+    )
 
 
 def lora_artifact(lora: str, revision: str | None = None, weight_name: str | None = None) -> Artifact:
@@ -60,15 +66,27 @@ def lora_artifact(lora: str, revision: str | None = None, weight_name: str | Non
         path = Path(lora).expanduser()
         if path.is_dir() and not (path / name).exists() and (path / "adapter" / name).is_file():
             ref = str(path / "adapter")  # an `icedit train` run folder
-    return Artifact(role="LoRA", ref=ref, revision=None if hub.is_local(lora) else revision,
-                    layout="file", filename=name, guess_filename=weight_name is None, option="--lora", adapter=True)
+    return Artifact(
+        role="LoRA",
+        ref=ref,
+        revision=None if hub.is_local(lora) else revision,
+        layout="file",
+        filename=name,
+        guess_filename=weight_name is None,
+        option="--lora",
+        adapter=True,
+    )
 
 
 def feature_refs(settings: Settings) -> tuple[str, str] | None:
     """(CLIP, DINO) hub ids or folders for `icedit eval`; None for random tiny ones (the tiny preset,
     neither named)."""
-    if settings.clip_model is None and settings.dino_model is None and settings.preset == "tiny" \
-            and settings.model is None:
+    if (
+        settings.clip_model is None
+        and settings.dino_model is None
+        and settings.preset == "tiny"
+        and settings.model is None
+    ):
         return None
     return settings.clip_model or DEFAULT_CLIP, settings.dino_model or DEFAULT_DINO
 
@@ -82,7 +100,10 @@ def feature_artifacts(settings: Settings) -> list[Artifact]:
     chosen = feature_refs(settings)
     if chosen is None:
         return []
-    return [feature_artifact(chosen[0], "CLIP", "--clip-model"), feature_artifact(chosen[1], "DINO", "--dino-model")]
+    return [
+        feature_artifact(chosen[0], "CLIP", "--clip-model"),
+        feature_artifact(chosen[1], "DINO", "--dino-model"),
+    ]
 
 
 def artifacts(settings: Settings) -> list[Artifact]:
@@ -154,12 +175,20 @@ def quantize(transformer, mode: str, device: str) -> None:
     try:
         from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
     except ImportError:
-        raise UserError(f"--quantize {mode} needs torchao: pip install 'icedit-assistant[quantize]'") from None
-    if mode == "fp8" and not (device.startswith("cuda") and torch.cuda.get_device_capability(device) >= (8, 9)):
-        raise UserError("--quantize fp8 needs a CUDA GPU of compute capability 8.9 or newer; try --quantize int8")
+        raise UserError(
+            f"--quantize {mode} needs torchao: pip install 'icedit-assistant[quantize]'"
+        ) from None
+    if mode == "fp8" and not (
+        device.startswith("cuda") and torch.cuda.get_device_capability(device) >= (8, 9)
+    ):
+        raise UserError(
+            "--quantize fp8 needs a CUDA GPU of compute capability 8.9 or newer; try --quantize int8"
+        )
     transformer.to(device)
     config = Float8WeightOnlyConfig() if mode == "fp8" else Int8WeightOnlyConfig()
-    quantize_(transformer, config, filter_fn=lambda m, name: isinstance(m, torch.nn.Linear) and "lora" not in name)
+    quantize_(
+        transformer, config, filter_fn=lambda m, name: isinstance(m, torch.nn.Linear) and "lora" not in name
+    )
 
 
 def _from_pretrained(model: str, dtype, revision: str | None = None):
@@ -207,7 +236,9 @@ def _load_adapter(pipe, lora: str, settings: Settings) -> AdapterInfo:
     from plugins.icedit import moe, moe_checkpoint
 
     if lora == TINY_MOE:
-        state = moe_checkpoint.synthetic_checkpoint(pipe.transformer, num_experts=4, rank=4, seed=1, scale=0.3)
+        state = moe_checkpoint.synthetic_checkpoint(
+            pipe.transformer, num_experts=4, rank=4, seed=1, scale=0.3
+        )
     else:
         path = hub.locate(lora_artifact(lora, settings.lora_revision, settings.lora_weight_name))
         if _kind_of(path) != "lora-moe":
@@ -216,8 +247,14 @@ def _load_adapter(pipe, lora: str, settings: Settings) -> AdapterInfo:
     _check_finite(state, lora)
     report = moe_checkpoint.load_lora_moe(pipe.transformer, state, top_k=settings.top_k)
     moe.set_scale(pipe.transformer, settings.lora_scale)
-    return AdapterInfo(kind="lora-moe", source=lora, keys=report.keys, num_experts=report.num_experts,
-                       top_k=report.top_k, scale=settings.lora_scale)
+    return AdapterInfo(
+        kind="lora-moe",
+        source=lora,
+        keys=report.keys,
+        num_experts=report.num_experts,
+        top_k=report.top_k,
+        scale=settings.lora_scale,
+    )
 
 
 def _check_finite(state, lora: str) -> None:
@@ -226,8 +263,10 @@ def _check_finite(state, lora: str) -> None:
 
     for key, tensor in state.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise UserError(f"the adapter {lora} has NaN or infinite weights ({key}): it is damaged or its training "
-                            "diverged; nothing was loaded")
+            raise UserError(
+                f"the adapter {lora} has NaN or infinite weights ({key}): it is damaged or its training "
+                "diverged; nothing was loaded"
+            )
 
 
 def _load_stock_lora(pipe, lora: str, path: Path, scale: float) -> AdapterInfo:
@@ -236,7 +275,9 @@ def _load_stock_lora(pipe, lora: str, path: Path, scale: float) -> AdapterInfo:
         weights = state[0] if isinstance(state, tuple) else state
         keys = len(weights)
         _check_finite(weights, lora)
-        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="icedit", use_safetensors=True)
+        pipe.load_lora_weights(
+            str(path.parent), weight_name=path.name, adapter_name="icedit", use_safetensors=True
+        )
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - every loader failure becomes one line

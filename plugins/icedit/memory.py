@@ -92,8 +92,10 @@ def _counts(model, quantizable: bool = False) -> Size:
         buffers=sum(b.numel() for b in model.buffers()),
         quantizable=sum(m.weight.numel() for m in linears),
         scales=sum(m.out_features for m in linears),
-        largest_module=max(sum(t.numel() for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)))
-                           for m in model.modules()),
+        largest_module=max(
+            sum(t.numel() for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)))
+            for m in model.modules()
+        ),
     )
 
 
@@ -108,12 +110,17 @@ def sizes() -> dict[str, Size]:
 
     with torch.device("meta"):
         transformer = FluxTransformer2DModel(**FLUX_FILL_TRANSFORMER)
-        models = {"text_encoder": CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT)),
-                  "text_encoder_2": T5EncoderModel(T5Config(**T5_XXL_ENCODER)),
-                  "vae": AutoencoderKL(**FLUX_VAE)}
+        models = {
+            "text_encoder": CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT)),
+            "text_encoder_2": T5EncoderModel(T5Config(**T5_XXL_ENCODER)),
+            "vae": AutoencoderKL(**FLUX_VAE),
+        }
     adapter = synthetic_checkpoint(transformer, num_experts=ADAPTER_EXPERTS, rank=ADAPTER_RANK)
-    out = {"transformer": _counts(transformer, quantizable=True).model_copy(
-        update={"adapter": sum(t.numel() for t in adapter.values())})}
+    out = {
+        "transformer": _counts(transformer, quantizable=True).model_copy(
+            update={"adapter": sum(t.numel() for t in adapter.values())}
+        )
+    }
     return out | {name: _counts(model) for name, model in models.items()}
 
 
@@ -134,10 +141,12 @@ def _activations(dtype_bytes: int, batch: int) -> dict[str, int]:
 
     elements = {
         "transformer": batch * _tokens() * BLOCK_WIDTHS * t["num_attention_heads"] * t["attention_head_dim"],
-        "text_encoder": encoder(CLIP_L_TEXT["hidden_size"], CLIP_L_TEXT["num_attention_heads"],
-                                PROMPT_TOKENS["text_encoder"]),
-        "text_encoder_2": encoder(T5_XXL_ENCODER["d_model"], T5_XXL_ENCODER["num_heads"],
-                                  PROMPT_TOKENS["text_encoder_2"]),
+        "text_encoder": encoder(
+            CLIP_L_TEXT["hidden_size"], CLIP_L_TEXT["num_attention_heads"], PROMPT_TOKENS["text_encoder"]
+        ),
+        "text_encoder_2": encoder(
+            T5_XXL_ENCODER["d_model"], T5_XXL_ENCODER["num_heads"], PROMPT_TOKENS["text_encoder_2"]
+        ),
         "vae": max(decode, encode),
     }
     return {name: int(n * dtype_bytes) for name, n in elements.items()}
@@ -160,8 +169,12 @@ def components(settings: Settings, dtype: str | None = None) -> dict[str, Compon
                 weights += size.quantizable * (1 - d) + size.scales * 4
             if lora and lora != "none":
                 weights += size.adapter * d
-        out[name] = Component(params=size.params, weights=weights, activation=activations[name],
-                              largest_module=size.largest_module * d)
+        out[name] = Component(
+            params=size.params,
+            weights=weights,
+            activation=activations[name],
+            largest_module=size.largest_module * d,
+        )
     return out
 
 
@@ -196,50 +209,74 @@ def parts(settings: Settings) -> list[Part]:
     t, clip, t5, vae = (base[n] for n in ("transformer", "text_encoder", "text_encoder_2", "vae"))
     encoders = clip.weights + t5.weights
     options = []
-    for mode in ("none", "int8", "fp8") if importlib.util.find_spec("torchao") else ("none",):  # the [quantize] extra
+    for mode in (
+        ("none", "int8", "fp8") if importlib.util.find_spec("torchao") else ("none",)
+    ):  # the [quantize] extra
         c = components(settings.model_copy(update={"quantize": mode}))["transformer"]
         what = label if mode == "none" else mode
         gpu_seconds = denoise / GPU_FLOPS * QUANTIZED_SLOWDOWN[mode]
         requires = (8, 9) if mode == "fp8" else None
         options += [
-            Placement(label=f"{what} on the GPU", resident_gpu=c.weights + encoders + vae.weights,
-                      activation_gpu=max(c.activation, clip.activation, t5.activation, vae.activation),
-                      cost=gpu_seconds + encode / GPU_FLOPS, requires=requires,
-                      settings={"device": "cuda", "offload": "none", "quantize": mode}),
-            Placement(label=f"{what}, prompt encoders on the CPU", resident_gpu=c.weights + vae.weights,
-                      activation_gpu=max(c.activation, vae.activation), cpu=encoders,
-                      cost=gpu_seconds + encode / CPU_FLOPS, requires=requires,
-                      settings={"device": "cuda", "offload": "encoders", "quantize": mode}),
+            Placement(
+                label=f"{what} on the GPU",
+                resident_gpu=c.weights + encoders + vae.weights,
+                activation_gpu=max(c.activation, clip.activation, t5.activation, vae.activation),
+                cost=gpu_seconds + encode / GPU_FLOPS,
+                requires=requires,
+                settings={"device": "cuda", "offload": "none", "quantize": mode},
+            ),
+            Placement(
+                label=f"{what}, prompt encoders on the CPU",
+                resident_gpu=c.weights + vae.weights,
+                activation_gpu=max(c.activation, vae.activation),
+                cpu=encoders,
+                cost=gpu_seconds + encode / CPU_FLOPS,
+                requires=requires,
+                settings={"device": "cuda", "offload": "encoders", "quantize": mode},
+            ),
         ]
     # model offload: each model moves in when it runs and out when the next in diffusers' order does; the
     # VAE, last in that order, stays (the sampler never frees the hooks). The transformer moves twice with
     # the early filter (candidates, then the winner after the VAE previews).
     phase = max([*((m.weights, m.activation) for m in (t, clip, t5)), (0, vae.activation)], key=sum)
     moves = t.weights * (2 if settings.candidates > 1 else 1) + encoders
-    options.append(Placement(
-        label=f"{label}, model offload", resident_gpu=vae.weights, transient_gpu=phase[0],
-        activation_gpu=phase[1], cpu=t.weights + encoders,
-        cost=denoise / GPU_FLOPS + encode / GPU_FLOPS + 2 * moves / HOST_TO_GPU_BYTES_PER_S,
-        settings={"device": "cuda", "offload": "model", "quantize": "none"},
-    ))
+    options.append(
+        Placement(
+            label=f"{label}, model offload",
+            resident_gpu=vae.weights,
+            transient_gpu=phase[0],
+            activation_gpu=phase[1],
+            cpu=t.weights + encoders,
+            cost=denoise / GPU_FLOPS + encode / GPU_FLOPS + 2 * moves / HOST_TO_GPU_BYTES_PER_S,
+            settings={"device": "cuda", "offload": "model", "quantize": "none"},
+        )
+    )
     # sequential offload streams every weight from the CPU each time it runs: the transformer at every step
     # (the candidates share the steps they run batched)
     streaming = (settings.steps * t.weights + encoders + vae.weights) / SEQUENTIAL_BYTES_PER_S
-    options.append(Placement(
-        label=f"{label}, sequential offload", transient_gpu=max(m.largest_module for m in base.values()),
-        activation_gpu=max(m.activation for m in base.values()), cpu=t.weights + encoders + vae.weights,
-        cost=(denoise + encode) / GPU_FLOPS + streaming,
-        settings={"device": "cuda", "offload": "sequential", "quantize": "none"},
-        note=f"every layer streams from the CPU at each step: ~{streaming / 60:.0f} min a turn",
-    ))
+    options.append(
+        Placement(
+            label=f"{label}, sequential offload",
+            transient_gpu=max(m.largest_module for m in base.values()),
+            activation_gpu=max(m.activation for m in base.values()),
+            cpu=t.weights + encoders + vae.weights,
+            cost=(denoise + encode) / GPU_FLOPS + streaming,
+            settings={"device": "cuda", "offload": "sequential", "quantize": "none"},
+            note=f"every layer streams from the CPU at each step: ~{streaming / 60:.0f} min a turn",
+        )
+    )
     cpu_dtype = settings.dtype or "float32"  # loading's default off CUDA
     on_cpu = components(settings.model_copy(update={"quantize": "none"}), cpu_dtype)
     cpu_seconds = (denoise + encode) / CPU_FLOPS
-    options.append(Placement(
-        label=f"{DTYPE_LABELS[cpu_dtype]} on the CPU", cpu=sum(m.weights for m in on_cpu.values()),
-        cost=cpu_seconds, settings={"device": "cpu", "offload": "none", "quantize": "none"},
-        cpu_fallback=True,
-        note=f"on the CPU an edit takes ~{cpu_seconds / 60:.0f} min",
-    ))
+    options.append(
+        Placement(
+            label=f"{DTYPE_LABELS[cpu_dtype]} on the CPU",
+            cpu=sum(m.weights for m in on_cpu.values()),
+            cost=cpu_seconds,
+            settings={"device": "cpu", "offload": "none", "quantize": "none"},
+            cpu_fallback=True,
+            note=f"on the CPU an edit takes ~{cpu_seconds / 60:.0f} min",
+        )
+    )
     weights = t.weights + encoders + vae.weights
     return [Part(name="flux", title="FLUX.1 Fill", weights=weights, options=options)]

@@ -54,12 +54,14 @@ def pixel_distances(edit: Image.Image, reference: Image.Image) -> tuple[float, f
     """(L1, L2): mean absolute and mean squared difference of RGB values in [0, 1], the edit at the reference's size."""
     if edit.size != reference.size:
         edit = edit.resize(reference.size, Image.Resampling.BICUBIC)
-    diff = (np.asarray(edit.convert("RGB"), np.float64) - np.asarray(reference.convert("RGB"), np.float64)) / 255
+    diff = (
+        np.asarray(edit.convert("RGB"), np.float64) - np.asarray(reference.convert("RGB"), np.float64)
+    ) / 255
     return float(np.abs(diff).mean()), float((diff**2).mean())
 
 
 def _embed(fn: Callable[[list], torch.Tensor], items: Sequence, batch_size: int) -> torch.Tensor:
-    return torch.cat([fn(list(items[i:i + batch_size])) for i in range(0, len(items), batch_size)]).cpu()
+    return torch.cat([fn(list(items[i : i + batch_size])) for i in range(0, len(items), batch_size)]).cpu()
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -73,7 +75,9 @@ def _direction(image_change: torch.Tensor, caption_change: torch.Tensor) -> floa
     return float(torch.nn.functional.cosine_similarity(image_change, caption_change, dim=0))
 
 
-def score(features: FeatureModels, examples: Sequence[Example], batch_size: int = 8) -> list[dict[str, float | None]]:
+def score(
+    features: FeatureModels, examples: Sequence[Example], batch_size: int = 8
+) -> list[dict[str, float | None]]:
     """Every metric of METRICS for each example; feature models run `batch_size` images at a time."""
     n = len(examples)
     images = [e.edit for e in examples] + [e.source for e in examples]

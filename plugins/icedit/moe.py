@@ -25,6 +25,8 @@ PLAIN_TARGETS = (
     r"single_transformer_blocks\.\d+\.(norm\.linear|proj_mlp|attn\.to_q|attn\.to_k|attn\.to_v)",
 )
 MOE_TARGETS = (r"transformer_blocks\.\d+\.ff\.net\.2", r"single_transformer_blocks\.\d+\.proj_out")
+
+
 class LoraMoeLinear(nn.Module):
     """`base(x) + sum_i w_i(x) B_i A_i x`, with w the softmax over each token's top-k router logits.
 
@@ -174,7 +176,9 @@ def add_lora_moe(transformer: nn.Module, num_experts: int = 4, rank: int = 32, t
     plain = [n for n, _ in linears if any(re.fullmatch(p, n) for p in PLAIN_TARGETS)]
     if plain:
         pattern = "|".join(f"(?:{p})" for p in PLAIN_TARGETS)
-        transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=pattern), adapter_name=ADAPTER)
+        transformer.add_adapter(
+            LoraConfig(r=rank, lora_alpha=rank, target_modules=pattern), adapter_name=ADAPTER
+        )
         with torch.no_grad():
             for name in plain:
                 a = transformer.get_submodule(name).lora_A[ADAPTER].weight

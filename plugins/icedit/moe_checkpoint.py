@@ -92,7 +92,9 @@ def plan_placement(transformer: nn.Module, state: Mapping[str, torch.Tensor]):
         module = m["module"]
         if m["route"] or m["expert"] is not None:
             if not any(re.fullmatch(p, module) for p in MOE_TARGETS):
-                raise UserError(f"{key}: experts and routers belong on ff.net.2 / proj_out, not on '{module}'")
+                raise UserError(
+                    f"{key}: experts and routers belong on ff.net.2 / proj_out, not on '{module}'"
+                )
             slot = moe[module]
             if m["route"]:
                 slot["route"] = (key, state[key])
@@ -119,7 +121,9 @@ def plan_placement(transformer: nn.Module, state: Mapping[str, torch.Tensor]):
         any_key = (slot["route"] or next(iter({**slot["A"], **slot["B"]}.values())))[0]
         linear = _linear(transformer, module, any_key)
         if slot["route"] is None:
-            raise UserError(f"transformer.{module}.lora_route.weight: missing (the experts of {module} need it)")
+            raise UserError(
+                f"transformer.{module}.lora_route.weight: missing (the experts of {module} need it)"
+            )
         route_key, route = slot["route"]
         count = route.shape[0] if route.ndim == 2 else -1
         _check(route_key, route, (count, linear.in_features))
@@ -181,7 +185,9 @@ def load_lora_moe(
             alpha_pattern={f"^{re.escape(m)}$": r for m, r in ranks.items() if r != rank},
         )
         transformer.add_adapter(config, adapter_name=ADAPTER)
-        peft_state = {f"{m}.lora_{ab}.weight": t for m, (a, b) in plain.items() for ab, t in (("A", a), ("B", b))}
+        peft_state = {
+            f"{m}.lora_{ab}.weight": t for m, (a, b) in plain.items() for ab, t in (("A", a), ("B", b))
+        }
         result = set_peft_model_state_dict(transformer, peft_state, adapter_name=ADAPTER)
         if result.unexpected_keys:
             raise UserError(f"transformer.{result.unexpected_keys[0]}: peft did not place this key")
@@ -270,7 +276,9 @@ def restore_adapter(transformer: nn.Module, state: Mapping[str, torch.Tensor]) -
             if isinstance(layer, LoraMoeLinear):
                 experts = range(layer.num_experts)
                 layer.lora_A.copy_(torch.cat([state[f"{prefix}.lora_A.expert_{i}.weight"] for i in experts]))
-                layer.lora_B.copy_(torch.cat([state[f"{prefix}.lora_B.expert_{i}.weight"] for i in experts], 1))
+                layer.lora_B.copy_(
+                    torch.cat([state[f"{prefix}.lora_B.expert_{i}.weight"] for i in experts], 1)
+                )
                 layer.lora_route.copy_(state[f"{prefix}.lora_route.weight"])
             elif isinstance(getattr(layer, "lora_A", None), nn.ModuleDict) and ADAPTER in layer.lora_A:
                 layer.lora_A[ADAPTER].weight.copy_(state[f"{prefix}.lora_A.weight"])

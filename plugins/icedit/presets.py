@@ -48,28 +48,59 @@ PRESETS = {
 
 TINY_SEED = 0
 FLUX_FILL_TRANSFORMER = {  # black-forest-labs/FLUX.1-Fill-dev transformer/config.json: the architecture
-    "patch_size": 1, "in_channels": 384, "out_channels": 64, "num_layers": 19, "num_single_layers": 38,
-    "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 4096,
-    "pooled_projection_dim": 768, "guidance_embeds": True, "axes_dims_rope": (16, 56, 56),
+    "patch_size": 1,
+    "in_channels": 384,
+    "out_channels": 64,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768,
+    "guidance_embeds": True,
+    "axes_dims_rope": (16, 56, 56),
 }
 """`FluxTransformer2DModel(**FLUX_FILL_TRANSFORMER)` is the real model's shape, with random weights
 (the full-size placement test and `benchmarks/edit.py --full`)."""
 FLUX_VAE = {  # black-forest-labs/FLUX.1-Fill-dev vae/config.json
-    "in_channels": 3, "out_channels": 3, "down_block_types": ("DownEncoderBlock2D",) * 4,
-    "up_block_types": ("UpDecoderBlock2D",) * 4, "block_out_channels": (128, 256, 512, 512),
-    "layers_per_block": 2, "act_fn": "silu", "latent_channels": 16, "norm_num_groups": 32,
-    "sample_size": 1024, "scaling_factor": 0.3611, "shift_factor": 0.1159, "use_quant_conv": False,
-    "use_post_quant_conv": False, "mid_block_add_attention": True,
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": (128, 256, 512, 512),
+    "layers_per_block": 2,
+    "act_fn": "silu",
+    "latent_channels": 16,
+    "norm_num_groups": 32,
+    "sample_size": 1024,
+    "scaling_factor": 0.3611,
+    "shift_factor": 0.1159,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+    "mid_block_add_attention": True,
 }
 CLIP_L_TEXT = {  # text_encoder/config.json: CLIP ViT-L/14's text tower
-    "vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-    "num_attention_heads": 12, "max_position_embeddings": 77, "projection_dim": 768,
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "projection_dim": 768,
     "hidden_act": "quick_gelu",
 }
 T5_XXL_ENCODER = {  # text_encoder_2/config.json: T5 v1.1 XXL, encoder only
-    "vocab_size": 32128, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64,
-    "relative_attention_num_buckets": 32, "feed_forward_proj": "gated-gelu", "pad_token_id": 0,
-    "eos_token_id": 1, "decoder_start_token_id": 0,
+    "vocab_size": 32128,
+    "d_model": 4096,
+    "d_kv": 64,
+    "d_ff": 10240,
+    "num_layers": 24,
+    "num_heads": 64,
+    "relative_attention_num_buckets": 32,
+    "feed_forward_proj": "gated-gelu",
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+    "decoder_start_token_id": 0,
 }
 """The real VAE and prompt encoders' shapes: `AutoencoderKL(**FLUX_VAE)`,
 `CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT))`, `T5EncoderModel(T5Config(**T5_XXL_ENCODER))` (the memory

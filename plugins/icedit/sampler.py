@@ -102,7 +102,9 @@ class FillSampler:
         return self.pipe.transformer.dtype
 
     @torch.no_grad()
-    def prepare(self, canvas: Image.Image, mask: Image.Image, prompt: str, steps: int, guidance: float) -> Conditioning:
+    def prepare(
+        self, canvas: Image.Image, mask: Image.Image, prompt: str, steps: int, guidance: float
+    ) -> Conditioning:
         """Encode the prompt and the masked canvas once; compute the sigma schedule."""
         from diffusers.pipelines.flux.pipeline_flux_fill import calculate_shift
 
@@ -155,7 +157,9 @@ class FillSampler:
         xs, conditions = [], []
         for seed in seeds:
             generator = torch.Generator("cpu").manual_seed(seed)
-            torch.randn(dist_shape, generator=generator, dtype=vae_dtype)  # the init image's VAE sample (weight 0)
+            torch.randn(
+                dist_shape, generator=generator, dtype=vae_dtype
+            )  # the init image's VAE sample (weight 0)
             noise = torch.randn((1, channels, lat_h, lat_w), generator=generator, dtype=dtype).to(self.device)
             sample = torch.randn(dist_shape, generator=generator, dtype=vae_dtype).to(self.device)
             masked = cond.masked_mean + cond.masked_std * sample
@@ -197,8 +201,10 @@ class FillSampler:
             dt = cond.sigmas[i + 1] - cond.sigmas[i]
             x = (x.to(torch.float32) + dt * v).to(v.dtype)  # FlowMatchEulerDiscreteScheduler.step
             if not bool(torch.isfinite(x).all()):
-                raise UserError(f"the edit went numerically wrong at step {i + 1} of {cond.steps} (NaN or infinity "
-                                "in the latents): nothing was saved; try another --dtype or adapter")
+                raise UserError(
+                    f"the edit went numerically wrong at step {i + 1} of {cond.steps} (NaN or infinity "
+                    "in the latents): nothing was saved; try another --dtype or adapter"
+                )
             on_step(i + 1, cond.steps)
         return replace(latents, x=x, step=until, velocity=v)
 

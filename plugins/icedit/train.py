@@ -46,17 +46,25 @@ class TrainConfig(BaseModel):
     steps: int = Field(1000, ge=1, description="optimizer steps")
     experts: int = Field(4, ge=1, le=64)
     rank: int = Field(32, ge=1, le=1024)
-    top_k: int = Field(1, ge=1, le=64, description="with 1 the router gets no gradient: it stays as initialised")
+    top_k: int = Field(
+        1, ge=1, le=64, description="with 1 the router gets no gradient: it stays as initialised"
+    )
     lr: float = Field(1e-4, gt=0)
     warmup_steps: int = Field(0, ge=0, description="linear warm-up of the learning rate")
     max_grad_norm: float = Field(1.0, gt=0)
     batch_size: int = Field(1, ge=1, description="per process; examples of a batch must share a panel size")
     grad_accum: int = Field(1, ge=1)
-    mixed_precision: Literal["no", "fp16", "bf16"] | None = Field(None, description="default: bf16 on a GPU, no on a CPU")
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = Field(
+        None, description="default: bf16 on a GPU, no on a CPU"
+    )
     gradient_checkpointing: bool = False
     seed: int = Field(0, ge=0, lt=2**32, description="set_seed takes 32 bits (numpy)")
-    panel_width: int = Field(512, ge=16, multiple_of=16, description="diptych panel width (the engine uses 512)")
-    guidance: float = Field(1.0, gt=0, description="FLUX guidance embedding during training (the paper's trainer: 1)")
+    panel_width: int = Field(
+        512, ge=16, multiple_of=16, description="diptych panel width (the engine uses 512)"
+    )
+    guidance: float = Field(
+        1.0, gt=0, description="FLUX guidance embedding during training (the paper's trainer: 1)"
+    )
     checkpoint_every: int = Field(500, ge=1)
     resume: str | None = Field(None, description="a checkpoint folder, or 'latest' under out/checkpoints")
 
@@ -103,7 +111,9 @@ def digest(state: dict[str, torch.Tensor]) -> str:
 
 def _generator(seed: int, micro: int, rank: int) -> torch.Generator:
     """The noise and sigma source of one micro-batch on one process: a pure function of the three."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, micro, rank]).generate_state(1)[0]))
+    return torch.Generator().manual_seed(
+        int(np.random.SeedSequence([seed, micro, rank]).generate_state(1)[0])
+    )
 
 
 def _packed(pipe, latents: torch.Tensor) -> torch.Tensor:
@@ -118,16 +128,30 @@ def _packed(pipe, latents: torch.Tensor) -> torch.Tensor:
 def encode(sampler: FillSampler, batch: list[dict], guidance: float) -> dict[str, torch.Tensor]:
     """Prompt embeddings, masked-canvas condition, clean target latents and right-half token mask."""
     pipe = sampler.pipe
-    conds = [sampler.prepare(ex["canvas"], ex["mask"], prompts.render("ic_edit.txt", instruction=ex["instruction"]),
-                             1, guidance) for ex in batch]
+    conds = [
+        sampler.prepare(
+            ex["canvas"],
+            ex["mask"],
+            prompts.render("ic_edit.txt", instruction=ex["instruction"]),
+            1,
+            guidance,
+        )
+        for ex in batch
+    ]
     sizes = {(c.width, c.height) for c in conds}
     if len(sizes) > 1:
-        raise UserError(f"a batch mixes diptych sizes {sorted(sizes)}: use --batch-size 1 for images of "
-                        "different aspect ratios")
+        raise UserError(
+            f"a batch mixes diptych sizes {sorted(sizes)}: use --batch-size 1 for images of "
+            "different aspect ratios"
+        )
     first = conds[0]
     dtype = first.prompt_embeds.dtype
-    targets = torch.cat([pipe.image_processor.preprocess(ex["target"], height=first.height, width=first.width)
-                         for ex in batch]).to(sampler.device, dtype)
+    targets = torch.cat(
+        [
+            pipe.image_processor.preprocess(ex["target"], height=first.height, width=first.width)
+            for ex in batch
+        ]
+    ).to(sampler.device, dtype)
     condition = [torch.cat((_packed(pipe, c.masked_mean), c.mask), dim=-1) for c in conds]
     return {
         "x0": _packed(pipe, pipe.vae.encode(targets).latent_dist.mean),
@@ -140,8 +164,9 @@ def encode(sampler: FillSampler, batch: list[dict], guidance: float) -> dict[str
     }
 
 
-def flow_matching_loss(model, inputs: dict[str, torch.Tensor], generator: torch.Generator,
-                       guidance: float | None) -> torch.Tensor:
+def flow_matching_loss(
+    model, inputs: dict[str, torch.Tensor], generator: torch.Generator, guidance: float | None
+) -> torch.Tensor:
     """MSE between the predicted and the true velocity (noise - x0), over the right-half tokens."""
     x0 = inputs["x0"]
     noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
@@ -188,12 +213,15 @@ def train(config: TrainConfig, settings: Settings, progress: bool = True) -> Tra
 
     from plugins.icedit.loading import load_pipeline
 
-    cpu = settings.device == "cpu" or not torch.accelerator.is_available()  # torchrun on CPUs: MULTI_CPU (gloo)
+    cpu = (
+        settings.device == "cpu" or not torch.accelerator.is_available()
+    )  # torchrun on CPUs: MULTI_CPU (gloo)
     accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=config.mixed_precision or ("no" if cpu else "bf16"),
-        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=config.grad_accum,
-                                                                sync_with_dataloader=False),
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=config.grad_accum, sync_with_dataloader=False
+        ),
     )
     set_seed(config.seed)
     out = config.out
@@ -202,13 +230,21 @@ def train(config: TrainConfig, settings: Settings, progress: bool = True) -> Tra
         resume_dir = _checkpoint_dir(out, config.resume)
         step = json.loads((resume_dir / "trainer_state.json").read_text())["step"]
         if step >= config.steps:
-            raise UserError(f"nothing to do: {resume_dir} is at step {step} already (ask for more with --steps)")
+            raise UserError(
+                f"nothing to do: {resume_dir} is at step {step} already (ask for more with --steps)"
+            )
     with accelerator.main_process_first():
         edits = load_edits(config.data, config.columns, config.split, config.limit)
-    model_settings = settings.model_copy(update={
-        "lora": "none", "device": str(accelerator.device), "dtype": WEIGHT_DTYPES[accelerator.mixed_precision],
-        "offload": "none", "quantize": "none", "compile": False,
-    })
+    model_settings = settings.model_copy(
+        update={
+            "lora": "none",
+            "device": str(accelerator.device),
+            "dtype": WEIGHT_DTYPES[accelerator.mixed_precision],
+            "offload": "none",
+            "quantize": "none",
+            "compile": False,
+        }
+    )
     pipe, random_weights, _ = load_pipeline(model_settings)
     for part in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
         part.requires_grad_(False)
@@ -222,9 +258,15 @@ def train(config: TrainConfig, settings: Settings, progress: bool = True) -> Tra
 
     optimizer = torch.optim.AdamW(params, lr=config.lr)
     warmup = config.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-    loader = DataLoader(Diptychs(edits, config.panel_width), batch_size=config.batch_size,
-                        sampler=EpochSampler(len(edits), config.seed), collate_fn=list)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
+    )
+    loader = DataLoader(
+        Diptychs(edits, config.panel_width),
+        batch_size=config.batch_size,
+        sampler=EpochSampler(len(edits), config.seed),
+        collate_fn=list,
+    )
     model, optimizer, loader = accelerator.prepare(transformer, optimizer, loader)
     accelerator.register_for_checkpointing(scheduler)
 
@@ -234,7 +276,9 @@ def train(config: TrainConfig, settings: Settings, progress: bool = True) -> Tra
         weights.clear()  # the frozen base is not part of a checkpoint
 
     def load_adapter(models, input_dir):
-        moe_checkpoint.restore_adapter(accelerator.unwrap_model(models.pop()), moe_checkpoint.read_checkpoint(input_dir))
+        moe_checkpoint.restore_adapter(
+            accelerator.unwrap_model(models.pop()), moe_checkpoint.read_checkpoint(input_dir)
+        )
 
     accelerator.register_save_state_pre_hook(save_adapter)
     accelerator.register_load_state_pre_hook(load_adapter)
@@ -247,7 +291,9 @@ def train(config: TrainConfig, settings: Settings, progress: bool = True) -> Tra
         write_file(out / "train_config.json", (config.model_dump_json(indent=2) + "\n").encode(), force=True)
         kept = []
         if step and metrics_path.is_file():
-            kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= step]
+            kept = [
+                line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= step
+            ]
         write_file(metrics_path, "".join(line + "\n" for line in kept).encode(), force=True)
 
     sampler = FillSampler(pipe)
@@ -255,7 +301,9 @@ def train(config: TrainConfig, settings: Settings, progress: bool = True) -> Tra
     rank, per_epoch = accelerator.process_index, len(loader)
     micro = step * config.grad_accum
     start, losses, pending, checkpoints = step, [], [], []
-    bar = tqdm(total=config.steps, initial=step, desc="train", disable=not (progress and accelerator.is_main_process))
+    bar = tqdm(
+        total=config.steps, initial=step, desc="train", disable=not (progress and accelerator.is_main_process)
+    )
     while step < config.steps:
         epoch, skip = divmod(micro, per_epoch)
         batches = accelerator.skip_first_batches(loader, skip) if skip else loader
@@ -288,7 +336,9 @@ def train(config: TrainConfig, settings: Settings, progress: bool = True) -> Tra
                 where = out / "checkpoints" / f"step-{step:06d}"
                 accelerator.save_state(str(where))
                 if accelerator.is_main_process:
-                    write_file(where / "trainer_state.json", (json.dumps({"step": step}) + "\n").encode(), force=True)
+                    write_file(
+                        where / "trainer_state.json", (json.dumps({"step": step}) + "\n").encode(), force=True
+                    )
                 checkpoints.append(str(where))
             if step == config.steps:
                 break
@@ -303,8 +353,8 @@ def train(config: TrainConfig, settings: Settings, progress: bool = True) -> Tra
     report = TrainReport(
         steps=step,
         resumed_from=start if resume_dir is not None else None,
-        loss_first=float(np.mean(losses[:_window(losses)])),
-        loss_last=float(np.mean(losses[-_window(losses):])),
+        loss_first=float(np.mean(losses[: _window(losses)])),
+        loss_last=float(np.mean(losses[-_window(losses) :])),
         adapter=str(adapter),
         metrics=str(metrics_path),
         checkpoints=checkpoints,

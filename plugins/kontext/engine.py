@@ -62,15 +62,26 @@ class KontextEngine:
         events(Step(i=0, n=request.steps, phase="encode"))
         with _out_of_memory(size, pipe):
             cond = sampler.prepare(source, prompt, request.steps, request.guidance)
-        return _Edit(self, request, prompt, sampler, cond,
-                     {"load": loaded - started, "encode": time.perf_counter() - loaded})
+        return _Edit(
+            self,
+            request,
+            prompt,
+            sampler,
+            cond,
+            {"load": loaded - started, "encode": time.perf_counter() - loaded},
+        )
 
     def edit(self, request: EditRequest, events: Events, cancel: threading.Event) -> EditResult:
         job = self._begin(request, events, cancel)
         started = time.perf_counter()
         with _out_of_memory(job.size, job.sampler.pipe):
-            latents = job.sampler.denoise(job.cond, job.sampler.start(job.cond, [request.seed]), request.steps,
-                                          on_step=lambda i, n: events(Step(i=i, n=n, phase="denoise")), cancel=cancel)
+            latents = job.sampler.denoise(
+                job.cond,
+                job.sampler.start(job.cond, [request.seed]),
+                request.steps,
+                on_step=lambda i, n: events(Step(i=i, n=n, phase="denoise")),
+                cancel=cancel,
+            )
         return job.result(latents, request.steps, {"denoise": time.perf_counter() - started}, events)
 
     def start_candidates(
@@ -79,14 +90,20 @@ class KontextEngine:
         """The early filter's first `request.early_steps` steps for every seed in one batch, and
         their x0 previews; `finish` resumes one of them from its step-m latents."""
         if not 1 <= request.early_steps < request.steps:
-            raise UserError(f"--early-steps must be between 1 and --steps - 1 ({request.steps - 1}), not "
-                            f"{request.early_steps}")
+            raise UserError(
+                f"--early-steps must be between 1 and --steps - 1 ({request.steps - 1}), not "
+                f"{request.early_steps}"
+            )
         job = self._begin(request, events, cancel)
         started = time.perf_counter()
         with _out_of_memory(job.size, job.sampler.pipe):
-            batch = job.sampler.denoise(job.cond, job.sampler.start(job.cond, seeds), request.early_steps,
-                                        on_step=lambda i, n: events(Step(i=i, n=n, phase="candidates")),
-                                        cancel=cancel)
+            batch = job.sampler.denoise(
+                job.cond,
+                job.sampler.start(job.cond, seeds),
+                request.early_steps,
+                on_step=lambda i, n: events(Step(i=i, n=n, phase="candidates")),
+                cancel=cancel,
+            )
             x0 = job.sampler.x0(job.cond, batch)
             # One at a time: a batch of one-megapixel decodes is the VAE's memory peak times M, and
             # each preview is then the picture a lone candidate of that seed would show.
@@ -107,9 +124,13 @@ class KontextCandidates:
         request = self.job.request
         started = time.perf_counter()
         with _out_of_memory(self.job.size, self.job.sampler.pipe):
-            final = self.job.sampler.denoise(self.job.cond, self.batch.select(index), request.steps,
-                                             on_step=lambda i, n: events(Step(i=i, n=n, phase="finish")),
-                                             cancel=cancel)
+            final = self.job.sampler.denoise(
+                self.job.cond,
+                self.batch.select(index),
+                request.steps,
+                on_step=lambda i, n: events(Step(i=i, n=n, phase="finish")),
+                cancel=cancel,
+            )
         nfe = len(self.previews) * request.early_steps + request.steps - request.early_steps
         return self.job.result(final, nfe, {"denoise": self.spent + time.perf_counter() - started}, events)
 
@@ -119,7 +140,9 @@ def _out_of_memory(size: tuple[int, int], pipe):
     try:
         yield
     except torch.OutOfMemoryError:
-        raise UserError(f"out of memory for a {size[0]}x{size[1]} edit on {pipe.device}: {OOM_HINT}") from None
+        raise UserError(
+            f"out of memory for a {size[0]}x{size[1]} edit on {pipe.device}: {OOM_HINT}"
+        ) from None
 
 
 @dataclass
@@ -140,7 +163,11 @@ class _Edit:
     def fit(self, image: Image.Image) -> Image.Image:
         """At the source's size, unless the request keeps Kontext's working size."""
         size = self.request.source.size
-        return image if self.request.native_size or image.size == size else image.resize(size, Image.Resampling.LANCZOS)
+        return (
+            image
+            if self.request.native_size or image.size == size
+            else image.resize(size, Image.Resampling.LANCZOS)
+        )
 
     def result(self, latents: Latents, nfe: int, timings: dict[str, float], events: Events) -> EditResult:
         events(Step(i=self.request.steps, n=self.request.steps, phase="decode"))

@@ -26,8 +26,13 @@ from plugins.kontext.presets import build_tiny, get_preset
 
 
 def kontext_artifact(model: str, revision: str | None = None) -> Artifact:
-    return Artifact(role="FLUX.1 Kontext pipeline", ref=model, revision=None if hub.is_local(model) else revision,
-                    layout="diffusers", option="--model")
+    return Artifact(
+        role="FLUX.1 Kontext pipeline",
+        ref=model,
+        revision=None if hub.is_local(model) else revision,
+        layout="diffusers",
+        option="--model",
+    )
 
 
 def _lora(settings: Settings) -> str | None:
@@ -82,7 +87,9 @@ def _from_pretrained(model: str, dtype, revision: str | None = None):
     try:
         pipe = FluxKontextPipeline.from_pretrained(str(folder), dtype=dtype, use_safetensors=True)
     except Exception as e:  # noqa: BLE001 - every loader failure becomes one line
-        raise UserError(f"cannot load the FLUX.1 Kontext pipeline from {model}: {hub.first_line(e)}") from None
+        raise UserError(
+            f"cannot load the FLUX.1 Kontext pipeline from {model}: {hub.first_line(e)}"
+        ) from None
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -91,9 +98,14 @@ def _load_lora(pipe, lora: str, settings: Settings) -> AdapterInfo:
     """A stock diffusers LoRA for the Kontext transformer; ICEdit's LoRA-MoE routes FLUX Fill only."""
     from plugins.icedit.loading import _kind_of, _load_stock_lora
 
-    path = None if lora == TINY_MOE else hub.locate(
-        lora_artifact(lora, settings.lora_revision, settings.lora_weight_name))
+    path = (
+        None
+        if lora == TINY_MOE
+        else hub.locate(lora_artifact(lora, settings.lora_revision, settings.lora_weight_name))
+    )
     if path is None or _kind_of(path) == "lora-moe":
-        raise UserError(f"{lora} is a LoRA-MoE adapter (ICEdit's, for FLUX.1 Fill): the kontext engine takes "
-                        "stock diffusers LoRAs only; use --lora none or --engine icedit")
+        raise UserError(
+            f"{lora} is a LoRA-MoE adapter (ICEdit's, for FLUX.1 Fill): the kontext engine takes "
+            "stock diffusers LoRAs only; use --lora none or --engine icedit"
+        )
     return _load_stock_lora(pipe, lora, path, settings.lora_scale)

@@ -121,7 +121,9 @@ class KontextSampler:
         xs = []
         for seed in seeds:
             generator = torch.Generator("cpu").manual_seed(seed)
-            noise = torch.randn((1, channels, lat_h, lat_w), generator=generator, dtype=cond.prompt_embeds.dtype)
+            noise = torch.randn(
+                (1, channels, lat_h, lat_w), generator=generator, dtype=cond.prompt_embeds.dtype
+            )
             xs.append(pipe._pack_latents(noise.to(self.device), 1, channels, lat_h, lat_w))
         return Latents(tuple(seeds), torch.cat(xs))
 
@@ -165,8 +167,10 @@ class KontextSampler:
             dt = cond.sigmas[i + 1] - cond.sigmas[i]
             x = (x.to(torch.float32) + dt * v).to(v.dtype)  # FlowMatchEulerDiscreteScheduler.step
             if not bool(torch.isfinite(x).all()):
-                raise UserError(f"the edit went numerically wrong at step {i + 1} of {cond.steps} (NaN or infinity "
-                                "in the latents): nothing was saved; try another --dtype")
+                raise UserError(
+                    f"the edit went numerically wrong at step {i + 1} of {cond.steps} (NaN or infinity "
+                    "in the latents): nothing was saved; try another --dtype"
+                )
             on_step(i + 1, cond.steps)
         return replace(latents, x=x, step=until, velocity=v)
 

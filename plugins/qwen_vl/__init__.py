@@ -31,11 +31,25 @@ def _memory(settings):
 
 @hookimpl
 def register_rewriters(register):
-    register(RewriterSpec("qwen_vl", _rewriter, "Qwen2.5-VL reads the image and the request (rules as fallback)",
-                          artifacts=_artifacts, memory=_memory))
+    register(
+        RewriterSpec(
+            "qwen_vl",
+            _rewriter,
+            "Qwen2.5-VL reads the image and the request (rules as fallback)",
+            artifacts=_artifacts,
+            memory=_memory,
+        )
+    )
 
 
 @hookimpl
 def register_judges(register):
-    register(JudgeSpec("qwen_vl", _judge, "Qwen2.5-VL: which of two candidates follows the instruction",
-                       artifacts=_artifacts, memory=_memory))
+    register(
+        JudgeSpec(
+            "qwen_vl",
+            _judge,
+            "Qwen2.5-VL: which of two candidates follows the instruction",
+            artifacts=_artifacts,
+            memory=_memory,
+        )
+    )

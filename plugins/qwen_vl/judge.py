@@ -19,7 +19,9 @@ def letter_ids(tokenizer) -> list[int]:
     """The token ids of the answers "A" and "B"; each must be one token, or the logits mean nothing."""
     ids = [tokenizer.encode(letter, add_special_tokens=False) for letter in ANSWERS]
     if any(len(i) != 1 for i in ids):
-        raise ValueError(f"the tokenizer splits the answers {ANSWERS} into {ids}: the judge needs one token each")
+        raise ValueError(
+            f"the tokenizer splits the answers {ANSWERS} into {ids}: the judge needs one token each"
+        )
     return [i[0] for i in ids]
 
 
@@ -29,18 +31,26 @@ class QwenJudge:
     def __init__(self, settings: Settings):
         self.settings = settings
 
-    def conversation(self, instruction: str, source: Image.Image, a: Image.Image, b: Image.Image) -> list[dict]:
+    def conversation(
+        self, instruction: str, source: Image.Image, a: Image.Image, b: Image.Image
+    ) -> list[dict]:
         def image(picture: Image.Image) -> dict[str, Any]:
             return image_part(picture, self.settings.min_pixels, self.settings.max_pixels)
 
         return [
             {"role": "system", "content": prompts.load("judge_pairwise.md")},
-            {"role": "user", "content": [
-                {"type": "text", "text": "Source:"}, image(source),
-                {"type": "text", "text": "Candidate A:"}, image(a),
-                {"type": "text", "text": "Candidate B:"}, image(b),
-                {"type": "text", "text": f"Instruction: {instruction}\nAnswer A or B."},
-            ]},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "Source:"},
+                    image(source),
+                    {"type": "text", "text": "Candidate A:"},
+                    image(a),
+                    {"type": "text", "text": "Candidate B:"},
+                    image(b),
+                    {"type": "text", "text": f"Instruction: {instruction}\nAnswer A or B."},
+                ],
+            },
         ]
 
     def compare(self, instruction: str, source: Image.Image, a: Image.Image, b: Image.Image) -> float:

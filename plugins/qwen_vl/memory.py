@@ -20,23 +20,49 @@ from assistant.memory import CPU_BYTES_PER_S, CPU_FLOPS, GPU_BYTES_PER_S, GPU_FL
 from assistant.settings import Settings
 
 _VISION = {
-    "depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
-    "in_chans": 3, "patch_size": 14, "spatial_merge_size": 2, "spatial_patch_size": 14, "window_size": 112,
-    "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2, "temporal_patch_size": 2,
+    "depth": 32,
+    "hidden_act": "silu",
+    "hidden_size": 1280,
+    "intermediate_size": 3420,
+    "num_heads": 16,
+    "in_chans": 3,
+    "patch_size": 14,
+    "spatial_merge_size": 2,
+    "spatial_patch_size": 14,
+    "window_size": 112,
+    "fullatt_block_indexes": [7, 15, 23, 31],
+    "tokens_per_second": 2,
+    "temporal_patch_size": 2,
 }
 _TEXT = {
-    "model_type": "qwen2_5_vl", "hidden_act": "silu", "max_position_embeddings": 128000, "rms_norm_eps": 1e-6,
-    "rope_theta": 1000000.0, "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+    "model_type": "qwen2_5_vl",
+    "hidden_act": "silu",
+    "max_position_embeddings": 128000,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
 }
 CONFIGS = {  # the published config.json of each, less token ids and the like
-    "Qwen/Qwen2.5-VL-7B-Instruct": _TEXT | {
-        "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
-        "num_key_value_heads": 4, "vocab_size": 152064, "tie_word_embeddings": False,
+    "Qwen/Qwen2.5-VL-7B-Instruct": _TEXT
+    | {
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "vocab_size": 152064,
+        "tie_word_embeddings": False,
         "vision_config": _VISION | {"out_hidden_size": 3584},
     },
-    "Qwen/Qwen2.5-VL-3B-Instruct": _TEXT | {
-        "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36, "num_attention_heads": 16,
-        "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True,
+    "Qwen/Qwen2.5-VL-3B-Instruct": _TEXT
+    | {
+        "hidden_size": 2048,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 36,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 2,
+        "vocab_size": 151936,
+        "tie_word_embeddings": True,
         "vision_config": _VISION | {"out_hidden_size": 2048},
     },
 }
@@ -91,17 +117,23 @@ def _size(config_json: str) -> VlmSize:
         params=sum(p.numel() for p in model.parameters()),
         vision_params=sum(p.numel() for p in model.model.visual.parameters()),
         buffers=sum(b.numel() for b in model.buffers()),
-        hidden=text.hidden_size, intermediate=text.intermediate_size, layers=text.num_hidden_layers,
+        hidden=text.hidden_size,
+        intermediate=text.intermediate_size,
+        layers=text.num_hidden_layers,
         kv_width=2 * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads),
-        vision_hidden=vision.hidden_size, vision_intermediate=vision.intermediate_size,
+        vision_hidden=vision.hidden_size,
+        vision_intermediate=vision.intermediate_size,
     )
 
 
 def config_of(vlm: str) -> tuple[str, dict[str, Any]]:
     """(title, config.json) of a hub id or local folder: its own config when it is on disk (a folder, or a
     cached hub repo), else the published config of the size its name says (7B unless it says 3B)."""
-    folder = Path(vlm).expanduser() if hub.is_local(vlm) else \
-        hub.on_disk(hub.Artifact(role="VLM", ref=vlm, layout="transformers", option="--vlm"))
+    folder = (
+        Path(vlm).expanduser()
+        if hub.is_local(vlm)
+        else hub.on_disk(hub.Artifact(role="VLM", ref=vlm, layout="transformers", option="--vlm"))
+    )
     if folder is not None and (folder / "config.json").is_file():
         config = json.loads((folder / "config.json").read_text())
         known = [ref for ref, c in CONFIGS.items() if c["hidden_size"] == config.get("hidden_size")]
@@ -138,8 +170,9 @@ def working_memory(s: VlmSize, settings: Settings, dtype_bytes: int) -> int:
     for batch, images, text in runs:
         tokens = batch * (images * image + text)
         patches = 4 * batch * images * image
-        vision = patches * (VISION_INTER_WIDTHS * s.vision_intermediate
-                            + VISION_HIDDEN_WIDTHS * s.vision_hidden)
+        vision = patches * (
+            VISION_INTER_WIDTHS * s.vision_intermediate + VISION_HIDDEN_WIDTHS * s.vision_hidden
+        )
         decoder = tokens * (TEXT_INTER_WIDTHS * s.intermediate + TEXT_HIDDEN_WIDTHS * s.hidden)
         kv = tokens * s.layers * s.kv_width
         peak = max(peak, int((max(vision, decoder) + kv) * dtype_bytes))
@@ -167,13 +200,19 @@ def _part(vlm: str, settings: Settings) -> Part:
     cpu_dtype = settings.vlm_dtype or "float32"
     gpu, cpu = ((s.params + s.buffers) * DTYPE_BYTES[d] for d in (gpu_dtype, cpu_dtype))
     options = [
-        Placement(label=f"{DTYPE_LABELS[gpu_dtype]} on the GPU", resident_gpu=gpu,
-                  activation_gpu=working_memory(s, settings, DTYPE_BYTES[gpu_dtype]),
-                  cost=_seconds(s, settings, gpu, GPU_FLOPS, GPU_BYTES_PER_S),
-                  settings={"vlm_device": "cuda"}),
-        Placement(label=f"{DTYPE_LABELS[cpu_dtype]} on the CPU", cpu=cpu,
-                  cost=_seconds(s, settings, cpu, CPU_FLOPS, CPU_BYTES_PER_S),
-                  settings={"vlm_device": "cpu"}),
+        Placement(
+            label=f"{DTYPE_LABELS[gpu_dtype]} on the GPU",
+            resident_gpu=gpu,
+            activation_gpu=working_memory(s, settings, DTYPE_BYTES[gpu_dtype]),
+            cost=_seconds(s, settings, gpu, GPU_FLOPS, GPU_BYTES_PER_S),
+            settings={"vlm_device": "cuda"},
+        ),
+        Placement(
+            label=f"{DTYPE_LABELS[cpu_dtype]} on the CPU",
+            cpu=cpu,
+            cost=_seconds(s, settings, cpu, CPU_FLOPS, CPU_BYTES_PER_S),
+            settings={"vlm_device": "cpu"},
+        ),
     ]
     return Part(name="vlm", title=title, weights=gpu, options=options)
 

@@ -39,8 +39,10 @@ class Vlm:
         process_vision_info has already sized the images (multiples of 28 within min/max_pixels), so the
         image processor does not resize them again to its own limits.
         """
-        texts = [self.processor.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
-                 for c in conversations]
+        texts = [
+            self.processor.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+            for c in conversations
+        ]
         try:
             images = images_of(conversations)
         except ValueError as e:  # e.g. "absolute aspect ratio must be smaller than 200"
@@ -53,11 +55,14 @@ class Vlm:
         """The greedy answer to one conversation, special tokens removed."""
         inputs = self.inputs([conversation])
         try:
-            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                      logits_processor=logits_processor)
+            out = self.model.generate(
+                **inputs, max_new_tokens=max_new_tokens, do_sample=False, logits_processor=logits_processor
+            )
         except torch.OutOfMemoryError:
             raise UserError(f"out of memory running the VLM on {self.model.device}: {OOM_HINT}") from None
-        return self.processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+        return self.processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[
+            0
+        ]
 
     @torch.inference_mode()
     def next_token_logits(self, conversations: list[list[dict[str, Any]]]) -> torch.Tensor:
@@ -96,7 +101,10 @@ def _load(weights: hub.Artifact, device: str, dtype: str, attn_implementation: s
     try:
         processor = load_processor(folder)
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            folder, dtype=getattr(torch, dtype), device_map=device, attn_implementation=attn_implementation,
+            folder,
+            dtype=getattr(torch, dtype),
+            device_map=device,
+            attn_implementation=attn_implementation,
             use_safetensors=True,
         )
     except torch.OutOfMemoryError:

@@ -33,5 +33,9 @@ def load_processor(folder: str) -> ImageOnlyProcessor:
     processor_dict, _ = ProcessorMixin.get_processor_dict(folder)
     chat_template = processor_dict.get("chat_template") or tokenizer.chat_template
     if not chat_template:
-        raise ValueError(f"{folder} has no chat template (chat_template.jinja, chat_template.json or tokenizer_config)")
-    return ImageOnlyProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
+        raise ValueError(
+            f"{folder} has no chat template (chat_template.jinja, chat_template.json or tokenizer_config)"
+        )
+    return ImageOnlyProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template
+    )

@@ -24,7 +24,9 @@ class PlanAnswer(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     intent: Intent
-    instruction: str | None = Field(None, description='for "edit": the clause after "... same as on the left but"')
+    instruction: str | None = Field(
+        None, description='for "edit": the clause after "... same as on the left but"'
+    )
     subject: str | None = Field(None, description="what the edit is about, if one thing")
     description: str | None = Field(None, description="what the picture shows now, briefly")
     rationale: str = Field(min_length=1, max_length=300, description="one line for the person")
@@ -42,8 +44,10 @@ def system_prompt() -> str:
 
 def request_text(message: str, context: list[TurnSummary]) -> str:
     """The request after a short, numbered summary of the turns that led to the current image."""
-    lines = [f'{i}. "{t.message}" -> {t.intent}' + (f": {t.instruction}" if t.instruction else "")
-             for i, t in enumerate(context, 1)]
+    lines = [
+        f'{i}. "{t.message}" -> {t.intent}' + (f": {t.instruction}" if t.instruction else "")
+        for i, t in enumerate(context, 1)
+    ]
     history = "Recent turns (oldest first):\n" + "\n".join(lines) if lines else "No earlier turns."
     return f"{history}\nRequest: {message}"
 
@@ -51,8 +55,10 @@ def request_text(message: str, context: list[TurnSummary]) -> str:
 def parse(answer: str) -> EditPlan:
     """The plan in a model's answer (the outermost {...}, code fences and chatter around it ignored)."""
     start, end = answer.find("{"), answer.rfind("}")
-    fields = PlanAnswer.model_validate_json(answer[start:end + 1] if 0 <= start < end else answer)
-    ic_prompt = prompts.render("ic_edit.txt", instruction=fields.instruction) if fields.intent == "edit" else None
+    fields = PlanAnswer.model_validate_json(answer[start : end + 1] if 0 <= start < end else answer)
+    ic_prompt = (
+        prompts.render("ic_edit.txt", instruction=fields.instruction) if fields.intent == "edit" else None
+    )
     return EditPlan(**fields.model_dump(), ic_prompt=ic_prompt)
 
 
@@ -75,8 +81,13 @@ class QwenRewriter:
         vlm = model.load(self.settings)
         conversation: list[dict[str, Any]] = [
             {"role": "system", "content": system_prompt()},
-            {"role": "user", "content": [image_part(image, self.settings.min_pixels, self.settings.max_pixels),
-                                         {"type": "text", "text": request_text(message, context)}]},
+            {
+                "role": "user",
+                "content": [
+                    image_part(image, self.settings.min_pixels, self.settings.max_pixels),
+                    {"type": "text", "text": request_text(message, context)},
+                ],
+            },
         ]
         for _ in range(2):
             answer = vlm.generate(conversation, self.settings.vlm_max_new_tokens, self.logits_processor)
@@ -84,8 +95,10 @@ class QwenRewriter:
                 return parse(answer)
             except ValidationError as e:
                 error = short_error(e)
-            conversation += [{"role": "assistant", "content": answer},
-                             {"role": "user", "content": RETRY.format(error=error)}]
+            conversation += [
+                {"role": "assistant", "content": answer},
+                {"role": "user", "content": RETRY.format(error=error)},
+            ]
         return self._fallback(image, message, context, f"invalid answer twice: {error[:80]}")
 
     def _fallback(self, image: Image.Image, message: str, context: list[TurnSummary], why: str) -> EditPlan:

@@ -26,18 +26,23 @@ class VieScore(BaseModel):
     overall: float | None = Field(None, description="sqrt(sc * pq)")
     sc_scores: list[float] = []
     pq_scores: list[float] = []
-    error: str | None = Field(None, description="why a score is missing (an answer that was not two 0-10 scores)")
+    error: str | None = Field(
+        None, description="why a score is missing (an answer that was not two 0-10 scores)"
+    )
 
 
 def parse_scores(answer: str) -> list[float]:
     """The two 0-10 scores of an answer's outermost JSON object; ValueError when it holds anything else."""
     start, end = answer.find("{"), answer.rfind("}")
     try:
-        scores = json.loads(answer[start:end + 1])["score"] if 0 <= start < end else None
+        scores = json.loads(answer[start : end + 1])["score"] if 0 <= start < end else None
     except (json.JSONDecodeError, KeyError, TypeError):
         scores = None
-    if not (isinstance(scores, list) and len(scores) == 2
-            and all(isinstance(s, int | float) and not isinstance(s, bool) and 0 <= s <= 10 for s in scores)):
+    if not (
+        isinstance(scores, list)
+        and len(scores) == 2
+        and all(isinstance(s, int | float) and not isinstance(s, bool) and 0 <= s <= 10 for s in scores)
+    ):
         raise ValueError(f"not two 0-10 scores: {answer.strip()[:80]!r}")
     return [float(s) for s in scores]
 
@@ -54,11 +59,16 @@ class QwenVieScorer:
     def conversations(self, instruction: str, source: Image.Image, edit: Image.Image) -> tuple[list, list]:
         sc = [
             {"role": "system", "content": prompts.load("vie_sc.md")},
-            {"role": "user", "content": [
-                {"type": "text", "text": "Source:"}, self._image(source),
-                {"type": "text", "text": "Edited:"}, self._image(edit),
-                {"type": "text", "text": f"Instruction: {instruction}"},
-            ]},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "Source:"},
+                    self._image(source),
+                    {"type": "text", "text": "Edited:"},
+                    self._image(edit),
+                    {"type": "text", "text": f"Instruction: {instruction}"},
+                ],
+            },
         ]
         pq = [
             {"role": "system", "content": prompts.load("vie_pq.md")},
@@ -76,6 +86,11 @@ class QwenVieScorer:
                 errors.append(f"{key}: {e}")
         sc = min(scores["sc"]) if "sc" in scores else None
         pq = min(scores["pq"]) if "pq" in scores else None
-        return VieScore(sc=sc, pq=pq, overall=None if sc is None or pq is None else math.sqrt(sc * pq),
-                        sc_scores=scores.get("sc", []), pq_scores=scores.get("pq", []),
-                        error="; ".join(errors) or None)
+        return VieScore(
+            sc=sc,
+            pq=pq,
+            overall=None if sc is None or pq is None else math.sqrt(sc * pq),
+            sc_scores=scores.get("sc", []),
+            pq_scores=scores.get("pq", []),
+            error="; ".join(errors) or None,
+        )

@@ -36,7 +36,9 @@ def _stub_torchvision() -> None:
     tv.io = module("torchvision.io")
     tv.io.read_video = unavailable
     tv.transforms = module("torchvision.transforms")
-    tv.transforms.InterpolationMode = types.SimpleNamespace(NEAREST="nearest", BILINEAR="bilinear", BICUBIC="bicubic")
+    tv.transforms.InterpolationMode = types.SimpleNamespace(
+        NEAREST="nearest", BILINEAR="bilinear", BICUBIC="bicubic"
+    )
     tv.transforms.functional = types.SimpleNamespace(resize=unavailable)
 
 

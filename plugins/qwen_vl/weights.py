@@ -10,5 +10,10 @@ def artifact(settings: Settings) -> hub.Artifact | None:
     """The VLM's weights, or None for `--vlm none`."""
     if settings.vlm == "none":
         return None
-    return hub.Artifact(role="VLM", ref=settings.vlm, revision=None if hub.is_local(settings.vlm) else
-                        settings.vlm_revision, layout="transformers", option="--vlm")
+    return hub.Artifact(
+        role="VLM",
+        ref=settings.vlm,
+        revision=None if hub.is_local(settings.vlm) else settings.vlm_revision,
+        layout="transformers",
+        option="--vlm",
+    )

@@ -9,5 +9,10 @@ def register_rewriters(register):
     from plugins.rules.rewriter import RulesRewriter, VerbatimRewriter
 
     register(RewriterSpec("rules", lambda settings: RulesRewriter(), "offline rules: no model, instant"))
-    register(RewriterSpec("verbatim", lambda settings: VerbatimRewriter(),
-                          "the message is the instruction, unchanged (reproduces official examples seed for seed)"))
+    register(
+        RewriterSpec(
+            "verbatim",
+            lambda settings: VerbatimRewriter(),
+            "the message is the instruction, unchanged (reproduces official examples seed for seed)",
+        )
+    )

@@ -17,18 +17,32 @@ _LEADING = re.compile(
     re.IGNORECASE,
 )
 _TRAILING = re.compile(
-    r"(?:" + _WORDS + r"\b(?:please|pls|thanks|thank you|thx|for me|if you can|if possible)\b)+" + _WORDS + r"$"
+    r"(?:"
+    + _WORDS
+    + r"\b(?:please|pls|thanks|thank you|thx|for me|if you can|if possible)\b)+"
+    + _WORDS
+    + r"$"
     r"|[\s.!?;:,]+$",
     re.IGNORECASE,
 )
 _INTENTS = [
-    ("undo", re.compile(r"^(?:undo(?: (?:that|it|this|the last (?:edit|change|one)))?|go back|revert(?: that| it)?"
-                        r"|take (?:that|it) back|back|previous(?: one)?)$")),
+    (
+        "undo",
+        re.compile(
+            r"^(?:undo(?: (?:that|it|this|the last (?:edit|change|one)))?|go back|revert(?: that| it)?"
+            r"|take (?:that|it) back|back|previous(?: one)?)$"
+        ),
+    ),
     ("redo", re.compile(r"^(?:redo(?: (?:that|it|this))?|go forward|put it back|bring it back|forward)$")),
-    ("retry", re.compile(r"^(?:retry|re-?roll|again|(?:try|do it|do that) again(?: with .*)?|another one"
-                         r"|(?:try |use |with )?(?:an ?other|a different|a new|new|different) (?:seed|noise|sample|try)"
-                         r"|(?:try |give me )?(?:an ?other|a different) (?:version|variation|take)"
-                         r")$")),
+    (
+        "retry",
+        re.compile(
+            r"^(?:retry|re-?roll|again|(?:try|do it|do that) again(?: with .*)?|another one"
+            r"|(?:try |use |with )?(?:an ?other|a different|a new|new|different) (?:seed|noise|sample|try)"
+            r"|(?:try |give me )?(?:an ?other|a different) (?:version|variation|take)"
+            r")$"
+        ),
+    ),
 ]
 _WANT = re.compile(
     r"^(?:(?:i want|i'd like|i would like|i need) (?:it|this|the (?:image|photo|picture))(?: to)?"

@@ -51,8 +51,15 @@ class ChatScreen(Screen):
         Binding("b", "toggle_before", "before/after", show=False),
     ]
 
-    def __init__(self, store: Store, session: str, settings: Settings, renderer: Renderer | None = None,
-                 notes: list[str] | None = None, memory: str | None = None):
+    def __init__(
+        self,
+        store: Store,
+        session: str,
+        settings: Settings,
+        renderer: Renderer | None = None,
+        notes: list[str] | None = None,
+        memory: str | None = None,
+    ):
         super().__init__()
         self.store = store
         self.settings = settings
@@ -63,7 +70,9 @@ class ChatScreen(Screen):
         self.cancel: threading.Event | None = None
         """Set while an edit runs; Escape sets the event itself."""
         self.plugin_commands = {
-            name: spec for name, (_, spec) in plugins.registrations("chat_commands").items() if name not in BUILTINS
+            name: spec
+            for name, (_, spec) in plugins.registrations("chat_commands").items()
+            if name not in BUILTINS
         }
 
     @property
@@ -123,7 +132,10 @@ class ChatScreen(Screen):
                     if turn.plan.get("ic_prompt"):
                         log.add("prompt", turn.plan["ic_prompt"])
             n = len(history.turns)
-            log.add("info", f"session '{self.agent.session}': {n} turn{'s' * (n != 1)}, cursor at #{history.cursor}")
+            log.add(
+                "info",
+                f"session '{self.agent.session}': {n} turn{'s' * (n != 1)}, cursor at #{history.cursor}",
+            )
         self.refresh_view()
 
     def refresh_view(self) -> None:
@@ -138,7 +150,9 @@ class ChatScreen(Screen):
             parent = current.parent if current.kind == "edit" else None
             source = self.agent.image(history.turn(parent)) if parent is not None else None
             note = "random weights: noise, not an edit" if current.params.get("random_weights") else ""
-            picture.show(self.agent.image(current), source, f"turn #{current.id}" + (f" · {note}" if note else ""))
+            picture.show(
+                self.agent.image(current), source, f"turn #{current.id}" + (f" · {note}" if note else "")
+            )
         self.show_status()
 
     def show_status(self) -> None:
@@ -253,9 +267,12 @@ class ChatScreen(Screen):
             if outcome.plan.ic_prompt:
                 log.add("prompt", outcome.plan.ic_prompt)
             result = outcome.result
-            log.add("info", f"turn #{outcome.turn.id} · seed {result.seed} · {outcome.turn.params['steps']} steps"
-                            f" · {result.image.width}x{result.image.height}"
-                            f" · {outcome.timings.get('total', 0):.1f} s")
+            log.add(
+                "info",
+                f"turn #{outcome.turn.id} · seed {result.seed} · {outcome.turn.params['steps']} steps"
+                f" · {result.image.width}x{result.image.height}"
+                f" · {outcome.timings.get('total', 0):.1f} s",
+            )
         self.show_problems()
         self.refresh_view()
 
@@ -320,12 +337,17 @@ class ChatScreen(Screen):
     def command_candidates(self, argument: str) -> str:
         n = whole_number(argument, BUILTINS["candidates"].usage, 1, 16)
         if n > 1:  # the judge's weights must be here already
-            require_on_disk(self.settings.model_copy(update={"candidates": n}), engine=False, rewriter=False,
-                            judge=True)
+            require_on_disk(
+                self.settings.model_copy(update={"candidates": n}), engine=False, rewriter=False, judge=True
+            )
         self.chat.options.candidates = n
         self.show_status()
         n = self.chat.options.candidates
-        return "early filter off: one noise per edit" if n == 1 else f"{n} candidates per edit; the judge keeps one"
+        return (
+            "early filter off: one noise per edit"
+            if n == 1
+            else f"{n} candidates per edit; the judge keeps one"
+        )
 
     def command_open(self, argument: str) -> str:
         from assistant.images import load_source
@@ -376,13 +398,17 @@ class ChatScreen(Screen):
         path = Path(argument.removesuffix(" --force").strip()).expanduser()
         sheet = write_sheet(self.store, self.agent.session, path, force)
         damaged = sheet.info.get("damaged")
-        return f"wrote {path} ({sheet.width}x{sheet.height})" + (f"; {damaged_note(damaged)}" if damaged else "")
+        return f"wrote {path} ({sheet.width}x{sheet.height})" + (
+            f"; {damaged_note(damaged)}" if damaged else ""
+        )
 
     def command_help(self, argument: str) -> str:
         rows = [f"{b.usage:<16} {b.help}" for b in BUILTINS.values()]
         rows += [f"/{name:<15} {spec.help}" for name, spec in self.plugin_commands.items()]
         keys = "keys: Escape cancels an edit · Ctrl+T tree · b or Ctrl+B before/after · Up/Down earlier lines"
-        return "\n".join([*rows, keys, "anything else is a request for the picture, e.g. make it look like winter"])
+        return "\n".join(
+            [*rows, keys, "anything else is a request for the picture, e.g. make it look like winter"]
+        )
 
     def command_quit(self, argument: str) -> None:
         self.app.exit()

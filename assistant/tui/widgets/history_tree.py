@@ -56,7 +56,9 @@ class HistoryTree(Tree[int]):
             parent, turn, depth = stack.pop()
             kids = history.children(turn.id)
             nest = depth < MAX_DEPTH
-            node = parent.add(label(turn, history.cursor), data=turn.id, expand=True, allow_expand=bool(kids) and nest)
+            node = parent.add(
+                label(turn, history.cursor), data=turn.id, expand=True, allow_expand=bool(kids) and nest
+            )
             if turn.id == history.cursor:
                 cursor_node = node
             stack.extend((node, kid, depth + 1) if nest else (parent, kid, depth) for kid in reversed(kids))

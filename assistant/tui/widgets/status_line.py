@@ -6,9 +6,19 @@ from textual.widgets import Static
 
 
 class StatusLine(Static):
-    def show(self, *, seed: int | None, steps: int, candidates: int, engine: str, rewriter: str,
-             memory: str | None = None) -> None:
+    def show(
+        self,
+        *,
+        seed: int | None,
+        steps: int,
+        candidates: int,
+        engine: str,
+        rewriter: str,
+        memory: str | None = None,
+    ) -> None:
         seed_text = "random" if seed is None else str(seed)
         where = f" · {memory}" if memory else ""
-        self.update(f"seed {seed_text} · steps {steps} · candidates {candidates} · {engine} · {rewriter}{where}"
-                    " · Esc cancels · ^T tree · b/^B before/after · /help")
+        self.update(
+            f"seed {seed_text} · steps {steps} · candidates {candidates} · {engine} · {rewriter}{where}"
+            " · Esc cancels · ^T tree · b/^B before/after · /help"
+        )

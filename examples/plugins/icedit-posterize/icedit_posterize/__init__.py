@@ -24,9 +24,13 @@ def _rewriter(settings):
 
 @hookimpl
 def register_engines(register):
-    register(EngineSpec("posterize", _engine, "posterize and tint by seed (no model, instant; a sample plugin)"))
+    register(
+        EngineSpec("posterize", _engine, "posterize and tint by seed (no model, instant; a sample plugin)")
+    )
 
 
 @hookimpl
 def register_rewriters(register):
-    register(RewriterSpec("tidy", _rewriter, "keywords for undo/redo/retry, else the message tidied is the edit"))
+    register(
+        RewriterSpec("tidy", _rewriter, "keywords for undo/redo/retry, else the message tidied is the edit")
+    )

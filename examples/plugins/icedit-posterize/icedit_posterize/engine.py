@@ -81,11 +81,18 @@ class PosterizeEngine:
         poster = np.asarray(ImageOps.posterize(source, self.bits), dtype=np.float64)
         target = (1 - self.strength) * poster + self.strength * tint
         start = np.asarray(source, dtype=np.float64) + rng.normal(0.0, NOISE, poster.shape)
-        return _Run(seed=seed, instruction=instruction, tint="#" + "".join(f"{int(c):02x}" for c in tint),
-                    x=start, target=target, rng=rng)
+        return _Run(
+            seed=seed,
+            instruction=instruction,
+            tint="#" + "".join(f"{int(c):02x}" for c in tint),
+            x=start,
+            target=target,
+            rng=rng,
+        )
 
-    def _advance(self, runs: list[_Run], to: int, n: int, phase: str, events: Events,
-                 cancel: threading.Event) -> None:
+    def _advance(
+        self, runs: list[_Run], to: int, n: int, phase: str, events: Events, cancel: threading.Event
+    ) -> None:
         """All runs (a batch, in step) from where they are to step `to` of `n`, a Step event per step."""
         while runs[0].done < to:
             if cancel.is_set():
@@ -95,8 +102,13 @@ class PosterizeEngine:
             events(Step(i=runs[0].done, n=n, phase=phase))
 
     def _result(self, run: _Run, nfe: int) -> EditResult:
-        return EditResult(image=run.picture(), seed=run.seed, prompt=run.instruction, nfe=nfe,
-                          extras={"tint": run.tint, "bits": self.bits, "strength": self.strength})
+        return EditResult(
+            image=run.picture(),
+            seed=run.seed,
+            prompt=run.instruction,
+            nfe=nfe,
+            extras={"tint": run.tint, "bits": self.bits, "strength": self.strength},
+        )
 
     def edit(self, request: EditRequest, events: Events, cancel: threading.Event) -> EditResult:
         """The picture is the source's size either way (`native_size` has no other size to keep)."""
@@ -104,11 +116,14 @@ class PosterizeEngine:
         self._advance([run], request.steps, request.steps, "posterize", events, cancel)
         return self._result(run, request.steps)
 
-    def start_candidates(self, request: EditRequest, seeds: list[int], events: Events,
-                         cancel: threading.Event) -> PosterizeCandidates:
+    def start_candidates(
+        self, request: EditRequest, seeds: list[int], events: Events, cancel: threading.Event
+    ) -> PosterizeCandidates:
         if not 1 <= request.early_steps < request.steps:
-            raise UserError(f"--early-steps must be between 1 and --steps - 1 ({request.steps - 1}), not "
-                            f"{request.early_steps}")
+            raise UserError(
+                f"--early-steps must be between 1 and --steps - 1 ({request.steps - 1}), not "
+                f"{request.early_steps}"
+            )
         runs = [self._start(request, seed) for seed in seeds]
         self._advance(runs, request.early_steps, request.steps, "candidates", events, cancel)
         spent = len(seeds) * request.early_steps + request.steps - request.early_steps

@@ -6,7 +6,14 @@ from PIL import Image
 
 from assistant.models import EditPlan, TurnSummary
 
-KEYWORDS = {"undo": "undo", "back": "undo", "redo": "redo", "forward": "redo", "retry": "retry", "again": "retry"}
+KEYWORDS = {
+    "undo": "undo",
+    "back": "undo",
+    "redo": "redo",
+    "forward": "redo",
+    "retry": "retry",
+    "again": "retry",
+}
 """A message that is one of these words (any case, end punctuation ignored) is that intent."""
 
 
@@ -21,4 +28,6 @@ class TidyRewriter:
         if intent := KEYWORDS.get(text.lower()):
             return EditPlan(intent=intent, rationale=f"tidy: read this as {intent}")
         instruction = text[0].lower() + text[1:]
-        return EditPlan(intent="edit", instruction=instruction, rationale="tidy: your message, tidied, is the edit")
+        return EditPlan(
+            intent="edit", instruction=instruction, rationale="tidy: your message, tidied, is the edit"
+        )

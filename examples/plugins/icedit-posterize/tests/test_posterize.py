@@ -26,15 +26,23 @@ class TestPosterizeEngine(EngineContract):
 
 
 class TestTidyRewriter(RewriterContract):
-    intents = (("add a hat", "edit"), ("  Make it look like WINTER!  ", "edit"), ("undo", "undo"),
-               ("Redo.", "redo"), ("again", "retry"), ("undo the hat", "edit"))
+    intents = (
+        ("add a hat", "edit"),
+        ("  Make it look like WINTER!  ", "edit"),
+        ("undo", "undo"),
+        ("Redo.", "redo"),
+        ("again", "retry"),
+        ("undo the hat", "edit"),
+    )
 
     def make_rewriter(self):
         return TidyRewriter()
 
 
 def edit(engine, instruction="add a hat", seed=1):
-    request = EditRequest(source=gradient(), plan=EditPlan(intent="edit", instruction=instruction), seed=seed, steps=3)
+    request = EditRequest(
+        source=gradient(), plan=EditPlan(intent="edit", instruction=instruction), seed=seed, steps=3
+    )
     return engine.edit(request, lambda event: None, threading.Event())
 
 
@@ -47,7 +55,9 @@ def test_a_named_colour_tints_near_it_and_the_seed_still_matters():
 
 def test_bits_change_the_picture_and_bad_knobs_are_one_line():
     assert edit(PosterizeEngine(bits=1)).image.tobytes() != edit(PosterizeEngine(bits=3)).image.tobytes()
-    with pytest.raises(UserError, match=r"^posterize takes bits 1\.\.8 and strength 0\.\.1, not 9 and 0\.35$"):
+    with pytest.raises(
+        UserError, match=r"^posterize takes bits 1\.\.8 and strength 0\.\.1, not 9 and 0\.35$"
+    ):
         PosterizeEngine(bits=9)
 
 
