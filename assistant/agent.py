@@ -81,19 +81,19 @@ class Agent:
     @property
     def engine(self) -> Engine:
         if self._engine is None:
-            self._engine = plugins.get("engines", self.settings.engine).factory(self.settings)
+            self._engine = plugins.build("engines", self.settings.engine, self.settings)
         return self._engine
 
     @property
     def judge(self) -> Judge:
         if self._judge is None:
-            self._judge = plugins.get("judges", self.settings.judge).factory(self.settings)
+            self._judge = plugins.build("judges", self.settings.judge, self.settings)
         return self._judge
 
     @property
     def rewriter(self) -> Rewriter:
         if self._rewriter is None:
-            self._rewriter = plugins.get("rewriters", rewriter_name(self.settings)).factory(self.settings)
+            self._rewriter = plugins.build("rewriters", rewriter_name(self.settings), self.settings)
         return self._rewriter
 
     # ------------------------------------------------------------------ state

@@ -16,6 +16,7 @@ import click
 from assistant import command_kit as kit
 from assistant.errors import UserError
 from assistant.files import in_the_way, refuse_existing, write_file
+from assistant.models import CandidateCount, EarlySteps, Guidance, Seed, Steps
 from assistant.text import printable
 
 RANDOM_WEIGHTS_NOTE = "note: the tiny preset has random weights: its pictures are noise, not edits"
@@ -161,13 +162,23 @@ engine_options = [
         "--compile/--no-compile", default=None, help="torch.compile the transformer (GPU fast path)"
     ),
     click.option(
-        "--candidates", type=click.IntRange(1, 16), help="early filter: noises to try (default 1 = off)"
+        "--candidates",
+        type=kit.option_type(CandidateCount),
+        help="early filter: noises to try (default 1 = off)",
     ),
     click.option(
-        "--early-steps", type=click.IntRange(1, 199), help="early filter: steps before judging (default 4)"
+        "--early-steps",
+        type=kit.option_type(EarlySteps),
+        help="early filter: steps before judging (default 4)",
     ),
     click.option("--judge", help="judge plugin for the early filter (default qwen_vl)"),
     click.option("--engine", help="engine plugin (see `icedit plugins`)"),
+    click.option(
+        "--option",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="a plugin's own option, repeatable; NAME.KEY for one plugin (keys: icedit plugins --json)",
+    ),
     click.option(
         "--rewriter", help="qwen_vl (default with real weights), rules (default with tiny), verbatim, ..."
     ),
@@ -194,9 +205,9 @@ def with_engine_options(fn):
 @click.option("-o", "--output", type=kit.PathArg(), help="where to write the PNG")
 @click.option("--force", is_flag=True, help="let -o replace a file that is already there")
 @click.option("--session", callback=_session_name, help="add the edit to this named session (created if new)")
-@click.option("--seed", type=click.IntRange(0, 2**63 - 1), help="noise seed (default: random, printed)")
-@click.option("--steps", type=click.IntRange(1, 200), help="denoising steps (default 28)")
-@click.option("--guidance", type=kit.FiniteRange(0, 200, min_open=True), help="guidance (default 50)")
+@click.option("--seed", type=kit.option_type(Seed), help="noise seed (default: random, printed)")
+@click.option("--steps", type=kit.option_type(Steps), help="denoising steps (default 28)")
+@click.option("--guidance", type=kit.option_type(Guidance), help="guidance (default 50)")
 @click.option("--native-size", is_flag=True, help="keep the 512-wide panel instead of the source's size")
 @click.option("--save-candidates", type=kit.PathArg(), help="folder for the early filter's previews")
 @with_engine_options
@@ -301,9 +312,7 @@ def _report(
 @click.argument("name", callback=_session_name)
 @click.option("-o", "--output", type=kit.PathArg(), help="where to write the PNG (default: NAME-SEED.png)")
 @click.option("--force", is_flag=True, help="let -o replace a file that is already there")
-@click.option(
-    "--seed", type=click.IntRange(0, 2**63 - 1), help="noise seed (default: the retried turn's seed + 1)"
-)
+@click.option("--seed", type=kit.option_type(Seed), help="noise seed (default: the retried turn's seed + 1)")
 @with_engine_options
 @click.option("--json", "json_", is_flag=True, help="print the result as JSON")
 def retry(name, output, force, seed, json_, **options) -> None:
@@ -399,7 +408,7 @@ def rewrite(image, request, rewriter, vlm, json_) -> None:
     message = check_message(request)
     source = load_source(image)
     settings = kit.prepare(settings, engine=False, judge=False).settings
-    plan = plugins.get("rewriters", settings.rewriter).factory(settings).rewrite(source, message, [])
+    plan = plugins.build("rewriters", settings.rewriter, settings).rewrite(source, message, [])
     label = settings.rewriter + (f" -> {plan.fallback}" if plan.fallback else "")
     if json_:
         kit.emit(plan.model_dump() | {"rewriter": label})

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import click
 
@@ -45,6 +45,16 @@ class PathArg(click.Path):
             raise UserError(kind_problem(value, "bad name")) from None
 
 
+def option_type(kind: object) -> click.ParamType:
+    """The click type of a sampling range (`assistant.models.Steps`, ...), with the same bounds."""
+    from assistant.models import bounds
+
+    low, high, low_open, high_open = bounds(kind)
+    if get_args(kind)[0] is int:
+        return click.IntRange(int(low), int(high))
+    return FiniteRange(low, high, min_open=low_open, max_open=high_open)
+
+
 def fail(message: str, exit_code: int) -> click.ClickException:
     """click's `Error: message` with our exit code (2 bad input, 130 interrupted, 1 partly done); click
     reads the code from the class."""
@@ -63,22 +73,36 @@ def host_settings(**overrides: Any):
 
     from assistant.settings import Settings
 
+    given = _key_values(overrides.pop("option", None) or ())
     try:
-        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+        found = Settings(**{k: v for k, v in overrides.items() if v is not None})
+        return found.model_copy(update={"options": found.options | given}) if given else found
     except ValidationError as e:
         first = e.errors()[0]
         why = first["msg"].removeprefix("Value error, ")
         raise UserError(f"bad setting {'.'.join(map(str, first['loc']))}: {why}") from None
 
 
+def _key_values(pairs: tuple[str, ...]) -> dict[str, str]:
+    """`--option KEY=VALUE` pairs (the last one given for a key wins)."""
+    found = {}
+    for pair in pairs:
+        key, equals, value = pair.partition("=")
+        if not equals or not key.strip():
+            raise UserError(f"--option {pair!r}: give it as KEY=VALUE (the keys: icedit plugins --json)")
+        found[key.strip()] = value
+    return found
+
+
 def settings(**overrides: Any):
-    """`host_settings`, then the chosen engine checks them before any model loads."""
+    """`host_settings`, then the chosen engine and the plugins' options are checked before any model loads."""
     from assistant import plugins
 
     settings = host_settings(**overrides)
     spec = plugins.get("engines", settings.engine)
     if spec.describe is not None:
         spec.describe(settings)  # an unknown preset fails here, in one line
+    plugins.check_options(settings)
     return settings
 
 

@@ -2,14 +2,53 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import math
+from typing import Annotated, Any, Literal, get_args
 
+import annotated_types
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 Intent = Literal["edit", "undo", "redo", "retry", "answer", "clarify"]
 SEEDS = 2**63
 """Seeds are 0 <= seed < SEEDS everywhere (torch's generators take 64 bits; JSON and SQLite integers 63)."""
+
+
+Seed = Annotated[int, Field(ge=0, lt=SEEDS)]
+Steps = Annotated[int, Field(ge=1, le=200)]
+Guidance = Annotated[float, Field(gt=0, le=200)]
+CandidateCount = Annotated[int, Field(ge=1, le=16)]
+EarlySteps = Annotated[int, Field(ge=1, le=199)]
+"""The sampling ranges, defined once: the models, settings, replay scripts, archives, the CLI's option
+types (`command_kit.option_type`) and the chat's commands (`int_bounds`) all take them from here."""
+
+
+def int_bounds(kind: object) -> tuple[int, int]:
+    """The inclusive (low, high) of an integer range above."""
+    low, high, _, _ = bounds(kind)
+    return int(low), int(high)
+
+
+def bounds(kind: object) -> tuple[Any, Any, bool, bool]:
+    """(low, high, low_open, high_open) of a range above; an integer's open ends are closed one step in."""
+    base, *meta = get_args(kind)
+    low: Any = -math.inf  # the rules' bounds: ints stay ints (a seed's 2**63 - 1 is no float)
+    high: Any = math.inf
+    low_open = high_open = False
+    for info in meta:
+        for rule in getattr(info, "metadata", []):
+            if isinstance(rule, annotated_types.Ge):
+                low = rule.ge
+            elif isinstance(rule, annotated_types.Gt):
+                low, low_open = rule.gt, True
+            elif isinstance(rule, annotated_types.Le):
+                high = rule.le
+            elif isinstance(rule, annotated_types.Lt):
+                high, high_open = rule.lt, True
+    if base is int:
+        low, low_open = (low + 1, False) if low_open else (low, False)
+        high, high_open = (high - 1, False) if high_open else (high, False)
+    return low, high, low_open, high_open
 
 
 def next_seed(seed: int, k: int = 1) -> int:
@@ -51,14 +90,14 @@ class EditRequest(BaseModel):
 
     source: Image.Image
     plan: EditPlan
-    seed: int = Field(ge=0, lt=SEEDS)
-    steps: int = Field(28, ge=1, le=200)
-    guidance: float = Field(50.0, gt=0, le=200)
+    seed: Seed
+    steps: Steps = 28
+    guidance: Guidance = 50.0
     native_size: bool = Field(False, description="keep the 512-wide panel instead of the source size")
-    candidates: int = Field(
-        1, ge=1, le=16, description="early filter: noises tried (seeds seed .. seed+M-1); the host runs it"
+    candidates: CandidateCount = Field(
+        1, description="early filter: noises tried (seeds seed .. seed+M-1); the host runs it"
     )
-    early_steps: int = Field(4, ge=1, le=199, description="early filter: steps run for every candidate")
+    early_steps: EarlySteps = Field(4, description="early filter: steps run for every candidate")
 
 
 class AdapterInfo(BaseModel):

@@ -10,6 +10,7 @@ from functools import cache
 from typing import Any, Generic, Literal, TypeVar, overload
 
 import pluggy
+from pydantic import BaseModel, ValidationError
 
 from assistant import hookspecs
 from assistant.errors import UserError
@@ -31,10 +32,15 @@ class _FactorySpec(Generic[Made]):
     (`assistant.memory.Part`)."""
 
     name: str
-    factory: Callable[[Settings], Made]
+    factory: Callable[..., Made]
     description: str = ""
     artifacts: Callable[[Settings], list[Any]] | None = None
     memory: Callable[[Settings], list[Any]] | None = None
+    options: type[BaseModel] | None = None
+    """The plugin's own options (a pydantic model). With one, the factory is called as
+    `factory(settings, options)` with the values given as `--option KEY=VALUE` (or `NAME.KEY=VALUE`),
+    `ICEDIT_OPTIONS__KEY` or `ICEDIT_OPTIONS='{"key": ...}'`, validated; `icedit plugins --json` shows
+    its JSON schema."""
 
 
 @dataclass(frozen=True)
@@ -140,6 +146,71 @@ def get(kind: str, name: str) -> Any:
     return found[name][1]
 
 
+def build(kind: str, name: str, settings: Settings) -> Any:
+    """The plugin object `name` of `kind`, made by its factory (with its validated options, if it has any)."""
+    spec = get(kind, name)  # type: ignore[call-overload]  # kind is checked by get itself
+    return (
+        spec.factory(settings)
+        if spec.options is None
+        else spec.factory(settings, options_for(kind, name, settings))
+    )
+
+
+def _in_use(settings: Settings) -> dict[tuple[str, str], type[BaseModel]]:
+    """{(kind, name): options model} of the registered plugins these settings would build."""
+    from assistant.preflight import rewriter_name
+
+    used = {"engines": settings.engine, "rewriters": rewriter_name(settings), "judges": settings.judge}
+    models = {}
+    for kind, name in used.items():
+        spec = registrations(kind).get(name, (None, None))[1]  # an unknown name fails where it is used
+        if spec is not None and spec.options is not None:
+            models[(kind, name)] = spec.options
+    return models
+
+
+def _given(settings: Settings, models: dict[tuple[str, str], type[BaseModel]]) -> dict[tuple[str, str], dict]:
+    """Each option given to the plugins in use that declare it (`NAME.KEY` to one of them); a key none of
+    them declares is one line naming what each takes."""
+    given: dict[tuple[str, str], dict] = {key: {} for key in models}
+    for raw, value in settings.options.items():
+        owner, _, key = raw.rpartition(".")
+        takers = [
+            used for used, model in models.items() if key in model.model_fields and owner in ("", used[1])
+        ]
+        if not takers:
+            known = "; ".join(
+                f"{name} takes {', '.join(model.model_fields)}" for (_, name), model in models.items()
+            )
+            raise UserError(f"unknown option '{raw}' ({known or 'the plugins in use take no options'})")
+        for used in takers:
+            given[used][key] = value
+    return given
+
+
+def options_for(kind: str, name: str, settings: Settings) -> BaseModel:
+    """Plugin `name`'s options model, validated from what was given; a bad value is one line naming it."""
+    models = _in_use(settings)
+    model = models.get((kind, name)) or get(kind, name).options  # type: ignore[call-overload]
+    if model is None:
+        raise UserError(f"{kind[:-1]} '{name}' takes no options")
+    values = _given(settings, models | {(kind, name): model})[(kind, name)]
+    try:
+        return model(**values)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(map(str, first["loc"])) or "options"
+        raise UserError(f"bad option {name}.{where}: {first['msg']}") from None
+
+
+def check_options(settings: Settings) -> None:
+    """Validate the options of every plugin in use, so a wrong one fails before anything loads."""
+    models = _in_use(settings)
+    _given(settings, models)  # a key none of them takes
+    for kind, name in models:
+        options_for(kind, name, settings)
+
+
 def describe(settings: Any = None) -> list[dict[str, Any]]:
     """Every plugin and what it registers, for `icedit plugins`; engines say what they would run."""
     pm = get_plugin_manager()
@@ -149,6 +220,8 @@ def describe(settings: Any = None) -> list[dict[str, Any]]:
     for kind in REGISTRATION_HOOKS:
         for spec_name, (plugin, spec) in registrations(kind, pm).items():
             rows[plugin][kind].append(spec_name)
+            if getattr(spec, "options", None) is not None:
+                rows[plugin].setdefault("options", {})[spec_name] = spec.options.model_json_schema()
             if kind == "engines" and settings is not None and spec.describe is not None:
                 rows[plugin].setdefault("engine_settings", {})[spec_name] = spec.describe(settings)
     for name, module in pm.list_name_plugin():

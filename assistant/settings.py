@@ -9,6 +9,8 @@ import platformdirs
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from assistant.models import CandidateCount, EarlySteps, Guidance, Steps
+
 
 def _default_home() -> Path:
     return platformdirs.user_data_path("icedit-assistant")
@@ -17,7 +19,7 @@ def _default_home() -> Path:
 class Settings(BaseSettings):
     """Everything a plugin factory may read. Plugins get this object, never the CLI's flags."""
 
-    model_config = SettingsConfigDict(env_prefix="ICEDIT_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="ICEDIT_", extra="ignore", env_nested_delimiter="__")
 
     home: Path = Field(default_factory=_default_home, description="folder of the session store")
     engine: str = "icedit"
@@ -64,10 +66,8 @@ class Settings(BaseSettings):
     vlm_max_new_tokens: int = Field(
         256, ge=1, le=4096, description="longest answer the VLM rewriter may give"
     )
-    candidates: int = Field(1, ge=1, le=16, description="early filter: noises tried per edit (1 = off)")
-    early_steps: int = Field(
-        4, ge=1, le=199, description="early filter: steps each candidate runs before judging"
-    )
+    candidates: CandidateCount = Field(1, description="early filter: noises tried per edit (1 = off)")
+    early_steps: EarlySteps = Field(4, description="early filter: steps each candidate runs before judging")
     clip_model: str | None = Field(
         None,
         description="CLIP for icedit eval: hub id or folder (default openai/clip-vit-base-patch32; random with tiny)",
@@ -76,8 +76,12 @@ class Settings(BaseSettings):
         None,
         description="DINO ViT for icedit eval: hub id or folder (default facebook/dino-vits16; random with tiny)",
     )
-    steps: int = Field(28, ge=1, le=200)
-    guidance: float = Field(50.0, gt=0, le=200)
+    options: dict[str, str | int | float | bool] = Field(
+        default_factory=dict,
+        description="plugins' own options, KEY or NAME.KEY -> value (--option, ICEDIT_OPTIONS__KEY, ICEDIT_OPTIONS)",
+    )
+    steps: Steps = 28
+    guidance: Guidance = 50.0
 
     @field_validator("home", mode="before")
     @classmethod

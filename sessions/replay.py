@@ -34,6 +34,7 @@ from assistant.agent import Agent
 from assistant.errors import Cancelled, UserError
 from assistant.files import SAID, kind, write_file
 from assistant.images import load_source
+from assistant.models import CandidateCount, EarlySteps, Guidance, Seed, Steps
 from assistant.protocols import Events
 from assistant.settings import Settings
 from assistant.text import check_message, path_text
@@ -57,11 +58,11 @@ class ReplayTurn(BaseModel):
     command: Literal["undo", "redo"] | None = None
     open: str | None = None
     instruction: str | None = Field(None, description="skip the rewriter and edit with this instruction")
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    steps: int | None = Field(None, ge=1, le=200)
-    guidance: float | None = Field(None, gt=0, le=200)
-    candidates: int | None = Field(None, ge=1, le=16)
-    early_steps: int | None = Field(None, ge=1, le=199)
+    seed: Seed | None = None
+    steps: Steps | None = None
+    guidance: Guidance | None = None
+    candidates: CandidateCount | None = None
+    early_steps: EarlySteps | None = None
 
     @field_validator("say", "instruction")
     @classmethod
@@ -89,10 +90,10 @@ class ReplayScript(BaseModel):
 
     source: str
     seed: int = Field(0, ge=0, lt=2**62)
-    steps: int | None = Field(None, ge=1, le=200)
-    guidance: float | None = Field(None, gt=0, le=200)
-    candidates: int | None = Field(None, ge=1, le=16)
-    early_steps: int | None = Field(None, ge=1, le=199)
+    steps: Steps | None = None
+    guidance: Guidance | None = None
+    candidates: CandidateCount | None = None
+    early_steps: EarlySteps | None = None
     judge: str | None = None
     preset: str | None = None
     engine: str | None = None

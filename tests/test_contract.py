@@ -202,6 +202,7 @@ def test_the_sample_package_loads_through_its_entry_point_and_edits(tmp_path):
     rows = {row["name"]: row for row in json.loads(icedit("plugins", "--json").stdout)}
     assert (rows["posterize"]["engines"], rows["posterize"]["rewriters"]) == (["posterize"], ["tidy"])
     assert {"register_engines", "register_rewriters"} <= set(rows["posterize"]["hooks"])
+    assert rows["posterize"]["options"]["posterize"]["properties"]["bits"]["default"] == 3
     out = tmp_path / "hat.png"
     edited = icedit(
         "edit",
@@ -235,3 +236,71 @@ def test_the_sample_package_loads_through_its_entry_point_and_edits(tmp_path):
         threading.Event(),
     )
     assert out.read_bytes() == encode_png(here.image)  # the installed plugin painted what it paints here
+
+
+@pytest.fixture
+def sample_registered():
+    """The sample package's module registered with the suite's plugin manager, as its entry point would."""
+    import icedit_posterize
+
+    from assistant.plugins import get_plugin_manager
+
+    pm = get_plugin_manager()
+    pm.register(icedit_posterize, name="posterize")
+    yield
+    pm.unregister(name="posterize")
+
+
+def test_plugin_options_reach_the_sample_from_option_flags_and_the_environment(
+    sample_registered, tmp_path, monkeypatch
+):
+    from click.testing import CliRunner
+
+    from assistant.cli import cli
+
+    monkeypatch.setenv("ICEDIT_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    rows = {r["name"]: r for r in json.loads(CliRunner().invoke(cli, ["plugins", "--json"]).stdout)}
+    schema = rows["posterize"]["options"]["posterize"]
+    assert set(schema["properties"]) == {"bits", "strength"} and schema["properties"]["bits"]["maximum"] == 8
+
+    def edit(*extra):
+        args = ["edit", CHELSEA, "add a hat", "--engine", "posterize", "--rewriter", "tidy", "--seed", "3"]
+        return CliRunner().invoke(cli, [*map(str, args), *extra])
+
+    def painted(name, *extra):
+        result = edit("-o", name, *extra)
+        assert result.exit_code == 0, result.output
+        return (tmp_path / name).read_bytes()
+
+    plain, one_bit = painted("plain.png"), painted("one.png", "--option", "bits=1")
+    assert one_bit != plain
+    assert painted("named.png", "--option", "posterize.bits=1", "--option", "strength=0.35") == one_bit
+    monkeypatch.setenv("ICEDIT_OPTIONS__BITS", "1")
+    assert painted("env.png") == one_bit
+    assert painted("flag-wins.png", "--option", "bits=3") == plain
+    monkeypatch.delenv("ICEDIT_OPTIONS__BITS")
+    for extra, line in [
+        (("--option", "bitz=1"), "Error: unknown option 'bitz' (posterize takes bits, strength)"),
+        (("--option", "tidy.bits=1"), "Error: unknown option 'tidy.bits' (posterize takes bits, strength)"),
+        (
+            ("--option", "bits=99"),
+            "Error: bad option posterize.bits: Input should be less than or equal to 8",
+        ),
+        (
+            ("--option", "bits=two"),
+            "Error: bad option posterize.bits: Input should be a valid integer, unable to "
+            "parse string as an integer",
+        ),
+        (
+            ("--option", "bits"),
+            "Error: --option 'bits': give it as KEY=VALUE (the keys: icedit plugins --json)",
+        ),
+    ]:
+        result = edit("-o", "never.png", *extra)
+        assert (result.exit_code, result.stderr.splitlines()) == (2, [line]), result.output
+        assert not (tmp_path / "never.png").exists()
+    refused = CliRunner().invoke(cli, ["edit", str(CHELSEA), "add", "--preset", "tiny", "--option", "bits=1"])
+    assert refused.stderr.splitlines() == [
+        "Error: unknown option 'bits' (the plugins in use take no options)"
+    ]

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from assistant import command_kit as kit
+from assistant.models import Guidance, Steps
 
 data_options = [
     click.option(
@@ -87,8 +88,8 @@ def train_cmd(data, columns, preset, model, device, json_, **options) -> None:
 @click.command("eval")
 @with_data_options
 @click.option("--out", type=kit.PathArg(), help="folder for edits, metrics and sheet (default icedit-eval)")
-@click.option("--steps", type=click.IntRange(1, 200), help="denoising steps (default 28)")
-@click.option("--guidance", type=kit.FiniteRange(0, 200, min_open=True), help="guidance (default 50)")
+@click.option("--steps", type=kit.option_type(Steps), help="denoising steps (default 28)")
+@click.option("--guidance", type=kit.option_type(Guidance), help="guidance (default 50)")
 @click.option("--batch-size", type=click.IntRange(1), help="examples per scoring round (default 8)")
 @click.option(
     "--judge", type=click.Choice(["qwen_vl"]), help="also rate each edit with the VLM (VIEScore SC/PQ)"

@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field
 from assistant.errors import UserError
 from assistant.files import write_file
 from assistant.images import save_image
-from assistant.models import SEEDS, EditPlan, EditRequest, next_seed
+from assistant.models import EditPlan, EditRequest, Guidance, Seed, Steps, next_seed
 from assistant.settings import Settings
 from plugins.icedit import features as feature_models
 from plugins.icedit.data import example, load_edits
@@ -39,9 +39,9 @@ class EvalConfig(BaseModel):
     split: str = "train"
     limit: int | None = Field(None, ge=1)
     out: Path = Path("icedit-eval")
-    seed: int = Field(0, ge=0, lt=SEEDS, description="example i is edited with seed + i")
-    steps: int | None = Field(None, ge=1, le=200, description="default: the settings' steps (28)")
-    guidance: float | None = Field(None, gt=0, le=200)
+    seed: Seed = Field(0, description="example i is edited with seed + i")
+    steps: Steps | None = Field(None, description="default: the settings' steps (28)")
+    guidance: Guidance | None = None
     batch_size: int = Field(
         8, ge=1, description="examples per round: edited one by one, then scored in one batch"
     )
@@ -105,7 +105,7 @@ def evaluate(config: EvalConfig, settings: Settings, progress: bool = True) -> E
 
         scorer = QwenVieScorer(settings)
     run_settings = settings.model_copy(update={"device": device})
-    engine = plugins.get("engines", settings.engine).factory(run_settings)
+    engine = plugins.build("engines", settings.engine, run_settings)
     steps, guidance = config.steps or settings.steps, config.guidance or settings.guidance
     edits_dir = config.out / "edits"
     try:

@@ -23,6 +23,7 @@ from textual.widgets import Footer, Header, Input
 from assistant import plugins
 from assistant.agent import Agent
 from assistant.errors import Cancelled, UserError
+from assistant.models import CandidateCount, Seed, Steps, int_bounds
 from assistant.preflight import require_on_disk, rewriter_name
 from assistant.settings import Settings
 from assistant.text import file_name
@@ -324,18 +325,18 @@ class ChatScreen(Screen):
         if argument.lower() in ("", "random"):
             self.chat.options.seed = None
         else:
-            self.chat.options.seed = whole_number(argument, BUILTINS["seed"].usage, 0, 2**63 - 1)
+            self.chat.options.seed = whole_number(argument, BUILTINS["seed"].usage, *int_bounds(Seed))
         self.show_status()
         seed = self.chat.options.seed
         return "a random seed for each edit" if seed is None else f"seed {seed} for the next edits"
 
     def command_steps(self, argument: str) -> str:
-        self.chat.options.steps = whole_number(argument, BUILTINS["steps"].usage, 1, 200)
+        self.chat.options.steps = whole_number(argument, BUILTINS["steps"].usage, *int_bounds(Steps))
         self.show_status()
         return f"{self.chat.options.steps} steps for the next edits"
 
     def command_candidates(self, argument: str) -> str:
-        n = whole_number(argument, BUILTINS["candidates"].usage, 1, 16)
+        n = whole_number(argument, BUILTINS["candidates"].usage, *int_bounds(CandidateCount))
         if n > 1:  # the judge's weights must be here already
             require_on_disk(
                 self.settings.model_copy(update={"candidates": n}), engine=False, rewriter=False, judge=True

@@ -67,5 +67,7 @@ def test_the_hooks_register_the_engine_and_the_rewriter():
     pm.register(icedit_posterize, name="posterize")
     engines, rewriters = registrations("engines", pm), registrations("rewriters", pm)
     assert list(engines) == ["posterize"] and list(rewriters) == ["tidy"]
-    assert isinstance(engines["posterize"][1].factory(None), PosterizeEngine)
+    spec = engines["posterize"][1]
+    engine = spec.factory(None, spec.options(bits=2))
+    assert isinstance(engine, PosterizeEngine) and engine.bits == 2
     assert isinstance(rewriters["tidy"][1].factory(None), TidyRewriter)
