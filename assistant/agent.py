@@ -16,13 +16,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from assistant import early_filter, plugins
 from assistant.errors import UserError
-from assistant.images import decode_png, encode_png, sha256
 from assistant.models import SEEDS, EditPlan, EditRequest, EditResult, TurnSummary, next_seed
 from assistant.preflight import rewriter_name
 from assistant.protocols import Engine, Events, Judge, Rewriter
 from assistant.settings import Settings
 from assistant.text import check_message
 from sessions.history import History, Turn
+from sessions.identity import decode_png, encode_png, sha256
 from sessions.store import NewTurn, Store
 
 CONTEXT_TURNS = 6

@@ -277,8 +277,8 @@ def _report(
 ) -> None:
     """Write an edit's picture (to `output` or a free `STEM-SEED.png`) and say what the turn did."""
     from assistant.agent import describe
-    from assistant.images import sha256
     from assistant.text import path_text
+    from sessions.identity import sha256
 
     turn = outcome.turn
     if outcome.result is None:
@@ -613,7 +613,8 @@ def redo(name, json_) -> None:
 @click.option("--json", "json_", is_flag=True, help="one JSON line per turn")
 def replay(script, out_dir, session, allow_outside, json_, **options) -> None:
     """Run a replay script (TOML) headless; the same script gives the same images."""
-    from sessions.replay import load_script, run_script
+    from assistant.replay import run_script
+    from sessions.scripts import load_script
     from sessions.store import Store
 
     parsed = load_script(script)

@@ -22,7 +22,6 @@ import time
 from PIL import Image
 
 from assistant.errors import UserError
-from assistant.images import encode_png, sha256
 from assistant.models import (
     CandidateInfo,
     Candidates,
@@ -34,6 +33,7 @@ from assistant.models import (
     next_seed,
 )
 from assistant.protocols import CandidateEngine, Engine, Events, Judge
+from sessions.identity import encode_png, sha256
 
 
 def _both_orders(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import warnings
 from pathlib import Path
@@ -88,20 +87,6 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def encode_png(img: Image.Image) -> bytes:
-    """Deterministic PNG bytes (no timestamps or text chunks): equal pixels, equal bytes."""
-    if (
-        img.info
-    ):  # PIL writes an inherited ICC profile or tRNS from info: the bytes would depend on more than pixels
-        img = img.copy()
-        img.info = {}
-    buf = io.BytesIO()
-    # Level 1: 3x faster than zlib's default, files ~6% larger. The bytes are the store's image identity
-    # (sha256): a change of encoder settings would stop stored turns matching re-opened pictures.
-    img.save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
-
-
 def save_image(img: Image.Image, path: Path, force: bool = False) -> Path:
     """Write `img` as the type its name says (.png, .jpg, .webp, ...), atomically, replacing a file only with
     `force`."""
@@ -109,13 +94,3 @@ def save_image(img: Image.Image, path: Path, force: bool = False) -> Path:
     if fmt is None or fmt not in Image.SAVE:
         raise UserError(f"{path}: unknown image type (use .png, .jpg, .webp, ...)")
     return write_file(path, lambda f: img.save(f, fmt), force=force)
-
-
-def decode_png(data: bytes) -> Image.Image:
-    img = Image.open(io.BytesIO(data))
-    img.load()
-    return img
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()

@@ -34,7 +34,6 @@ from PIL import Image, ImageChops, ImageStat
 from assistant import early_filter
 from assistant.errors import Cancelled, UserError
 from assistant.hookspecs import hookimpl
-from assistant.images import encode_png
 from assistant.models import (
     Candidates,
     EditPlan,
@@ -48,6 +47,7 @@ from assistant.models import (
 )
 from assistant.plugins import EngineSpec
 from assistant.protocols import CandidateEngine, Engine, Judge, PairwiseJudge, Rewriter
+from sessions.identity import encode_png
 
 __all__ = [
     "BrighterJudge",

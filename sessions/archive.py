@@ -18,7 +18,6 @@ unless asked for the rest (`partial`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -41,10 +40,10 @@ from pydantic import (
 
 from assistant.errors import UserError
 from assistant.files import kind, kind_problem, refuse_existing, write_file
-from assistant.images import decode_png
 from assistant.models import AdapterInfo, EditPlan, EditRequest, VerdictInfo
 from assistant.text import check_message, check_name, control_in, printable
 from sessions.history import History, Turn, numbered
+from sessions.identity import decode_png, sha256
 from sessions.store import DamagedImage, LogEntry, SessionInfo, Store
 
 FORMAT = "icedit-session/1"
@@ -382,7 +381,7 @@ def _read(zf: zipfile.ZipFile, member: zipfile.ZipInfo, limit: int, path: Path) 
 def _image(zf: zipfile.ZipFile, member: zipfile.ZipInfo, digest: str, path: Path) -> tuple[bytes, int, int]:
     """(png, width, height) of a member that hashes to its name and decodes as a PNG."""
     png = _read(zf, member, MAX_IMAGE_BYTES, path)
-    if hashlib.sha256(png).hexdigest() != digest:
+    if sha256(png) != digest:
         raise UserError(f"{path}: {member.filename} does not hash to its name: the archive is damaged")
     try:
         image = decode_png(png)

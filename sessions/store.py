@@ -8,7 +8,6 @@ damaged files and a store that stays busy are one line each (`UserError`), never
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import sqlite3
 import time
@@ -22,7 +21,7 @@ from pydantic import BaseModel
 
 from assistant.errors import UserError
 from assistant.text import check_name
-from sessions import wal
+from sessions import identity, wal
 from sessions.history import History, Turn, TurnKind
 
 MIGRATIONS: list[str] = [
@@ -348,7 +347,7 @@ class Store:
         row = self.db.execute("SELECT png FROM images WHERE sha256 = ?", (sha256,)).fetchone()
         if row is None:
             raise UserError(f"image {sha256[:12]} is not in the store")
-        if hashlib.sha256(row[0]).hexdigest() != sha256:
+        if identity.sha256(row[0]) != sha256:
             raise DamagedImage(
                 sha256,
                 f"image {sha256[:12]} in the session store {self.path} is damaged (its bytes "
@@ -464,7 +463,7 @@ class Store:
             db.execute(
                 "INSERT INTO images (sha256, png, width, height) VALUES (?, ?, ?, ?)", (sha256, *content())
             )
-        elif hashlib.sha256(held[0]).hexdigest() != sha256:
+        elif identity.sha256(held[0]) != sha256:
             png, width, height = content()
             db.execute(
                 "UPDATE images SET png = ?, width = ?, height = ? WHERE sha256 = ?",

@@ -10,11 +10,11 @@ from PIL import Image
 from assistant.agent import Agent
 from assistant.errors import Cancelled, UserError
 from assistant.hookspecs import hookimpl
-from assistant.images import decode_png, encode_png, sha256
 from assistant.plugins import RewriterSpec, get_plugin_manager
 from assistant.settings import Settings
 from assistant.text import MAX_MESSAGE
 from plugins.rules.rewriter import RulesRewriter
+from sessions.identity import decode_png, encode_png, sha256
 
 
 def dump(store) -> list[str]:

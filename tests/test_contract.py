@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 from tiny_qwen import save_tiny_qwen
 
-from assistant.images import encode_png, load_source
+from assistant.images import load_source
 from assistant.models import EditRequest
 from assistant.settings import Settings
 from assistant.testing import EngineContract, FakeEngine, JudgeContract, RewriterContract
+from sessions.identity import encode_png
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "examples" / "plugins" / "icedit-posterize"

@@ -33,7 +33,7 @@ from store_checks import EXAMPLES, check_store, dump, env_for, popen
 import sessions.wal
 from assistant.cli import cli
 from assistant.errors import UserError
-from assistant.images import encode_png, sha256
+from sessions.identity import encode_png, sha256
 from sessions.store import NewTurn, Store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -479,7 +479,7 @@ CHILD = """
 import json, random, shutil, sys, time
 from pathlib import Path
 from PIL import Image
-from assistant.images import encode_png, sha256
+from sessions.identity import encode_png, sha256
 from sessions import wal
 from sessions.store import NewTurn, Store
 

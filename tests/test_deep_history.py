@@ -21,9 +21,9 @@ from PIL import Image, ImageDraw, ImageFont
 from store_checks import ICEDIT, env_for
 
 from assistant.cli import cli
-from assistant.images import encode_png, sha256
 from sessions.export import LeftOut, export_script
 from sessions.history import MAX_INDENT, Turn
+from sessions.identity import encode_png, sha256
 from sessions.sheet import (
     CELL_H,
     CELL_W,

@@ -203,7 +203,7 @@ def test_cli_reports_candidates_verdicts_nfe_saves_previews_and_replay_repeats_t
     assert data["seed"] in (5, 6, 7)
     saved = sorted(p.name for p in (tmp_path / "cands").iterdir())
     assert saved == ["candidate-5.png", "candidate-6.png", "candidate-7.png"]
-    from assistant.images import encode_png, sha256
+    from sessions.identity import encode_png, sha256
 
     assert [sha256(encode_png(Image.open(tmp_path / "cands" / n).convert("RGB"))) for n in saved] == [
         c["preview_sha256"] for c in data["candidates"]

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image, ImageCms
 
 from assistant.errors import UserError
-from assistant.images import MAX_PIXELS, decode_png, encode_png, load_image, sha256
+from assistant.images import MAX_PIXELS, load_image
+from sessions.identity import decode_png, encode_png, sha256
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 NOT_AN_IMAGE = "not an image PIL can read (PNG, JPEG, WebP, ...)"

@@ -11,7 +11,6 @@ from PIL import Image
 
 from assistant import plugins as host
 from assistant.errors import Cancelled, UserError
-from assistant.images import encode_png
 from assistant.models import EditPlan, EditRequest
 from assistant.plugins import get_plugin_manager
 from assistant.protocols import CandidateEngine
@@ -20,6 +19,7 @@ from plugins.kontext.engine import KontextEngine
 from plugins.kontext.loading import artifacts, load_pipeline
 from plugins.kontext.presets import build_tiny
 from plugins.kontext.sizing import RESOLUTIONS, TINY_SHRINK, working_size
+from sessions.identity import encode_png
 
 PLAN = EditPlan(intent="edit", instruction="make it look like winter")
 

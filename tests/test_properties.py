@@ -15,11 +15,11 @@ from pydantic import ValidationError
 
 from assistant.agent import Agent
 from assistant.errors import UserError
-from assistant.images import sha256
 from assistant.models import EditPlan
 from plugins.qwen_vl import model
 from plugins.qwen_vl.rewriter import QwenRewriter, parse
-from sessions.replay import ReplayScript, load_script
+from sessions.identity import sha256
+from sessions.scripts import ReplayScript, load_script
 from sessions.store import Store
 
 FIXTURES = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]

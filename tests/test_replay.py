@@ -10,8 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from assistant.agent import Agent
-from assistant.images import encode_png, sha256
 from sessions.history import History
+from sessions.identity import encode_png, sha256
 from sessions.store import Store
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

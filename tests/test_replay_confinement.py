@@ -23,7 +23,8 @@ from assistant.errors import UserError
 from assistant.hookspecs import hookimpl
 from assistant.plugins import JudgeSpec, get_plugin_manager
 from assistant.protocols import PairwiseJudge
-from sessions.replay import _prepare_out, _write, load_script
+from assistant.replay import _prepare_out, _write
+from sessions.scripts import load_script
 
 PRECIOUS = b"a person's file, not replay's"
 SHOWN = "replay scripts are files"

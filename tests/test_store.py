@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from assistant.errors import UserError
-from assistant.images import encode_png, sha256
+from sessions.identity import encode_png, sha256
 from sessions.store import MIGRATIONS, NewTurn, Store
 
 

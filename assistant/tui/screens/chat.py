@@ -363,7 +363,8 @@ class ChatScreen(Screen):
         return f"opened {path} ({image.width}x{image.height}) as turn #{turn.id}"
 
     def command_save(self, argument: str) -> str:
-        from assistant.images import decode_png, save_image
+        from assistant.images import save_image
+        from sessions.identity import decode_png
 
         if not argument:
             raise UserError(f"usage: {BUILTINS['save'].usage}")
