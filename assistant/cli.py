@@ -376,7 +376,7 @@ def _free_name(path: Path) -> Path:
 
 def _save_candidates(folder: Path, candidates) -> None:
     """The early filter's previews, each under a name no file holds yet."""
-    from assistant.images import save_image
+    from assistant.files import save_image
 
     try:
         folder.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import BinaryIO, Literal
 
+from PIL import Image
+
 from assistant.errors import UserError
 from assistant.text import printable
 
@@ -154,3 +156,12 @@ def _sync_folder(folder: Path) -> None:
 def _error(path: Path, error: OSError) -> UserError:
     """One true line: the path we meant (not `error.filename`, which may be a temporary name or None)."""
     return UserError(f"cannot write {path}: {error.strerror or error}")
+
+
+def save_image(img: Image.Image, path: Path, force: bool = False) -> Path:
+    """Write `img` as the type its name says (.png, .jpg, .webp, ...), atomically, replacing a file only with
+    `force`."""
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:
+        raise UserError(f"{path}: unknown image type (use .png, .jpg, .webp, ...)")
+    return write_file(path, lambda f: img.save(f, fmt), force=force)

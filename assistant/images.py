@@ -9,7 +9,7 @@ from pathlib import Path
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from assistant.errors import UserError
-from assistant.files import kind, kind_problem, write_file
+from assistant.files import kind, kind_problem
 
 MAX_PIXELS = 64_000_000
 """Larger images are refused (PIL's decompression-bomb guard, set deliberately)."""
@@ -85,12 +85,3 @@ def to_rgb(img: Image.Image) -> Image.Image:
         img = Image.new("RGBA", rgba.size, "white")
         img.alpha_composite(rgba)
     return img.convert("RGB")
-
-
-def save_image(img: Image.Image, path: Path, force: bool = False) -> Path:
-    """Write `img` as the type its name says (.png, .jpg, .webp, ...), atomically, replacing a file only with
-    `force`."""
-    fmt = Image.registered_extensions().get(path.suffix.lower())
-    if fmt is None or fmt not in Image.SAVE:
-        raise UserError(f"{path}: unknown image type (use .png, .jpg, .webp, ...)")
-    return write_file(path, lambda f: img.save(f, fmt), force=force)

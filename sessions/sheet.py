@@ -17,8 +17,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from assistant.files import refuse_existing
-from assistant.images import save_image
+from assistant.files import refuse_existing, save_image
 from assistant.text import printable
 from sessions.history import History, Turn, numbered
 from sessions.store import DamagedImage, Store

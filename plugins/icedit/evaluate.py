@@ -19,8 +19,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from assistant.errors import UserError
-from assistant.files import write_file
-from assistant.images import save_image
+from assistant.files import save_image, write_file
 from assistant.models import EditPlan, EditRequest, Guidance, Seed, Steps, next_seed
 from assistant.settings import Settings
 from plugins.icedit import features as feature_models

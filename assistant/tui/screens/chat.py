@@ -363,7 +363,7 @@ class ChatScreen(Screen):
         return f"opened {path} ({image.width}x{image.height}) as turn #{turn.id}"
 
     def command_save(self, argument: str) -> str:
-        from assistant.images import save_image
+        from assistant.files import save_image
         from sessions.identity import decode_png
 
         if not argument:
