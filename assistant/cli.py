@@ -138,10 +138,11 @@ def cli() -> None:
 
 engine_options = [
     click.option(
-        "--preset", help="engine preset: default (FLUX.1 Fill + ICEdit LoRA), moe (+ LoRA-MoE), tiny (random)"
+        "--preset",
+        help="engine preset: default (real weights), tiny (random, offline); icedit also moe (+ LoRA-MoE)",
     ),
-    click.option("--model", help="FLUX.1 Fill hub id or local folder (overrides the preset)"),
-    click.option("--revision", help="pin the FLUX.1 Fill hub revision (commit, tag or branch)"),
+    click.option("--model", help="the engine's model: hub id or local folder (overrides the preset)"),
+    click.option("--revision", help="pin the model's hub revision (commit, tag or branch)"),
     click.option("--lora", help="LoRA hub id or path (overrides the preset); 'none' for none"),
     click.option("--lora-revision", help="pin the LoRA's hub revision"),
     click.option(
@@ -208,7 +209,11 @@ def with_engine_options(fn):
 @click.option("--seed", type=kit.option_type(Seed), help="noise seed (default: random, printed)")
 @click.option("--steps", type=kit.option_type(Steps), help="denoising steps (default 28)")
 @click.option("--guidance", type=kit.option_type(Guidance), help="guidance (default 50)")
-@click.option("--native-size", is_flag=True, help="keep the 512-wide panel instead of the source's size")
+@click.option(
+    "--native-size",
+    is_flag=True,
+    help="keep the size the engine works at (icedit: the 512-wide panel) instead of the source's",
+)
 @click.option("--save-candidates", type=kit.PathArg(), help="folder for the early filter's previews")
 @with_engine_options
 @click.option("--json", "json_", is_flag=True, help="print the result as JSON")

@@ -27,11 +27,11 @@ class Settings(BaseSettings):
         None, description="rewriter plugin (default: qwen_vl with real weights, rules with random ones)"
     )
     preset: str = Field("default", description="engine preset: 'default' (real weights) or 'tiny'")
-    model: str | None = Field(None, description="FLUX.1 Fill hub id or local folder (overrides the preset)")
-    lora: str | None = Field(None, description="LoRA hub id or path (overrides the preset); 'none' for none")
-    revision: str | None = Field(
-        None, description="hub revision (commit, tag, branch) of the FLUX.1 Fill model"
+    model: str | None = Field(
+        None, description="the engine's model: hub id or local folder (overrides the preset)"
     )
+    lora: str | None = Field(None, description="LoRA hub id or path (overrides the preset); 'none' for none")
+    revision: str | None = Field(None, description="hub revision (commit, tag, branch) of the engine's model")
     lora_revision: str | None = Field(None, description="hub revision of the LoRA")
     lora_weight_name: str | None = Field(
         None,

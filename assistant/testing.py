@@ -182,7 +182,7 @@ class EngineContract:
         assert other.seed == next_seed(self.seed)
         assert encode_png(other.image) != encode_png(first.image)
 
-    @pytest.mark.parametrize("instruction", [None, ""])
+    @pytest.mark.parametrize("instruction", [None, "", "   "])
     def test_an_empty_instruction_is_a_user_error(self, engine, instruction):
         plan = EditPlan(intent="edit", instruction=instruction)
         with pytest.raises(UserError):
@@ -348,13 +348,14 @@ class FakeEngine:
     def _paint(
         self, request: EditRequest, seed: int, steps: int, events, cancel: threading.Event
     ) -> Image.Image:
-        if not request.plan.instruction:
+        instruction = request.plan.instruction or ""
+        if not instruction.strip():
             raise UserError("the plan has no instruction to edit with")
         for i in range(1, steps + 1):
             if cancel.is_set():
                 raise Cancelled("edit cancelled between steps: nothing was saved")
             events(Step(i=i, n=steps, phase="denoise"))
-        tint = Image.new("RGB", request.source.size, (seed % 256, len(request.plan.instruction) % 256, 40))
+        tint = Image.new("RGB", request.source.size, (seed % 256, len(instruction) % 256, 40))
         return ImageChops.add(request.source, tint)
 
     def edit(self, request: EditRequest, events, cancel: threading.Event) -> EditResult:

@@ -40,7 +40,7 @@ class IceditEngine:
         self, request: EditRequest, events: Callable[[EngineEvent], None], cancel: threading.Event
     ) -> _Edit:
         """Load (once), encode the prompt and the diptych: what every seed of this edit shares."""
-        if not request.plan.instruction:
+        if not (request.plan.instruction or "").strip():
             raise UserError("the plan has no instruction to edit with")
         prompt = request.plan.ic_prompt or prompts.render("ic_edit.txt", instruction=request.plan.instruction)
         canvas, mask = make_diptych(request.source)

@@ -218,10 +218,10 @@ def adapter_kind(settings: Settings) -> str:
         path = hub.on_disk(lora_artifact(lora, settings.lora_revision, settings.lora_weight_name))
     except UserError:
         return "unknown"
-    return _kind_of(path) if path is not None else "unknown"
+    return adapter_file_kind(path) if path is not None else "unknown"
 
 
-def _kind_of(path: Path) -> str:
+def adapter_file_kind(path: Path) -> str:
     from safetensors import safe_open
 
     try:
@@ -241,8 +241,8 @@ def _load_adapter(pipe, lora: str, settings: Settings) -> AdapterInfo:
         )
     else:
         path = hub.locate(lora_artifact(lora, settings.lora_revision, settings.lora_weight_name))
-        if _kind_of(path) != "lora-moe":
-            return _load_stock_lora(pipe, lora, path, settings.lora_scale)
+        if adapter_file_kind(path) != "lora-moe":
+            return load_stock_lora(pipe, lora, path, settings.lora_scale)
         state = moe_checkpoint.read_checkpoint(path)
     _check_finite(state, lora)
     report = moe_checkpoint.load_lora_moe(pipe.transformer, state, top_k=settings.top_k)
@@ -269,7 +269,7 @@ def _check_finite(state, lora: str) -> None:
             )
 
 
-def _load_stock_lora(pipe, lora: str, path: Path, scale: float) -> AdapterInfo:
+def load_stock_lora(pipe, lora: str, path: Path, scale: float) -> AdapterInfo:
     try:  # use_safetensors=True: diffusers never falls back to unpickling a .bin
         state = pipe.lora_state_dict(str(path.parent), weight_name=path.name, use_safetensors=True)
         weights = state[0] if isinstance(state, tuple) else state

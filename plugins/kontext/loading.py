@@ -96,16 +96,16 @@ def _from_pretrained(model: str, dtype, revision: str | None = None):
 
 def _load_lora(pipe, lora: str, settings: Settings) -> AdapterInfo:
     """A stock diffusers LoRA for the Kontext transformer; ICEdit's LoRA-MoE routes FLUX Fill only."""
-    from plugins.icedit.loading import _kind_of, _load_stock_lora
+    from plugins.icedit.loading import adapter_file_kind, load_stock_lora
 
     path = (
         None
         if lora == TINY_MOE
         else hub.locate(lora_artifact(lora, settings.lora_revision, settings.lora_weight_name))
     )
-    if path is None or _kind_of(path) == "lora-moe":
+    if path is None or adapter_file_kind(path) == "lora-moe":
         raise UserError(
             f"{lora} is a LoRA-MoE adapter (ICEdit's, for FLUX.1 Fill): the kontext engine takes "
             "stock diffusers LoRAs only; use --lora none or --engine icedit"
         )
-    return _load_stock_lora(pipe, lora, path, settings.lora_scale)
+    return load_stock_lora(pipe, lora, path, settings.lora_scale)
