@@ -266,6 +266,8 @@ class Agent:
             raise UserError(
                 f"turn {current.id} holds a damaged plan or seed: it cannot be retried; edit again instead"
             ) from None
+        if current.params.get("engine") != self.settings.engine:  # another engine's prompt is not this one's
+            plan = plan.model_copy(update={"ic_prompt": None})
         read = read.model_copy(update={"plan": plan})
         parent = history.turn(current.parent)
         seed = next_seed(stored) if seed is None else seed
@@ -286,7 +288,7 @@ class Agent:
         seed: int | None = None,
         steps: int | None = None,
         guidance: float | None = None,
-        native_size: bool = False,
+        native_size: bool | None = None,
         candidates: int | None = None,
         early_steps: int | None = None,
     ) -> TurnOutcome:
@@ -298,7 +300,7 @@ class Agent:
             seed=new_seed() if seed is None else seed,
             steps=steps or earlier.get("steps") or self.settings.steps,
             guidance=guidance or earlier.get("guidance") or self.settings.guidance,
-            native_size=native_size,
+            native_size=bool(earlier.get("native_size", False)) if native_size is None else native_size,
             candidates=candidates or earlier.get("candidates") or self.settings.candidates,
             early_steps=early_steps or earlier.get("early_steps") or self.settings.early_steps,
         )
@@ -323,7 +325,7 @@ class Agent:
                 "seed": result.seed,
                 "steps": request.steps,
                 "guidance": request.guidance,
-                "native_size": native_size,
+                "native_size": request.native_size,
                 "engine": self.settings.engine,
                 "rewriter": read.rewriter,
                 "preset": self.settings.preset,

@@ -326,15 +326,19 @@ def retry(name, output, force, seed, json_, **options) -> None:
 
     settings = kit.settings(**options)
     _check_output(output, None, force)
-    settings = kit.prepare(settings).settings
     store = _store(settings)
     agent = Agent(store, name, settings)
+    given = {k: options[k] for k in ("candidates", "early_steps") if options.get(k) is not None}
+    candidates = given.get("candidates") or agent.current().params.get("candidates") or settings.candidates
+    settings = kit.prepare(settings, judge=candidates > 1).settings  # the judge the retried turn needs
+    agent.settings = settings
     with _cancel_on_sigint() as cancel:
         outcome = agent.retry(
             f"icedit retry{'' if seed is None else f' --seed {seed}'}",
             seed=seed,
             events=_Progress.show,
             cancel=cancel,
+            **given,
         )
     _report(outcome, agent, store, output=output, stem=name, force=force, session=name, json_=json_)
 

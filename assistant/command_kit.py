@@ -108,9 +108,10 @@ def settings(**overrides: Any):
 
 def prepare(settings, extra=None, *, quiet: bool = False, **needs: Any):
     """Check (and fetch) every artifact the command will load before anything loads; choose the rewriter."""
-    from assistant import preflight
+    from assistant import plugins, preflight
 
     prepared = preflight.prepare(settings, extra, **needs)
+    plugins.check_options(prepared.settings)  # the rewriter may be another one now (rules for a missing VLM)
     if not quiet:
         for note in prepared.notes:
             click.echo(f"note: {note}", err=True)

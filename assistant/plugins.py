@@ -160,7 +160,9 @@ def _in_use(settings: Settings) -> dict[tuple[str, str], type[BaseModel]]:
     """{(kind, name): options model} of the registered plugins these settings would build."""
     from assistant.preflight import rewriter_name
 
-    used = {"engines": settings.engine, "rewriters": rewriter_name(settings), "judges": settings.judge}
+    used = {"engines": settings.engine, "rewriters": rewriter_name(settings)}
+    if settings.candidates > 1:  # the judge runs only with the early filter (as preflight counts it)
+        used["judges"] = settings.judge
     models = {}
     for kind, name in used.items():
         spec = registrations(kind).get(name, (None, None))[1]  # an unknown name fails where it is used

@@ -47,7 +47,8 @@ class CandidateRun(Protocol):
 
     def finish(self, index: int, events: Events, cancel: threading.Event) -> EditResult:
         """Run candidate `index` to the last step; the result is the image a plain edit with that seed
-        makes. Its `nfe` counts what this run spent in all (every candidate's early steps included)."""
+        makes (up to rounding where the batched steps sum in another order). Its `nfe` counts what this
+        run spent in all (every candidate's early steps included)."""
         ...
 
 
@@ -58,7 +59,8 @@ class CandidateEngine(Engine, Protocol):
     def start_candidates(
         self, request: EditRequest, seeds: list[int], events: Events, cancel: threading.Event
     ) -> CandidateRun:
-        """Run the first `request.early_steps` steps for every seed (batched where it can)."""
+        """Run the first `request.early_steps` steps for every seed (batched where it can). The host has
+        checked 1 <= early_steps < steps and that there is a judge."""
         ...
 
 

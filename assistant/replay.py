@@ -95,7 +95,7 @@ def total_nfe(script: ReplayScript, settings: Settings) -> int:
 
 
 def _nfe(turn: ReplayTurn, settings: Settings) -> int:
-    """n steps, or M*m + n - m when M > 1 candidates run m early steps each (plugins/icedit/early_filter.py)."""
+    """n steps, or M*m + n - m when M > 1 candidates run m early steps each (assistant/early_filter.py)."""
     steps = turn.steps or settings.steps
     candidates = turn.candidates or settings.candidates
     if candidates == 1:

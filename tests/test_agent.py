@@ -177,6 +177,33 @@ def test_retry_is_an_agent_operation_that_no_rewriter_has_to_understand(store, f
         agent.retry()
 
 
+def test_retry_keeps_the_turns_size_policy_and_leaves_another_engines_prompt_behind(
+    store, fake, fake_settings, photo
+):
+    from assistant.plugins import EngineSpec
+
+    agent = Agent(store, "s", fake_settings)
+    agent.turn("add a hat", source=(photo, "open cat"), seed=1, native_size=True)
+    assert agent.retry().turn.params["native_size"] is True and fake.engine.calls[-1].native_size is True
+    assert fake.engine.calls[-1].plan.ic_prompt == "fake: add a hat"  # the same engine keeps its own prompt
+
+    class Other:
+        @hookimpl
+        def register_engines(self, register):
+            register(EngineSpec("other", lambda settings: fake.engine, "the same fake under another name"))
+
+    get_plugin_manager().register(Other(), name="other")
+    try:
+        other = Agent(store, "s", fake_settings.model_copy(update={"engine": "other"}))
+        out = other.retry(candidates=1)
+        assert (
+            fake.engine.calls[-1].plan.ic_prompt is None
+        )  # icedit's diptych prompt is not kontext's, nor back
+        assert (out.turn.params["engine"], out.turn.plan["instruction"]) == ("other", "add a hat")
+    finally:
+        get_plugin_manager().unregister(name="other")
+
+
 def test_retry_on_an_open_turn_is_refused(agent, store, fake, photo):
     with pytest.raises(UserError, match="nothing to retry: the current image is not an edit"):
         agent.turn("try another seed", source=(photo, "open cat"))

@@ -232,6 +232,42 @@ def test_retry_paints_the_current_edit_again_with_the_next_seed_as_a_sibling(
     assert dump(demo) == before
 
 
+def test_retry_takes_the_early_filter_settings_given_on_its_command_line(demo, fake, tmp_path):
+    from assistant.hookspecs import hookimpl
+    from assistant.plugins import JudgeSpec, get_plugin_manager
+    from assistant.testing import BrighterJudge
+
+    class Judges:
+        @hookimpl
+        def register_judges(self, register):
+            register(JudgeSpec("brighter", lambda settings: BrighterJudge(), "the brighter wins"))
+
+    get_plugin_manager().register(Judges(), name="brighter")
+    try:
+        filtered = invoke(
+            "retry",
+            "demo",
+            "--engine",
+            "fake",
+            "--candidates",
+            "3",
+            "--early-steps",
+            "2",
+            "--judge",
+            "brighter",
+            "--json",
+        )
+        assert filtered.exit_code == 0, filtered.output
+        assert [c["seed"] for c in json.loads(filtered.stdout)["candidates"]] == [2, 3, 4]
+        invoke("undo", "demo")
+        invoke("redo", "demo")  # back on the filtered retry: its 3 candidates are the default now
+        plain = invoke("retry", "demo", "--engine", "fake", "--candidates", "1", "--json")
+        assert plain.exit_code == 0, plain.output
+        assert "candidates" not in json.loads(plain.stdout) and fake.engine.calls[-1].candidates == 1
+    finally:
+        get_plugin_manager().unregister(name="brighter")
+
+
 def test_steps_out_of_range_is_a_usage_error_exit_2_and_changes_nothing(demo, tmp_path):
     before = dump(demo)
     result = invoke("edit", CHELSEA, "add snow", "--engine", "fake", "--session", "demo", "--steps", "0")
