@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from typing import cast
 
 from PIL import Image
 
@@ -96,7 +97,7 @@ def run(
     with every candidate and verdict recorded on it."""
     if judge is None:
         raise UserError("the early filter needs a judge (--judge)")
-    if not isinstance(engine, CandidateEngine):
+    if not callable(getattr(engine, "start_candidates", None)):  # the one method the filter needs
         raise UserError(f"{engine_name} cannot run the early filter: use --candidates 1")
     if not 1 <= request.early_steps < request.steps:
         raise UserError(
@@ -104,7 +105,7 @@ def run(
             f"{request.early_steps}"
         )
     seeds = [next_seed(request.seed, i) for i in range(request.candidates)]
-    started = engine.start_candidates(request, seeds, events, cancel)
+    started = cast(CandidateEngine, engine).start_candidates(request, seeds, events, cancel)
     previews = list(started.previews)
     if len(previews) != len(seeds):
         raise ValueError(f"{engine_name} gave {len(previews)} previews for {len(seeds)} candidates")
