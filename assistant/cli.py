@@ -98,6 +98,7 @@ class _Root(_Group):
     a built-in one or help lists them all, so `icedit sessions list` loads no plugin at all."""
 
     _plugins_added = False
+    _builtins: dict[str, click.Command] = {}
 
     def _add_plugin_commands(self) -> None:
         if self._plugins_added:
@@ -105,8 +106,10 @@ class _Root(_Group):
         self._plugins_added = True
         from assistant.plugins import get_plugin_manager
 
-        builtins = dict(self.commands)
+        builtins, owners = dict(self.commands), dict[str, str]()
+        self._builtins = builtins
         for impl in get_plugin_manager().hook.register_cli_commands.get_hookimpls():
+            before = dict(self.commands)
             try:
                 impl.function(cli=self)
             except Exception as e:  # noqa: BLE001 - one plugin's bug must not take the other commands down
@@ -115,10 +118,29 @@ class _Root(_Group):
                     f"{printable(str(e))})",
                     err=True,
                 )
-        for name, command in builtins.items():
-            if self.commands[name] is not command:
-                click.echo(f"warning: a plugin's command '{name}' is ignored: icedit has its own", err=True)
-                self.commands[name] = command
+            for name, command in list(self.commands.items()):
+                if before.get(name) is command:
+                    continue
+                if name in builtins:
+                    click.echo(
+                        f"warning: a plugin's command '{name}' is ignored: icedit has its own", err=True
+                    )
+                    self.commands[name] = builtins[name]
+                elif name in owners:
+                    click.echo(
+                        f"warning: plugin {impl.plugin_name}'s command '{name}' is ignored: plugin "
+                        f"{owners[name]} adds one by that name",
+                        err=True,
+                    )
+                    self.commands[name] = before[name]
+                else:
+                    owners[name] = impl.plugin_name
+
+    def forget_plugin_commands(self) -> None:
+        """Drop the plugins' commands; the next lookup asks the plugins again (`assistant.testing`)."""
+        if self._plugins_added:
+            self.commands = dict(self._builtins)
+            self._plugins_added = False
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name not in self.commands:

@@ -184,7 +184,10 @@ def _given(settings: Settings, models: dict[tuple[str, str], type[BaseModel]]) -
             known = "; ".join(
                 f"{name} takes {', '.join(model.model_fields)}" for (_, name), model in models.items()
             )
-            raise UserError(f"unknown option '{raw}' ({known or 'the plugins in use take no options'})")
+            idle = (
+                f"{owner} is not in use here; " if owner and owner not in {name for _, name in models} else ""
+            )
+            raise UserError(f"unknown option '{raw}' ({idle}{known or 'the plugins in use take no options'})")
         for used in takers:
             given[used][key] = value
     return given

@@ -26,7 +26,8 @@ Needs pytest; imports no torch (the fakes and contracts use PIL only).
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import pytest
 from PIL import Image, ImageChops, ImageStat
@@ -50,6 +51,7 @@ from assistant.protocols import CandidateEngine, Engine, Judge, PairwiseJudge, R
 from sessions.identity import encode_png
 
 __all__ = [
+    "registered",
     "BrighterJudge",
     "EngineContract",
     "FakeEngine",
@@ -399,3 +401,21 @@ class FakePlugin:
     @hookimpl
     def turn_finished(self, session, turn):
         self.finished.append((session, turn.id))
+
+
+@contextmanager
+def registered(plugin: object, name: str) -> Iterator[None]:
+    """`plugin` registered with icedit's plugin manager for the block, as its entry point would register
+    it: its engines, rewriters, judges and commands (the `icedit` group asks for plugin commands afresh)
+    are there inside the block and gone after it."""
+    from assistant.cli import cli
+    from assistant.plugins import get_plugin_manager
+
+    pm = get_plugin_manager()
+    pm.register(plugin, name=name)
+    cli.forget_plugin_commands()
+    try:
+        yield
+    finally:
+        pm.unregister(name=name)
+        cli.forget_plugin_commands()

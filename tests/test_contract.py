@@ -285,6 +285,10 @@ def test_plugin_options_reach_the_sample_from_option_flags_and_the_environment(
         (("--option", "bitz=1"), "Error: unknown option 'bitz' (posterize takes bits, strength)"),
         (("--option", "tidy.bits=1"), "Error: unknown option 'tidy.bits' (posterize takes bits, strength)"),
         (
+            ("--option", "kontext.bits=1"),
+            "Error: unknown option 'kontext.bits' (kontext is not in use here; posterize takes bits, strength)",
+        ),
+        (
             ("--option", "bits=99"),
             "Error: bad option posterize.bits: Input should be less than or equal to 8",
         ),

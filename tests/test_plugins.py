@@ -1,5 +1,6 @@
 """Plugin registration: built-ins and test plugins go through the same hooks."""
 
+import contextlib
 import json
 
 import pytest
@@ -11,6 +12,7 @@ from assistant.errors import UserError
 from assistant.hookspecs import hookimpl
 from assistant.models import EditPlan
 from assistant.plugins import RewriterSpec, get_plugin_manager
+from assistant.testing import registered
 
 
 def test_builtins_register_their_engine_and_rewriter():
@@ -192,21 +194,9 @@ def test_every_committed_turn_is_observed_and_a_failing_observer_changes_nothing
 
 @pytest.fixture
 def cli_plugins():
-    """Register test plugins that add `icedit` commands; the group reads them afresh, and forgets them after."""
-    pm = get_plugin_manager()
-    names, before = [], dict(cli.commands)
-
-    def register(plugin, name):
-        pm.register(plugin, name=name)
-        names.append(name)
-        cli._plugins_added = False
-
-    yield register
-    for name in names:
-        pm.unregister(name=name)
-    cli.commands.clear()
-    cli.commands.update(before)
-    cli._plugins_added = False
+    """Register test plugins that add `icedit` commands, through the kit's `registered`."""
+    with contextlib.ExitStack() as stack:
+        yield lambda plugin, name: stack.enter_context(registered(plugin, name))
 
 
 def test_a_plugin_adds_an_icedit_command_and_the_builtins_stay_theirs(cli_plugins):
@@ -230,13 +220,22 @@ def test_a_plugin_adds_an_icedit_command_and_the_builtins_stay_theirs(cli_plugin
         def register_cli_commands(self, cli):
             raise RuntimeError("no commands today")
 
+    class Copycat:
+        @hookimpl
+        def register_cli_commands(self, cli):
+            @cli.command("greet")
+            def greet_again():
+                click.echo("not me")
+
     cli_plugins(Greeter(), "greeter")
     cli_plugins(Broken(), "broken")
+    cli_plugins(Copycat(), "copycat")
     result = CliRunner().invoke(cli, ["greet", "you"])
     assert (result.exit_code, result.stdout) == (0, "hello you\n")
-    assert result.stderr.splitlines() == [
-        "warning: plugin broken failed adding its commands (RuntimeError: no commands today)",
+    assert result.stderr.splitlines() == [  # in the order the plugins were registered
         "warning: a plugin's command 'edit' is ignored: icedit has its own",
+        "warning: plugin broken failed adding its commands (RuntimeError: no commands today)",
+        "warning: plugin copycat's command 'greet' is ignored: plugin greeter adds one by that name",
     ]
     help_text = CliRunner().invoke(cli, ["--help"]).stdout
     assert "greet     Say hello." in help_text and "train" in help_text and "eval" in help_text
