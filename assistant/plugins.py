@@ -156,15 +156,20 @@ def build(kind: str, name: str, settings: Settings) -> Any:
     )
 
 
-def _in_use(settings: Settings) -> dict[tuple[str, str], type[BaseModel]]:
-    """{(kind, name): options model} of the registered plugins these settings would build."""
+def _used(settings: Settings) -> dict[str, str]:
+    """{kind: name} of the plugins these settings would build."""
     from assistant.preflight import rewriter_name
 
     used = {"engines": settings.engine, "rewriters": rewriter_name(settings)}
     if settings.candidates > 1:  # the judge runs only with the early filter (as preflight counts it)
         used["judges"] = settings.judge
+    return used
+
+
+def _in_use(settings: Settings) -> dict[tuple[str, str], type[BaseModel]]:
+    """{(kind, name): options model} of the registered plugins these settings would build."""
     models = {}
-    for kind, name in used.items():
+    for kind, name in _used(settings).items():
         spec = registrations(kind).get(name, (None, None))[1]  # an unknown name fails where it is used
         if spec is not None and spec.options is not None:
             models[(kind, name)] = spec.options
@@ -184,9 +189,8 @@ def _given(settings: Settings, models: dict[tuple[str, str], type[BaseModel]]) -
             known = "; ".join(
                 f"{name} takes {', '.join(model.model_fields)}" for (_, name), model in models.items()
             )
-            idle = (
-                f"{owner} is not in use here; " if owner and owner not in {name for _, name in models} else ""
-            )
+            in_use = {name for _, name in models} | set(_used(settings).values())
+            idle = f"{owner} is not in use here; " if owner and owner not in in_use else ""
             raise UserError(f"unknown option '{raw}' ({idle}{known or 'the plugins in use take no options'})")
         for used in takers:
             given[used][key] = value
