@@ -9,12 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
+from assistant import early_filter
 from assistant import plugins as host
 from assistant.errors import Cancelled, UserError
 from assistant.models import EditPlan, EditRequest
 from assistant.plugins import get_plugin_manager
 from assistant.protocols import CandidateEngine
 from assistant.settings import Settings
+from assistant.testing import BrighterJudge
 from plugins.kontext.engine import KontextEngine
 from plugins.kontext.loading import artifacts, load_pipeline
 from plugins.kontext.presets import build_tiny
@@ -155,7 +157,14 @@ def test_bad_input_is_one_line_before_anything_loads(photo):
         assert str(e.value) == "the plan has no instruction to edit with"
     assert engine._pipe is None  # refused before the model loaded
     with pytest.raises(UserError, match=r"^--early-steps must be between 1 and --steps - 1 \(2\), not 3$"):
-        engine.start_candidates(request(photo, early_steps=3), [1, 2], lambda e: None, threading.Event())
+        early_filter.run(
+            engine,
+            request(photo, early_steps=3, candidates=2),
+            BrighterJudge(),
+            lambda e: None,
+            threading.Event(),
+        )
+    assert engine._pipe is None  # the host refused it before the engine started
 
 
 def test_plugin_registers_kontext_and_names_its_weights_without_importing_torch():

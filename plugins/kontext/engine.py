@@ -88,12 +88,8 @@ class KontextEngine:
         self, request: EditRequest, seeds: list[int], events: Events, cancel: threading.Event
     ) -> KontextCandidates:
         """The early filter's first `request.early_steps` steps for every seed in one batch, and
-        their x0 previews; `finish` resumes one of them from its step-m latents."""
-        if not 1 <= request.early_steps < request.steps:
-            raise UserError(
-                f"--early-steps must be between 1 and --steps - 1 ({request.steps - 1}), not "
-                f"{request.early_steps}"
-            )
+        their x0 previews; `finish` resumes one of them from its step-m latents (the host has checked
+        the early steps)."""
         job = self._begin(request, events, cancel)
         started = time.perf_counter()
         with _out_of_memory(job.size, job.sampler.pipe):

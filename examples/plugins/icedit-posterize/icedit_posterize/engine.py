@@ -119,12 +119,7 @@ class PosterizeEngine:
     def start_candidates(
         self, request: EditRequest, seeds: list[int], events: Events, cancel: threading.Event
     ) -> PosterizeCandidates:
-        if not 1 <= request.early_steps < request.steps:
-            raise UserError(
-                f"--early-steps must be between 1 and --steps - 1 ({request.steps - 1}), not "
-                f"{request.early_steps}"
-            )
-        runs = [self._start(request, seed) for seed in seeds]
+        runs = [self._start(request, seed) for seed in seeds]  # the host has checked the early steps
         self._advance(runs, request.early_steps, request.steps, "candidates", events, cancel)
         spent = len(seeds) * request.early_steps + request.steps - request.early_steps
         return PosterizeCandidates(self, runs, request.steps, spent)
