@@ -86,8 +86,9 @@ class PromptCache:
         return value
 
 
-class FillSampler:
-    """Runs a FluxFillPipeline's components step by step."""
+class FlowSampler:
+    """What every FLUX pipeline's loop shares, whatever conditions it (Fill by channel, Kontext by
+    sequence): the shifted sigma schedule, the Euler step, the x0 preview and the VAE decode."""
 
     def __init__(self, pipe, prompts: PromptCache | None = None):
         self.pipe = pipe
@@ -96,6 +97,54 @@ class FillSampler:
     @property
     def device(self) -> torch.device:
         return self.pipe._execution_device
+
+    def schedule(self, image_tokens: int, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sigmas, timesteps) as the stock pipelines set them: n + 1 sigmas ending at 0, shifted by mu."""
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        config = self.pipe.scheduler.config
+        mu = calculate_shift(
+            image_tokens,
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        )
+        self.pipe.scheduler.set_timesteps(
+            sigmas=np.linspace(1.0, 1 / steps, steps), device=self.device, mu=mu
+        )
+        return self.pipe.scheduler.sigmas.clone(), self.pipe.scheduler.timesteps.clone()
+
+    @staticmethod
+    def step(x: torch.Tensor, v: torch.Tensor, sigmas: torch.Tensor, i: int) -> torch.Tensor:
+        """FlowMatchEulerDiscreteScheduler.step from sigma i to i + 1; NaN or infinity is one line."""
+        x = (x.to(torch.float32) + (sigmas[i + 1] - sigmas[i]) * v).to(v.dtype)
+        if not bool(torch.isfinite(x).all()):
+            raise UserError(
+                f"the edit went numerically wrong at step {i + 1} of {len(sigmas) - 1} (NaN or infinity "
+                "in the latents): nothing was saved; try another --dtype or adapter"
+            )
+        return x
+
+    def x0(self, cond, latents) -> torch.Tensor:
+        """The clean latents the last velocity points at: x0 = x_t - sigma_t v (a preview)."""
+        if latents.velocity is None:
+            raise ValueError("no step has run yet: there is no x0 prediction")
+        sigma = cond.sigmas[latents.step]
+        return (latents.x.to(torch.float32) - sigma * latents.velocity).to(latents.x.dtype)
+
+    @torch.no_grad()
+    def decode(self, cond, packed: torch.Tensor) -> list[Image.Image]:
+        """Packed latents -> RGB pictures at the conditioning's size, as the stock pipelines post-process them."""
+        pipe = self.pipe
+        latents = pipe._unpack_latents(packed, cond.height, cond.width, pipe.vae_scale_factor)
+        latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+        images = pipe.vae.decode(latents, return_dict=False)[0]
+        return pipe.image_processor.postprocess(images, output_type="pil")
+
+
+class FillSampler(FlowSampler):
+    """Runs a FluxFillPipeline's components step by step."""
 
     @property
     def dtype(self) -> torch.dtype:
@@ -106,8 +155,6 @@ class FillSampler:
         self, canvas: Image.Image, mask: Image.Image, prompt: str, steps: int, guidance: float
     ) -> Conditioning:
         """Encode the prompt and the masked canvas once; compute the sigma schedule."""
-        from diffusers.pipelines.flux.pipeline_flux_fill import calculate_shift
-
         pipe, device = self.pipe, self.device
         height, width = canvas.height, canvas.width
         prompt_embeds, pooled, text_ids = self.prompts.encode(pipe, prompt, device)
@@ -121,24 +168,15 @@ class FillSampler:
             mask_image, dist.mean, 1, pipe.vae.config.latent_channels, 1, height, width, dtype, device, None
         )
         s = pipe.vae_scale_factor
-        seq_len = (height // s // 2) * (width // s // 2)
-        config = pipe.scheduler.config
-        mu = calculate_shift(
-            seq_len,
-            config.get("base_image_seq_len", 256),
-            config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5),
-            config.get("max_shift", 1.15),
-        )
-        pipe.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), device=device, mu=mu)
+        sigmas, timesteps = self.schedule((height // s // 2) * (width // s // 2), steps)
         lat_h, lat_w = 2 * (height // (s * 2)), 2 * (width // (s * 2))
         return Conditioning(
             prompt_embeds=prompt_embeds,
             pooled=pooled,
             text_ids=text_ids,
             image_ids=pipe._prepare_latent_image_ids(1, lat_h // 2, lat_w // 2, device, dtype),
-            sigmas=pipe.scheduler.sigmas.clone(),
-            timesteps=pipe.scheduler.timesteps.clone(),
+            sigmas=sigmas,
+            timesteps=timesteps,
             guidance=guidance,
             mask=packed_mask,
             masked_mean=dist.mean,
@@ -198,28 +236,6 @@ class FillSampler:
                 img_ids=cond.image_ids,
                 return_dict=False,
             )[0]
-            dt = cond.sigmas[i + 1] - cond.sigmas[i]
-            x = (x.to(torch.float32) + dt * v).to(v.dtype)  # FlowMatchEulerDiscreteScheduler.step
-            if not bool(torch.isfinite(x).all()):
-                raise UserError(
-                    f"the edit went numerically wrong at step {i + 1} of {cond.steps} (NaN or infinity "
-                    "in the latents): nothing was saved; try another --dtype or adapter"
-                )
+            x = self.step(x, v, cond.sigmas, i)
             on_step(i + 1, cond.steps)
         return replace(latents, x=x, step=until, velocity=v)
-
-    def x0(self, cond: Conditioning, latents: Latents) -> torch.Tensor:
-        """The clean latents the last velocity points at: x0 = x_t - sigma_t v (a preview)."""
-        if latents.velocity is None:
-            raise ValueError("no step has run yet: there is no x0 prediction")
-        sigma = cond.sigmas[latents.step]
-        return (latents.x.to(torch.float32) - sigma * latents.velocity).to(latents.x.dtype)
-
-    @torch.no_grad()
-    def decode(self, cond: Conditioning, packed: torch.Tensor) -> list[Image.Image]:
-        """Packed latents -> RGB canvases, as the stock pipeline post-processes them."""
-        pipe = self.pipe
-        latents = pipe._unpack_latents(packed, cond.height, cond.width, pipe.vae_scale_factor)
-        latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
-        images = pipe.vae.decode(latents, return_dict=False)[0]
-        return pipe.image_processor.postprocess(images, output_type="pil")

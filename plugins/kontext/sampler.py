@@ -17,12 +17,11 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-import numpy as np
 import torch
 from PIL import Image
 
-from assistant.errors import Cancelled, UserError
-from plugins.icedit.sampler import PromptCache
+from assistant.errors import Cancelled
+from plugins.icedit.sampler import FlowSampler
 
 
 @dataclass(frozen=True)
@@ -61,23 +60,13 @@ class Latents:
         return Latents((self.seeds[index],), self.x[keep], self.step, v)
 
 
-class KontextSampler:
+class KontextSampler(FlowSampler):
     """Runs a FluxKontextPipeline's components step by step."""
-
-    def __init__(self, pipe, prompts: PromptCache | None = None):
-        self.pipe = pipe
-        self.prompts = prompts or PromptCache(size=0)
-
-    @property
-    def device(self) -> torch.device:
-        return self.pipe._execution_device
 
     @torch.no_grad()
     def prepare(self, image: Image.Image, prompt: str, steps: int, guidance: float) -> Conditioning:
         """Encode the prompt and the source (already at a multiple of 16 on each side) once; compute
         the sigma schedule. The output has the source's size."""
-        from diffusers.pipelines.flux.pipeline_flux_kontext import calculate_shift
-
         pipe, device = self.pipe, self.device
         width, height = image.size
         prompt_embeds, pooled, text_ids = self.prompts.encode(pipe, prompt, device)
@@ -90,23 +79,15 @@ class KontextSampler:
         noise_ids = pipe._prepare_latent_image_ids(1, lat_h // 2, lat_w // 2, device, dtype)
         source_ids = noise_ids.clone()
         source_ids[..., 0] = 1
-        config = pipe.scheduler.config
-        mu = calculate_shift(
-            noise_ids.shape[0],
-            config.get("base_image_seq_len", 256),
-            config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5),
-            config.get("max_shift", 1.15),
-        )
-        pipe.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), device=device, mu=mu)
+        sigmas, timesteps = self.schedule(noise_ids.shape[0], steps)
         return Conditioning(
             prompt_embeds=prompt_embeds,
             pooled=pooled,
             text_ids=text_ids,
             source=source,
             ids=torch.cat((noise_ids, source_ids)),
-            sigmas=pipe.scheduler.sigmas.clone(),
-            timesteps=pipe.scheduler.timesteps.clone(),
+            sigmas=sigmas,
+            timesteps=timesteps,
             guidance=guidance,
             height=height,
             width=width,
@@ -164,28 +145,6 @@ class KontextSampler:
                 joint_attention_kwargs={},
                 return_dict=False,
             )[0][:, :tokens]
-            dt = cond.sigmas[i + 1] - cond.sigmas[i]
-            x = (x.to(torch.float32) + dt * v).to(v.dtype)  # FlowMatchEulerDiscreteScheduler.step
-            if not bool(torch.isfinite(x).all()):
-                raise UserError(
-                    f"the edit went numerically wrong at step {i + 1} of {cond.steps} (NaN or infinity "
-                    "in the latents): nothing was saved; try another --dtype"
-                )
+            x = self.step(x, v, cond.sigmas, i)
             on_step(i + 1, cond.steps)
         return replace(latents, x=x, step=until, velocity=v)
-
-    def x0(self, cond: Conditioning, latents: Latents) -> torch.Tensor:
-        """The clean latents the last velocity points at: x0 = x_t - sigma_t v (a preview)."""
-        if latents.velocity is None:
-            raise ValueError("no step has run yet: there is no x0 prediction")
-        sigma = cond.sigmas[latents.step]
-        return (latents.x.to(torch.float32) - sigma * latents.velocity).to(latents.x.dtype)
-
-    @torch.no_grad()
-    def decode(self, cond: Conditioning, packed: torch.Tensor) -> list[Image.Image]:
-        """Packed latents -> RGB pictures, as the stock pipeline post-processes them."""
-        pipe = self.pipe
-        latents = pipe._unpack_latents(packed, cond.height, cond.width, pipe.vae_scale_factor)
-        latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
-        images = pipe.vae.decode(latents, return_dict=False)[0]
-        return pipe.image_processor.postprocess(images, output_type="pil")
