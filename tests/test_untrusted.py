@@ -17,7 +17,7 @@ from store_checks import EXAMPLES, dump
 from assistant.cli import cli
 from assistant.settings import Settings
 from plugins.icedit import moe_checkpoint
-from plugins.icedit.loading import _from_pretrained, load_pipeline
+from plugins.icedit.loading import flux_artifact, from_pretrained, load_pipeline
 from plugins.icedit.presets import build_tiny
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -147,19 +147,20 @@ def test_a_pinned_pipeline_revision_loads_that_revision(offline_cache):
         pipe.save_pretrained(folder)
 
     _fake_hub(offline_cache, "someone/flux", {"main": MAIN, "v1": V1}, write)
-    bias = {
-        rev: float(
-            _from_pretrained("someone/flux", torch.float32, rev).transformer.x_embedder.bias.detach()[0]
-        )
-        for rev in (None, "v1", V1)
-    }
+
+    def fill(revision):
+        from diffusers import FluxFillPipeline
+
+        return from_pretrained(FluxFillPipeline, flux_artifact("someone/flux", revision), torch.float32)
+
+    bias = {rev: float(fill(rev).transformer.x_embedder.bias.detach()[0]) for rev in (None, "v1", V1)}
     assert bias == {None: 0.0, "v1": 1.0, V1: 1.0}
     with pytest.raises(
         Exception,
         match=r"'someone/flux@v2' \(--model\): not in the Hugging Face cache and offline "
         r"mode is set .* --revision v2",
     ):
-        _from_pretrained("someone/flux", torch.float32, "v2")
+        fill("v2")
 
 
 def test_a_pinned_lora_revision_loads_that_adapter(offline_cache):

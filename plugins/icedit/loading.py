@@ -119,8 +119,6 @@ def artifacts(settings: Settings) -> list[Artifact]:
 
 def load_pipeline(settings: Settings):
     """(pipeline ready to run, whether its weights are random, the adapter it carries)."""
-    import torch
-
     preset = get_preset(settings.preset)
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
@@ -130,9 +128,20 @@ def load_pipeline(settings: Settings):
         if dtype != pipe.dtype:
             pipe = pipe.to(dtype=dtype)
     else:
-        pipe = _from_pretrained(model, dtype, settings.revision)
+        from diffusers import FluxFillPipeline
+
+        pipe = from_pretrained(FluxFillPipeline, flux_artifact(model, settings.revision), dtype)
     lora = settings.lora or preset.lora
     adapter = _load_adapter(pipe, lora, settings) if lora and lora != "none" else None
+    ready(pipe, settings, device)
+    return pipe, preset.random_weights and settings.model is None, adapter
+
+
+def ready(pipe, settings: Settings, device: str) -> None:
+    """Quantize, place (or offload) and compile the loaded pipeline as the settings say; running out of
+    memory on the way is one line."""
+    import torch
+
     try:
         if settings.quantize != "none":
             quantize(pipe.transformer, settings.quantize, device)
@@ -141,7 +150,6 @@ def load_pipeline(settings: Settings):
         raise UserError(f"out of memory placing the model on {device}: {OOM_HINT}") from None
     if settings.compile:
         pipe.transformer.compile(dynamic=False)  # compiles at the first step of each new shape
-    return pipe, preset.random_weights and settings.model is None, adapter
 
 
 def place(pipe, device: str, offload: str) -> None:
@@ -191,18 +199,16 @@ def quantize(transformer, mode: str, device: str) -> None:
     )
 
 
-def _from_pretrained(model: str, dtype, revision: str | None = None):
-    """FluxFillPipeline from a folder or a hub id (fetched first), safetensors only."""
-    from diffusers import FluxFillPipeline
-
-    folder = hub.locate(flux_artifact(model, revision))
+def from_pretrained(pipeline_class, artifact: Artifact, dtype):
+    """A diffusers pipeline from the folder or hub repo `artifact` names (fetched first), safetensors only."""
     from diffusers.utils import logging as diffusers_logging
 
+    folder = hub.locate(artifact)
     diffusers_logging.disable_progress_bar()  # a bar per component load is noise in a chat or a pipe
     try:
-        pipe = FluxFillPipeline.from_pretrained(str(folder), dtype=dtype, use_safetensors=True)
+        pipe = pipeline_class.from_pretrained(str(folder), dtype=dtype, use_safetensors=True)
     except Exception as e:  # noqa: BLE001 - every loader failure becomes one line
-        raise UserError(f"cannot load the FLUX.1 Fill pipeline from {model}: {hub.first_line(e)}") from None
+        raise UserError(f"cannot load the {artifact.role} from {artifact.ref}: {hub.first_line(e)}") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -14,11 +14,10 @@ from assistant.hub import Artifact
 from assistant.models import AdapterInfo
 from assistant.settings import Settings
 from plugins.icedit.loading import (
-    OOM_HINT,
     TINY_MOE,
+    from_pretrained,
     lora_artifact,
-    place,
-    quantize,
+    ready,
     resolve_device,
     resolve_dtype,
 )
@@ -52,8 +51,6 @@ def artifacts(settings: Settings) -> list[Artifact]:
 
 def load_pipeline(settings: Settings):
     """(pipeline ready to run, whether its weights are random, the adapter it carries)."""
-    import torch
-
     preset = get_preset(settings.preset)
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
@@ -63,35 +60,13 @@ def load_pipeline(settings: Settings):
         if dtype != pipe.dtype:
             pipe = pipe.to(dtype=dtype)
     else:
-        pipe = _from_pretrained(model, dtype, settings.revision)
+        from diffusers import FluxKontextPipeline
+
+        pipe = from_pretrained(FluxKontextPipeline, kontext_artifact(model, settings.revision), dtype)
     lora = _lora(settings)
     adapter = _load_lora(pipe, lora, settings) if lora else None
-    try:
-        if settings.quantize != "none":
-            quantize(pipe.transformer, settings.quantize, device)
-        place(pipe, device, settings.offload)
-    except torch.OutOfMemoryError:
-        raise UserError(f"out of memory placing the model on {device}: {OOM_HINT}") from None
-    if settings.compile:
-        pipe.transformer.compile(dynamic=False)
+    ready(pipe, settings, device)
     return pipe, preset.random_weights and settings.model is None, adapter
-
-
-def _from_pretrained(model: str, dtype, revision: str | None = None):
-    """FluxKontextPipeline from a folder or a hub id (fetched first), safetensors only."""
-    from diffusers import FluxKontextPipeline
-    from diffusers.utils import logging as diffusers_logging
-
-    folder = hub.locate(kontext_artifact(model, revision))
-    diffusers_logging.disable_progress_bar()
-    try:
-        pipe = FluxKontextPipeline.from_pretrained(str(folder), dtype=dtype, use_safetensors=True)
-    except Exception as e:  # noqa: BLE001 - every loader failure becomes one line
-        raise UserError(
-            f"cannot load the FLUX.1 Kontext pipeline from {model}: {hub.first_line(e)}"
-        ) from None
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def _load_lora(pipe, lora: str, settings: Settings) -> AdapterInfo:
