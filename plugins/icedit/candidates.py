@@ -1,17 +1,17 @@
 """ICEdit's side of the early filter (`assistant.early_filter` runs the tournament): the candidates'
-first m steps batched through the transformer, their x0 previews, and the winner resumed from its
-step-m latents, so it paints exactly what a plain run of its seed would (up to batched rounding)."""
+first m steps batched through the transformer and their x0 canvases; `engine.IceditCandidates`
+resumes the winner from its step-m latents, so it paints what a plain run of its seed would (up to
+batched rounding)."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from PIL import Image
 
-from assistant.models import EditResult, EngineEvent, Log, Step
+from assistant.models import EngineEvent, Log, Step
 from plugins.icedit.sampler import Conditioning, FillSampler, Latents
 
 
@@ -58,17 +58,3 @@ def run_candidates(
         for image in sampler.decode(cond, x0[start : start + chunk])
     ]
     return batch, canvases
-
-
-@dataclass
-class IceditCandidates:
-    """Candidates after their early steps (`IceditEngine.start_candidates`); `finish` paints one."""
-
-    previews: list[Image.Image]
-    batch: Latents
-    finish_with: Callable[[Latents, int, Callable[[EngineEvent], None], threading.Event], EditResult]
-
-    def finish(
-        self, index: int, events: Callable[[EngineEvent], None], cancel: threading.Event
-    ) -> EditResult:
-        return self.finish_with(self.batch.select(index), len(self.previews), events, cancel)

@@ -15,7 +15,7 @@ import prompts
 from assistant.errors import Cancelled, UserError
 from assistant.models import AdapterInfo, EditRequest, EditResult, EngineEvent, Step
 from assistant.settings import Settings
-from plugins.icedit.candidates import IceditCandidates, run_candidates
+from plugins.icedit.candidates import run_candidates
 from plugins.icedit.diptych import make_diptych, right_panel
 from plugins.icedit.loading import OOM_HINT, load_pipeline
 from plugins.icedit.sampler import Conditioning, FillSampler, Latents, PromptCache
@@ -93,22 +93,34 @@ class IceditEngine:
             batch, canvases = run_candidates(
                 job.sampler, job.cond, seeds, request.early_steps, events, cancel
             )
-        candidates = time.perf_counter() - started
+        return IceditCandidates([right_panel(c) for c in canvases], job, batch, time.perf_counter() - started)
 
-        def finish(one: Latents, count: int, events: Callable[[EngineEvent], None], cancel: threading.Event):
-            resumed = time.perf_counter()
-            with _out_of_memory(job.canvas, job.sampler.pipe):
-                final = job.sampler.denoise(
-                    job.cond,
-                    one,
-                    request.steps,
-                    on_step=lambda i, n: events(Step(i=i, n=n, phase="finish")),
-                    cancel=cancel,
-                )
-            spent = request.steps + (count - 1) * request.early_steps
-            return job.result(final, spent, {"denoise": candidates + time.perf_counter() - resumed}, events)
 
-        return IceditCandidates([right_panel(c) for c in canvases], batch, finish)
+@dataclass
+class IceditCandidates:
+    """Candidates after their early steps (`IceditEngine.start_candidates`); `finish` paints one."""
+
+    previews: list[Image.Image]
+    job: _Edit
+    batch: Latents
+    spent: float
+    """Seconds the early steps took, counted into the winner's denoise time."""
+
+    def finish(
+        self, index: int, events: Callable[[EngineEvent], None], cancel: threading.Event
+    ) -> EditResult:
+        request, job = self.job.request, self.job
+        started = time.perf_counter()
+        with _out_of_memory(job.canvas, job.sampler.pipe):
+            final = job.sampler.denoise(
+                job.cond,
+                self.batch.select(index),
+                request.steps,
+                on_step=lambda i, n: events(Step(i=i, n=n, phase="finish")),
+                cancel=cancel,
+            )
+        nfe = request.steps + (len(self.previews) - 1) * request.early_steps
+        return job.result(final, nfe, {"denoise": self.spent + time.perf_counter() - started}, events)
 
 
 @contextmanager
