@@ -199,25 +199,31 @@ def _given(settings: Settings, models: dict[tuple[str, str], type[BaseModel]]) -
 
 def options_for(kind: str, name: str, settings: Settings) -> BaseModel:
     """Plugin `name`'s options model, validated from what was given; a bad value is one line naming it."""
-    models = _in_use(settings)
-    model = models.get((kind, name)) or get(kind, name).options  # type: ignore[call-overload]
+    model = get(kind, name).options  # type: ignore[call-overload]
     if model is None:
         raise UserError(f"{kind[:-1]} '{name}' takes no options")
-    values = _given(settings, models | {(kind, name): model})[(kind, name)]
-    try:
-        return model(**values)
-    except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(map(str, first["loc"])) or "options"
-        raise UserError(f"bad option {name}.{where}: {first['msg']}") from None
+    return _validated(settings, {(kind, name): model})[(kind, name)]
 
 
 def check_options(settings: Settings) -> None:
     """Validate the options of every plugin in use, so a wrong one fails before anything loads."""
-    models = _in_use(settings)
-    _given(settings, models)  # a key none of them takes
-    for kind, name in models:
-        options_for(kind, name, settings)
+    _validated(settings)
+
+
+def _validated(
+    settings: Settings, also: dict[tuple[str, str], type[BaseModel]] | None = None
+) -> dict[tuple[str, str], BaseModel]:
+    """Every options model of the plugins in use (and `also`), filled from what was given."""
+    models = _in_use(settings) | (also or {})
+    found = {}
+    for (kind, name), values in _given(settings, models).items():
+        try:
+            found[(kind, name)] = models[(kind, name)](**values)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(map(str, first["loc"])) or "options"
+            raise UserError(f"bad option {name}.{where}: {first['msg']}") from None
+    return found
 
 
 def describe(settings: Any = None) -> list[dict[str, Any]]:

@@ -20,14 +20,14 @@ def _artifacts(settings):
 
 
 def _describe(settings):
+    from plugins.kontext.loading import asked_lora
     from plugins.kontext.presets import get_preset
 
     preset = get_preset(settings.preset)
-    lora = settings.lora if settings.lora and settings.lora != "none" else None
     return {
         "preset": preset.name,
         "model": settings.model or preset.model or "built in-process (random weights)",
-        "lora": lora,
+        "lora": asked_lora(settings),
         "lora_scale": settings.lora_scale,
         "offload": settings.offload,
         "quantize": settings.quantize,

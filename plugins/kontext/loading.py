@@ -34,7 +34,7 @@ def kontext_artifact(model: str, revision: str | None = None) -> Artifact:
     )
 
 
-def _lora(settings: Settings) -> str | None:
+def asked_lora(settings: Settings) -> str | None:
     """The adapter asked for, if any: Kontext has no preset adapter."""
     return settings.lora if settings.lora and settings.lora != "none" else None
 
@@ -43,7 +43,7 @@ def artifacts(settings: Settings) -> list[Artifact]:
     """The weights `load_pipeline` will read for these settings (none for the in-process tiny model)."""
     model = settings.model or get_preset(settings.preset).model
     found = [kontext_artifact(model, settings.revision)] if model else []
-    lora = _lora(settings)
+    lora = asked_lora(settings)
     if lora and lora != TINY_MOE:
         found.append(lora_artifact(lora, settings.lora_revision, settings.lora_weight_name))
     return found
@@ -63,7 +63,7 @@ def load_pipeline(settings: Settings):
         from diffusers import FluxKontextPipeline
 
         pipe = from_pretrained(FluxKontextPipeline, kontext_artifact(model, settings.revision), dtype)
-    lora = _lora(settings)
+    lora = asked_lora(settings)
     adapter = _load_lora(pipe, lora, settings) if lora else None
     ready(pipe, settings, device)
     return pipe, preset.random_weights and settings.model is None, adapter
