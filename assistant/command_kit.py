@@ -56,10 +56,10 @@ def option_type(kind: object) -> click.ParamType:
 
 
 def fail(message: str, exit_code: int) -> click.ClickException:
-    """click's `Error: message` with our exit code (2 bad input, 130 interrupted, 1 partly done); click
-    reads the code from the class."""
-    failed: type[click.ClickException] = type("Failed", (click.ClickException,), {"exit_code": exit_code})
-    return failed(message)
+    """click's `Error: message` with our exit code (2 bad input, 130 interrupted, 1 partly done)."""
+    err = click.ClickException(message)
+    err.exit_code = exit_code  # type: ignore[misc]  # click types it a ClassVar, yet reads it per instance
+    return err
 
 
 def emit(data: Any) -> None:
