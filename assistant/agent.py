@@ -179,8 +179,9 @@ class Agent:
         current: Turn | None
         if isinstance(place, Turn):
             current, image = place, self.image(place)
-        else:  # a new "open": only a given source makes one
-            current, image = None, source[0] if source else decode_png(place.png)
+        else:
+            assert source is not None  # only a given source makes a new "open"
+            current, image = None, source[0]
         if instruction is not None:
             plan = EditPlan(
                 intent="edit", instruction=check_message(instruction), rationale="given instruction"
