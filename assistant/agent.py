@@ -329,7 +329,7 @@ class Agent:
                 "native_size": request.native_size,
                 "engine": self.settings.engine,
                 "rewriter": read.rewriter,
-                "preset": self.settings.preset,
+                "preset": plugins.option("engines", self.settings.engine, "preset", self.settings),
                 "random_weights": result.random_weights,
                 "nfe": result.nfe,
                 "adapter": result.adapter.model_dump() if result.adapter else None,

@@ -158,31 +158,10 @@ def cli() -> None:
     """icedit: edit images by telling it what you want."""
 
 
-engine_options = [
+host_options = [
+    click.option("--engine", help="engine plugin (see `icedit plugins`)"),
     click.option(
-        "--preset",
-        help="engine preset: default (real weights), tiny (random, offline); icedit also moe (+ LoRA-MoE)",
-    ),
-    click.option("--model", help="the engine's model: hub id or local folder (overrides the preset)"),
-    click.option("--revision", help="pin the model's hub revision (commit, tag or branch)"),
-    click.option("--lora", help="LoRA hub id or path (overrides the preset); 'none' for none"),
-    click.option("--lora-revision", help="pin the LoRA's hub revision"),
-    click.option(
-        "--lora-weight-name",
-        help="the adapter's file in its repo or folder (pytorch_lora_weights.safetensors)",
-    ),
-    click.option("--lora-scale", type=kit.FiniteRange(0, 4), help="adapter strength (default 1, as trained)"),
-    click.option(
-        "--top-k", type=click.IntRange(1, 64), help="experts per token of a LoRA-MoE adapter (default 1)"
-    ),
-    click.option(
-        "--offload", type=click.Choice(kit.OFFLOAD_MODES), help="memory modes for small GPUs (see README)"
-    ),
-    click.option(
-        "--quantize", type=click.Choice(["none", "int8", "fp8"]), help="weight-only quantized transformer"
-    ),
-    click.option(
-        "--compile/--no-compile", default=None, help="torch.compile the transformer (GPU fast path)"
+        "--rewriter", help="qwen_vl (default with real weights), rules (default with tiny), verbatim, ..."
     ),
     click.option(
         "--candidates",
@@ -195,29 +174,19 @@ engine_options = [
         help="early filter: steps before judging (default 4)",
     ),
     click.option("--judge", help="judge plugin for the early filter (default qwen_vl)"),
-    click.option("--engine", help="engine plugin (see `icedit plugins`)"),
     click.option(
         "--option",
         multiple=True,
         metavar="KEY=VALUE",
         help="a plugin's own option, repeatable; NAME.KEY for one plugin (keys: icedit plugins --json)",
     ),
-    click.option(
-        "--rewriter", help="qwen_vl (default with real weights), rules (default with tiny), verbatim, ..."
-    ),
-    click.option(
-        "--vlm", help="Qwen2.5-VL hub id or local folder for --rewriter/--judge qwen_vl ('none': no VLM)"
-    ),
-    click.option("--vlm-revision", help="pin the VLM's hub revision"),
-    click.option("--device", help="torch device (default: cuda when available, else cpu)"),
-    click.option(
-        "--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), help="default: bf16 on CUDA"
-    ),
 ]
 
 
 def with_engine_options(fn):
-    for option in reversed(engine_options):
+    """The host's flags, then one per option of the built-in plugins (`--preset`, `--lora`, `--vlm`, ...)."""
+    fn = kit.plugin_flags()(fn)
+    for option in reversed(host_options):
         fn = option(fn)
     return fn
 
@@ -427,15 +396,15 @@ def _fallback_note(rewriter: str) -> None:
 @click.argument("image", type=kit.PathArg())
 @click.argument("request")
 @click.option("--rewriter", help="qwen_vl (default), rules, verbatim or another registered one")
-@click.option("--vlm", help="Qwen2.5-VL hub id or local folder for --rewriter qwen_vl ('none': no VLM)")
+@kit.plugin_flags(kinds=["rewriters"])
 @click.option("--json", "json_", is_flag=True, help="print the plan as JSON")
-def rewrite(image, request, rewriter, vlm, json_) -> None:
+def rewrite(image, request, rewriter, json_, **options) -> None:
     """Show the plan a rewriter makes of REQUEST for IMAGE; nothing is edited or stored."""
     from assistant import plugins
     from assistant.images import load_source
     from assistant.text import check_message
 
-    settings = kit.settings(rewriter=rewriter, vlm=vlm)
+    settings = kit.settings(rewriter=rewriter, **options)
     message = check_message(request)
     source = load_source(image)
     settings = kit.prepare(settings, engine=False, judge=False).settings
@@ -700,6 +669,7 @@ def plugins_cmd(json_, **options) -> None:
 
 def _model_rows(settings, with_vlm: bool, with_eval: bool) -> list[tuple[list[str], Any]]:
     """[(what needs it, artifact)] for `models` and `download`, one row per artifact."""
+    from assistant import plugins
     from assistant.preflight import needs
     from plugins.icedit.loading import feature_artifacts
 
@@ -710,7 +680,8 @@ def _model_rows(settings, with_vlm: bool, with_eval: bool) -> list[tuple[list[st
             ("early filter", needs(settings, engine=False, rewriter=False, judge=True)),
         ]
     if with_eval:
-        groups.append(("eval", feature_artifacts(settings)))
+        own = plugins.options_for("engines", "icedit", settings)
+        groups.append(("eval", feature_artifacts(own)))  # type: ignore[arg-type]  # icedit's IceditOptions
     rows: dict[tuple, tuple[list[str], Any]] = {}
     for purpose, found in groups:
         for a in found:

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import json
 import math
+import types
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, get_args
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import click
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
 
 from assistant.errors import UserError
 from assistant.files import kind_problem
-
-OFFLOAD_MODES = ["none", "encoders", "model", "sequential"]
 
 
 class FiniteRange(click.FloatRange):
@@ -51,8 +53,64 @@ def option_type(kind: object) -> click.ParamType:
 
     low, high, low_open, high_open = bounds(kind)
     if get_args(kind)[0] is int:
-        return click.IntRange(int(low), int(high))
+        return click.IntRange(
+            int(low) if math.isfinite(low) else None, int(high) if math.isfinite(high) else None
+        )
     return FiniteRange(low, high, min_open=low_open, max_open=high_open)
+
+
+def flag(key: str, field: FieldInfo) -> Callable[[Callable], Callable]:
+    """The click option of one options-model field: `--lora-scale` with the field's bounds, a Literal as a
+    choice, a bool as `--x/--no-x`; unset, it passes None, so the model's default stays."""
+    kind = field.annotation
+    if get_origin(kind) in (Union, types.UnionType):
+        kind = next(arg for arg in get_args(kind) if arg is not type(None))
+    name = "--" + key.replace("_", "-")
+    help, shown = field.description or "", field.get_default()
+    if shown is not None and kind is not bool and "default" not in help:
+        help += f" (default {shown:g})" if isinstance(shown, float) else f" (default {shown})"
+    if kind is bool:
+        return click.option(f"{name}/--no-{name[2:]}", key, default=None, help=help)
+    if get_origin(kind) is Literal:
+        return click.option(name, key, type=click.Choice([str(v) for v in get_args(kind)]), help=help)
+    if kind in (int, float):
+        return click.option(name, key, type=option_type(Annotated[kind, field]), help=help)
+    return click.option(name, key, help=help)
+
+
+def plugin_flags(kinds: Iterable[str] | None = None, only: Iterable[str] | None = None):
+    """A decorator adding the flags of the built-in plugins' options (`--preset`, `--vlm`, ...), one per
+    key however many plugins declare it; fields marked `json_schema_extra={"flag": False}` get none
+    (they stay `--option` keys), nor do names the command or the host settings already use."""
+
+    def add(fn: Callable) -> Callable:
+        from assistant.plugins import OPTION_KINDS, builtin_options
+        from assistant.settings import Settings
+
+        taken = set(Settings.model_fields) | {p.name for p in getattr(fn, "__click_params__", [])}
+        chosen: dict[str, FieldInfo] = {}
+        for model in builtin_options(tuple(kinds or OPTION_KINDS)):
+            for key, field in model.model_fields.items():
+                extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+                wanted = key in only if only is not None else extra.get("flag", True)
+                if wanted and key not in taken:
+                    chosen.setdefault(key, field)
+        for key in reversed(list(chosen)):
+            fn = flag(key, chosen[key])(fn)
+        return fn
+
+    return add
+
+
+def model_flags(model: type[BaseModel], only: Iterable[str]):
+    """A decorator adding the flags of some fields of one options model (a plugin's command's own)."""
+
+    def add(fn: Callable) -> Callable:
+        for key in reversed(list(only)):
+            fn = flag(key, model.model_fields[key])(fn)
+        return fn
+
+    return add
 
 
 def fail(message: str, exit_code: int) -> click.ClickException:
@@ -99,10 +157,10 @@ def settings(**overrides: Any):
     from assistant import plugins
 
     settings = host_settings(**overrides)
-    spec = plugins.get("engines", settings.engine)
-    if spec.describe is not None:
-        spec.describe(settings)  # an unknown preset fails here, in one line
     plugins.check_options(settings)
+    plugins.call(
+        "engines", settings.engine, "describe", settings
+    )  # an unknown preset fails here, in one line
     return settings
 
 

@@ -42,7 +42,9 @@ class Placement(BaseModel):
     activation_gpu: int = Field(0, description="peak working memory on the GPU while it runs")
     cpu: int = Field(0, description="bytes in CPU memory")
     cost: float = Field(description="estimated seconds of a chat turn on the reference machine below")
-    settings: dict[str, Any] = Field(default_factory=dict, description="the Settings fields it sets")
+    settings: dict[str, Any] = Field(
+        default_factory=dict, description="the plugin options it sets (`Settings.with_options`)"
+    )
     requires: tuple[int, int] | None = Field(None, description="least CUDA compute capability it runs on")
     cpu_fallback: bool = Field(
         False,
@@ -70,7 +72,7 @@ class Part(BaseModel):
     )
     switch: dict[str, Any] = Field(
         default_factory=dict,
-        description="the settings that choose this part instead of the configured one (for an alternative)",
+        description="the options that choose this part instead of the configured one (for an alternative)",
     )
 
 

@@ -29,7 +29,8 @@ class _FactorySpec(Generic[Made]):
     must stay cheap, so import heavy libraries inside the factory). artifacts(settings), if given, names
     the model weights it will load (`assistant.hub.Artifact`), so the host checks and fetches them all
     before any loads; memory(settings), if given, the ways its models can be placed
-    (`assistant.memory.Part`)."""
+    (`assistant.memory.Part`, whose placements set the plugin's option keys). With `options`, every
+    one of them is called as `hook(settings, options)`."""
 
     name: str
     factory: Callable[..., Made]
@@ -37,10 +38,9 @@ class _FactorySpec(Generic[Made]):
     artifacts: Callable[[Settings], list[Any]] | None = None
     memory: Callable[[Settings], list[Any]] | None = None
     options: type[BaseModel] | None = None
-    """The plugin's own options (a pydantic model). With one, the factory is called as
-    `factory(settings, options)` with the values given as `--option KEY=VALUE` (or `NAME.KEY=VALUE`),
-    `ICEDIT_OPTIONS__KEY` or `ICEDIT_OPTIONS='{"key": ...}'`, validated; `icedit plugins --json` shows
-    its JSON schema."""
+    """The plugin's own options (a pydantic model), validated from the values given as `--option
+    KEY=VALUE` (or `NAME.KEY=VALUE`), `ICEDIT_KEY`, `ICEDIT_OPTIONS__KEY` or `ICEDIT_OPTIONS='{"key":
+    ...}'` (the built-ins' also as flags: `--preset`); `icedit plugins --json` shows its JSON schema."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,9 @@ class CommandSpec:
     run: Callable[..., Any]
     help: str = ""
 
+
+OPTION_KINDS = ("engines", "rewriters", "judges")
+"""The kinds whose specs may declare options."""
 
 REGISTRATION_HOOKS = {
     "engines": "register_engines",
@@ -146,14 +149,19 @@ def get(kind: str, name: str) -> Any:
     return found[name][1]
 
 
+def call(kind: str, name: str, hook: str, settings: Settings) -> Any:
+    """Spec `hook` (factory, artifacts, memory, describe) of plugin `name`: `hook(settings)`, or
+    `hook(settings, options)` with its validated options when it declares some; None without the hook."""
+    spec = get(kind, name)  # type: ignore[call-overload]  # kind is checked by get itself
+    run = getattr(spec, hook)
+    if run is None:
+        return None
+    return run(settings) if spec.options is None else run(settings, options_for(kind, name, settings))
+
+
 def build(kind: str, name: str, settings: Settings) -> Any:
     """The plugin object `name` of `kind`, made by its factory (with its validated options, if it has any)."""
-    spec = get(kind, name)  # type: ignore[call-overload]  # kind is checked by get itself
-    return (
-        spec.factory(settings)
-        if spec.options is None
-        else spec.factory(settings, options_for(kind, name, settings))
-    )
+    return call(kind, name, "factory", settings)
 
 
 def _used(settings: Settings) -> dict[str, str]:
@@ -176,25 +184,42 @@ def _in_use(settings: Settings) -> dict[tuple[str, str], type[BaseModel]]:
     return models
 
 
-def _given(settings: Settings, models: dict[tuple[str, str], type[BaseModel]]) -> dict[tuple[str, str], dict]:
-    """Each option given to the plugins in use that declare it (`NAME.KEY` to one of them); a key none of
-    them declares is one line naming what each takes."""
-    given: dict[tuple[str, str], dict] = {key: {} for key in models}
-    for raw, value in settings.options.items():
+def _declared() -> dict[str, set[str]]:
+    """{plugin name: the option keys it declares} over every registered engine, rewriter and judge."""
+    found: dict[str, set[str]] = {}
+    for kind in OPTION_KINDS:
+        for name, (_, spec) in registrations(kind).items():
+            if spec.options is not None:
+                found.setdefault(name, set()).update(spec.options.model_fields)
+    return found
+
+
+def _values(settings: Settings, name: str, model: type[BaseModel]) -> dict[str, Any]:
+    """The options given that plugin `name` declares: each plain `KEY`, then its `NAME.KEY` (which wins)."""
+    values = {}
+    for raw, value in sorted(settings.options.items(), key=lambda item: "." in item[0]):
         owner, _, key = raw.rpartition(".")
-        takers = [
-            used for used, model in models.items() if key in model.model_fields and owner in ("", used[1])
-        ]
-        if not takers:
-            known = "; ".join(
-                f"{name} takes {', '.join(model.model_fields)}" for (_, name), model in models.items()
-            )
-            in_use = {name for _, name in models} | set(_used(settings).values())
-            idle = f"{owner} is not in use here; " if owner and owner not in in_use else ""
-            raise UserError(f"unknown option '{raw}' ({idle}{known or 'the plugins in use take no options'})")
-        for used in takers:
-            given[used][key] = value
-    return given
+        if key in model.model_fields and owner in ("", name):
+            values[key] = value
+    return values
+
+
+def _check_known(settings: Settings) -> None:
+    """A key no installed plugin declares (or `NAME.KEY` that plugin NAME does not) is one line naming
+    what each plugin in use takes; one that an installed plugin not in use declares waits for it
+    (ICEDIT_VLM stays set while the rules rewriter runs)."""
+    declared = _declared()
+    for raw in settings.options:
+        owner, _, key = raw.rpartition(".")
+        if key in (declared.get(owner, set()) if owner else set().union(*declared.values())):
+            continue
+        models = _in_use(settings)
+        known = "; ".join(
+            f"{name} takes {', '.join(model.model_fields)}" for (_, name), model in models.items()
+        )
+        in_use = {name for _, name in models} | set(_used(settings).values())
+        idle = f"{owner} is not in use here; " if owner and owner not in in_use else ""
+        raise UserError(f"unknown option '{raw}' ({idle}{known or 'the plugins in use take no options'})")
 
 
 def options_for(kind: str, name: str, settings: Settings) -> BaseModel:
@@ -202,27 +227,50 @@ def options_for(kind: str, name: str, settings: Settings) -> BaseModel:
     model = get(kind, name).options  # type: ignore[call-overload]
     if model is None:
         raise UserError(f"{kind[:-1]} '{name}' takes no options")
-    return _validated(settings, {(kind, name): model})[(kind, name)]
+    try:
+        return model(**_values(settings, name, model))
+    except ValidationError as e:
+        first = e.errors()[0]
+        why = first["msg"].removeprefix("Value error, ")
+        where = f"option {name}.{'.'.join(map(str, first['loc']))}" if first["loc"] else f"options of {name}"
+        raise UserError(f"bad {where}: {why}") from None
+
+
+def option(kind: str, name: str, key: str, settings: Settings) -> Any:
+    """The value plugin `name` runs with for its option `key`; None when it declares no such option
+    (the host reads a few conventional ones: an engine's `preset` and `device`)."""
+    model = get(kind, name).options  # type: ignore[call-overload]
+    if model is None or key not in model.model_fields:
+        return None
+    return getattr(options_for(kind, name, settings), key)
 
 
 def check_options(settings: Settings) -> None:
-    """Validate the options of every plugin in use, so a wrong one fails before anything loads."""
-    _validated(settings)
+    """Refuse unknown option keys, and validate the options of every plugin in use, so a wrong one fails
+    before anything loads."""
+    _check_known(settings)
+    for kind, name in _in_use(settings):
+        options_for(kind, name, settings)
 
 
-def _validated(
-    settings: Settings, also: dict[tuple[str, str], type[BaseModel]] | None = None
-) -> dict[tuple[str, str], BaseModel]:
-    """Every options model of the plugins in use (and `also`), filled from what was given."""
-    models = _in_use(settings) | (also or {})
-    found = {}
-    for (kind, name), values in _given(settings, models).items():
-        try:
-            found[(kind, name)] = models[(kind, name)](**values)
-        except ValidationError as e:
-            first = e.errors()[0]
-            where = ".".join(map(str, first["loc"])) or "options"
-            raise UserError(f"bad option {name}.{where}: {first['msg']}") from None
+@cache
+def _builtin_manager() -> pluggy.PluginManager:
+    pm = pluggy.PluginManager("icedit_assistant")
+    pm.add_hookspecs(hookspecs)
+    for name in BUILTIN_PLUGINS:
+        pm.register(importlib.import_module(name), name=name)
+    return pm
+
+
+def builtin_options(kinds: tuple[str, ...] = OPTION_KINDS) -> list[type[BaseModel]]:
+    """The options models of the built-in engines, rewriters and judges, in registration order, without
+    loading any third-party plugin: the CLI builds its familiar flags (`--preset`, `--vlm`) from them."""
+    pm = _builtin_manager()
+    found: list[type[BaseModel]] = []
+    for kind in kinds:
+        for _, spec in registrations(kind, pm).values():
+            if spec.options is not None and spec.options not in found:
+                found.append(spec.options)
     return found
 
 
@@ -238,7 +286,9 @@ def describe(settings: Any = None) -> list[dict[str, Any]]:
             if getattr(spec, "options", None) is not None:
                 rows[plugin].setdefault("options", {})[spec_name] = spec.options.model_json_schema()
             if kind == "engines" and settings is not None and spec.describe is not None:
-                rows[plugin].setdefault("engine_settings", {})[spec_name] = spec.describe(settings)
+                rows[plugin].setdefault("engine_settings", {})[spec_name] = call(
+                    kind, spec_name, "describe", settings
+                )
     for name, module in pm.list_name_plugin():
         rows[name]["hooks"] = sorted(h.name for h in pm.get_hookcallers(module) or [])
     return sorted(rows.values(), key=lambda r: r["name"])

@@ -7,8 +7,9 @@ told once (`Prepared.notes`). Anything else missing stops the command before any
 every missing artifact on its own line (`hub.preflight`).
 
 On a CUDA machine the memory plan (`assistant.memory`, over the parts the specs' `memory` name)
-then places each model; the settings the person gave explicitly (flags, ICEDIT_* variables) are
-kept as they are, so any placement can still be forced.
+then places each model by setting the plugins' placement options; the options the person gave
+explicitly (flags, `--option`, ICEDIT_* variables) are kept as they are, so any placement can still
+be forced.
 """
 
 from __future__ import annotations
@@ -42,8 +43,7 @@ ModelKind = Literal["engines", "rewriters", "judges"]
 
 
 def _artifacts(kind: ModelKind, name: str, settings: Settings) -> list[Artifact]:
-    spec = plugins.get(kind, name)
-    return list(spec.artifacts(settings)) if spec.artifacts else []
+    return list(plugins.call(kind, name, "artifacts", settings) or [])
 
 
 def default_rewriter(settings: Settings) -> str:
@@ -118,7 +118,7 @@ def prepare(
     placed = None
     if plan and _on_gpu(settings):
         placed = memory_plan(settings, engine=engine, rewriter=rewriter, judge=judge)
-        settings = settings.model_copy(update=placed.settings_update())
+        settings = settings.with_options(**placed.settings_update())
         notes += placed.notes
     return Prepared(settings=settings, statuses=statuses, notes=notes, plan=placed)
 
@@ -127,7 +127,9 @@ def _on_gpu(settings: Settings) -> bool:
     """A CUDA GPU is there and the person did not send the engine elsewhere (--device cpu)."""
     import torch
 
-    return torch.cuda.is_available() and (settings.device or "cuda").startswith("cuda")
+    return torch.cuda.is_available() and (
+        plugins.option("engines", settings.engine, "device", settings) or "cuda"
+    ).startswith("cuda")
 
 
 def memory_plan(
@@ -146,12 +148,16 @@ def memory_plan(
     chosen += [("rewriters", rewriter_name(settings))] if rewriter else []
     chosen += [("judges", settings.judge)] if judge or (judge is None and settings.candidates > 1) else []
     parts: dict[str, Part] = {}
+    forced: dict[str, object] = {}
     for kind, name in chosen:
-        spec = plugins.get(kind, name)
-        for part in spec.memory(settings) if spec.memory else []:
+        for part in plugins.call(kind, name, "memory", settings) or []:
             parts.setdefault(part.name, part)  # the rewriter and the judge share one VLM
+        if plugins.get(kind, name).options is not None:
+            given = plugins.options_for(kind, name, settings)
+            forced |= {k: getattr(given, k) for k in given.model_fields_set}
     keys = {k for part in parts.values() for option in part.options for k in option.settings}
-    forced = {k: getattr(settings, k) for k in settings.model_fields_set & keys}
-    if gpu_memory_gib is None and settings.device and not settings.device.startswith("cuda"):
+    forced = {k: v for k, v in forced.items() if k in keys}
+    device = plugins.option("engines", settings.engine, "device", settings)
+    if gpu_memory_gib is None and device and not device.startswith("cuda"):
         return plan_memory(list(parts.values()), None, forced)
-    return plan_for(list(parts.values()), gpu_memory_gib, forced, device=settings.device)
+    return plan_for(list(parts.values()), gpu_memory_gib, forced, device=device)

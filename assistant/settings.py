@@ -1,15 +1,26 @@
-"""Settings shared by the CLI, the chat and replay; each can be set by an ICEDIT_* variable."""
+"""The host's settings, shared by the CLI, the chat and replay; each can be set by an ICEDIT_* variable.
+
+The host keeps only what it uses itself (the store, which plugins run, the sampling, the early filter).
+Every other key is a plugin's option: `Settings(preset="tiny")`, `--option preset=tiny`,
+`ICEDIT_PRESET=tiny` and `ICEDIT_OPTIONS__PRESET=tiny` all land in `options`, which the plugin
+manager checks against the options models the plugins declare (`assistant.plugins`) and hands to them.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 import platformdirs
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from assistant.models import CandidateCount, EarlySteps, Guidance, Steps
+
+ENV_PREFIX = "ICEDIT_"
+OptionValue = str | int | float | bool
 
 
 def _default_home() -> Path:
@@ -17,71 +28,36 @@ def _default_home() -> Path:
 
 
 class Settings(BaseSettings):
-    """Everything a plugin factory may read. Plugins get this object, never the CLI's flags."""
+    """What the host runs with; plugins read their own options (`options`), never the CLI's flags."""
 
-    model_config = SettingsConfigDict(env_prefix="ICEDIT_", extra="ignore", env_nested_delimiter="__")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", env_nested_delimiter="__")
 
     home: Path = Field(default_factory=_default_home, description="folder of the session store")
     engine: str = "icedit"
     rewriter: str | None = Field(
         None, description="rewriter plugin (default: qwen_vl with real weights, rules with random ones)"
     )
-    preset: str = Field("default", description="engine preset: 'default' (real weights) or 'tiny'")
-    model: str | None = Field(
-        None, description="the engine's model: hub id or local folder (overrides the preset)"
-    )
-    lora: str | None = Field(None, description="LoRA hub id or path (overrides the preset); 'none' for none")
-    revision: str | None = Field(None, description="hub revision (commit, tag, branch) of the engine's model")
-    lora_revision: str | None = Field(None, description="hub revision of the LoRA")
-    lora_weight_name: str | None = Field(
-        None,
-        description="the adapter's file in its repo or folder (default pytorch_lora_weights.safetensors)",
-    )
-    vlm_revision: str | None = Field(None, description="hub revision of the VLM")
-    lora_scale: float = Field(1.0, ge=0, le=4, description="strength of the adapter (1 = as trained)")
-    top_k: int = Field(1, ge=1, le=64, description="experts per token for a LoRA-MoE adapter (published: 1)")
-    device: str | None = Field(None, description="cuda, cpu, ... (default: cuda when available)")
-    compile: bool = Field(
-        False, description="torch.compile the transformer (once per shape; pays off on GPUs)"
-    )
-    quantize: Literal["none", "int8", "fp8"] = Field(
-        "none",
-        description="weight-only quantized transformer (torchao; fp8 needs a CUDA GPU of compute 8.9+)",
-    )
-    offload: Literal["none", "encoders", "model", "sequential"] = Field(
-        "none",
-        description="encoders: prompt encoders stay on the CPU, the rest on the GPU (~24 GB, no per-edit transfers); "
-        "model / sequential: diffusers CPU offload (model ~24 GB; sequential least memory, slowest)",
-    )
-    dtype: Literal["bfloat16", "float16", "float32"] | None = None
     judge: str = Field("qwen_vl", description="judge plugin for the early filter")
-    vlm: str = Field(
-        "Qwen/Qwen2.5-VL-7B-Instruct", description="Qwen2.5-VL hub id or local folder ('none': no VLM)"
-    )
-    vlm_device: str | None = Field(None, description="device of the VLM (default: cuda when available)")
-    vlm_dtype: Literal["bfloat16", "float16", "float32"] | None = None
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = None
-    min_pixels: int = Field(256 * 28 * 28, ge=28 * 28, description="smallest image the VLM sees, in pixels")
-    max_pixels: int = Field(1024 * 28 * 28, ge=28 * 28, description="largest image the VLM sees, in pixels")
-    vlm_max_new_tokens: int = Field(
-        256, ge=1, le=4096, description="longest answer the VLM rewriter may give"
-    )
     candidates: CandidateCount = Field(1, description="early filter: noises tried per edit (1 = off)")
     early_steps: EarlySteps = Field(4, description="early filter: steps each candidate runs before judging")
-    clip_model: str | None = Field(
-        None,
-        description="CLIP for icedit eval: hub id or folder (default openai/clip-vit-base-patch32; random with tiny)",
-    )
-    dino_model: str | None = Field(
-        None,
-        description="DINO ViT for icedit eval: hub id or folder (default facebook/dino-vits16; random with tiny)",
-    )
-    options: dict[str, str | int | float | bool] = Field(
-        default_factory=dict,
-        description="plugins' own options, KEY or NAME.KEY -> value (--option, ICEDIT_OPTIONS__KEY, ICEDIT_OPTIONS)",
-    )
     steps: Steps = 28
     guidance: Guidance = 50.0
+    options: dict[str, OptionValue] = Field(
+        default_factory=dict,
+        description="plugins' options, KEY or NAME.KEY -> value (--option, ICEDIT_KEY, ICEDIT_OPTIONS__KEY)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plugin_keys(cls, data: Any) -> Any:
+        """A key the host does not hold is a plugin's option (None: not given, the plugin's default)."""
+        if not isinstance(data, dict):
+            return data
+        host = {k: v for k, v in data.items() if k in cls.model_fields}
+        given = {k: v for k, v in data.items() if k not in cls.model_fields and v is not None}
+        if given:
+            host["options"] = {**dict(host.get("options") or {}), **given}
+        return host
 
     @field_validator("home", mode="before")
     @classmethod
@@ -93,6 +69,50 @@ class Settings(BaseSettings):
             )
         return value
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (
+            init_settings,
+            env_settings,
+            _OptionVariables(settings_cls),
+            dotenv_settings,
+            file_secret_settings,
+        )
+
+    def with_options(self, **values: OptionValue | None) -> Settings:
+        """A copy with these plugin options given too (None: back to the plugin's default)."""
+        options = dict(self.options)
+        for key, value in values.items():
+            options.pop(key, None)
+            if value is not None:
+                options[key] = value
+        return self.model_copy(update={"options": options})
+
     @property
     def store_path(self) -> Path:
         return self.home / "sessions.sqlite3"
+
+
+class _OptionVariables(PydanticBaseSettingsSource):
+    """ICEDIT_<KEY> for a key the host does not hold: that plugin option (ICEDIT_PRESET=tiny)."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # not per field: __call__ reads them all
+
+    def __call__(self) -> dict[str, Any]:
+        host = {name.upper() for name in self.settings_cls.model_fields}
+        found = {
+            name[len(ENV_PREFIX) :].lower(): value
+            for name, value in os.environ.items()
+            if name.upper().startswith(ENV_PREFIX)
+            and "__" not in name
+            and name[len(ENV_PREFIX) :].upper() not in host
+        }
+        return {"options": found} if found else {}

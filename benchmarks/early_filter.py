@@ -24,9 +24,9 @@ from assistant import early_filter
 from assistant.early_filter import tournament
 from assistant.models import CandidateInfo, EditPlan, EditRequest
 from assistant.protocols import PairwiseJudge
-from assistant.settings import Settings
 from plugins.icedit.diptych import make_diptych, right_panel
 from plugins.icedit.engine import IceditEngine
+from plugins.icedit.options import IceditOptions
 from plugins.icedit.sampler import PromptCache
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "chelsea.png"
@@ -112,7 +112,7 @@ def main() -> None:
     n, m, M = (12 if args.quick else args.steps), args.early_steps, args.candidates
     repeats = 1 if args.quick else args.repeats
     torch.manual_seed(0)
-    engine = IceditEngine(Settings(preset="tiny"))
+    engine = IceditEngine(IceditOptions(preset="tiny"))
     pipe = engine.pipeline()
     source = Image.open(EXAMPLE).convert("RGB")
     canvas, mask = make_diptych(source)

@@ -17,8 +17,8 @@ from assistant.hookspecs import hookimpl
 from assistant.models import CandidateInfo, EditPlan, EditRequest
 from assistant.plugins import JudgeSpec, get_plugin_manager
 from assistant.protocols import PairwiseJudge
-from assistant.settings import Settings
 from plugins.icedit.engine import IceditEngine
+from plugins.icedit.options import IceditOptions
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -109,7 +109,7 @@ def bright_judge():
 
 
 def test_engine_runs_candidates_batched_counts_nfe_and_resume_equals_a_plain_run(photo):
-    engine = IceditEngine(Settings(preset="tiny"))
+    engine = IceditEngine(IceditOptions(preset="tiny"))
     plan = EditPlan(intent="edit", instruction="add snow")
     events = []
     calls = []
@@ -148,7 +148,7 @@ def test_engine_runs_candidates_batched_counts_nfe_and_resume_equals_a_plain_run
 def test_early_steps_must_leave_steps_to_finish(photo):
     from assistant.errors import UserError
 
-    engine = IceditEngine(Settings(preset="tiny"))
+    engine = IceditEngine(IceditOptions(preset="tiny"))
     with pytest.raises(UserError, match=r"--early-steps must be between 1 and --steps - 1 \(3\), not 4"):
         early_filter.run(
             engine,

@@ -8,9 +8,9 @@ import torch
 
 from assistant.errors import Cancelled, UserError, WeightsMissing
 from assistant.models import EditPlan, EditRequest
-from assistant.settings import Settings
 from plugins.icedit.diptych import make_diptych, right_panel
 from plugins.icedit.engine import IceditEngine
+from plugins.icedit.options import IceditOptions
 from plugins.icedit.presets import build_tiny
 
 PLAN = EditPlan(intent="edit", instruction="make it look like winter")
@@ -31,7 +31,7 @@ def pixels(img):
 
 
 def test_edit_is_the_right_half_of_the_stock_pipeline_on_the_diptych(photo):
-    result, _ = run(IceditEngine(Settings(preset="tiny")), request(photo, native_size=True))
+    result, _ = run(IceditEngine(IceditOptions(preset="tiny")), request(photo, native_size=True))
     canvas, mask = make_diptych(photo)
     expected = build_tiny()(
         prompt=result.prompt,
@@ -50,7 +50,7 @@ def test_edit_is_the_right_half_of_the_stock_pipeline_on_the_diptych(photo):
 
 
 def test_same_seed_same_image_other_seed_other_image_and_source_size_kept(photo):
-    engine = IceditEngine(Settings(preset="tiny"))
+    engine = IceditEngine(IceditOptions(preset="tiny"))
     a, _ = run(engine, request(photo))
     b, _ = run(engine, request(photo))
     c, _ = run(engine, request(photo, seed=6))
@@ -60,7 +60,7 @@ def test_same_seed_same_image_other_seed_other_image_and_source_size_kept(photo)
 
 
 def test_one_progress_event_per_step_and_cancel_between_steps(photo):
-    engine = IceditEngine(Settings(preset="tiny"))
+    engine = IceditEngine(IceditOptions(preset="tiny"))
     _, events = run(engine, request(photo, steps=4))
     assert [(e.i, e.n) for e in events if e.phase == "denoise"] == [(1, 4), (2, 4), (3, 4), (4, 4)]
 
@@ -79,8 +79,8 @@ def test_one_progress_event_per_step_and_cancel_between_steps(photo):
 
 def test_a_pipeline_folder_loads_through_from_pretrained(photo, tmp_path):
     build_tiny().save_pretrained(tmp_path / "flux")
-    loaded, _ = run(IceditEngine(Settings(model=str(tmp_path / "flux"), lora="none")), request(photo))
-    tiny, _ = run(IceditEngine(Settings(preset="tiny")), request(photo))
+    loaded, _ = run(IceditEngine(IceditOptions(model=str(tmp_path / "flux"), lora="none")), request(photo))
+    tiny, _ = run(IceditEngine(IceditOptions(preset="tiny")), request(photo))
     # Same weights, same pixels up to float summation order (weights reloaded from safetensors):
     # at most 1/255 anywhere, while another seed moves the mean by > 5 (test above).
     diff = np.abs(pixels(loaded.image) - pixels(tiny.image))
@@ -99,9 +99,9 @@ def test_a_stock_diffusers_lora_file_changes_the_edit(photo, tmp_path):
         k: v * 30 if "lora_B" in k else v for k, v in get_peft_model_state_dict(pipe.transformer).items()
     }
     FluxFillPipeline.save_lora_weights(tmp_path, transformer_lora_layers=layers, safe_serialization=True)
-    base, _ = run(IceditEngine(Settings(preset="tiny")), request(photo))
+    base, _ = run(IceditEngine(IceditOptions(preset="tiny")), request(photo))
     adapted, _ = run(
-        IceditEngine(Settings(preset="tiny", lora=str(tmp_path / "pytorch_lora_weights.safetensors"))),
+        IceditEngine(IceditOptions(preset="tiny", lora=str(tmp_path / "pytorch_lora_weights.safetensors"))),
         request(photo),
     )
     assert np.abs(pixels(base.image) - pixels(adapted.image)).mean() > 1
@@ -109,17 +109,20 @@ def test_a_stock_diffusers_lora_file_changes_the_edit(photo, tmp_path):
 
 def test_missing_weights_are_one_line_naming_what_to_get(photo, tmp_path):
     with pytest.raises(UserError, match="no model_index.json"):
-        run(IceditEngine(Settings(model=str(tmp_path))), request(photo))
+        run(IceditEngine(IceditOptions(model=str(tmp_path))), request(photo))
     with pytest.raises(UserError, match=r"LoRA '.*nope\.safetensors' \(--lora\): no such file or folder"):
-        run(IceditEngine(Settings(preset="tiny", lora=str(tmp_path / "nope.safetensors"))), request(photo))
+        run(
+            IceditEngine(IceditOptions(preset="tiny", lora=str(tmp_path / "nope.safetensors"))),
+            request(photo),
+        )
     with pytest.raises(WeightsMissing) as e:
-        run(IceditEngine(Settings(preset="tiny", lora="nobody/no-such-lora")), request(photo))
+        run(IceditEngine(IceditOptions(preset="tiny", lora="nobody/no-such-lora")), request(photo))
     assert "\n" not in str(e.value) and "hf download nobody/no-such-lora" in str(e.value)
 
 
 def test_tiny_moe_adapter_runs_end_to_end_and_top_k_and_scale_matter(photo):
     def edit(**kw):
-        engine = IceditEngine(Settings(preset="tiny", **kw))
+        engine = IceditEngine(IceditOptions(preset="tiny", **kw))
         return run(engine, request(photo))[0]
 
     plain = edit()
@@ -133,7 +136,7 @@ def test_tiny_moe_adapter_runs_end_to_end_and_top_k_and_scale_matter(photo):
 
 
 def test_a_repeated_prompt_skips_the_text_encoders_and_paints_the_same(photo):
-    engine = IceditEngine(Settings(preset="tiny"))
+    engine = IceditEngine(IceditOptions(preset="tiny"))
     calls = []
     engine.pipeline().text_encoder_2.register_forward_hook(lambda *_: calls.append(1))
     run(engine, request(photo))
@@ -141,7 +144,7 @@ def test_a_repeated_prompt_skips_the_text_encoders_and_paints_the_same(photo):
     assert len(calls) == 1
     assert (
         again.image.tobytes()
-        == run(IceditEngine(Settings(preset="tiny")), request(photo, seed=6))[0].image.tobytes()
+        == run(IceditEngine(IceditOptions(preset="tiny")), request(photo, seed=6))[0].image.tobytes()
     )
     other = EditPlan(intent="edit", instruction="make it night")
     run(engine, EditRequest(source=photo, plan=other, seed=5, steps=3))
@@ -171,7 +174,7 @@ def test_offload_needs_a_gpu(photo, mode):
     with pytest.raises(
         UserError, match=f"--offload {mode} moves weights between the CPU and a GPU; there is no GPU"
     ):
-        run(IceditEngine(Settings(preset="tiny", offload=mode, device="cpu")), request(photo))
+        run(IceditEngine(IceditOptions(preset="tiny", offload=mode, device="cpu")), request(photo))
 
 
 def test_offload_encoders_keeps_the_prompt_encoders_on_the_cpu(monkeypatch):
@@ -189,8 +192,8 @@ def test_offload_encoders_keeps_the_prompt_encoders_on_the_cpu(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_offload_encoders_paints_what_the_gpu_alone_paints(photo):
     kw = {"preset": "tiny", "device": "cuda", "dtype": "float32"}
-    on_gpu = run(IceditEngine(Settings(**kw)), request(photo))[0]
-    engine = IceditEngine(Settings(**kw, offload="encoders"))
+    on_gpu = run(IceditEngine(IceditOptions(**kw)), request(photo))[0]
+    engine = IceditEngine(IceditOptions(**kw, offload="encoders"))
     split = run(engine, request(photo))[0]
     pipe = engine.pipeline()
     assert (pipe.text_encoder_2.device.type, pipe.transformer.device.type, pipe.vae.device.type) == (
@@ -208,7 +211,7 @@ def test_layer_by_layer_offload_hooks_stream_the_moe_layers_too(photo):
 
     from plugins.icedit.moe import LoraMoeLinear
 
-    engine = IceditEngine(Settings(preset="tiny", lora="tiny-moe"))
+    engine = IceditEngine(IceditOptions(preset="tiny", lora="tiny-moe"))
     plain = run(engine, request(photo))[0]
     cpu_offload(engine.pipeline().transformer, torch.device("cpu"))
     layer = next(m for m in engine.pipeline().transformer.modules() if isinstance(m, LoraMoeLinear))
@@ -218,8 +221,8 @@ def test_layer_by_layer_offload_hooks_stream_the_moe_layers_too(photo):
 
 def test_int8_quantized_transformer_runs_and_stays_close(photo):
     pytest.importorskip("torchao")
-    plain = run(IceditEngine(Settings(preset="tiny", lora="tiny-moe")), request(photo))[0]
-    engine = IceditEngine(Settings(preset="tiny", lora="tiny-moe", quantize="int8"))
+    plain = run(IceditEngine(IceditOptions(preset="tiny", lora="tiny-moe")), request(photo))[0]
+    engine = IceditEngine(IceditOptions(preset="tiny", lora="tiny-moe", quantize="int8"))
     quantized = run(engine, request(photo))[0]
     weight = engine.pipeline().transformer.transformer_blocks[0].ff.net[2].base.weight
     assert type(weight).__name__ == "Int8Tensor"  # the base layer is quantized ...
@@ -231,11 +234,11 @@ def test_int8_quantized_transformer_runs_and_stays_close(photo):
 def test_fp8_needs_a_recent_gpu(photo):
     pytest.importorskip("torchao")
     with pytest.raises(UserError, match="compute capability 8.9"):
-        run(IceditEngine(Settings(preset="tiny", quantize="fp8")), request(photo))
+        run(IceditEngine(IceditOptions(preset="tiny", quantize="fp8")), request(photo))
 
 
 def test_compile_wraps_the_transformer_for_the_first_step(photo):
-    engine = IceditEngine(Settings(preset="tiny", compile=True))
+    engine = IceditEngine(IceditOptions(preset="tiny", compile=True))
     transformer = engine.pipeline().transformer
     assert transformer._compiled_call_impl is not None  # compiled lazily, at its first call
-    assert IceditEngine(Settings(preset="tiny")).pipeline().transformer._compiled_call_impl is None
+    assert IceditEngine(IceditOptions(preset="tiny")).pipeline().transformer._compiled_call_impl is None

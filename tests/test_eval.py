@@ -25,7 +25,9 @@ from assistant.settings import Settings
 from plugins.icedit import features
 from plugins.icedit.evaluate import EvalConfig, evaluate, load_features
 from plugins.icedit.metrics import METRICS, Example, means, pixel_distances, score
+from plugins.icedit.options import IceditOptions
 from plugins.qwen_vl import model as vlm_model
+from plugins.qwen_vl.options import QwenVlOptions
 from plugins.qwen_vl.vie_score import QwenVieScorer, parse_scores
 
 TOY = Path(__file__).resolve().parent.parent / "examples" / "toy_edits"
@@ -59,8 +61,8 @@ def feature_dirs(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture
 def loaded(feature_dirs):
-    settings = Settings(clip_model=str(feature_dirs[0]), dino_model=str(feature_dirs[1]))
-    models, names = load_features(settings, "cpu")
+    options = IceditOptions(clip_model=str(feature_dirs[0]), dino_model=str(feature_dirs[1]))
+    models, names = load_features(options, "cpu")
     assert names == {"clip": str(feature_dirs[0]), "dino": str(feature_dirs[1])}
     assert models.random_weights is False  # loaded from folders: nothing here says they are random
     return models
@@ -177,7 +179,7 @@ def test_vie_score_takes_the_minimum_of_each_pair_and_their_geometric_mean(monke
     vlm = ScriptedVlm('{"score": [8, 6], "reasoning": "ok"}', 'Sure! {"score": [9, 4.5]}')
     monkeypatch.setattr(vlm_model, "load", lambda settings: vlm)
     source, edit = toy("source", 0), toy("target", 0)
-    verdict = QwenVieScorer(Settings()).score("the red circle is blue", source, edit)
+    verdict = QwenVieScorer(QwenVlOptions()).score("the red circle is blue", source, edit)
     assert (verdict.sc, verdict.pq, verdict.sc_scores, verdict.pq_scores) == (
         6.0,
         4.5,

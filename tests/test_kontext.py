@@ -19,6 +19,7 @@ from assistant.settings import Settings
 from assistant.testing import BrighterJudge
 from plugins.kontext.engine import KontextEngine
 from plugins.kontext.loading import artifacts, load_pipeline
+from plugins.kontext.options import KontextOptions
 from plugins.kontext.presets import build_tiny
 from plugins.kontext.sizing import RESOLUTIONS, TINY_SHRINK, working_size
 from sessions.identity import encode_png
@@ -29,7 +30,7 @@ PLAN = EditPlan(intent="edit", instruction="make it look like winter")
 @pytest.fixture(scope="module")
 def engine():
     """One tiny engine for the module: its pipeline loads once (every edit is seeded on its own)."""
-    return KontextEngine(Settings(preset="tiny"))
+    return KontextEngine(KontextOptions(preset="tiny"))
 
 
 def request(photo, **kw):
@@ -145,11 +146,11 @@ def test_progress_per_step_and_cancel_between_steps_returns_nothing(engine, phot
 
 def test_bad_input_is_one_line_before_anything_loads(photo):
     with pytest.raises(UserError) as e:
-        KontextEngine(Settings(preset="moe"))
+        KontextEngine(KontextOptions(preset="moe"))
     assert str(e.value) == "unknown kontext preset 'moe' (available: default, tiny)"
     with pytest.raises(UserError, match="^unknown kontext preset 'moe'"):
-        artifacts(Settings(preset="moe"))
-    engine = KontextEngine(Settings(preset="tiny"))
+        artifacts(KontextOptions(preset="moe"))
+    engine = KontextEngine(KontextOptions(preset="tiny"))
     for instruction in (None, "   "):
         plan = EditPlan(intent="edit", instruction=instruction)
         with pytest.raises(UserError) as e:
@@ -176,9 +177,9 @@ def test_plugin_registers_kontext_and_names_its_weights_without_importing_torch(
         pm.register(plugins.kontext, name="plugins.kontext")
     try:
         spec = host.get("engines", "kontext")
-        assert isinstance(spec.factory(Settings(preset="tiny")), KontextEngine)
-        assert spec.artifacts(Settings(preset="tiny")) == []
-        [model] = spec.artifacts(Settings(revision="abc"))
+        assert isinstance(host.build("engines", "kontext", Settings(preset="tiny")), KontextEngine)
+        assert host.call("engines", "kontext", "artifacts", Settings(preset="tiny")) == []
+        [model] = host.call("engines", "kontext", "artifacts", Settings(revision="abc"))
         assert (model.role, model.ref, model.revision, model.layout, model.option) == (
             "FLUX.1 Kontext pipeline",
             "black-forest-labs/FLUX.1-Kontext-dev",
@@ -186,13 +187,15 @@ def test_plugin_registers_kontext_and_names_its_weights_without_importing_torch(
             "diffusers",
             "--model",
         )
-        assert spec.describe(Settings(preset="tiny"))["model"] == "built in-process (random weights)"
+        assert spec.options is KontextOptions
+        described = host.call("engines", "kontext", "describe", Settings(preset="tiny"))
+        assert described["model"] == "built in-process (random weights)"
     finally:
         if added:
             pm.unregister(name="plugins.kontext")
     code = (
         "import sys, plugins.kontext as k; from assistant.settings import Settings; s = Settings(); "
-        "k.register_engines(lambda spec: (spec.artifacts(s), spec.describe(s))); "
+        "k.register_engines(lambda spec: (spec.artifacts(s, spec.options()), spec.describe(s, spec.options()))); "
         "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
     )
     proc = subprocess.run(
@@ -214,13 +217,13 @@ def test_a_stock_lora_changes_the_edit_and_a_lora_moe_is_refused(engine, photo, 
         )
     layers = {k: v * 30 if "lora_B" in k else v for k, v in get_peft_model_state_dict(transformer).items()}
     FluxKontextPipeline.save_lora_weights(tmp_path, transformer_lora_layers=layers, safe_serialization=True)
-    adapted_engine = KontextEngine(Settings(preset="tiny", lora=str(tmp_path)))
+    adapted_engine = KontextEngine(KontextOptions(preset="tiny", lora=str(tmp_path)))
     adapted, _ = run(adapted_engine, request(photo))
     base, _ = run(engine, request(photo))
     assert (adapted.adapter.kind, adapted.adapter.keys) == ("lora", len(layers))
     assert np.abs(pixels(base.image) - pixels(adapted.image)).mean() > 1
     with pytest.raises(UserError, match="^tiny-moe is a LoRA-MoE adapter .*stock diffusers LoRAs only"):
-        load_pipeline(Settings(preset="tiny", lora="tiny-moe"))
+        load_pipeline(KontextOptions(preset="tiny", lora="tiny-moe"))
 
 
 def test_a_local_kontext_folder_loads_with_real_weights_flags_and_a_missing_one_is_one_line(tmp_path):
@@ -229,11 +232,11 @@ def test_a_local_kontext_folder_loads_with_real_weights_flags_and_a_missing_one_
     assert torch.equal(torch.random.get_rng_state(), rng)  # seeded on its own, the global RNG untouched
     assert (tiny.transformer.config.in_channels, tiny.transformer.config.guidance_embeds) == (64, True)
     tiny.save_pretrained(tmp_path / "kontext", safe_serialization=True)
-    pipe, random_weights, adapter = load_pipeline(Settings(model=str(tmp_path / "kontext")))
+    pipe, random_weights, adapter = load_pipeline(KontextOptions(model=str(tmp_path / "kontext")))
     assert (type(pipe).__name__, random_weights, adapter) == ("FluxKontextPipeline", False, None)
     assert torch.equal(pipe.transformer.x_embedder.weight, build_tiny().transformer.x_embedder.weight)
     with pytest.raises(UserError) as e:
-        load_pipeline(Settings(model=str(tmp_path / "nowhere")))
+        load_pipeline(KontextOptions(model=str(tmp_path / "nowhere")))
     assert "\n" not in str(e.value) and "--model" in str(e.value)
 
 

@@ -5,6 +5,7 @@ import time
 
 import pytest
 
+from assistant import plugins
 from assistant.memory import HEADROOM, GiB, Part, Placement, gpu_capacity, plan_for, plan_memory
 from assistant.settings import Settings
 from plugins.icedit import memory as flux_memory
@@ -15,8 +16,30 @@ SIZES = [16, 24, 48, 80]
 FULL_GPU = {"device": "cuda", "offload": "none", "quantize": "none"}
 
 
+def flux_parts(settings: Settings) -> list[Part]:
+    """The engine's parts as the host asks for them (its options from the settings)."""
+    return plugins.call("engines", "icedit", "memory", settings)
+
+
+def vlm_parts(settings: Settings) -> list[Part]:
+    return plugins.call("rewriters", "qwen_vl", "memory", settings)
+
+
+def components(settings: Settings):
+    return flux_memory.components(settings, plugins.options_for("engines", "icedit", settings))
+
+
+def option_values(settings: Settings, keys) -> dict:
+    """Each key as the plugin declaring it reads it from these settings (the engine's, else the VLM's)."""
+    found = {}
+    for kind, name in (("engines", "icedit"), ("rewriters", "qwen_vl")):
+        given = plugins.options_for(kind, name, settings)
+        found |= {k: getattr(given, k) for k in keys if k in type(given).model_fields}
+    return found
+
+
 def chat_parts(settings: Settings = CHAT) -> list[Part]:
-    return flux_memory.parts(settings) + vlm_memory.parts(settings)
+    return flux_parts(settings) + vlm_parts(settings)
 
 
 def cost(plan) -> float:
@@ -40,7 +63,7 @@ def test_sizes_from_meta_match_the_published_models():
 
 def test_the_estimates_agree_with_icedit_s_published_figures():
     """~35 GB with everything on the GPU, 24 GB with model offload (ICEdit's README, FLUX alone)."""
-    options = {o.label: o for o in flux_memory.parts(CHAT)[0].options}
+    options = {o.label: o for o in flux_parts(CHAT)[0].options}
     everything = options["bf16 on the GPU"]
     assert 33e9 < everything.resident_gpu + everything.activation_gpu < 37e9
     offload = options["bf16, model offload"]
@@ -48,13 +71,13 @@ def test_the_estimates_agree_with_icedit_s_published_figures():
 
 
 def test_components_follow_the_settings():
-    bf16 = flux_memory.components(CHAT)
+    bf16 = components(CHAT)
     assert set(bf16) == {"transformer", "text_encoder", "text_encoder_2", "vae"}
-    fp32 = flux_memory.components(CHAT.model_copy(update={"dtype": "float32", "lora": "none"}))
+    fp32 = components(CHAT.with_options(dtype="float32", lora="none"))
     assert fp32["text_encoder_2"].weights == 2 * bf16["text_encoder_2"].weights
-    int8 = flux_memory.components(CHAT.model_copy(update={"quantize": "int8"}))["transformer"]
+    int8 = components(CHAT.with_options(quantize="int8"))["transformer"]
     assert 0.45 < int8.weights / bf16["transformer"].weights < 0.55  # 1 byte a weight, the adapter in bf16
-    four = flux_memory.components(CHAT.model_copy(update={"candidates": 4}))
+    four = components(CHAT.model_copy(update={"candidates": 4}))
     assert four["transformer"].activation == pytest.approx(4 * bf16["transformer"].activation, rel=1e-6)
 
 
@@ -67,7 +90,7 @@ def test_each_plan_fits_its_gpu(gib, capability):
     assert plan.estimated_peak <= plan.usable
     assert all(c.requires is None or c.requires <= capability for c in plan.choices.values())
     settings = Settings(**plan.settings_update())
-    assert {key: getattr(settings, key) for key in plan.settings_update()} == plan.settings_update()
+    assert option_values(settings, plan.settings_update()) == plan.settings_update()
     assert json.loads(json.dumps(plan.model_dump()))["usable"] == plan.usable
     assert plan.explain().startswith(f"{gib} GiB GPU: FLUX.1 Fill ")
     assert f"peak ~{plan.estimated_peak / GiB:.1f} GiB" in plan.explain()
@@ -106,7 +129,7 @@ def test_at_24_gib_the_7b_goes_to_the_cpu_and_the_3b_is_offered():
     offer = next(n for n in plan.notes if n.startswith("Qwen2.5-VL-3B ("))
     assert "7.0 GiB" in offer and offer.endswith("--vlm Qwen/Qwen2.5-VL-3B-Instruct")
     assert "Qwen2.5-VL-7B fp32 on the CPU (" in plan.explain()
-    smaller = CHAT.model_copy(update={"vlm": "Qwen/Qwen2.5-VL-3B-Instruct"})
+    smaller = CHAT.with_options(vlm="Qwen/Qwen2.5-VL-3B-Instruct")
     with_3b = plan_memory(chat_parts(smaller), 24 * GiB, capability=(8, 9))
     assert with_3b.fits and with_3b.choices["vlm"].settings == {"vlm_device": "cuda"}  # the offer holds
 
@@ -119,10 +142,10 @@ def test_the_3b_is_offered_only_where_it_would_run_on_the_gpu():
 
 
 def test_only_the_7b_has_the_3b_as_an_alternative():
-    [seven] = vlm_memory.parts(CHAT)
+    [seven] = vlm_parts(CHAT)
     assert seven.title == "Qwen2.5-VL-7B"
     assert [a.title for a in seven.alternatives] == ["Qwen2.5-VL-3B"]
-    [three] = vlm_memory.parts(CHAT.model_copy(update={"vlm": "Qwen/Qwen2.5-VL-3B-Instruct"}))
+    [three] = vlm_parts(CHAT.with_options(vlm="Qwen/Qwen2.5-VL-3B-Instruct"))
     assert three.title == "Qwen2.5-VL-3B" and three.alternatives == []
     assert three.weights == seven.alternatives[0].weights < seven.weights / 2
 
@@ -130,7 +153,7 @@ def test_only_the_7b_has_the_3b_as_an_alternative():
 def test_a_local_folder_is_sized_from_its_own_config(tmp_path):
     config = vlm_memory.CONFIGS["Qwen/Qwen2.5-VL-3B-Instruct"] | {"num_hidden_layers": 18}
     (tmp_path / "config.json").write_text(json.dumps(config))
-    [part] = vlm_memory.parts(CHAT.model_copy(update={"vlm": str(tmp_path)}))
+    [part] = vlm_parts(CHAT.with_options(vlm=str(tmp_path)))
     assert part.title == "Qwen2.5-VL-3B"
     full, half = vlm_memory.size("Qwen/Qwen2.5-VL-3B-Instruct"), vlm_memory.size(str(tmp_path))
     assert half.layers == 18 and half.params < full.params - 1e9
@@ -144,7 +167,7 @@ def test_forced_settings_are_kept_even_when_they_do_not_fit():
     assert plan.notes[0].startswith("the settings given (offload=none, quantize=none) need ~")
     assert "expect out-of-memory errors" in plan.notes[0]
     assert plan.explain().endswith(f", over the {plan.usable / GiB:.1f} GiB usable")
-    assert Settings(**plan.settings_update()).offload == "none"
+    assert plugins.option("engines", "icedit", "offload", Settings(**plan.settings_update())) == "none"
 
 
 def test_forced_settings_steer_the_other_parts():
@@ -191,11 +214,11 @@ def test_plan_for_a_named_size_and_for_this_machine():
 
 
 def test_parts_only_for_what_the_settings_load():
-    assert flux_memory.parts(Settings(preset="tiny")) == []
-    assert vlm_memory.parts(CHAT.model_copy(update={"vlm": "none"})) == []
-    assert vlm_memory.parts(CHAT.model_copy(update={"rewriter": "rules", "candidates": 1})) == []
-    [judge_only] = vlm_memory.parts(CHAT.model_copy(update={"rewriter": "rules", "candidates": 4}))
-    [rewrite] = vlm_memory.parts(CHAT)
+    assert flux_parts(Settings(preset="tiny")) == []
+    assert vlm_parts(CHAT.with_options(vlm="none")) == []
+    assert vlm_parts(CHAT.model_copy(update={"rewriter": "rules", "candidates": 1})) == []
+    [judge_only] = vlm_parts(CHAT.model_copy(update={"rewriter": "rules", "candidates": 4}))
+    [rewrite] = vlm_parts(CHAT)
     assert judge_only.options[0].activation_gpu > rewrite.options[0].activation_gpu  # 2 x 3 images at once
 
 

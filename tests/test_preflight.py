@@ -8,7 +8,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from assistant import preflight
+from assistant import plugins, preflight
 from assistant.cli import cli
 from assistant.errors import UserError
 from assistant.memory import GiB
@@ -104,7 +104,7 @@ def test_on_a_gpu_the_plan_places_the_models_and_keeps_what_the_person_set(flux_
     )
     assert prepared.plan is not None and prepared.plan.fits
     assert prepared.plan.estimated_peak <= gib * GiB * (1 - prepared.plan.headroom)
-    s = prepared.settings
+    s = plugins.options_for("engines", "icedit", prepared.settings)
     if gib >= 48:  # FLUX.1 Fill alone (no VLM here) fits whole in bf16: ~36 GiB
         assert (s.device, s.offload, s.quantize) == ("cuda", "none", "none")
     else:
@@ -120,7 +120,8 @@ def test_on_a_gpu_the_plan_places_the_models_and_keeps_what_the_person_set(flux_
             steps=3,
         )
     )
-    assert (forced.settings.offload, forced.settings.quantize) == ("none", "none")
+    given = plugins.options_for("engines", "icedit", forced.settings)
+    assert (given.offload, given.quantize) == ("none", "none")
     assert forced.plan.forced == {"offload": "none", "quantize": "none"}  # placements only, not steps or home
     assert forced.plan.fits == (gib >= 48)
     if not forced.plan.fits:

@@ -223,9 +223,9 @@ class Garbage:
 
 @settings(max_examples=100, deadline=None, suppress_health_check=FIXTURES)
 @given(first=ANSWERS, second=ANSWERS)
-def test_a_vlm_answering_anything_still_gives_a_plan(monkeypatch, settings_for_vlm, first, second):
-    monkeypatch.setattr(model, "load", lambda settings: Garbage([first, second]))
-    plan = QwenRewriter(settings_for_vlm).rewrite(Image.new("RGB", (8, 8)), "make it look like winter", [])
+def test_a_vlm_answering_anything_still_gives_a_plan(monkeypatch, options_for_vlm, first, second):
+    monkeypatch.setattr(model, "load", lambda options: Garbage([first, second]))
+    plan = QwenRewriter(options_for_vlm).rewrite(Image.new("RGB", (8, 8)), "make it look like winter", [])
     assert isinstance(plan, EditPlan)
     if plan.fallback is not None:
         assert plan.fallback.startswith("rules (invalid answer twice: ")
@@ -233,7 +233,7 @@ def test_a_vlm_answering_anything_still_gives_a_plan(monkeypatch, settings_for_v
 
 
 @pytest.fixture
-def settings_for_vlm(icedit_home):
-    from assistant.settings import Settings
+def options_for_vlm(icedit_home):
+    from plugins.qwen_vl.options import QwenVlOptions
 
-    return Settings(rewriter="qwen_vl", vlm="some/vlm")
+    return QwenVlOptions(vlm="some/vlm")

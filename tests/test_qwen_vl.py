@@ -27,6 +27,7 @@ from assistant.models import EditPlan, TurnSummary
 from assistant.settings import Settings
 from plugins.qwen_vl import model
 from plugins.qwen_vl.judge import QwenJudge
+from plugins.qwen_vl.options import QwenVlOptions
 from plugins.qwen_vl.processor import ImageOnlyProcessor
 from plugins.qwen_vl.rewriter import PlanAnswer, QwenRewriter, parse
 from plugins.rules.rewriter import RulesRewriter
@@ -43,8 +44,8 @@ def tiny_vlm(tmp_path_factory) -> str:
 
 
 @pytest.fixture
-def vlm_settings(icedit_home, tiny_vlm) -> Settings:
-    return Settings(rewriter="qwen_vl", vlm=tiny_vlm, vlm_max_new_tokens=12, **SMALL)
+def vlm_options(icedit_home, tiny_vlm) -> QwenVlOptions:
+    return QwenVlOptions(vlm=tiny_vlm, vlm_max_new_tokens=12, **SMALL)
 
 
 @pytest.fixture
@@ -82,41 +83,46 @@ class Scripted(LogitsProcessor):
         return scores
 
 
-def scripted(settings: Settings, *answers: str) -> Scripted:
-    return Scripted(model.load(settings).processor.tokenizer, list(answers))
+def scripted(options: QwenVlOptions, *answers: str) -> Scripted:
+    return Scripted(model.load(options).processor.tokenizer, list(answers))
 
 
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def test_the_folder_loads_as_image_only_processor_and_one_shared_model(vlm_settings, tiny_vlm):
-    vlm = model.load(vlm_settings)
+def test_the_folder_loads_as_image_only_processor_and_one_shared_model(vlm_options, tiny_vlm):
+    vlm = model.load(vlm_options)
     assert type(vlm.processor) is ImageOnlyProcessor
     assert type(vlm.processor.image_processor) is Qwen2VLImageProcessorPil
     assert vlm.processor.chat_template == CHAT_TEMPLATE
     assert vlm.processor.tokenizer.padding_side == "left"
     assert not vlm.model.training and vlm.model.dtype == torch.float32
-    same = Settings(vlm=tiny_vlm, vlm_device="cpu", judge="qwen_vl", rewriter="rules", max_pixels=28 * 28 * 9)
-    assert model.load(same) is vlm  # rewriter and judge settings share the loaded model
-    half = model.load(Settings(vlm=tiny_vlm, vlm_device="cpu", vlm_dtype="bfloat16"))
+    same = QwenVlOptions(vlm=tiny_vlm, vlm_device="cpu", min_pixels=28 * 28, max_pixels=28 * 28 * 9)
+    assert model.load(same) is vlm  # rewriter and judge options share the loaded model
+    half = model.load(QwenVlOptions(vlm=tiny_vlm, vlm_device="cpu", vlm_dtype="bfloat16"))
     assert half is not vlm and half.model.dtype == torch.bfloat16
 
 
 def test_a_folder_with_the_published_file_layout_loads_too(tiny_vlm, tmp_path, cat):
     folder = hub_layout(Path(tiny_vlm), tmp_path / "hub")
-    settings = Settings(vlm=str(folder), **SMALL)
-    vlm = model.load(settings)
+    options = QwenVlOptions(vlm=str(folder), **SMALL)
+    vlm = model.load(options)
     assert type(vlm.processor) is ImageOnlyProcessor and vlm.processor.chat_template == CHAT_TEMPLATE
-    assert QwenJudge(settings).compare(WINTER, cat, cat, cat) == QwenJudge(
-        Settings(vlm=tiny_vlm, **SMALL)
+    assert QwenJudge(options).compare(WINTER, cat, cat, cat) == QwenJudge(
+        QwenVlOptions(vlm=tiny_vlm, **SMALL)
     ).compare(WINTER, cat, cat, cat)
 
 
-def test_plugin_registers_rewriter_and_judge_without_importing_torch(vlm_settings):
+def test_plugin_registers_rewriter_and_judge_without_importing_torch(vlm_options):
     assert plugins.registrations("rewriters")["qwen_vl"][0] == "plugins.qwen_vl"
     assert plugins.registrations("judges")["qwen_vl"][0] == "plugins.qwen_vl"
-    assert isinstance(plugins.get("rewriters", "qwen_vl").factory(vlm_settings), QwenRewriter)
-    assert isinstance(plugins.get("judges", "qwen_vl").factory(vlm_settings), QwenJudge)
+    settings = Settings(**vlm_options.model_dump(exclude_defaults=True))
+    rewriter, judge = (
+        plugins.build("rewriters", "qwen_vl", settings),
+        plugins.build("judges", "qwen_vl", settings),
+    )
+    assert isinstance(rewriter, QwenRewriter) and isinstance(judge, QwenJudge)
+    assert rewriter.options == judge.options == vlm_options  # the options given reach both
     code = (
         "import sys, assistant.cli, plugins.qwen_vl; from assistant.plugins import get_plugin_manager; "
         "get_plugin_manager(); print(sorted(m for m in sys.modules if m.split('.')[0] in "
@@ -131,10 +137,10 @@ def test_plugin_registers_rewriter_and_judge_without_importing_torch(vlm_setting
 # ---------------------------------------------------------------------------------------------- rewriter
 
 
-def test_garbage_answers_retry_once_quoting_the_error_then_fall_back_to_rules(vlm_settings, cat):
-    recorder = scripted(vlm_settings)  # records the prompts; the random model answers
+def test_garbage_answers_retry_once_quoting_the_error_then_fall_back_to_rules(vlm_options, cat):
+    recorder = scripted(vlm_options)  # records the prompts; the random model answers
     context = [TurnSummary(message="give it a hat", intent="edit", instruction="add a red hat to the cat")]
-    plan = QwenRewriter(vlm_settings, LogitsProcessorList([recorder])).rewrite(cat, WINTER, context)
+    plan = QwenRewriter(vlm_options, LogitsProcessorList([recorder])).rewrite(cat, WINTER, context)
 
     assert plan.fallback.startswith("rules (invalid answer twice: ")
     assert plan.model_copy(update={"fallback": None}) == RulesRewriter().rewrite(cat, WINTER, context)
@@ -168,20 +174,20 @@ def test_garbage_answers_retry_once_quoting_the_error_then_fall_back_to_rules(vl
         ),
     ],
 )
-def test_a_scripted_answer_becomes_the_plan(vlm_settings, cat, answer, expected):
-    script = scripted(vlm_settings, answer)
+def test_a_scripted_answer_becomes_the_plan(vlm_options, cat, answer, expected):
+    script = scripted(vlm_options, answer)
     plan = QwenRewriter(
-        vlm_settings.model_copy(update={"vlm_max_new_tokens": 120}), LogitsProcessorList([script])
+        vlm_options.model_copy(update={"vlm_max_new_tokens": 120}), LogitsProcessorList([script])
     ).rewrite(cat, "x", [])
     assert plan == expected
     assert len(script.prompts) == 1 and not script.answers
 
 
-def test_an_invalid_answer_is_retried_once_with_the_error_quoted(vlm_settings, cat):
+def test_an_invalid_answer_is_retried_once_with_the_error_quoted(vlm_options, cat):
     valid = '{"intent": "edit", "instruction": "make it snow", "rationale": "snow"}'
-    script = scripted(vlm_settings, '{"intent": "paint", "rationale": "?"}', valid)
+    script = scripted(vlm_options, '{"intent": "paint", "rationale": "?"}', valid)
     plan = QwenRewriter(
-        vlm_settings.model_copy(update={"vlm_max_new_tokens": 80}), LogitsProcessorList([script])
+        vlm_options.model_copy(update={"vlm_max_new_tokens": 80}), LogitsProcessorList([script])
     ).rewrite(cat, WINTER, [])
     assert (plan.intent, plan.instruction, plan.fallback) == ("edit", "make it snow", None)
     first, second = script.prompts
@@ -209,9 +215,9 @@ def test_the_prompt_schema_is_the_answer_model():
     assert set(PlanAnswer.model_fields) == set(EditPlan.model_fields) - {"ic_prompt", "fallback"}
 
 
-def test_vlm_none_uses_the_rules_without_loading_anything(vlm_settings, cat, monkeypatch):
-    monkeypatch.setattr(model, "load", lambda settings: pytest.fail("loaded a VLM"))
-    plan = QwenRewriter(vlm_settings.model_copy(update={"vlm": "none"})).rewrite(cat, WINTER, [])
+def test_vlm_none_uses_the_rules_without_loading_anything(vlm_options, cat, monkeypatch):
+    monkeypatch.setattr(model, "load", lambda options: pytest.fail("loaded a VLM"))
+    plan = QwenRewriter(vlm_options.model_copy(update={"vlm": "none"})).rewrite(cat, WINTER, [])
     assert plan.fallback == "rules (no VLM: --vlm none)"
     assert plan.instruction == WINTER
 
@@ -219,13 +225,13 @@ def test_vlm_none_uses_the_rules_without_loading_anything(vlm_settings, cat, mon
 # ---------------------------------------------------------------------------------------------- judge
 
 
-def test_judge_is_the_softmax_of_the_A_and_B_logits(vlm_settings, cat):
-    judge = QwenJudge(vlm_settings)
+def test_judge_is_the_softmax_of_the_A_and_B_logits(vlm_options, cat):
+    judge = QwenJudge(vlm_options)
     a, b = cat.resize((56, 56)), cat.rotate(90).resize((28, 28))
     p_ab, p_ba = judge.compare(WINTER, cat, a, b), judge.compare(WINTER, cat, b, a)
     assert 0 <= p_ab <= 1 and 0 <= p_ba <= 1 and p_ab != p_ba
 
-    vlm = model.load(vlm_settings)
+    vlm = model.load(vlm_options)
     with torch.no_grad():
         logits = vlm.model(**vlm.inputs([judge.conversation(WINTER, cat, a, b)])).logits[0, -1]
     tokenizer = vlm.processor.tokenizer
@@ -233,11 +239,11 @@ def test_judge_is_the_softmax_of_the_A_and_B_logits(vlm_settings, cat):
     assert p_ab == pytest.approx(1 / (1 + math.exp(lb - la)), abs=1e-6)
 
 
-def test_compare_many_is_one_padded_batch_equal_to_single_compares(vlm_settings, cat):
-    judge = QwenJudge(vlm_settings)
+def test_compare_many_is_one_padded_batch_equal_to_single_compares(vlm_options, cat):
+    judge = QwenJudge(vlm_options)
     big, small, other = cat.resize((56, 56)), cat.resize((28, 28)), cat.rotate(180).resize((56, 28))
     pairs = [(big, small), (small, other), (other, big)]
-    mask = model.load(vlm_settings).inputs([judge.conversation(WINTER, cat, *p) for p in pairs])[
+    mask = model.load(vlm_options).inputs([judge.conversation(WINTER, cat, *p) for p in pairs])[
         "attention_mask"
     ]
     assert mask[:, -1].all() and not mask[:, 0].all()  # different lengths, padded on the left
@@ -245,9 +251,9 @@ def test_compare_many_is_one_padded_batch_equal_to_single_compares(vlm_settings,
     assert batched == pytest.approx([judge.compare(WINTER, cat, *p) for p in pairs], abs=1e-4)
 
 
-def test_judge_without_a_vlm_is_one_line(vlm_settings, cat):
+def test_judge_without_a_vlm_is_one_line(vlm_options, cat):
     with pytest.raises(UserError, match="no VLM: --vlm none"):
-        QwenJudge(vlm_settings.model_copy(update={"vlm": "none"})).compare(WINTER, cat, cat, cat)
+        QwenJudge(vlm_options.model_copy(update={"vlm": "none"})).compare(WINTER, cat, cat, cat)
 
 
 # ---------------------------------------------------------------------------------------------- CLI

@@ -148,7 +148,7 @@ async def test_retry_seed_and_steps_reach_the_engine(fake_settings, fake, cat, t
 
     vlm = tmp_path / "vlm"  # the judge's weights are on disk, so /candidates is taken
     save_tiny_qwen(vlm)
-    app = app_for(fake_settings.model_copy(update={"vlm": str(vlm)}), image=cat)
+    app = app_for(fake_settings.with_options(vlm=str(vlm)), image=cat)
     async with app.run_test(size=SIZE) as pilot:
         await say(pilot, "/seed 7")
         await say(pilot, "/steps 2")

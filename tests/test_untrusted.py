@@ -15,10 +15,11 @@ from safetensors.torch import save_file
 from store_checks import EXAMPLES, dump
 
 from assistant.cli import cli
-from assistant.settings import Settings
 from plugins.icedit import moe_checkpoint
 from plugins.icedit.loading import flux_artifact, from_pretrained, load_pipeline
+from plugins.icedit.options import IceditOptions
 from plugins.icedit.presets import build_tiny
+from plugins.qwen_vl.options import QwenVlOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("assistant", "plugins", "prompts", "sessions")
@@ -182,7 +183,7 @@ def test_a_pinned_lora_revision_loads_that_adapter(offline_cache):
         assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
     # through the engine's loader: the adapter is recognised and placed from the pinned revision
     _, _, adapter = load_pipeline(
-        Settings(preset="tiny", lora="someone/moe", lora_revision="v1", device="cpu")
+        IceditOptions(preset="tiny", lora="someone/moe", lora_revision="v1", device="cpu")
     )
     assert (adapter.kind, adapter.keys, adapter.num_experts) == ("lora-moe", len(states[1]), 2)
 
@@ -195,9 +196,9 @@ def test_a_pinned_vlm_revision_loads_that_model(offline_cache):
     _fake_hub(
         offline_cache, "someone/vlm", {"main": MAIN, "v1": V1}, lambda folder, i: save_tiny_qwen(folder, i)
     )
-    settings = Settings(vlm="someone/vlm", vlm_device="cpu")
+    options = QwenVlOptions(vlm="someone/vlm", vlm_device="cpu")
     weights = {
-        rev: next(model.load(settings.model_copy(update={"vlm_revision": rev})).model.parameters())
+        rev: next(model.load(options.model_copy(update={"vlm_revision": rev})).model.parameters())
         for rev in (None, "v1", MAIN)
     }
     assert torch.equal(weights[None], weights[MAIN]) and not torch.equal(weights[None], weights["v1"])

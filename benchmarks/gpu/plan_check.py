@@ -138,22 +138,23 @@ def on_gpu() -> None:
     try:
         from assistant.memory import gpu_capacity, plan_memory
         from plugins.icedit import memory as icedit_memory
-        from plugins.qwen_vl import memory as qwen_vl_memory
     except ImportError as e:
         sys.exit(
             f"plan_check.py: the memory planner is missing ({e}); it needs assistant.memory "
-            "(plan_memory, gpu_capacity), plugins.icedit.memory and plugins.qwen_vl.memory"
+            "(plan_memory, gpu_capacity) and plugins.icedit.memory"
         )
     from diffusers import AutoencoderKL
     from edit import build
 
+    from assistant import plugins
     from assistant.settings import Settings
     from plugins.icedit.loading import quantize
     from plugins.icedit.presets import FLUX_VAE
 
     dtype = torch.bfloat16
     settings = Settings(preset="default", device="cuda", dtype="bfloat16")
-    estimates = icedit_memory.components(settings)
+    options = plugins.options_for("engines", "icedit", settings)
+    estimates = icedit_memory.components(settings, options)
     pipe = build(True, "cuda", dtype)
     torch.manual_seed(0)
     pipe.vae = AutoencoderKL(**FLUX_VAE).to(dtype).eval()
@@ -162,7 +163,7 @@ def on_gpu() -> None:
         f"torch {torch.__version__}, 1024x768 diptych, {TEXT_TOKENS} text tokens; GiB"
     )
     print(
-        "Estimated: plugins.icedit.memory.components(Settings(dtype='bfloat16')), the adapter counted in the "
+        "Estimated: plugins.icedit.memory.components with dtype bfloat16, the adapter counted in the "
         "LoRA-MoE layout that edit.py's random adapter has."
     )
     print(
@@ -179,7 +180,7 @@ def on_gpu() -> None:
         print_row(name, estimates.get(name), measure_on_gpu(functools.partial(module.to, "cuda"), forward))
         if name == "transformer" and fp8:
             module.to("cpu")
-            quantized = icedit_memory.components(settings.model_copy(update={"quantize": "fp8"}))
+            quantized = icedit_memory.components(settings, options.model_copy(update={"quantize": "fp8"}))
             print_row(
                 "transformer (fp8)",
                 quantized.get(name),
@@ -193,7 +194,7 @@ def on_gpu() -> None:
     gc.collect()
     torch.cuda.empty_cache()
     capacity, capability = gpu_capacity()
-    flux = icedit_memory.parts(settings)
+    flux = plugins.call("engines", "icedit", "memory", settings)
     print(
         "\nPlanned peaks of FLUX.1 Fill alone on this GPU, beside the `peak GiB` that edit.py --full measures:"
     )
@@ -201,7 +202,9 @@ def on_gpu() -> None:
     for variant, forced in MODES.items():
         plan = plan_memory(flux, capacity, forced={"device": "cuda"} | forced, capability=capability)
         print(f"{variant:<26} {gib(plan.estimated_peak):>11}  {plan.choices['flux'].label}")
-    plan = plan_memory([*flux, *qwen_vl_memory.parts(settings)], capacity, capability=capability)
+    plan = plan_memory(
+        [*flux, *plugins.call("rewriters", "qwen_vl", "memory", settings)], capacity, capability=capability
+    )
     print(f"\nThe plan with the VLM: {plan.explain()}")
     for note in plan.notes:
         print(f"  {note}")

@@ -2,42 +2,42 @@
 
 from assistant.hookspecs import hookimpl
 from assistant.plugins import EngineSpec
+from plugins.icedit.options import IceditOptions
 
 
-def _engine(settings):
+def _engine(settings, options):
     from plugins.icedit.engine import IceditEngine
 
-    return IceditEngine(settings)
+    return IceditEngine(options)
 
 
-def _artifacts(settings):
+def _artifacts(settings, options):
     from plugins.icedit.loading import artifacts
 
-    return artifacts(settings)
+    return artifacts(options)
 
 
-def _memory(settings):
+def _memory(settings, options):
     from plugins.icedit.memory import parts
 
-    return parts(settings)
+    return parts(settings, options)
 
 
-def _describe(settings):
+def _describe(settings, options):
     from plugins.icedit.loading import adapter_kind
     from plugins.icedit.presets import get_preset
 
-    preset = get_preset(settings.preset)
-    lora = settings.lora or preset.lora
+    preset = get_preset(options.preset)
     return {
         "preset": preset.name,
-        "model": settings.model or preset.model or "built in-process (random weights)",
-        "lora": lora,
-        "adapter": adapter_kind(settings),
-        "top_k": settings.top_k,
-        "lora_scale": settings.lora_scale,
-        "offload": settings.offload,
-        "quantize": settings.quantize,
-        "compile": settings.compile,
+        "model": options.model or preset.model or "built in-process (random weights)",
+        "lora": options.lora or preset.lora,
+        "adapter": adapter_kind(options),
+        "top_k": options.top_k,
+        "lora_scale": options.lora_scale,
+        "offload": options.offload,
+        "quantize": options.quantize,
+        "compile": options.compile,
     }
 
 
@@ -51,6 +51,7 @@ def register_engines(register):
             describe=_describe,
             artifacts=_artifacts,
             memory=_memory,
+            options=IceditOptions,
         )
     )
 

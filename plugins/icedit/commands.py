@@ -8,7 +8,9 @@ from pathlib import Path
 import click
 
 from assistant import command_kit as kit
+from assistant import plugins
 from assistant.models import Guidance, Steps
+from plugins.icedit.options import IceditOptions
 
 data_options = [
     click.option(
@@ -20,9 +22,6 @@ data_options = [
     click.option("--split", help="dataset split (default train)"),
     click.option("--limit", type=click.IntRange(1), help="use the first N examples only"),
     click.option("--seed", type=click.IntRange(0, 2**32 - 1), help="seed (default 0)"),
-    click.option("--preset", help="model preset: default (real FLUX.1 Fill) or tiny (random, offline)"),
-    click.option("--model", help="FLUX.1 Fill hub id or local folder (overrides the preset)"),
-    click.option("--device", help="cpu to stay off the GPU; otherwise accelerate places each process"),
 ]
 
 
@@ -34,6 +33,7 @@ def with_data_options(fn):
 
 @click.command("train")
 @with_data_options
+@kit.model_flags(IceditOptions, ["preset", "model", "device"])
 @click.option("--out", required=True, type=kit.PathArg(), help="folder for checkpoints and the adapter")
 @click.option("--steps", type=click.IntRange(1), help="optimizer steps (default 1000)")
 @click.option("--experts", type=click.IntRange(1, 64), help="LoRA-MoE experts (default 4)")
@@ -64,10 +64,10 @@ def train_cmd(data, columns, preset, model, device, json_, **options) -> None:
     from plugins.icedit.data import parse_columns
     from plugins.icedit.train import TrainConfig, train
 
-    settings = kit.settings(preset=preset, model=model, device=device, lora="none")
+    settings = kit.settings(engine="icedit", preset=preset, model=model, device=device, lora="none")
     config = kit.options(TrainConfig, data=data, columns=parse_columns(columns), **options)
     kit.prepare(settings, rewriter=False, judge=False, plan=False)  # accelerate places each process
-    report = train(config, settings)
+    report = train(config, plugins.options_for("engines", "icedit", settings))
     if report is None:  # not the main process
         return
     if json_:
@@ -94,29 +94,20 @@ def train_cmd(data, columns, preset, model, device, json_, **options) -> None:
 @click.option(
     "--judge", type=click.Choice(["qwen_vl"]), help="also rate each edit with the VLM (VIEScore SC/PQ)"
 )
-@click.option("--lora", help="LoRA hub id or path (overrides the preset); 'none' for none")
-@click.option("--lora-scale", type=kit.FiniteRange(0, 4), help="adapter strength (default 1)")
-@click.option(
-    "--top-k", "engine_top_k", type=click.IntRange(1, 64), help="experts per token of a LoRA-MoE adapter"
-)
-@click.option(
-    "--offload", type=click.Choice(kit.OFFLOAD_MODES), help="memory modes for small GPUs (see README)"
-)
-@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), help="default: bf16 on CUDA")
 @click.option("--engine", help="engine plugin (see `icedit plugins`)")
-@click.option("--vlm", help="Qwen2.5-VL hub id or local folder for --judge qwen_vl")
-@click.option("--clip-model", help="CLIP hub id or folder (default openai/clip-vit-base-patch32)")
-@click.option("--dino-model", help="DINO ViT hub id or folder (default facebook/dino-vits16)")
+@kit.plugin_flags(kinds=["engines"])
+@kit.model_flags(IceditOptions, ["clip_model", "dino_model"])
+@kit.plugin_flags(kinds=["judges"])
 @click.option("--json", "json_", is_flag=True, help="print the report (means and per example) as JSON")
 def eval_cmd(
-    data, columns, split, limit, seed, out, steps, guidance, batch_size, judge, json_, engine_top_k, **options
+    data, columns, split, limit, seed, out, steps, guidance, batch_size, judge, json_, **options
 ) -> None:
     """Edit every example of a dataset and score the edits (MagicBrush and Emu Edit metrics)."""
     from plugins.icedit.data import parse_columns
     from plugins.icedit.evaluate import EvalConfig, evaluate
     from plugins.icedit.loading import feature_artifacts
 
-    settings = kit.settings(top_k=engine_top_k, **options)
+    settings = kit.settings(**options)
     config = kit.options(
         EvalConfig,
         data=data,
@@ -130,7 +121,8 @@ def eval_cmd(
         batch_size=batch_size,
         judge=judge,
     )
-    settings = kit.prepare(settings, feature_artifacts(settings), rewriter=False, judge=bool(judge)).settings
+    features = feature_artifacts(plugins.options_for("engines", "icedit", settings))
+    settings = kit.prepare(settings, features, rewriter=False, judge=bool(judge)).settings
     report = evaluate(config, settings)
     if report is None:  # not the main process
         return

@@ -14,18 +14,18 @@ from PIL import Image
 import prompts
 from assistant.errors import Cancelled, UserError
 from assistant.models import AdapterInfo, EditRequest, EditResult, EngineEvent, Step
-from assistant.settings import Settings
 from plugins.icedit.candidates import run_candidates
 from plugins.icedit.diptych import make_diptych, right_panel
 from plugins.icedit.loading import OOM_HINT, load_pipeline
+from plugins.icedit.options import IceditOptions
 from plugins.icedit.sampler import Conditioning, FillSampler, Latents, PromptCache
 
 
 class IceditEngine:
     """Loads its pipeline on the first edit and keeps it for the next ones."""
 
-    def __init__(self, settings: Settings):
-        self.settings = settings
+    def __init__(self, options: IceditOptions):
+        self.options = options
         self._pipe = None
         self.random_weights = False
         self.adapter: AdapterInfo | None = None
@@ -33,7 +33,7 @@ class IceditEngine:
 
     def pipeline(self):
         if self._pipe is None:
-            self._pipe, self.random_weights, self.adapter = load_pipeline(self.settings)
+            self._pipe, self.random_weights, self.adapter = load_pipeline(self.options)
         return self._pipe
 
     def _begin(

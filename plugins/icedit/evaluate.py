@@ -26,6 +26,7 @@ from plugins.icedit import features as feature_models
 from plugins.icedit.data import example, load_edits
 from plugins.icedit.loading import feature_refs
 from plugins.icedit.metrics import Example, means, score
+from plugins.icedit.options import IceditOptions
 from plugins.icedit.scorecard import contact_sheet, markdown_table
 
 SHEET_ROWS = 16
@@ -71,9 +72,9 @@ class EvalReport(BaseModel):
     feature_models: dict[str, str]
 
 
-def load_features(settings: Settings, device: str):
-    """The CLIP and DINO of the settings; random tiny ones for the tiny preset unless a model is named."""
-    chosen = feature_refs(settings)
+def load_features(options: IceditOptions, device: str):
+    """The CLIP and DINO of the options; random tiny ones for the tiny preset unless a model is named."""
+    chosen = feature_refs(options)
     if chosen is None:
         return feature_models.tiny(device), {"clip": "tiny (random)", "dino": "tiny (random)"}
     clip, dino = chosen
@@ -93,17 +94,19 @@ def evaluate(config: EvalConfig, settings: Settings, progress: bool = True) -> E
 
     from assistant import plugins
 
-    state = PartialState(cpu=settings.device == "cpu" or not torch.accelerator.is_available())
+    own = plugins.options_for("engines", "icedit", settings)  # the feature models are icedit's options
+    asked = plugins.option("engines", settings.engine, "device", settings)
+    state = PartialState(cpu=asked == "cpu" or not torch.accelerator.is_available())
     with state.main_process_first():
         edits = load_edits(config.data, config.columns, config.split, config.limit, need_target=False)
     device = str(state.device)
-    features, feature_names = load_features(settings, device)
+    features, feature_names = load_features(own, device)
     scorer = None
     if config.judge:
         from plugins.qwen_vl.vie_score import QwenVieScorer
 
-        scorer = QwenVieScorer(settings)
-    run_settings = settings.model_copy(update={"device": device})
+        scorer = QwenVieScorer(plugins.options_for("judges", "qwen_vl", settings))
+    run_settings = settings.with_options(device=device)
     engine = plugins.build("engines", settings.engine, run_settings)
     steps, guidance = config.steps or settings.steps, config.guidance or settings.guidance
     edits_dir = config.out / "edits"

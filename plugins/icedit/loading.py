@@ -17,7 +17,7 @@ from assistant import hub
 from assistant.errors import UserError
 from assistant.hub import Artifact
 from assistant.models import AdapterInfo
-from assistant.settings import Settings
+from plugins.icedit.options import FluxOptions, IceditOptions
 from plugins.icedit.presets import build_tiny, get_preset
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -78,26 +78,26 @@ def lora_artifact(lora: str, revision: str | None = None, weight_name: str | Non
     )
 
 
-def feature_refs(settings: Settings) -> tuple[str, str] | None:
+def feature_refs(options: IceditOptions) -> tuple[str, str] | None:
     """(CLIP, DINO) hub ids or folders for `icedit eval`; None for random tiny ones (the tiny preset,
     neither named)."""
     if (
-        settings.clip_model is None
-        and settings.dino_model is None
-        and settings.preset == "tiny"
-        and settings.model is None
+        options.clip_model is None
+        and options.dino_model is None
+        and options.preset == "tiny"
+        and options.model is None
     ):
         return None
-    return settings.clip_model or DEFAULT_CLIP, settings.dino_model or DEFAULT_DINO
+    return options.clip_model or DEFAULT_CLIP, options.dino_model or DEFAULT_DINO
 
 
 def feature_artifact(ref: str, what: str, option: str) -> Artifact:
     return Artifact(role=f"{what} model", ref=ref, layout="transformers", option=option)
 
 
-def feature_artifacts(settings: Settings) -> list[Artifact]:
+def feature_artifacts(options: IceditOptions) -> list[Artifact]:
     """The feature models' weights `icedit eval` will read."""
-    chosen = feature_refs(settings)
+    chosen = feature_refs(options)
     if chosen is None:
         return []
     return [
@@ -106,23 +106,23 @@ def feature_artifacts(settings: Settings) -> list[Artifact]:
     ]
 
 
-def artifacts(settings: Settings) -> list[Artifact]:
-    """The weights `load_pipeline` will read for these settings (none for the in-process tiny model)."""
-    preset = get_preset(settings.preset)
-    model = settings.model or preset.model
-    lora = settings.lora or preset.lora
-    found = [flux_artifact(model, settings.revision)] if model else []
+def artifacts(options: IceditOptions) -> list[Artifact]:
+    """The weights `load_pipeline` will read with these options (none for the in-process tiny model)."""
+    preset = get_preset(options.preset)
+    model = options.model or preset.model
+    lora = options.lora or preset.lora
+    found = [flux_artifact(model, options.revision)] if model else []
     if lora and lora not in ("none", TINY_MOE):
-        found.append(lora_artifact(lora, settings.lora_revision, settings.lora_weight_name))
+        found.append(lora_artifact(lora, options.lora_revision, options.lora_weight_name))
     return found
 
 
-def load_pipeline(settings: Settings):
+def load_pipeline(options: IceditOptions):
     """(pipeline ready to run, whether its weights are random, the adapter it carries)."""
-    preset = get_preset(settings.preset)
-    device = resolve_device(settings.device)
-    dtype = resolve_dtype(settings.dtype, device)
-    model = settings.model or preset.model
+    preset = get_preset(options.preset)
+    device = resolve_device(options.device)
+    dtype = resolve_dtype(options.dtype, device)
+    model = options.model or preset.model
     if model is None:
         pipe = build_tiny()
         if dtype != pipe.dtype:
@@ -130,25 +130,25 @@ def load_pipeline(settings: Settings):
     else:
         from diffusers import FluxFillPipeline
 
-        pipe = from_pretrained(FluxFillPipeline, flux_artifact(model, settings.revision), dtype)
-    lora = settings.lora or preset.lora
-    adapter = _load_adapter(pipe, lora, settings) if lora and lora != "none" else None
-    ready(pipe, settings, device)
-    return pipe, preset.random_weights and settings.model is None, adapter
+        pipe = from_pretrained(FluxFillPipeline, flux_artifact(model, options.revision), dtype)
+    lora = options.lora or preset.lora
+    adapter = _load_adapter(pipe, lora, options) if lora and lora != "none" else None
+    ready(pipe, options, device)
+    return pipe, preset.random_weights and options.model is None, adapter
 
 
-def ready(pipe, settings: Settings, device: str) -> None:
-    """Quantize, place (or offload) and compile the loaded pipeline as the settings say; running out of
+def ready(pipe, options: FluxOptions, device: str) -> None:
+    """Quantize, place (or offload) and compile the loaded pipeline as the options say; running out of
     memory on the way is one line."""
     import torch
 
     try:
-        if settings.quantize != "none":
-            quantize(pipe.transformer, settings.quantize, device)
-        place(pipe, device, settings.offload)
+        if options.quantize != "none":
+            quantize(pipe.transformer, options.quantize, device)
+        place(pipe, device, options.offload)
     except torch.OutOfMemoryError:
         raise UserError(f"out of memory placing the model on {device}: {OOM_HINT}") from None
-    if settings.compile:
+    if options.compile:
         pipe.transformer.compile(dynamic=False)  # compiles at the first step of each new shape
 
 
@@ -213,15 +213,15 @@ def from_pretrained(pipeline_class, artifact: Artifact, dtype):
     return pipe
 
 
-def adapter_kind(settings: Settings) -> str:
+def adapter_kind(options: IceditOptions) -> str:
     """'lora-moe', 'lora', 'none', or 'unknown' (not on disk yet), without loading any weights."""
-    lora = settings.lora or get_preset(settings.preset).lora
+    lora = options.lora or get_preset(options.preset).lora
     if not lora or lora == "none":
         return "none"
     if lora == TINY_MOE:
         return "lora-moe"
     try:
-        path = hub.on_disk(lora_artifact(lora, settings.lora_revision, settings.lora_weight_name))
+        path = hub.on_disk(lora_artifact(lora, options.lora_revision, options.lora_weight_name))
     except UserError:
         return "unknown"
     return adapter_file_kind(path) if path is not None else "unknown"
@@ -238,7 +238,7 @@ def adapter_file_kind(path: Path) -> str:
     return "lora-moe" if any(".lora_route." in k for k in keys) else "lora"
 
 
-def _load_adapter(pipe, lora: str, settings: Settings) -> AdapterInfo:
+def _load_adapter(pipe, lora: str, options: IceditOptions) -> AdapterInfo:
     from plugins.icedit import moe, moe_checkpoint
 
     if lora == TINY_MOE:
@@ -246,20 +246,20 @@ def _load_adapter(pipe, lora: str, settings: Settings) -> AdapterInfo:
             pipe.transformer, num_experts=4, rank=4, seed=1, scale=0.3
         )
     else:
-        path = hub.locate(lora_artifact(lora, settings.lora_revision, settings.lora_weight_name))
+        path = hub.locate(lora_artifact(lora, options.lora_revision, options.lora_weight_name))
         if adapter_file_kind(path) != "lora-moe":
-            return load_stock_lora(pipe, lora, path, settings.lora_scale)
+            return load_stock_lora(pipe, lora, path, options.lora_scale)
         state = moe_checkpoint.read_checkpoint(path)
     _check_finite(state, lora)
-    report = moe_checkpoint.load_lora_moe(pipe.transformer, state, top_k=settings.top_k)
-    moe.set_scale(pipe.transformer, settings.lora_scale)
+    report = moe_checkpoint.load_lora_moe(pipe.transformer, state, top_k=options.top_k)
+    moe.set_scale(pipe.transformer, options.lora_scale)
     return AdapterInfo(
         kind="lora-moe",
         source=lora,
         keys=report.keys,
         num_experts=report.num_experts,
         top_k=report.top_k,
-        scale=settings.lora_scale,
+        scale=options.lora_scale,
     )
 
 

@@ -24,6 +24,7 @@ from assistant.memory import (
 )
 from assistant.settings import Settings
 from plugins.icedit.diptych import PANEL_WIDTH
+from plugins.icedit.options import FluxOptions
 from plugins.icedit.presets import CLIP_L_TEXT, FLUX_FILL_TRANSFORMER, FLUX_VAE, T5_XXL_ENCODER, get_preset
 
 PANEL_HEIGHT = 768
@@ -152,20 +153,20 @@ def _activations(dtype_bytes: int, batch: int) -> dict[str, int]:
     return {name: int(n * dtype_bytes) for name, n in elements.items()}
 
 
-def components(settings: Settings, dtype: str | None = None) -> dict[str, Component]:
+def components(settings: Settings, options: FluxOptions, dtype: str | None = None) -> dict[str, Component]:
     """Each model's weights and working memory as `settings` load it (dtype, `--quantize`, the adapter, the
     early filter's batch of candidates), keyed by FluxFillPipeline attribute. The GPU kit compares these
     with measured peaks."""
-    dtype = dtype or settings.dtype or "bfloat16"
+    dtype = dtype or options.dtype or "bfloat16"
     d = DTYPE_BYTES[dtype]
     counts = sizes()
     activations = _activations(d, settings.candidates)
-    lora = settings.lora or get_preset(settings.preset).lora
+    lora = options.lora or get_preset(options.preset).lora
     out = {}
     for name, size in counts.items():
         weights = (size.params + size.buffers) * d
         if name == "transformer":
-            if settings.quantize != "none":  # 1 byte per quantized weight, a float32 scale per output channel
+            if options.quantize != "none":  # 1 byte per quantized weight, a float32 scale per output channel
                 weights += size.quantizable * (1 - d) + size.scales * 4
             if lora and lora != "none":
                 weights += size.adapter * d
@@ -196,27 +197,27 @@ def _flops(settings: Settings) -> tuple[float, float]:
     return _nfe(settings) * step, encode
 
 
-def parts(settings: Settings) -> list[Part]:
+def parts(settings: Settings, options: FluxOptions) -> list[Part]:
     """FLUX.1 Fill's placements: bf16 / int8 / fp8 with the prompt encoders on the GPU or the CPU, model
     offload, sequential offload, and all on the CPU (int8 / fp8 only where torchao is installed, as
     `--quantize` needs it). [] for the tiny preset (a few MB of random weights)."""
-    if settings.model is None and get_preset(settings.preset).model is None:
+    if options.model is None and get_preset(options.preset).model is None:
         return []
-    dtype = settings.dtype or "bfloat16"
+    dtype = options.dtype or "bfloat16"
     label = DTYPE_LABELS[dtype]
     denoise, encode = _flops(settings)
-    base = components(settings.model_copy(update={"quantize": "none"}))
+    base = components(settings, options.model_copy(update={"quantize": "none"}))
     t, clip, t5, vae = (base[n] for n in ("transformer", "text_encoder", "text_encoder_2", "vae"))
     encoders = clip.weights + t5.weights
-    options = []
+    placements = []
     for mode in (
         ("none", "int8", "fp8") if importlib.util.find_spec("torchao") else ("none",)
     ):  # the [quantize] extra
-        c = components(settings.model_copy(update={"quantize": mode}))["transformer"]
+        c = components(settings, options.model_copy(update={"quantize": mode}))["transformer"]
         what = label if mode == "none" else mode
         gpu_seconds = denoise / GPU_FLOPS * QUANTIZED_SLOWDOWN[mode]
         requires = (8, 9) if mode == "fp8" else None
-        options += [
+        placements += [
             Placement(
                 label=f"{what} on the GPU",
                 resident_gpu=c.weights + encoders + vae.weights,
@@ -240,7 +241,7 @@ def parts(settings: Settings) -> list[Part]:
     # the early filter (candidates, then the winner after the VAE previews).
     phase = max([*((m.weights, m.activation) for m in (t, clip, t5)), (0, vae.activation)], key=sum)
     moves = t.weights * (2 if settings.candidates > 1 else 1) + encoders
-    options.append(
+    placements.append(
         Placement(
             label=f"{label}, model offload",
             resident_gpu=vae.weights,
@@ -254,7 +255,7 @@ def parts(settings: Settings) -> list[Part]:
     # sequential offload streams every weight from the CPU each time it runs: the transformer at every step
     # (the candidates share the steps they run batched)
     streaming = (settings.steps * t.weights + encoders + vae.weights) / SEQUENTIAL_BYTES_PER_S
-    options.append(
+    placements.append(
         Placement(
             label=f"{label}, sequential offload",
             transient_gpu=max(m.largest_module for m in base.values()),
@@ -265,10 +266,10 @@ def parts(settings: Settings) -> list[Part]:
             note=f"every layer streams from the CPU at each step: ~{streaming / 60:.0f} min a turn",
         )
     )
-    cpu_dtype = settings.dtype or "float32"  # loading's default off CUDA
-    on_cpu = components(settings.model_copy(update={"quantize": "none"}), cpu_dtype)
+    cpu_dtype = options.dtype or "float32"  # loading's default off CUDA
+    on_cpu = components(settings, options.model_copy(update={"quantize": "none"}), cpu_dtype)
     cpu_seconds = (denoise + encode) / CPU_FLOPS
-    options.append(
+    placements.append(
         Placement(
             label=f"{DTYPE_LABELS[cpu_dtype]} on the CPU",
             cpu=sum(m.weights for m in on_cpu.values()),
@@ -279,4 +280,4 @@ def parts(settings: Settings) -> list[Part]:
         )
     )
     weights = t.weights + encoders + vae.weights
-    return [Part(name="flux", title="FLUX.1 Fill", weights=weights, options=options)]
+    return [Part(name="flux", title="FLUX.1 Fill", weights=weights, options=placements)]

@@ -27,9 +27,9 @@ from torch.utils.data import DataLoader, Sampler
 import prompts
 from assistant.errors import UserError
 from assistant.files import write_file
-from assistant.settings import Settings
 from plugins.icedit import moe, moe_checkpoint
 from plugins.icedit.data import Diptychs, load_edits
+from plugins.icedit.options import IceditOptions
 from plugins.icedit.sampler import FillSampler
 
 WEIGHT_DTYPES = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -205,7 +205,7 @@ def _window(losses: list[float]) -> int:
     return max(1, len(losses) // 10)
 
 
-def train(config: TrainConfig, settings: Settings, progress: bool = True) -> TrainReport | None:
+def train(config: TrainConfig, options: IceditOptions, progress: bool = True) -> TrainReport | None:
     """Run (or continue) a training run; the report on the main process, None on the others."""
     from accelerate import Accelerator
     from accelerate.utils import GradientAccumulationPlugin, gather_object, set_seed
@@ -214,7 +214,7 @@ def train(config: TrainConfig, settings: Settings, progress: bool = True) -> Tra
     from plugins.icedit.loading import load_pipeline
 
     cpu = (
-        settings.device == "cpu" or not torch.accelerator.is_available()
+        options.device == "cpu" or not torch.accelerator.is_available()
     )  # torchrun on CPUs: MULTI_CPU (gloo)
     accelerator = Accelerator(
         cpu=cpu,
@@ -235,7 +235,7 @@ def train(config: TrainConfig, settings: Settings, progress: bool = True) -> Tra
             )
     with accelerator.main_process_first():
         edits = load_edits(config.data, config.columns, config.split, config.limit)
-    model_settings = settings.model_copy(
+    model_options = options.model_copy(
         update={
             "lora": "none",
             "device": str(accelerator.device),
@@ -245,7 +245,7 @@ def train(config: TrainConfig, settings: Settings, progress: bool = True) -> Tra
             "compile": False,
         }
     )
-    pipe, random_weights, _ = load_pipeline(model_settings)
+    pipe, random_weights, _ = load_pipeline(model_options)
     for part in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
         part.requires_grad_(False)
     transformer = pipe.transformer

@@ -5,33 +5,34 @@ Imports here stay light (no torch, no diffusers): the CLI lists and checks engin
 
 from assistant.hookspecs import hookimpl
 from assistant.plugins import EngineSpec
+from plugins.kontext.options import KontextOptions
 
 
-def _engine(settings):
+def _engine(settings, options):
     from plugins.kontext.engine import KontextEngine
 
-    return KontextEngine(settings)
+    return KontextEngine(options)
 
 
-def _artifacts(settings):
+def _artifacts(settings, options):
     from plugins.kontext.loading import artifacts
 
-    return artifacts(settings)
+    return artifacts(options)
 
 
-def _describe(settings):
+def _describe(settings, options):
     from plugins.kontext.loading import asked_lora
     from plugins.kontext.presets import get_preset
 
-    preset = get_preset(settings.preset)
+    preset = get_preset(options.preset)
     return {
         "preset": preset.name,
-        "model": settings.model or preset.model or "built in-process (random weights)",
-        "lora": asked_lora(settings),
-        "lora_scale": settings.lora_scale,
-        "offload": settings.offload,
-        "quantize": settings.quantize,
-        "compile": settings.compile,
+        "model": options.model or preset.model or "built in-process (random weights)",
+        "lora": asked_lora(options),
+        "lora_scale": options.lora_scale,
+        "offload": options.offload,
+        "quantize": options.quantize,
+        "compile": options.compile,
     }
 
 
@@ -44,5 +45,6 @@ def register_engines(register):
             "FLUX.1 Kontext dev: edits the picture itself from the plain instruction (try --guidance 2.5)",
             describe=_describe,
             artifacts=_artifacts,
+            options=KontextOptions,
         )
     )

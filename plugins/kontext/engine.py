@@ -20,10 +20,10 @@ from PIL import Image
 from assistant.errors import Cancelled, UserError
 from assistant.models import AdapterInfo, EditRequest, EditResult, Step
 from assistant.protocols import Events
-from assistant.settings import Settings
 from plugins.icedit.loading import OOM_HINT
 from plugins.icedit.sampler import PromptCache
 from plugins.kontext.loading import load_pipeline
+from plugins.kontext.options import KontextOptions
 from plugins.kontext.presets import get_preset
 from plugins.kontext.sampler import Conditioning, KontextSampler, Latents
 from plugins.kontext.sizing import TINY_SHRINK, working_size
@@ -32,9 +32,9 @@ from plugins.kontext.sizing import TINY_SHRINK, working_size
 class KontextEngine:
     """Loads its pipeline on the first edit and keeps it for the next ones."""
 
-    def __init__(self, settings: Settings):
-        get_preset(settings.preset)  # an unknown preset is one line now, not at the first edit
-        self.settings = settings
+    def __init__(self, options: KontextOptions):
+        get_preset(options.preset)  # an unknown preset is one line now, not at the first edit
+        self.options = options
         self._pipe = None
         self.random_weights = False
         self.adapter: AdapterInfo | None = None
@@ -42,7 +42,7 @@ class KontextEngine:
 
     def pipeline(self):
         if self._pipe is None:
-            self._pipe, self.random_weights, self.adapter = load_pipeline(self.settings)
+            self._pipe, self.random_weights, self.adapter = load_pipeline(self.options)
         return self._pipe
 
     def _begin(self, request: EditRequest, events: Events, cancel: threading.Event) -> _Edit:

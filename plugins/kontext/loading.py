@@ -12,7 +12,6 @@ from assistant import hub
 from assistant.errors import UserError
 from assistant.hub import Artifact
 from assistant.models import AdapterInfo
-from assistant.settings import Settings
 from plugins.icedit.loading import (
     TINY_MOE,
     from_pretrained,
@@ -21,6 +20,7 @@ from plugins.icedit.loading import (
     resolve_device,
     resolve_dtype,
 )
+from plugins.kontext.options import KontextOptions
 from plugins.kontext.presets import build_tiny, get_preset
 
 
@@ -34,27 +34,27 @@ def kontext_artifact(model: str, revision: str | None = None) -> Artifact:
     )
 
 
-def asked_lora(settings: Settings) -> str | None:
+def asked_lora(options: KontextOptions) -> str | None:
     """The adapter asked for, if any: Kontext has no preset adapter."""
-    return settings.lora if settings.lora and settings.lora != "none" else None
+    return options.lora if options.lora and options.lora != "none" else None
 
 
-def artifacts(settings: Settings) -> list[Artifact]:
-    """The weights `load_pipeline` will read for these settings (none for the in-process tiny model)."""
-    model = settings.model or get_preset(settings.preset).model
-    found = [kontext_artifact(model, settings.revision)] if model else []
-    lora = asked_lora(settings)
+def artifacts(options: KontextOptions) -> list[Artifact]:
+    """The weights `load_pipeline` will read with these options (none for the in-process tiny model)."""
+    model = options.model or get_preset(options.preset).model
+    found = [kontext_artifact(model, options.revision)] if model else []
+    lora = asked_lora(options)
     if lora and lora != TINY_MOE:
-        found.append(lora_artifact(lora, settings.lora_revision, settings.lora_weight_name))
+        found.append(lora_artifact(lora, options.lora_revision, options.lora_weight_name))
     return found
 
 
-def load_pipeline(settings: Settings):
+def load_pipeline(options: KontextOptions):
     """(pipeline ready to run, whether its weights are random, the adapter it carries)."""
-    preset = get_preset(settings.preset)
-    device = resolve_device(settings.device)
-    dtype = resolve_dtype(settings.dtype, device)
-    model = settings.model or preset.model
+    preset = get_preset(options.preset)
+    device = resolve_device(options.device)
+    dtype = resolve_dtype(options.dtype, device)
+    model = options.model or preset.model
     if model is None:
         pipe = build_tiny()
         if dtype != pipe.dtype:
@@ -62,25 +62,25 @@ def load_pipeline(settings: Settings):
     else:
         from diffusers import FluxKontextPipeline
 
-        pipe = from_pretrained(FluxKontextPipeline, kontext_artifact(model, settings.revision), dtype)
-    lora = asked_lora(settings)
-    adapter = _load_lora(pipe, lora, settings) if lora else None
-    ready(pipe, settings, device)
-    return pipe, preset.random_weights and settings.model is None, adapter
+        pipe = from_pretrained(FluxKontextPipeline, kontext_artifact(model, options.revision), dtype)
+    lora = asked_lora(options)
+    adapter = _load_lora(pipe, lora, options) if lora else None
+    ready(pipe, options, device)
+    return pipe, preset.random_weights and options.model is None, adapter
 
 
-def _load_lora(pipe, lora: str, settings: Settings) -> AdapterInfo:
+def _load_lora(pipe, lora: str, options: KontextOptions) -> AdapterInfo:
     """A stock diffusers LoRA for the Kontext transformer; ICEdit's LoRA-MoE routes FLUX Fill only."""
     from plugins.icedit.loading import adapter_file_kind, load_stock_lora
 
     path = (
         None
         if lora == TINY_MOE
-        else hub.locate(lora_artifact(lora, settings.lora_revision, settings.lora_weight_name))
+        else hub.locate(lora_artifact(lora, options.lora_revision, options.lora_weight_name))
     )
     if path is None or adapter_file_kind(path) == "lora-moe":
         raise UserError(
             f"{lora} is a LoRA-MoE adapter (ICEdit's, for FLUX.1 Fill): the kontext engine takes "
             "stock diffusers LoRAs only; use --lora none or --engine icedit"
         )
-    return load_stock_lora(pipe, lora, path, settings.lora_scale)
+    return load_stock_lora(pipe, lora, path, options.lora_scale)

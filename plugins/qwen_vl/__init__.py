@@ -2,31 +2,32 @@
 
 from assistant.hookspecs import hookimpl
 from assistant.plugins import JudgeSpec, RewriterSpec
+from plugins.qwen_vl.options import QwenVlOptions
 
 
-def _rewriter(settings):
+def _rewriter(settings, options):
     from plugins.qwen_vl.rewriter import QwenRewriter
 
-    return QwenRewriter(settings)
+    return QwenRewriter(options)
 
 
-def _judge(settings):
+def _judge(settings, options):
     from plugins.qwen_vl.judge import QwenJudge
 
-    return QwenJudge(settings)
+    return QwenJudge(options)
 
 
-def _artifacts(settings):
+def _artifacts(settings, options):
     from plugins.qwen_vl.weights import artifact
 
-    found = artifact(settings)
+    found = artifact(options)
     return [found] if found else []
 
 
-def _memory(settings):
+def _memory(settings, options):
     from plugins.qwen_vl.memory import parts
 
-    return parts(settings)
+    return parts(settings, options)
 
 
 @hookimpl
@@ -38,6 +39,7 @@ def register_rewriters(register):
             "Qwen2.5-VL reads the image and the request (rules as fallback)",
             artifacts=_artifacts,
             memory=_memory,
+            options=QwenVlOptions,
         )
     )
 
@@ -51,5 +53,6 @@ def register_judges(register):
             "Qwen2.5-VL: which of two candidates follows the instruction",
             artifacts=_artifacts,
             memory=_memory,
+            options=QwenVlOptions,
         )
     )

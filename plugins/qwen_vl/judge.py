@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 import prompts
-from assistant.settings import Settings
 from plugins.qwen_vl import model
+from plugins.qwen_vl.options import QwenVlOptions
 from plugins.qwen_vl.vision import image_part
 
 ANSWERS = ("A", "B")
@@ -28,14 +28,14 @@ def letter_ids(tokenizer) -> list[int]:
 class QwenJudge:
     """P(A follows the instruction better than B) = softmax over the next-token logits of "A" and "B"."""
 
-    def __init__(self, settings: Settings):
-        self.settings = settings
+    def __init__(self, options: QwenVlOptions):
+        self.options = options
 
     def conversation(
         self, instruction: str, source: Image.Image, a: Image.Image, b: Image.Image
     ) -> list[dict]:
         def image(picture: Image.Image) -> dict[str, Any]:
-            return image_part(picture, self.settings.min_pixels, self.settings.max_pixels)
+            return image_part(picture, self.options.min_pixels, self.options.max_pixels)
 
         return [
             {"role": "system", "content": prompts.load("judge_pairwise.md")},
@@ -60,6 +60,6 @@ class QwenJudge:
         self, instruction: str, source: Image.Image, pairs: list[tuple[Image.Image, Image.Image]]
     ) -> list[float]:
         """P(A) for each (A, B) pair, from one left-padded forward pass over all of them."""
-        vlm = model.load(self.settings)
+        vlm = model.load(self.options)
         logits = vlm.next_token_logits([self.conversation(instruction, source, a, b) for a, b in pairs])
         return torch.softmax(logits[:, letter_ids(vlm.processor.tokenizer)], dim=-1)[:, 0].tolist()

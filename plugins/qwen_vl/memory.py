@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from assistant import hub
 from assistant.memory import CPU_BYTES_PER_S, CPU_FLOPS, GPU_BYTES_PER_S, GPU_FLOPS, Part, Placement
 from assistant.settings import Settings
+from plugins.qwen_vl.options import QwenVlOptions
 
 _VISION = {
     "depth": 32,
@@ -159,12 +160,12 @@ def _runs(settings: Settings) -> tuple[int, int]:
     return rewrites, matches
 
 
-def working_memory(s: VlmSize, settings: Settings, dtype_bytes: int) -> int:
+def working_memory(s: VlmSize, settings: Settings, options: QwenVlOptions, dtype_bytes: int) -> int:
     """Peak bytes beyond the weights: the larger of the rewrite (one image, the answer's KV cache) and a
     judgement (a batch of both orders, three images each), whichever runs."""
-    image = settings.max_pixels // PIXELS_PER_TOKEN
+    image = options.max_pixels // PIXELS_PER_TOKEN
     rewrites, matches = _runs(settings)
-    runs = [(1, 1, REWRITE_PROMPT_TOKENS + settings.vlm_max_new_tokens)] if rewrites else []
+    runs = [(1, 1, REWRITE_PROMPT_TOKENS + options.vlm_max_new_tokens)] if rewrites else []
     runs += [(2, 3, JUDGE_PROMPT_TOKENS)] if matches else []
     peak = 0
     for batch, images, text in runs:
@@ -179,10 +180,12 @@ def working_memory(s: VlmSize, settings: Settings, dtype_bytes: int) -> int:
     return peak
 
 
-def _seconds(s: VlmSize, settings: Settings, weights: int, flops: float, bandwidth: float) -> float:
+def _seconds(
+    s: VlmSize, settings: Settings, options: QwenVlOptions, weights: int, flops: float, bandwidth: float
+) -> float:
     """A turn's VLM time: prefill FLOPs (2 per parameter and token; the vision tower's per patch), then the
     rewrite's answer, each token reading every weight."""
-    image = settings.max_pixels // PIXELS_PER_TOKEN
+    image = options.max_pixels // PIXELS_PER_TOKEN
     rewrites, matches = _runs(settings)
     text = s.params - s.vision_params
 
@@ -193,37 +196,39 @@ def _seconds(s: VlmSize, settings: Settings, weights: int, flops: float, bandwid
     return work / flops + rewrites * ANSWER_TOKENS * weights / bandwidth
 
 
-def _part(vlm: str, settings: Settings) -> Part:
+def _part(vlm: str, settings: Settings, options: QwenVlOptions) -> Part:
     title, _ = config_of(vlm)
     s = size(vlm)
-    gpu_dtype = settings.vlm_dtype or "bfloat16"  # model.load's defaults
-    cpu_dtype = settings.vlm_dtype or "float32"
+    gpu_dtype = options.vlm_dtype or "bfloat16"  # model.load's defaults
+    cpu_dtype = options.vlm_dtype or "float32"
     gpu, cpu = ((s.params + s.buffers) * DTYPE_BYTES[d] for d in (gpu_dtype, cpu_dtype))
-    options = [
+    placements = [
         Placement(
             label=f"{DTYPE_LABELS[gpu_dtype]} on the GPU",
             resident_gpu=gpu,
-            activation_gpu=working_memory(s, settings, DTYPE_BYTES[gpu_dtype]),
-            cost=_seconds(s, settings, gpu, GPU_FLOPS, GPU_BYTES_PER_S),
+            activation_gpu=working_memory(s, settings, options, DTYPE_BYTES[gpu_dtype]),
+            cost=_seconds(s, settings, options, gpu, GPU_FLOPS, GPU_BYTES_PER_S),
             settings={"vlm_device": "cuda"},
         ),
         Placement(
             label=f"{DTYPE_LABELS[cpu_dtype]} on the CPU",
             cpu=cpu,
-            cost=_seconds(s, settings, cpu, CPU_FLOPS, CPU_BYTES_PER_S),
+            cost=_seconds(s, settings, options, cpu, CPU_FLOPS, CPU_BYTES_PER_S),
             settings={"vlm_device": "cpu"},
         ),
     ]
-    return Part(name="vlm", title=title, weights=gpu, options=options)
+    return Part(name="vlm", title=title, weights=gpu, options=placements)
 
 
-def parts(settings: Settings) -> list[Part]:
+def parts(settings: Settings, options: QwenVlOptions) -> list[Part]:
     """The configured VLM's placements, with the smaller model as an alternative for the 7B; [] when these
     settings never load it (--vlm none, neither the rewriter nor an early-filter judge is qwen_vl)."""
-    if settings.vlm == "none" or _runs(settings) == (0, 0):
+    if options.vlm == "none" or _runs(settings) == (0, 0):
         return []
-    part = _part(settings.vlm, settings)
+    part = _part(options.vlm, settings, options)
     smaller = SMALLER.get(next((r for r in CONFIGS if _title(r) == part.title), ""))
     if smaller:
-        part.alternatives = [_part(smaller, settings).model_copy(update={"switch": {"vlm": smaller}})]
+        part.alternatives = [
+            _part(smaller, settings, options).model_copy(update={"switch": {"vlm": smaller}})
+        ]
     return [part]

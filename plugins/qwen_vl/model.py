@@ -17,7 +17,7 @@ import torch
 
 from assistant import hub
 from assistant.errors import UserError
-from assistant.settings import Settings
+from plugins.qwen_vl.options import QwenVlOptions
 from plugins.qwen_vl.processor import ImageOnlyProcessor, load_processor
 from plugins.qwen_vl.vision import images_of
 from plugins.qwen_vl.weights import artifact
@@ -78,17 +78,17 @@ _lock = threading.Lock()
 _loaded: dict[tuple[str, str | None, str, str, str | None], Vlm] = {}
 
 
-def load(settings: Settings) -> Vlm:
+def load(options: QwenVlOptions) -> Vlm:
     """The process's model for (vlm, revision, device, dtype, attention): loaded once, then shared."""
-    weights = artifact(settings)
+    weights = artifact(options)
     if weights is None:
         raise UserError(f"no VLM: --vlm none was given ({NO_VLM_HINT})")
-    device = settings.vlm_device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = settings.vlm_dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    key = (weights.ref, weights.revision, device, dtype, settings.attn_implementation)
+    device = options.vlm_device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = options.vlm_dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    key = (weights.ref, weights.revision, device, dtype, options.attn_implementation)
     with _lock:
         if key not in _loaded:
-            _loaded[key] = _load(weights, device, dtype, settings.attn_implementation)
+            _loaded[key] = _load(weights, device, dtype, options.attn_implementation)
         return _loaded[key]
 
 

@@ -10,8 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 import prompts
 from assistant.models import EditPlan, Intent, TurnSummary
-from assistant.settings import Settings
 from plugins.qwen_vl import model
+from plugins.qwen_vl.options import QwenVlOptions
 from plugins.qwen_vl.vision import image_part
 from plugins.rules.rewriter import RulesRewriter
 
@@ -71,26 +71,26 @@ def short_error(error: ValidationError) -> str:
 class QwenRewriter:
     """Greedy JSON answers from the shared VLM; a `LogitsProcessorList` may steer decoding (tests script answers)."""
 
-    def __init__(self, settings: Settings, logits_processor: Any = None):
-        self.settings = settings
+    def __init__(self, options: QwenVlOptions, logits_processor: Any = None):
+        self.options = options
         self.logits_processor = logits_processor
 
     def rewrite(self, image: Image.Image, message: str, context: list[TurnSummary]) -> EditPlan:
-        if self.settings.vlm == "none":
+        if self.options.vlm == "none":
             return self._fallback(image, message, context, "no VLM: --vlm none")
-        vlm = model.load(self.settings)
+        vlm = model.load(self.options)
         conversation: list[dict[str, Any]] = [
             {"role": "system", "content": system_prompt()},
             {
                 "role": "user",
                 "content": [
-                    image_part(image, self.settings.min_pixels, self.settings.max_pixels),
+                    image_part(image, self.options.min_pixels, self.options.max_pixels),
                     {"type": "text", "text": request_text(message, context)},
                 ],
             },
         ]
         for _ in range(2):
-            answer = vlm.generate(conversation, self.settings.vlm_max_new_tokens, self.logits_processor)
+            answer = vlm.generate(conversation, self.options.vlm_max_new_tokens, self.logits_processor)
             try:
                 return parse(answer)
             except ValidationError as e:

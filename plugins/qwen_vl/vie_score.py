@@ -15,8 +15,8 @@ from PIL import Image
 from pydantic import BaseModel, Field
 
 import prompts
-from assistant.settings import Settings
 from plugins.qwen_vl import model
+from plugins.qwen_vl.options import QwenVlOptions
 from plugins.qwen_vl.vision import image_part
 
 
@@ -50,11 +50,11 @@ def parse_scores(answer: str) -> list[float]:
 class QwenVieScorer:
     """Two greedy answers per edit from the shared VLM: SC on (source, edit, instruction), PQ on the edit."""
 
-    def __init__(self, settings: Settings):
-        self.settings = settings
+    def __init__(self, options: QwenVlOptions):
+        self.options = options
 
     def _image(self, picture: Image.Image) -> dict[str, Any]:
-        return image_part(picture, self.settings.min_pixels, self.settings.max_pixels)
+        return image_part(picture, self.options.min_pixels, self.options.max_pixels)
 
     def conversations(self, instruction: str, source: Image.Image, edit: Image.Image) -> tuple[list, list]:
         sc = [
@@ -77,11 +77,11 @@ class QwenVieScorer:
         return sc, pq
 
     def score(self, instruction: str, source: Image.Image, edit: Image.Image) -> VieScore:
-        vlm = model.load(self.settings)
+        vlm = model.load(self.options)
         scores, errors = {}, []
         for key, chat in zip(("sc", "pq"), self.conversations(instruction, source, edit), strict=True):
             try:
-                scores[key] = parse_scores(vlm.generate(chat, self.settings.vlm_max_new_tokens))
+                scores[key] = parse_scores(vlm.generate(chat, self.options.vlm_max_new_tokens))
             except ValueError as e:
                 errors.append(f"{key}: {e}")
         sc = min(scores["sc"]) if "sc" in scores else None

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 from assistant import hub
-from assistant.settings import Settings
+from plugins.qwen_vl.options import QwenVlOptions
 
 
-def artifact(settings: Settings) -> hub.Artifact | None:
+def artifact(options: QwenVlOptions) -> hub.Artifact | None:
     """The VLM's weights, or None for `--vlm none`."""
-    if settings.vlm == "none":
+    if options.vlm == "none":
         return None
     return hub.Artifact(
         role="VLM",
-        ref=settings.vlm,
-        revision=None if hub.is_local(settings.vlm) else settings.vlm_revision,
+        ref=options.vlm,
+        revision=None if hub.is_local(options.vlm) else options.vlm_revision,
         layout="transformers",
         option="--vlm",
     )

@@ -158,7 +158,8 @@ class ChatScreen(Screen):
 
     def show_status(self) -> None:
         options, settings = self.chat.options, self.settings
-        engine = settings.engine + (f" ({settings.preset})" if settings.engine == "icedit" else "")
+        preset = plugins.option("engines", settings.engine, "preset", settings)
+        engine = settings.engine + (f" ({preset})" if preset else "")
         self.query_one(StatusLine).show(
             seed=options.seed,
             steps=options.steps or settings.steps,

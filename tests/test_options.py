@@ -1,0 +1,243 @@
+"""Plugin-owned options: the host keeps its own settings, every other key is a plugin's option, the
+built-ins' flags are made from their options models, and each value reaches the plugin that declares it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import click
+import pytest
+from click.testing import CliRunner
+from pydantic import BaseModel, Field
+
+from assistant import command_kit as kit
+from assistant import plugins
+from assistant.cli import cli
+from assistant.errors import UserError
+from assistant.hookspecs import hookimpl
+from assistant.plugins import EngineSpec
+from assistant.settings import Settings
+from assistant.testing import FakeEngine, registered
+from plugins.icedit.options import IceditOptions
+from plugins.kontext.options import KontextOptions
+from plugins.qwen_vl.options import QwenVlOptions
+
+CHELSEA = str(Path(__file__).resolve().parent.parent / "examples" / "chelsea.png")
+BUILTIN_MODELS = (IceditOptions, KontextOptions, QwenVlOptions)
+
+
+def described(*args: str, env: dict[str, str] | None = None) -> dict:
+    """What `icedit plugins --json` says the icedit engine would run with these flags."""
+    result = CliRunner().invoke(cli, ["plugins", "--json", *args], env=env)
+    assert result.exit_code == 0, result.output
+    rows = {r["name"]: r for r in json.loads(result.stdout)}
+    return rows["plugins.icedit"]["engine_settings"]["icedit"]
+
+
+def refused(*args: str, env: dict[str, str] | None = None) -> list[str]:
+    result = CliRunner().invoke(cli, ["plugins", "--json", *args], env=env, prog_name="icedit")
+    assert result.exit_code == 2, result.output
+    return result.stderr.splitlines()
+
+
+# ------------------------------------------------------------------------------------------------ settings
+
+
+def test_settings_hold_the_host_fields_and_route_every_other_key_into_options(monkeypatch):
+    plain = Settings(preset="tiny", lora=None, steps=3)
+    assert plain.options == {"preset": "tiny"} and plain.steps == 3  # None: not given, the plugin's default
+    assert "preset" not in Settings.model_fields and "top_k" not in Settings.model_fields
+    monkeypatch.setenv("ICEDIT_PRESET", "moe")
+    monkeypatch.setenv("ICEDIT_LORA_SCALE", "0.5")
+    monkeypatch.setenv("ICEDIT_OPTIONS__TOP_K", "2")
+    from_env = Settings()
+    assert from_env.options == {"preset": "moe", "lora_scale": "0.5", "top_k": "2"}
+    assert Settings(preset="tiny").options["preset"] == "tiny"  # what the code gives beats the variable
+    changed = from_env.with_options(top_k=3, lora_scale=None)
+    assert changed.options == {"preset": "moe", "top_k": 3} and from_env.options["top_k"] == "2"
+
+
+def test_a_plain_key_reaches_every_plugin_in_use_that_declares_it_and_name_key_wins():
+    settings = Settings(rewriter="qwen_vl", candidates=3, vlm="a/vlm", top_k=2).with_options(
+        **{"icedit.top_k": 4, "qwen_vl.vlm_device": "cpu"}
+    )
+    engine = plugins.options_for("engines", "icedit", settings)
+    assert (engine.top_k, engine.device) == (4, None)  # icedit.top_k beats top_k; vlm_device is not icedit's
+    for kind in ("rewriters", "judges"):  # one Qwen2.5-VL serves both
+        vlm = plugins.options_for(kind, "qwen_vl", settings)
+        assert (vlm.vlm, vlm.vlm_device) == ("a/vlm", "cpu")
+    plugins.check_options(settings)
+
+
+@pytest.mark.parametrize(
+    ("given", "line"),
+    [
+        ({"bogus": 1}, "unknown option 'bogus' (icedit takes preset, model, "),
+        ({"kontext.top_k": 1}, "unknown option 'kontext.top_k' (kontext is not in use here; icedit takes "),
+        ({"rules.vlm": "x"}, "unknown option 'rules.vlm' (icedit takes "),
+    ],
+)
+def test_a_key_no_installed_plugin_declares_is_one_line_naming_what_the_plugins_in_use_take(given, line):
+    with pytest.raises(UserError) as e:
+        plugins.check_options(Settings(preset="tiny").with_options(**given))
+    assert str(e.value).startswith(line) and "\n" not in str(e.value)
+
+
+def test_a_key_only_an_idle_plugin_declares_waits_for_it():
+    """ICEDIT_VLM may stay set while the rules rewriter runs; --top-k does nothing to kontext."""
+    idle = Settings(preset="tiny", rewriter="rules", vlm="someone/vlm", vlm_device="cpu", top_k=3)
+    plugins.check_options(idle)
+    plugins.check_options(idle.model_copy(update={"engine": "kontext"}))
+    assert plugins.options_for("rewriters", "qwen_vl", idle).vlm == "someone/vlm"  # there when it runs
+
+
+@pytest.mark.parametrize(
+    ("given", "line"),
+    [
+        ({"lora_scale": "9"}, "bad option icedit.lora_scale: Input should be less than or equal to 4"),
+        ({"quantize": "int4"}, "bad option icedit.quantize: Input should be 'none', 'int8' or 'fp8'"),
+        ({"compile": "maybe"}, "bad option icedit.compile: Input should be a valid boolean, unable to "),
+        (
+            {"rewriter": "qwen_vl", "min_pixels": 10**7},
+            "bad options of qwen_vl: min_pixels (10000000) is above max_pixels (802816)",
+        ),
+    ],
+)
+def test_a_bad_value_is_one_line_naming_the_plugin_and_the_key(given, line):
+    with pytest.raises(UserError) as e:
+        plugins.check_options(Settings(preset="tiny", **given))
+    assert str(e.value).startswith(line)
+
+
+# --------------------------------------------------------------------------------------------------- flags
+
+
+def _flags(command: click.Command) -> dict[str, click.Parameter]:
+    return {p.name: p for p in command.params if p.name}
+
+
+@pytest.mark.parametrize("name", ["edit", "retry", "replay", "chat", "plugins", "models", "download"])
+def test_every_engine_command_has_one_flag_per_builtin_option(name):
+    flags = _flags(cli.commands[name])
+    for model in BUILTIN_MODELS:
+        for key, field in model.model_fields.items():
+            hidden = (field.json_schema_extra or {}).get("flag") is False  # type: ignore[union-attr]
+            assert (key in flags) != hidden, key
+            if not hidden:
+                assert flags[key].opts == ["--" + key.replace("_", "-")]
+                assert flags[key].help.startswith(field.description)
+
+
+def test_a_flag_takes_its_type_bounds_and_choices_from_the_field():
+    flags = _flags(cli.commands["edit"])
+    assert isinstance(flags["quantize"].type, click.Choice) and flags["quantize"].type.choices == (
+        "none",
+        "int8",
+        "fp8",
+    )
+    top_k = flags["top_k"].type
+    assert isinstance(top_k, click.IntRange) and (top_k.min, top_k.max) == (1, 64)
+    scale = flags["lora_scale"].type
+    assert isinstance(scale, kit.FiniteRange) and (scale.min, scale.max) == (0, 4)
+    assert flags["compile"].secondary_opts == ["--no-compile"] and flags["compile"].default is None
+    assert "(default 1)" in flags["lora_scale"].help and "(default none)" in flags["quantize"].help
+
+
+def test_flags_are_made_for_any_options_model():
+    class Knobs(BaseModel):
+        size: int = Field(3, ge=2, description="how big")
+        mode: Literal["a", "b"] = Field("a", description="which way")
+        sharp: bool = Field(False, description="sharpen")
+        seen: float | None = Field(None, gt=0, lt=1, description="a share")
+
+    @click.command()
+    @kit.model_flags(Knobs, ["size", "mode", "sharp", "seen"])
+    def show(**given):
+        click.echo(json.dumps(given))
+
+    def run(*args):
+        return CliRunner().invoke(show, list(args))
+
+    assert json.loads(run().stdout) == {"size": None, "mode": None, "sharp": None, "seen": None}
+    assert json.loads(run("--size", "5", "--mode", "b", "--no-sharp", "--seen", "0.5").stdout) == {
+        "size": 5,
+        "mode": "b",
+        "sharp": False,
+        "seen": 0.5,
+    }
+    for args in (["--size", "1"], ["--mode", "c"], ["--seen", "1"], ["--seen", "nan"]):
+        assert run(*args).exit_code == 2, args
+    assert "how big (default 3)" in run("--help").stdout
+
+
+def test_flags_reach_the_engine_like_options_and_variables_do():
+    flagged = described("--preset", "tiny", "--lora-scale", "0.5", "--top-k", "2", "--no-compile")
+    assert (flagged["preset"], flagged["lora_scale"], flagged["top_k"], flagged["compile"]) == (
+        "tiny",
+        0.5,
+        2,
+        False,
+    )
+    assert (
+        described("--option", "preset=tiny", "--option", "lora_scale=0.5", "--option", "top_k=2") == flagged
+    )
+    env = {"ICEDIT_PRESET": "tiny", "ICEDIT_LORA_SCALE": "0.5", "ICEDIT_TOP_K": "2"}
+    assert described(env=env) == flagged
+    assert described("--lora-scale", "0.25", env=env)["lora_scale"] == 0.25  # the flag beats the variable
+    assert refused("--lora-scale", "5") == [
+        "Error: Invalid value for '--lora-scale': 5.0 is not in the range 0<=x<=4. (see `icedit plugins --help`)"
+    ]
+    assert refused(env={"ICEDIT_PRESET": "tiny", "ICEDIT_BOGUS": "1"})[0].startswith(
+        "Error: unknown option 'bogus' (icedit takes preset, "
+    )
+
+
+def test_eval_and_train_take_the_same_flags_from_the_same_models():
+    from plugins.icedit import commands
+
+    evaluate, train, edit = (
+        _flags(commands.eval_cmd),
+        _flags(commands.train_cmd),
+        _flags(cli.commands["edit"]),
+    )
+    for key in ("preset", "model", "lora", "lora_scale", "top_k", "offload", "dtype", "vlm"):
+        assert (evaluate[key].help, repr(evaluate[key].type)) == (edit[key].help, repr(edit[key].type)), key
+    assert {"clip_model", "dino_model"} <= set(evaluate) and "clip_model" not in edit
+    assert train["preset"].help == edit["preset"].help and train["device"].help == edit["device"].help
+    assert "top_k" in train and train["top_k"].help.startswith("experts per token (default 1)")  # its own
+
+
+def test_a_third_party_plugin_gets_its_options_through_option_not_flags(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    class Dial(BaseModel):
+        level: int = Field(1, ge=0, le=9)
+
+    got = []
+
+    class DialPlugin:
+        @hookimpl
+        def register_engines(self, register):
+            register(
+                EngineSpec(
+                    "dial", lambda settings, options: got.append(options) or FakeEngine(), options=Dial
+                )
+            )
+
+    with registered(DialPlugin(), "dial"):
+        assert "level" not in _flags(cli.commands["edit"])
+        result = CliRunner().invoke(
+            cli, ["edit", CHELSEA, "add a hat", "--engine", "dial", "--option", "level=7", "-o", "x.png"]
+        )
+        assert result.exit_code == 0, result.output
+        assert got == [Dial(level=7)]
+        with pytest.raises(UserError, match=r"^unknown option 'levle' \(dial takes level\)$"):
+            plugins.check_options(Settings(engine="dial", rewriter="rules", levle=7))
+
+
+def test_with_no_plugin_in_use_taking_options_the_line_says_so(fake):
+    with pytest.raises(UserError) as e:
+        plugins.check_options(Settings(engine="fake", rewriter="rules", bogus=1))
+    assert str(e.value) == "unknown option 'bogus' (the plugins in use take no options)"
