@@ -63,11 +63,19 @@ class JudgeSpec(_FactorySpec[Judge]):
 
 @dataclass(frozen=True)
 class CommandSpec:
-    """A slash command for the chat: run(chat, argument_text) returns the text to show."""
+    """A slash command for the chat: run(chat, argument_text) returns the text to show (or None).
+
+    `chat` is `assistant.tui.commands.Chat`: the agent, the options for the next edits, the chat's
+    commands and what the screen does for a command. The built-in commands are specs like these."""
 
     name: str
     run: Callable[..., Any]
     help: str = ""
+    usage: str = ""
+    """How /help shows it, e.g. `/seed N|random` (default: `/NAME`)."""
+    needs_store: bool = True
+    """Refused while an edit runs (the worker owns the session until it finishes); False for commands
+    that only change the options of the next edits."""
 
 
 OPTION_KINDS = ("engines", "rewriters", "judges")

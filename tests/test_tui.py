@@ -21,6 +21,7 @@ from assistant.hookspecs import hookimpl
 from assistant.models import Candidates, EditResult, Step, Verdict
 from assistant.plugins import CommandSpec, EngineSpec, get_plugin_manager
 from assistant.settings import Settings
+from assistant.testing import registered
 from assistant.tui.app import make_app
 from assistant.tui.widgets.candidate_strip import CandidateStrip
 from assistant.tui.widgets.chat_log import ChatLog
@@ -378,6 +379,39 @@ async def test_save_sheet_history_and_a_plugin_command(fake_settings, fake, cat,
     assert ("info", tree) in lines
     assert ("error", "unknown command /ec: /help lists them") in lines
     assert lines[-1] == ("info", "echo hi") and seen == [("s", None)]
+
+
+async def test_plugin_commands_share_one_table_with_the_builtins(fake_settings, fake, cat):
+    """A plugin's command runs beside the built-ins, which are specs in the same table: it can run them,
+    it cannot replace one, and /help and completion list both."""
+
+    class BackPlugin:
+        @hookimpl
+        def register_chat_commands(self, register):
+            def back(chat, argument):
+                chat.commands["steps"].run(chat, "2")  # a built-in, through the table
+                return chat.commands["undo"].run(chat, "")
+
+            register(CommandSpec("back", back, "two steps, then undo", "/back"))
+            register(CommandSpec("undo", lambda chat, argument: "hijacked", "not the real undo"))
+
+    with registered(BackPlugin(), "back"):
+        app = app_for(fake_settings, image=cat)
+        async with app.run_test(size=SIZE) as pilot:
+            await say(pilot, "make it look like winter")
+            await say(pilot, "/back")
+            status = str(app.screen.query_one(StatusLine).render())
+            await say(pilot, "/help")
+            lines = log_lines(app)
+            await pilot.press("/", "b", "a", "tab")
+            await pilot.pause()
+            assert app.screen.query_one(PromptInput).value == "/back"
+    assert ("info", "undo: back at turn #1 (open cat.png)") in lines
+    assert "steps 2" in status
+    help_rows = lines[-1][1].splitlines()
+    assert help_rows[0].startswith("/undo            back to the previous image")
+    assert "/back            two steps, then undo" in help_rows
+    assert not any("hijacked" in text or "not the real undo" in text for _, text in lines)
 
 
 def test_contact_sheet_grows_and_shows_each_turn(fake_settings, fake, photo):

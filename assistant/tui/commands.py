@@ -1,48 +1,36 @@
-"""Slash commands: the built-in table, what a plugin's command gets to see, and argument parsing.
+"""Slash commands: one table of `CommandSpec`s, the built-ins here and the plugins' beside them.
 
-The chat screen runs the built-ins (they change its widgets); plugins add commands through
-`register_chat_commands` with `CommandSpec.run(chat, argument_text) -> text to show`, where `chat` is
-a `Chat` below: the agent (its session, store and settings) and the options for the next edit.
+Plugins add commands through `register_chat_commands`; every command, built-in or not, runs as
+`spec.run(chat, argument_text) -> text to show` with the `Chat` below: the agent (its session, store
+and settings), the options for the next edits, the table itself, and the few things only the screen
+can do (`ChatView`). The screen redraws from the store after each command.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
 
 from assistant.agent import Agent
 from assistant.errors import UserError
+from assistant.models import CandidateCount, Seed, Steps, int_bounds
+from assistant.plugins import CommandSpec
+from assistant.preflight import require_on_disk
+from assistant.text import file_name
 from sessions.history import History
 
 
-@dataclass(frozen=True)
-class Builtin:
-    usage: str
-    help: str
-    needs_store: bool = True
-    """Refused while an edit runs: the worker owns the session until it finishes."""
+class ChatView(Protocol):
+    """What a command asks of the chat screen."""
 
+    def retry(self) -> None:
+        """Run the current edit again with a new seed, in the edit worker."""
 
-BUILTINS: dict[str, Builtin] = {
-    "undo": Builtin("/undo", "back to the previous image (nothing is deleted)"),
-    "redo": Builtin("/redo", "forward again, to the newest edit made from here"),
-    "retry": Builtin("/retry", "the same edit again with a new seed"),
-    "seed": Builtin("/seed N|random", "noise seed for the next edits (default: random)", needs_store=False),
-    "steps": Builtin("/steps N", "denoising steps for the next edits", needs_store=False),
-    "candidates": Builtin(
-        "/candidates N", "early filter: noises tried per edit, the judge keeps one", needs_store=False
-    ),
-    "open": Builtin("/open PATH", "open an image (the next edit starts from it)"),
-    "save": Builtin(
-        "/save PATH [--force]",
-        "write the current image to PATH (.png, .jpg, .webp, ...); --force replaces a file",
-    ),
-    "history": Builtin("/history", "the session's turns as a tree; * marks where you are"),
-    "branch": Builtin("/branch N", "jump to turn N; an edit from there starts a branch"),
-    "session": Builtin("/session NAME", "switch to session NAME (a new name starts a new one)"),
-    "sheet": Builtin("/sheet PATH [--force]", "write a contact sheet of the session (a PNG of every turn)"),
-    "help": Builtin("/help", "this list", needs_store=False),
-    "quit": Builtin("/quit", "leave (the session is kept: icedit chat --session NAME)", needs_store=False),
-}
+    def switch_session(self, name: str) -> None:
+        """Continue (or start) session `name`: its transcript, tree and picture."""
+
+    def quit(self) -> None: ...
 
 
 @dataclass
@@ -56,10 +44,13 @@ class ChatOptions:
 
 @dataclass
 class Chat:
-    """What a plugin's slash command sees of the chat."""
+    """What a slash command sees of the chat."""
 
     agent: Agent
+    view: ChatView
     options: ChatOptions = field(default_factory=ChatOptions)
+    commands: dict[str, CommandSpec] = field(default_factory=dict)
+    """Every command of this chat by name: the built-ins, then the plugins' (which cannot replace one)."""
 
 
 def whole_number(text: str, usage: str, low: int, high: int) -> int:
@@ -76,3 +67,159 @@ def whole_number(text: str, usage: str, low: int, high: int) -> int:
 def history_text(history: History) -> str:
     """The tree as indented lines, as `icedit sessions show` prints it (without the image ids)."""
     return "\n".join(history.tree_lines())
+
+
+def _path(argument: str, usage: str) -> tuple[Path, bool]:
+    """`PATH [--force]`: the path and whether to replace a file already there."""
+    if not argument:
+        raise UserError(f"usage: {usage}")
+    force = argument.endswith(" --force")
+    return Path(argument.removesuffix(" --force").strip()).expanduser(), force
+
+
+def _undo(chat: Chat, argument: str) -> str:
+    turn = chat.agent.move("undo", "/undo")
+    return f"undo: back at turn #{turn.id} ({turn.message})"
+
+
+def _redo(chat: Chat, argument: str) -> str:
+    turn = chat.agent.move("redo", "/redo")
+    return f"redo: forward to turn #{turn.id} ({turn.message})"
+
+
+def _retry(chat: Chat, argument: str) -> None:
+    chat.view.retry()
+
+
+def _seed(chat: Chat, argument: str) -> str:
+    if argument.lower() in ("", "random"):
+        chat.options.seed = None
+        return "a random seed for each edit"
+    chat.options.seed = whole_number(argument, "/seed N|random", *int_bounds(Seed))
+    return f"seed {chat.options.seed} for the next edits"
+
+
+def _steps(chat: Chat, argument: str) -> str:
+    chat.options.steps = whole_number(argument, "/steps N", *int_bounds(Steps))
+    return f"{chat.options.steps} steps for the next edits"
+
+
+def _candidates(chat: Chat, argument: str) -> str:
+    n = whole_number(argument, "/candidates N", *int_bounds(CandidateCount))
+    if n > 1:  # the judge's weights must be here already
+        settings = chat.agent.settings.model_copy(update={"candidates": n})
+        require_on_disk(settings, engine=False, rewriter=False, judge=True)
+    chat.options.candidates = n
+    return (
+        "early filter off: one noise per edit" if n == 1 else f"{n} candidates per edit; the judge keeps one"
+    )
+
+
+def _open(chat: Chat, argument: str) -> str:
+    from assistant.images import load_source
+
+    if not argument:
+        raise UserError("usage: /open PATH")
+    path = Path(argument).expanduser()
+    image = load_source(path)
+    turn = chat.agent.open(image, f"open {file_name(path)}")
+    return f"opened {path} ({image.width}x{image.height}) as turn #{turn.id}"
+
+
+def _save(chat: Chat, argument: str) -> str:
+    from assistant.files import save_image
+    from sessions.identity import decode_png
+
+    path, force = _path(argument, "/save PATH [--force]")
+    turn = chat.agent.current()
+    save_image(decode_png(chat.agent.store.image(turn.image_sha256)), path, force)
+    return f"wrote {path} (turn #{turn.id})"
+
+
+def _history(chat: Chat, argument: str) -> str:
+    history = chat.agent.history()
+    return "no turns yet" if history is None else history_text(history)
+
+
+def _branch(chat: Chat, argument: str) -> str:
+    turn_id = whole_number(argument, "/branch N", 1, 2**63 - 1)
+    turn = chat.agent.jump(turn_id, f"/branch {turn_id}")
+    return f"at turn #{turn.id} ({turn.message}); an edit from here starts a branch"
+
+
+def _session(chat: Chat, argument: str) -> None:
+    if not argument:
+        raise UserError("usage: /session NAME")
+    chat.view.switch_session(argument)
+
+
+def _sheet(chat: Chat, argument: str) -> str:
+    from sessions.sheet import damaged_note, write_sheet
+
+    path, force = _path(argument, "/sheet PATH [--force]")
+    sheet = write_sheet(chat.agent.store, chat.agent.session, path, force)
+    damaged = sheet.info.get("damaged")
+    return f"wrote {path} ({sheet.width}x{sheet.height})" + (f"; {damaged_note(damaged)}" if damaged else "")
+
+
+def _help(chat: Chat, argument: str) -> str:
+    rows = [f"{spec.usage or '/' + spec.name:<16} {spec.help}" for spec in chat.commands.values()]
+    keys = "keys: Escape cancels an edit · Ctrl+T tree · b or Ctrl+B before/after · Up/Down earlier lines"
+    return "\n".join(
+        [*rows, keys, "anything else is a request for the picture, e.g. make it look like winter"]
+    )
+
+
+def _quit(chat: Chat, argument: str) -> None:
+    chat.view.quit()
+
+
+BUILTINS: dict[str, CommandSpec] = {
+    spec.name: spec
+    for spec in [
+        CommandSpec("undo", _undo, "back to the previous image (nothing is deleted)", "/undo"),
+        CommandSpec("redo", _redo, "forward again, to the newest edit made from here", "/redo"),
+        CommandSpec("retry", _retry, "the same edit again with a new seed", "/retry"),
+        CommandSpec(
+            "seed",
+            _seed,
+            "noise seed for the next edits (default: random)",
+            "/seed N|random",
+            needs_store=False,
+        ),
+        CommandSpec("steps", _steps, "denoising steps for the next edits", "/steps N", needs_store=False),
+        CommandSpec(
+            "candidates",
+            _candidates,
+            "early filter: noises tried per edit, the judge keeps one",
+            "/candidates N",
+            needs_store=False,
+        ),
+        CommandSpec("open", _open, "open an image (the next edit starts from it)", "/open PATH"),
+        CommandSpec(
+            "save",
+            _save,
+            "write the current image to PATH (.png, .jpg, .webp, ...); --force replaces a file",
+            "/save PATH [--force]",
+        ),
+        CommandSpec("history", _history, "the session's turns as a tree; * marks where you are", "/history"),
+        CommandSpec("branch", _branch, "jump to turn N; an edit from there starts a branch", "/branch N"),
+        CommandSpec(
+            "session", _session, "switch to session NAME (a new name starts a new one)", "/session NAME"
+        ),
+        CommandSpec(
+            "sheet",
+            _sheet,
+            "write a contact sheet of the session (a PNG of every turn)",
+            "/sheet PATH [--force]",
+        ),
+        CommandSpec("help", _help, "this list", "/help", needs_store=False),
+        CommandSpec(
+            "quit",
+            _quit,
+            "leave (the session is kept: icedit chat --session NAME)",
+            "/quit",
+            needs_store=False,
+        ),
+    ]
+}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import threading
 import traceback
-from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, cast
 
 from textual import on, work
@@ -23,11 +22,9 @@ from textual.widgets import Footer, Header, Input
 from assistant import plugins
 from assistant.agent import Agent
 from assistant.errors import Cancelled, UserError
-from assistant.models import CandidateCount, Seed, Steps, int_bounds
-from assistant.preflight import require_on_disk, rewriter_name
+from assistant.preflight import rewriter_name
 from assistant.settings import Settings
-from assistant.text import file_name
-from assistant.tui.commands import BUILTINS, Chat, ChatOptions, history_text, whole_number
+from assistant.tui.commands import BUILTINS, Chat, ChatOptions
 from assistant.tui.messages import EditFailed, EditFinished, EditProgress
 from assistant.tui.widgets.candidate_strip import CandidateStrip
 from assistant.tui.widgets.chat_log import ChatLog
@@ -67,14 +64,11 @@ class ChatScreen(Screen):
         self.notes = notes or []
         self.memory = memory
         self.renderer = renderer or DEFAULT_RENDERER
-        self.chat = Chat(Agent(store, session, settings), ChatOptions())
+        added = plugins.registrations("chat_commands")
+        commands = BUILTINS | {name: spec for name, (_, spec) in added.items() if name not in BUILTINS}
+        self.chat = Chat(Agent(store, session, settings), self, ChatOptions(), commands)
         self.cancel: threading.Event | None = None
         """Set while an edit runs; Escape sets the event itself."""
-        self.plugin_commands = {
-            name: spec
-            for name, (_, spec) in plugins.registrations("chat_commands").items()
-            if name not in BUILTINS
-        }
 
     @property
     def agent(self) -> Agent:
@@ -94,7 +88,7 @@ class ChatScreen(Screen):
         yield StepBar(id="progress")
         yield StatusLine(id="status")
         yield PromptInput(
-            [f"/{name}" for name in [*BUILTINS, *self.plugin_commands]],
+            [f"/{name}" for name in self.chat.commands],
             placeholder="say what to change, or /help",
             id="prompt",
         )
@@ -195,24 +189,23 @@ class ChatScreen(Screen):
 
     def run_command(self, text: str) -> None:
         name, _, argument = text[1:].partition(" ")
-        name, argument = name.lower(), argument.strip()
-        builtin = BUILTINS.get(name)
-        plugin = self.plugin_commands.get(name)
-        if builtin is None and plugin is None:
-            self.fail(text, f"unknown command /{name}: /help lists them")
+        spec = self.chat.commands.get(name.lower())
+        if spec is None:
+            self.fail(text, f"unknown command /{name.lower()}: /help lists them")
             return
-        if self.busy and (builtin is None or builtin.needs_store):
+        if self.busy and spec.needs_store:
             self.fail(text, BUSY)
             return
         try:
-            if builtin is not None:
-                reply = getattr(self, f"command_{name}")(argument)
-            elif plugin is not None:
-                reply = plugin.run(self.chat, argument)
-                self.refresh_view()
+            reply = spec.run(self.chat, argument.strip())
         except UserError as e:
             self.fail(text, str(e))
             return
+        if spec.needs_store:  # it may have changed the session: draw it again from the store
+            self.show_problems()
+            self.refresh_view()
+        else:
+            self.show_status()
         if reply:
             self.query_one(ChatLog).add("info", str(reply))
 
@@ -307,111 +300,15 @@ class ChatScreen(Screen):
         self.query_one(ChatLog).add("user", text)
         self.run_command(text)
 
-    # ------------------------------------------------------------------ built-in commands
+    # ------------------------------------------------------------------ what commands ask of the screen
 
-    def command_undo(self, argument: str) -> str:
-        turn = self.agent.move("undo", "/undo")
-        self.refresh_view()
-        return f"undo: back at turn #{turn.id} ({turn.message})"
-
-    def command_redo(self, argument: str) -> str:
-        turn = self.agent.move("redo", "/redo")
-        self.refresh_view()
-        return f"redo: forward to turn #{turn.id} ({turn.message})"
-
-    def command_retry(self, argument: str) -> None:
+    def retry(self) -> None:
         self.start_edit("/retry", "/retry", retry=True)
 
-    def command_seed(self, argument: str) -> str:
-        if argument.lower() in ("", "random"):
-            self.chat.options.seed = None
-        else:
-            self.chat.options.seed = whole_number(argument, BUILTINS["seed"].usage, *int_bounds(Seed))
-        self.show_status()
-        seed = self.chat.options.seed
-        return "a random seed for each edit" if seed is None else f"seed {seed} for the next edits"
-
-    def command_steps(self, argument: str) -> str:
-        self.chat.options.steps = whole_number(argument, BUILTINS["steps"].usage, *int_bounds(Steps))
-        self.show_status()
-        return f"{self.chat.options.steps} steps for the next edits"
-
-    def command_candidates(self, argument: str) -> str:
-        n = whole_number(argument, BUILTINS["candidates"].usage, *int_bounds(CandidateCount))
-        if n > 1:  # the judge's weights must be here already
-            require_on_disk(
-                self.settings.model_copy(update={"candidates": n}), engine=False, rewriter=False, judge=True
-            )
-        self.chat.options.candidates = n
-        self.show_status()
-        n = self.chat.options.candidates
-        return (
-            "early filter off: one noise per edit"
-            if n == 1
-            else f"{n} candidates per edit; the judge keeps one"
-        )
-
-    def command_open(self, argument: str) -> str:
-        from assistant.images import load_source
-
-        if not argument:
-            raise UserError(f"usage: {BUILTINS['open'].usage}")
-        path = Path(argument).expanduser()
-        image = load_source(path)
-        turn = self.agent.open(image, f"open {file_name(path)}")
-        self.show_problems()
-        self.refresh_view()
-        return f"opened {path} ({image.width}x{image.height}) as turn #{turn.id}"
-
-    def command_save(self, argument: str) -> str:
-        from assistant.files import save_image
-        from sessions.identity import decode_png
-
-        if not argument:
-            raise UserError(f"usage: {BUILTINS['save'].usage}")
-        force = argument.endswith(" --force")
-        path = Path(argument.removesuffix(" --force").strip()).expanduser()
-        turn = self.agent.current()
-        save_image(decode_png(self.store.image(turn.image_sha256)), path, force)
-        return f"wrote {path} (turn #{turn.id})"
-
-    def command_history(self, argument: str) -> str:
-        history = self.agent.history()
-        return "no turns yet" if history is None else history_text(history)
-
-    def command_branch(self, argument: str) -> str:
-        turn_id = whole_number(argument, BUILTINS["branch"].usage, 1, 2**63 - 1)
-        turn = self.agent.jump(turn_id, f"/branch {turn_id}")
-        self.refresh_view()
-        return f"at turn #{turn.id} ({turn.message}); an edit from here starts a branch"
-
-    def command_session(self, argument: str) -> None:
-        if not argument:
-            raise UserError(f"usage: {BUILTINS['session'].usage}")
-        self.chat.agent = Agent(self.store, argument, self.settings)
-        cast("ChatApp", self.app).session = argument
+    def switch_session(self, name: str) -> None:
+        self.chat.agent = Agent(self.store, name, self.settings)
+        cast("ChatApp", self.app).session = name
         self.load_session()
 
-    def command_sheet(self, argument: str) -> str:
-        from sessions.sheet import damaged_note, write_sheet
-
-        if not argument:
-            raise UserError(f"usage: {BUILTINS['sheet'].usage}")
-        force = argument.endswith(" --force")
-        path = Path(argument.removesuffix(" --force").strip()).expanduser()
-        sheet = write_sheet(self.store, self.agent.session, path, force)
-        damaged = sheet.info.get("damaged")
-        return f"wrote {path} ({sheet.width}x{sheet.height})" + (
-            f"; {damaged_note(damaged)}" if damaged else ""
-        )
-
-    def command_help(self, argument: str) -> str:
-        rows = [f"{b.usage:<16} {b.help}" for b in BUILTINS.values()]
-        rows += [f"/{name:<15} {spec.help}" for name, spec in self.plugin_commands.items()]
-        keys = "keys: Escape cancels an edit · Ctrl+T tree · b or Ctrl+B before/after · Up/Down earlier lines"
-        return "\n".join(
-            [*rows, keys, "anything else is a request for the picture, e.g. make it look like winter"]
-        )
-
-    def command_quit(self, argument: str) -> None:
+    def quit(self) -> None:
         self.app.exit()
