@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -206,12 +207,13 @@ def _window(losses: list[float]) -> int:
 
 
 def train(config: TrainConfig, options: IceditOptions, progress: bool = True) -> TrainReport | None:
-    """Run (or continue) a training run; the report on the main process, None on the others."""
-    from accelerate import Accelerator
-    from accelerate.utils import GradientAccumulationPlugin, gather_object, set_seed
-    from tqdm.auto import tqdm
+    """Run (or continue) a training run; the report on the main process, None on the others.
 
-    from plugins.icedit.loading import load_pipeline
+    The stages: where to start (a checkpoint or step 0), the trainable model (the frozen pipeline with a
+    new LoRA-MoE), the run wired through accelerate (optimizer, schedule, data, checkpoint hooks), the
+    run's files, the steps, and the adapter with the report."""
+    from accelerate import Accelerator
+    from accelerate.utils import GradientAccumulationPlugin, set_seed
 
     cpu = (
         options.device == "cpu" or not torch.accelerator.is_available()
@@ -224,17 +226,34 @@ def train(config: TrainConfig, options: IceditOptions, progress: bool = True) ->
         ),
     )
     set_seed(config.seed)
-    out = config.out
-    resume_dir, step = None, 0
-    if config.resume:
-        resume_dir = _checkpoint_dir(out, config.resume)
-        step = json.loads((resume_dir / "trainer_state.json").read_text())["step"]
-        if step >= config.steps:
-            raise UserError(
-                f"nothing to do: {resume_dir} is at step {step} already (ask for more with --steps)"
-            )
+    resume_dir, step = _resume_point(config)
     with accelerator.main_process_first():
         edits = load_edits(config.data, config.columns, config.split, config.limit)
+    pipe, random_weights, params = _trainable(config, options, accelerator)
+    run = _wire(config, accelerator, pipe, params, edits)
+    if resume_dir is not None:
+        accelerator.load_state(str(resume_dir))
+    metrics_path = _run_files(config, accelerator, step)
+    losses, checkpoints = _steps(config, run, step, metrics_path, progress)
+    return _finish(config, run, step if resume_dir is not None else None, losses, checkpoints, random_weights)
+
+
+def _resume_point(config: TrainConfig) -> tuple[Path | None, int]:
+    """The checkpoint to continue from and its step; (None, 0) for a new run."""
+    if not config.resume:
+        return None, 0
+    resume_dir = _checkpoint_dir(config.out, config.resume)
+    step = json.loads((resume_dir / "trainer_state.json").read_text())["step"]
+    if step >= config.steps:
+        raise UserError(f"nothing to do: {resume_dir} is at step {step} already (ask for more with --steps)")
+    return resume_dir, step
+
+
+def _trainable(config: TrainConfig, options: IceditOptions, accelerator):
+    """(pipeline, whether its weights are random, the new adapter's parameters): the base frozen on this
+    process's device in the mixed-precision dtype, the LoRA-MoE added in fp32."""
+    from plugins.icedit.loading import load_pipeline
+
     model_options = options.model_copy(
         update={
             "lora": "none",
@@ -255,7 +274,26 @@ def train(config: TrainConfig, options: IceditOptions, progress: bool = True) ->
     if config.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()
+    return pipe, random_weights, params
 
+
+@dataclass
+class _Run:
+    """A run wired through accelerate: what each step uses."""
+
+    accelerator: Any
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    loader: Any
+    params: list
+    sampler: FillSampler
+    guidance: float | None
+    """The guidance embedding's value, for a transformer that has one."""
+
+
+def _wire(config: TrainConfig, accelerator, pipe, params: list, edits) -> _Run:
+    """Optimizer, warm-up schedule and data through accelerate; checkpoints hold the adapter only."""
     optimizer = torch.optim.AdamW(params, lr=config.lr)
     warmup = config.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -267,7 +305,7 @@ def train(config: TrainConfig, options: IceditOptions, progress: bool = True) ->
         sampler=EpochSampler(len(edits), config.seed),
         collate_fn=list,
     )
-    model, optimizer, loader = accelerator.prepare(transformer, optimizer, loader)
+    model, optimizer, loader = accelerator.prepare(pipe.transformer, optimizer, loader)
     accelerator.register_for_checkpointing(scheduler)
 
     def save_adapter(models, weights, output_dir):
@@ -282,47 +320,61 @@ def train(config: TrainConfig, options: IceditOptions, progress: bool = True) ->
 
     accelerator.register_save_state_pre_hook(save_adapter)
     accelerator.register_load_state_pre_hook(load_adapter)
+    guidance = config.guidance if pipe.transformer.config.guidance_embeds else None
+    return _Run(accelerator, model, optimizer, scheduler, loader, params, FillSampler(pipe), guidance)
 
-    if resume_dir is not None:
-        accelerator.load_state(str(resume_dir))
-    metrics_path = out / "metrics.jsonl"
+
+def _run_files(config: TrainConfig, accelerator, step: int) -> Path:
+    """train_config.json, and metrics.jsonl cut back to the step the run continues from."""
+    metrics_path = config.out / "metrics.jsonl"
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        write_file(out / "train_config.json", (config.model_dump_json(indent=2) + "\n").encode(), force=True)
+        config.out.mkdir(parents=True, exist_ok=True)
+        write_file(
+            config.out / "train_config.json", (config.model_dump_json(indent=2) + "\n").encode(), force=True
+        )
         kept = []
         if step and metrics_path.is_file():
             kept = [
                 line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= step
             ]
         write_file(metrics_path, "".join(line + "\n" for line in kept).encode(), force=True)
+    return metrics_path
 
-    sampler = FillSampler(pipe)
-    guidance = config.guidance if transformer.config.guidance_embeds else None
-    rank, per_epoch = accelerator.process_index, len(loader)
+
+def _steps(
+    config: TrainConfig, run: _Run, step: int, metrics_path: Path, progress: bool
+) -> tuple[list[float], list[str]]:
+    """Optimizer steps from `step` to `config.steps`: (each step's loss, the checkpoints saved)."""
+    from tqdm.auto import tqdm
+
+    accelerator = run.accelerator
+    rank, per_epoch = accelerator.process_index, len(run.loader)
     micro = step * config.grad_accum
-    start, losses, pending, checkpoints = step, [], [], []
+    losses, pending, checkpoints = [], [], []
     bar = tqdm(
         total=config.steps, initial=step, desc="train", disable=not (progress and accelerator.is_main_process)
     )
     while step < config.steps:
         epoch, skip = divmod(micro, per_epoch)
-        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+        batches = accelerator.skip_first_batches(run.loader, skip) if skip else run.loader
         batches.set_epoch(epoch)
         for batch in batches:
-            with accelerator.accumulate(model):
-                inputs = encode(sampler, batch, config.guidance)
-                loss = flow_matching_loss(model, inputs, _generator(config.seed, micro, rank), guidance)
+            with accelerator.accumulate(run.model):
+                inputs = encode(run.sampler, batch, config.guidance)
+                loss = flow_matching_loss(
+                    run.model, inputs, _generator(config.seed, micro, rank), run.guidance
+                )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
+                    accelerator.clip_grad_norm_(run.params, config.max_grad_norm)
+                run.optimizer.step()
+                run.optimizer.zero_grad()
             micro += 1
             pending.append(loss.detach().float())
             if not accelerator.sync_gradients:
                 continue
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
+            lr = run.scheduler.get_last_lr()[0]
+            run.scheduler.step()
             step += 1
             step_loss = accelerator.reduce(torch.stack(pending).mean(), "mean").item()
             pending = []
@@ -333,30 +385,46 @@ def train(config: TrainConfig, options: IceditOptions, progress: bool = True) ->
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
             if step % config.checkpoint_every == 0 or step == config.steps:
-                where = out / "checkpoints" / f"step-{step:06d}"
-                accelerator.save_state(str(where))
-                if accelerator.is_main_process:
-                    write_file(
-                        where / "trainer_state.json", (json.dumps({"step": step}) + "\n").encode(), force=True
-                    )
-                checkpoints.append(str(where))
+                checkpoints.append(_checkpoint(config, accelerator, step))
             if step == config.steps:
                 break
     bar.close()
+    return losses, checkpoints
 
-    unwrapped = accelerator.unwrap_model(model)
+
+def _checkpoint(config: TrainConfig, accelerator, step: int) -> str:
+    where = config.out / "checkpoints" / f"step-{step:06d}"
+    accelerator.save_state(str(where))
+    if accelerator.is_main_process:
+        write_file(where / "trainer_state.json", (json.dumps({"step": step}) + "\n").encode(), force=True)
+    return str(where)
+
+
+def _finish(
+    config: TrainConfig,
+    run: _Run,
+    resumed_from: int | None,
+    losses: list[float],
+    checkpoints: list[str],
+    random_weights: bool,
+) -> TrainReport | None:
+    """The adapter saved once by the main process, every process's digest of it, the report."""
+    from accelerate.utils import gather_object
+
+    accelerator = run.accelerator
+    unwrapped = accelerator.unwrap_model(run.model)
     digests = gather_object([digest(moe_checkpoint.adapter_state(unwrapped))])
     adapter = None
     if accelerator.is_main_process:
-        adapter = moe_checkpoint.save_lora_moe(unwrapped, out / "adapter")
+        adapter = moe_checkpoint.save_lora_moe(unwrapped, config.out / "adapter")
     accelerator.wait_for_everyone()
     report = TrainReport(
-        steps=step,
-        resumed_from=start if resume_dir is not None else None,
+        steps=config.steps,
+        resumed_from=resumed_from,
         loss_first=float(np.mean(losses[: _window(losses)])),
         loss_last=float(np.mean(losses[-_window(losses) :])),
         adapter=str(adapter),
-        metrics=str(metrics_path),
+        metrics=str(config.out / "metrics.jsonl"),
         checkpoints=checkpoints,
         num_processes=accelerator.num_processes,
         distributed_type=str(accelerator.distributed_type.value),
