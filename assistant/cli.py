@@ -659,7 +659,7 @@ def plugins_cmd(json_, **options) -> None:
     for row in rows:
         parts = [
             f"{kind}: {', '.join(row[kind])}"
-            for kind in ("engines", "rewriters", "judges", "chat_commands")
+            for kind in ("engines", "rewriters", "judges", "scorers", "chat_commands")
             if row[kind]
         ]
         click.echo(f"{row['name']}\t{'; '.join(parts) or 'hooks: ' + ', '.join(row['hooks'])}")
@@ -671,7 +671,6 @@ def _model_rows(settings, with_vlm: bool, with_eval: bool) -> list[tuple[list[st
     """[(what needs it, artifact)] for `models` and `download`, one row per artifact."""
     from assistant import plugins
     from assistant.preflight import needs
-    from plugins.icedit.loading import feature_artifacts
 
     groups = [("edit", needs(settings, rewriter=False, judge=False))]
     if with_vlm:
@@ -679,9 +678,9 @@ def _model_rows(settings, with_vlm: bool, with_eval: bool) -> list[tuple[list[st
             ("rewriter", needs(settings, engine=False, judge=False)),
             ("early filter", needs(settings, engine=False, rewriter=False, judge=True)),
         ]
-    if with_eval:
-        own = plugins.options_for("engines", "icedit", settings)
-        groups.append(("eval", feature_artifacts(own)))  # type: ignore[arg-type]  # icedit's IceditOptions
+    if with_eval:  # the default scorers of icedit eval
+        defaults = [name for name, (_, spec) in plugins.registrations("scorers").items() if spec.default]
+        groups.append(("eval", needs(settings, engine=False, rewriter=False, judge=False, scorers=defaults)))
     rows: dict[tuple, tuple[list[str], Any]] = {}
     for purpose, found in groups:
         for a in found:
@@ -768,7 +767,7 @@ def models(gpu_memory, json_, **options) -> None:
 @cli.command()
 @with_engine_options
 @click.option("--with-vlm", is_flag=True, help="also the Qwen2.5-VL (rewriter and judge)")
-@click.option("--with-eval-models", is_flag=True, help="also CLIP and DINO for icedit eval")
+@click.option("--with-eval-models", is_flag=True, help="also the models of icedit eval's default scorers")
 @click.option("--json", "json_", is_flag=True, help="print what `icedit models` then says, as JSON")
 def download(with_vlm, with_eval_models, json_, **options) -> None:
     """Fetch exactly the files the pipeline loads (free space checked first, interrupted downloads resumed)."""

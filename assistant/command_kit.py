@@ -78,22 +78,20 @@ def flag(key: str, field: FieldInfo) -> Callable[[Callable], Callable]:
     return click.option(name, key, help=help)
 
 
-def plugin_flags(kinds: Iterable[str] | None = None, only: Iterable[str] | None = None):
-    """A decorator adding the flags of the built-in plugins' options (`--preset`, `--vlm`, ...), one per
-    key however many plugins declare it; fields marked `json_schema_extra={"flag": False}` get none
-    (they stay `--option` keys), nor do names the command or the host settings already use."""
+def plugin_flags(kinds: Iterable[str] | None = None):
+    """A decorator adding the flags of the built-in plugins' options of `kinds` (default: what an edit
+    runs) (`--preset`, `--vlm`, ...), one per key however many plugins declare it; none for a name the
+    command or the host settings already use. Third-party plugins' options stay `--option` keys."""
 
     def add(fn: Callable) -> Callable:
-        from assistant.plugins import OPTION_KINDS, builtin_options
+        from assistant.plugins import EDIT_KINDS, builtin_options
         from assistant.settings import Settings
 
         taken = set(Settings.model_fields) | {p.name for p in getattr(fn, "__click_params__", [])}
         chosen: dict[str, FieldInfo] = {}
-        for model in builtin_options(tuple(kinds or OPTION_KINDS)):
+        for model in builtin_options(tuple(kinds or EDIT_KINDS)):
             for key, field in model.model_fields.items():
-                extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-                wanted = key in only if only is not None else extra.get("flag", True)
-                if wanted and key not in taken:
+                if key not in taken:
                     chosen.setdefault(key, field)
         for key in reversed(list(chosen)):
             fn = flag(key, chosen[key])(fn)

@@ -22,6 +22,11 @@ def register_judges(register):
 
 
 @hookspec
+def register_scorers(register):
+    """Call register(ScorerSpec(...)) per scorer `icedit eval` can run (`--scorer NAME`)."""
+
+
+@hookspec
 def register_chat_commands(register):
     """Call register(CommandSpec(...)) per extra slash command for the chat."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, get_args
 
 import annotated_types
@@ -184,3 +185,35 @@ class Log(BaseModel):
 
 
 EngineEvent = Annotated[Step | Candidates | Verdict | Log, Field(discriminator="kind")]
+
+
+class Metric(BaseModel):
+    """One number a scorer gives each edit, and how the report shows it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    key: str = Field(description="its key in the scores and the report: 'l1', 'vie_sc'")
+    label: str = Field(description="its name in the table: 'L1', 'VIE SC'")
+    compares: str = Field(description="what it measures: 'edit vs target, pixels (MagicBrush)'")
+    higher_is_better: bool
+    digits: int = Field(4, description="decimals in the table")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One evaluated edit: the source, what the engine made of it, and what the dataset says it should be."""
+
+    instruction: str
+    source: Image.Image
+    edit: Image.Image
+    target: Image.Image | None = None
+    source_caption: str | None = None
+    target_caption: str | None = None
+
+
+class Scores(BaseModel):
+    """What a scorer says of one edit: a value (or None: not measurable here) per metric it declares,
+    and anything worth keeping beside them (a VLM's raw answers, why a score is missing)."""
+
+    values: dict[str, float | None]
+    details: dict[str, Any] | None = None

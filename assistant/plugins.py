@@ -14,12 +14,18 @@ from pydantic import BaseModel, ValidationError
 
 from assistant import hookspecs
 from assistant.errors import UserError
-from assistant.protocols import Engine, Judge, Rewriter
+from assistant.protocols import Engine, Judge, Rewriter, Scorer
 from assistant.settings import Settings
 
 Made = TypeVar("Made")
 
-BUILTIN_PLUGINS = ("plugins.icedit", "plugins.kontext", "plugins.qwen_vl", "plugins.rules")
+BUILTIN_PLUGINS = (
+    "plugins.icedit",
+    "plugins.kontext",
+    "plugins.qwen_vl",
+    "plugins.rules",
+    "plugins.evaluation",
+)
 ENTRY_POINT_GROUP = "icedit_assistant"
 
 
@@ -62,6 +68,14 @@ class JudgeSpec(_FactorySpec[Judge]):
 
 
 @dataclass(frozen=True)
+class ScorerSpec(_FactorySpec[Scorer]):
+    """A scorer for `icedit eval` (`protocols.Scorer`: numbers per finished edit)."""
+
+    default: bool = False
+    """Run when `icedit eval` names no `--scorer` (its models are `--with-eval-models`)."""
+
+
+@dataclass(frozen=True)
 class CommandSpec:
     """A slash command for the chat: run(chat, argument_text) returns the text to show (or None).
 
@@ -78,13 +92,16 @@ class CommandSpec:
     that only change the options of the next edits."""
 
 
-OPTION_KINDS = ("engines", "rewriters", "judges")
+OPTION_KINDS = ("engines", "rewriters", "judges", "scorers")
 """The kinds whose specs may declare options."""
+EDIT_KINDS = ("engines", "rewriters", "judges")
+"""The kinds an edit runs (and whose built-ins' options are the edit commands' flags)."""
 
 REGISTRATION_HOOKS = {
     "engines": "register_engines",
     "rewriters": "register_rewriters",
     "judges": "register_judges",
+    "scorers": "register_scorers",
     "chat_commands": "register_chat_commands",
 }
 
@@ -146,6 +163,8 @@ def get(kind: Literal["engines"], name: str) -> EngineSpec: ...
 def get(kind: Literal["rewriters"], name: str) -> RewriterSpec: ...
 @overload
 def get(kind: Literal["judges"], name: str) -> JudgeSpec: ...
+@overload
+def get(kind: Literal["scorers"], name: str) -> ScorerSpec: ...
 @overload
 def get(kind: Literal["chat_commands"], name: str) -> CommandSpec: ...
 def get(kind: str, name: str) -> Any:

@@ -14,6 +14,7 @@ be forced.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -38,7 +39,7 @@ class Prepared(BaseModel):
     plan: MemoryPlan | None = None
 
 
-ModelKind = Literal["engines", "rewriters", "judges"]
+ModelKind = Literal["engines", "rewriters", "judges", "scorers"]
 """The plugin kinds that load weights."""
 
 
@@ -46,10 +47,14 @@ def _artifacts(kind: ModelKind, name: str, settings: Settings) -> list[Artifact]
     return list(plugins.call(kind, name, "artifacts", settings) or [])
 
 
+def engine_has_weights(settings: Settings) -> bool:
+    """Whether the engine runs a real model: it names weights besides adapters (a tiny preset names none)."""
+    return any(not a.adapter for a in _artifacts("engines", settings.engine, settings))
+
+
 def default_rewriter(settings: Settings) -> str:
-    """The VLM when the engine runs a real model (it names one besides adapters), the rules with random ones."""
-    real = any(not a.adapter for a in _artifacts("engines", settings.engine, settings))
-    return VLM_REWRITER if real else RULES_REWRITER
+    """The VLM when the engine runs a real model, the rules with random weights."""
+    return VLM_REWRITER if engine_has_weights(settings) else RULES_REWRITER
 
 
 def rewriter_name(settings: Settings) -> str:
@@ -57,10 +62,16 @@ def rewriter_name(settings: Settings) -> str:
 
 
 def needs(
-    settings: Settings, *, engine: bool = True, rewriter: bool = True, judge: bool | None = None
+    settings: Settings,
+    *,
+    engine: bool = True,
+    rewriter: bool = True,
+    judge: bool | None = None,
+    scorers: Sequence[str] = (),
 ) -> list[Artifact]:
     """Every artifact these settings will load; the default rewriter's are optional (rules instead).
-    `judge` None: the judge is needed when the early filter runs (candidates > 1)."""
+    `judge` None: the judge is needed when the early filter runs (candidates > 1); `scorers`: those
+    `icedit eval` runs."""
     found = _artifacts("engines", settings.engine, settings) if engine else []
     if rewriter:
         chosen = _artifacts("rewriters", rewriter_name(settings), settings)
@@ -72,6 +83,8 @@ def needs(
         found += chosen
     if judge or (judge is None and settings.candidates > 1):
         found += _artifacts("judges", settings.judge, settings)
+    for name in scorers:
+        found += _artifacts("scorers", name, settings)
     return found
 
 
@@ -95,13 +108,14 @@ def prepare(
     engine: bool = True,
     rewriter: bool = True,
     judge: bool | None = None,
+    scorers: Sequence[str] = (),
     plan: bool = True,
 ) -> Prepared:
     """Check every artifact (one report of all that are missing), fetch the missing ones, choose the
     rewriter, and on a CUDA machine place the models (`plan`: False where the command places them
     itself, as training does)."""
     statuses = hub.preflight(
-        [*needs(settings, engine=engine, rewriter=rewriter, judge=judge), *(extra or [])]
+        [*needs(settings, engine=engine, rewriter=rewriter, judge=judge, scorers=scorers), *(extra or [])]
     )
     notes = []
     if rewriter and settings.rewriter is None:
@@ -117,7 +131,7 @@ def prepare(
         settings = settings.model_copy(update={"rewriter": name})
     placed = None
     if plan and _on_gpu(settings):
-        placed = memory_plan(settings, engine=engine, rewriter=rewriter, judge=judge)
+        placed = memory_plan(settings, engine=engine, rewriter=rewriter, judge=judge, scorers=scorers)
         settings = settings.with_options(**placed.settings_update())
         notes += placed.notes
     return Prepared(settings=settings, statuses=statuses, notes=notes, plan=placed)
@@ -139,6 +153,7 @@ def memory_plan(
     engine: bool = True,
     rewriter: bool = True,
     judge: bool | None = None,
+    scorers: Sequence[str] = (),
 ) -> MemoryPlan:
     """Where each model these settings run goes on this machine's GPU (or on one of `gpu_memory_gib`);
     the parts are those `needs` would check. Only placement settings the person gave are forced."""
@@ -147,6 +162,7 @@ def memory_plan(
     chosen: list[tuple[ModelKind, str]] = [("engines", settings.engine)] if engine else []
     chosen += [("rewriters", rewriter_name(settings))] if rewriter else []
     chosen += [("judges", settings.judge)] if judge or (judge is None and settings.candidates > 1) else []
+    chosen += [("scorers", name) for name in scorers]
     parts: dict[str, Part] = {}
     forced: dict[str, object] = {}
     for kind, name in chosen:

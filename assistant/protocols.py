@@ -20,7 +20,16 @@ from typing import Protocol, runtime_checkable
 
 from PIL import Image
 
-from assistant.models import EditPlan, EditRequest, EditResult, EngineEvent, TurnSummary
+from assistant.models import (
+    EditPlan,
+    EditRequest,
+    EditResult,
+    EngineEvent,
+    Example,
+    Metric,
+    Scores,
+    TurnSummary,
+)
 
 Events = Callable[[EngineEvent], object]
 """Where an engine reports progress: `Step` per denoising step, `Candidates`, `Verdict`, `Log`."""
@@ -85,6 +94,21 @@ class Judge(Protocol):
         self, instruction: str, source: Image.Image, pairs: Sequence[tuple[Image.Image, Image.Image]]
     ) -> list[float]:
         """`compare` for several pairs at once (batched where it can); `PairwiseJudge` gives a loop."""
+        ...
+
+
+class Scorer(Protocol):
+    """Scores finished edits for `icedit eval` (MagicBrush's metrics, a VLM's ratings, ...)."""
+
+    metrics: Sequence[Metric]
+    """What `score` gives each edit, in the order the report's table lists them."""
+    models: dict[str, str]
+    """The models it runs, for the report: {"clip": "openai/clip-vit-base-patch32"}."""
+    random_weights: bool
+    """True when its models have random weights (the tiny presets): the numbers check plumbing only."""
+
+    def score(self, examples: Sequence[Example]) -> list[Scores]:
+        """One `Scores` per example, in order, with a value (or None) for each of `metrics`."""
         ...
 
 

@@ -17,15 +17,15 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+from assistant import plugins
 from assistant.cli import cli
 from assistant.hookspecs import hookimpl
-from assistant.models import EditResult
+from assistant.models import EditResult, Example
 from assistant.plugins import EngineSpec, get_plugin_manager
 from assistant.settings import Settings
-from plugins.icedit import features
-from plugins.icedit.evaluate import EvalConfig, evaluate, load_features
-from plugins.icedit.metrics import METRICS, Example, means, pixel_distances, score
-from plugins.icedit.options import IceditOptions
+from plugins.evaluation import features
+from plugins.evaluation.metrics import METRICS, MagicBrushScorer, means, pixel_distances, score
+from plugins.evaluation.run import EvalConfig, evaluate
 from plugins.qwen_vl import model as vlm_model
 from plugins.qwen_vl.options import QwenVlOptions
 from plugins.qwen_vl.vie_score import QwenVieScorer, parse_scores
@@ -61,11 +61,13 @@ def feature_dirs(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture
 def loaded(feature_dirs):
-    options = IceditOptions(clip_model=str(feature_dirs[0]), dino_model=str(feature_dirs[1]))
-    models, names = load_features(options, "cpu")
-    assert names == {"clip": str(feature_dirs[0]), "dino": str(feature_dirs[1])}
-    assert models.random_weights is False  # loaded from folders: nothing here says they are random
-    return models
+    """The registered `magicbrush` scorer's feature models, loaded from the folders its options name."""
+    settings = Settings(preset="tiny", clip_model=str(feature_dirs[0]), dino_model=str(feature_dirs[1]))
+    scorer = plugins.build("scorers", "magicbrush", settings)
+    assert isinstance(scorer, MagicBrushScorer)
+    assert scorer.models == {"clip": str(feature_dirs[0]), "dino": str(feature_dirs[1])}
+    assert scorer.random_weights is False  # loaded from folders: nothing here says they are random
+    return scorer.features
 
 
 def test_pixel_distances_on_solid_colours():
@@ -80,12 +82,22 @@ def test_identical_images_score_perfectly_and_different_ones_do_not(loaded):
     same, other, unchanged = score(
         loaded,
         [
-            Example(source=b, edit=a, target=a),
+            Example("make it red", source=b, edit=a, target=a),
             Example(
-                source=a, edit=b, target=a, source_caption="a red circle", target_caption="a blue circle"
+                "make it blue",
+                source=a,
+                edit=b,
+                target=a,
+                source_caption="a red circle",
+                target_caption="a blue circle",
             ),
             Example(
-                source=a, edit=a, target=b, source_caption="a red circle", target_caption="a blue circle"
+                "make it blue",
+                source=a,
+                edit=a,
+                target=b,
+                source_caption="a red circle",
+                target_caption="a blue circle",
             ),
         ],
         batch_size=2,
@@ -179,7 +191,7 @@ def test_vie_score_takes_the_minimum_of_each_pair_and_their_geometric_mean(monke
     vlm = ScriptedVlm('{"score": [8, 6], "reasoning": "ok"}', 'Sure! {"score": [9, 4.5]}')
     monkeypatch.setattr(vlm_model, "load", lambda settings: vlm)
     source, edit = toy("source", 0), toy("target", 0)
-    verdict = QwenVieScorer(QwenVlOptions()).score("the red circle is blue", source, edit)
+    verdict = QwenVieScorer(QwenVlOptions()).rate("the red circle is blue", source, edit)
     assert (verdict.sc, verdict.pq, verdict.sc_scores, verdict.pq_scores) == (
         6.0,
         4.5,
@@ -206,13 +218,18 @@ def test_a_judge_answer_that_fails_leaves_its_score_missing(answers, feature_dir
     monkeypatch.setattr(vlm_model, "load", lambda settings: vlm)
     settings = Settings(engine="answers", clip_model=str(feature_dirs[0]), dino_model=str(feature_dirs[1]))
     report = evaluate(
-        EvalConfig(data=str(TOY), limit=2, out=tmp_path, judge="qwen_vl"), settings, progress=False
+        EvalConfig(data=str(TOY), limit=2, out=tmp_path, scorers=["magicbrush", "vie"]),
+        settings,
+        progress=False,
     )
-    first, second = (e.judge for e in report.examples)
+    first, second = (e.details["vie"] for e in report.examples)
     assert (first["sc"], first["pq"], first["overall"]) == (8.0, 5.0, pytest.approx(math.sqrt(40)))
     assert (second["sc"], second["pq"], second["overall"]) == (None, 2.0, None)
     assert second["error"] == "sc: not two 0-10 scores: 'no idea'"
-    assert report.judge == {"sc": 8.0, "pq": 3.5, "overall": pytest.approx(math.sqrt(40))}
+    means_of_vie = {k: report.metrics[f"vie_{k}"] for k in ("sc", "pq", "overall")}
+    assert means_of_vie == {"sc": 8.0, "pq": 3.5, "overall": pytest.approx(math.sqrt(40))}
+    assert [e.metrics["vie_sc"] for e in report.examples] == [8.0, None]
+    assert report.scorers == ["magicbrush", "vie"] and report.metrics["l1"] == 0.0
     assert "| VIE PQ ↑ | Qwen2.5-VL rating, 0-10 | 3.50 |" in Path(report.table).read_text()
 
 
@@ -227,7 +244,7 @@ def test_cli_eval_on_the_tiny_preset_runs_offline_in_one_process_or_two(tmp_path
     }
     assert 0 < report["metrics"]["l1"] < 1
     assert [e["seed"] for e in report["examples"]] == [0, 1, 2, 3]
-    assert report["random_weights"] is True and report["feature_models"]["clip"] == "tiny (random)"
+    assert report["random_weights"] is True and report["models"]["clip"] == "tiny (random)"
     assert sorted(p.name for p in (tmp_path / "icedit-eval").iterdir()) == [
         "edits",
         "metrics.json",

@@ -20,6 +20,7 @@ from assistant.hookspecs import hookimpl
 from assistant.plugins import EngineSpec
 from assistant.settings import Settings
 from assistant.testing import FakeEngine, registered
+from plugins.evaluation.options import FeatureOptions
 from plugins.icedit.options import IceditOptions
 from plugins.kontext.options import KontextOptions
 from plugins.qwen_vl.options import QwenVlOptions
@@ -123,11 +124,9 @@ def test_every_engine_command_has_one_flag_per_builtin_option(name):
     flags = _flags(cli.commands[name])
     for model in BUILTIN_MODELS:
         for key, field in model.model_fields.items():
-            hidden = (field.json_schema_extra or {}).get("flag") is False  # type: ignore[union-attr]
-            assert (key in flags) != hidden, key
-            if not hidden:
-                assert flags[key].opts == ["--" + key.replace("_", "-")]
-                assert flags[key].help.startswith(field.description)
+            assert flags[key].opts == ["--" + key.replace("_", "-")], key
+            assert flags[key].help.startswith(field.description)
+    assert not set(FeatureOptions.model_fields) & set(flags)  # a scorer's options are eval's flags
 
 
 def test_a_flag_takes_its_type_bounds_and_choices_from_the_field():
@@ -195,13 +194,10 @@ def test_flags_reach_the_engine_like_options_and_variables_do():
 
 
 def test_eval_and_train_take_the_same_flags_from_the_same_models():
-    from plugins.icedit import commands
+    from plugins.evaluation.command import eval_cmd
+    from plugins.icedit.commands import train_cmd
 
-    evaluate, train, edit = (
-        _flags(commands.eval_cmd),
-        _flags(commands.train_cmd),
-        _flags(cli.commands["edit"]),
-    )
+    evaluate, train, edit = _flags(eval_cmd), _flags(train_cmd), _flags(cli.commands["edit"])
     for key in ("preset", "model", "lora", "lora_scale", "top_k", "offload", "dtype", "vlm"):
         assert (evaluate[key].help, repr(evaluate[key].type)) == (edit[key].help, repr(edit[key].type)), key
     assert {"clip_model", "dino_model"} <= set(evaluate) and "clip_model" not in edit

@@ -242,10 +242,11 @@ def test_a_plugin_adds_an_icedit_command_and_the_builtins_stay_theirs(cli_plugin
     assert "Edit IMAGE as INSTRUCTION says" in CliRunner().invoke(cli, ["edit", "--help"]).stdout
 
 
-def test_train_and_eval_are_the_icedit_plugins_commands():
-    from plugins.icedit.commands import eval_cmd, train_cmd
+def test_train_is_the_icedit_plugins_command_and_eval_the_evaluation_plugins():
+    from plugins.evaluation.command import eval_cmd
+    from plugins.icedit.commands import train_cmd
 
     assert CliRunner().invoke(cli, ["train", "--help"]).exit_code == 0
     assert cli.commands["train"] is train_cmd and cli.commands["eval"] is eval_cmd
     impls = get_plugin_manager().hook.register_cli_commands.get_hookimpls()
-    assert [i.plugin_name for i in impls] == ["plugins.icedit"]
+    assert sorted(i.plugin_name for i in impls) == ["plugins.evaluation", "plugins.icedit"]

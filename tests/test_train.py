@@ -19,8 +19,8 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from assistant.cli import cli
+from plugins.evaluation.data import COLUMNS, load_edits, parse_columns
 from plugins.icedit import moe, moe_checkpoint
-from plugins.icedit.data import COLUMNS, load_edits, parse_columns
 from plugins.icedit.loading import WEIGHTS_NAME
 from plugins.icedit.presets import build_tiny
 from plugins.icedit.train import digest

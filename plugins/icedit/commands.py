@@ -1,5 +1,5 @@
-"""`icedit train` and `icedit eval`, which the icedit plugin adds to the `icedit` command
-(`register_cli_commands`): they train and score this engine's adapter, so they live with it."""
+"""`icedit train`, which the icedit plugin adds to the `icedit` command (`register_cli_commands`): it
+trains this engine's adapter, so it lives with it. Its data options are `icedit eval`'s."""
 
 from __future__ import annotations
 
@@ -9,26 +9,8 @@ import click
 
 from assistant import command_kit as kit
 from assistant import plugins
-from assistant.models import Guidance, Steps
+from plugins.evaluation.command import with_data_options
 from plugins.icedit.options import IceditOptions
-
-data_options = [
-    click.option(
-        "--data", required=True, help="folder (metadata.jsonl: source, target, instruction) or hub dataset id"
-    ),
-    click.option(
-        "--columns", help="map our columns to the dataset's: source=source_img,target=target_img,..."
-    ),
-    click.option("--split", help="dataset split (default train)"),
-    click.option("--limit", type=click.IntRange(1), help="use the first N examples only"),
-    click.option("--seed", type=click.IntRange(0, 2**32 - 1), help="seed (default 0)"),
-]
-
-
-def with_data_options(fn):
-    for option in reversed(data_options):
-        fn = option(fn)
-    return fn
 
 
 @click.command("train")
@@ -61,7 +43,7 @@ def with_data_options(fn):
 @click.option("--json", "json_", is_flag=True, help="print the report as JSON")
 def train_cmd(data, columns, preset, model, device, json_, **options) -> None:
     """Fine-tune the ICEdit LoRA-MoE on (source, target, instruction) edits; many GPUs: `accelerate launch`."""
-    from plugins.icedit.data import parse_columns
+    from plugins.evaluation.data import parse_columns
     from plugins.icedit.train import TrainConfig, train
 
     settings = kit.settings(engine="icedit", preset=preset, model=model, device=device, lora="none")
@@ -85,59 +67,5 @@ def train_cmd(data, columns, preset, model, device, json_, **options) -> None:
         )
 
 
-@click.command("eval")
-@with_data_options
-@click.option("--out", type=kit.PathArg(), help="folder for edits, metrics and sheet (default icedit-eval)")
-@click.option("--steps", type=kit.option_type(Steps), help="denoising steps (default 28)")
-@click.option("--guidance", type=kit.option_type(Guidance), help="guidance (default 50)")
-@click.option("--batch-size", type=click.IntRange(1), help="examples per scoring round (default 8)")
-@click.option(
-    "--judge", type=click.Choice(["qwen_vl"]), help="also rate each edit with the VLM (VIEScore SC/PQ)"
-)
-@click.option("--engine", help="engine plugin (see `icedit plugins`)")
-@kit.plugin_flags(kinds=["engines"])
-@kit.model_flags(IceditOptions, ["clip_model", "dino_model"])
-@kit.plugin_flags(kinds=["judges"])
-@click.option("--json", "json_", is_flag=True, help="print the report (means and per example) as JSON")
-def eval_cmd(
-    data, columns, split, limit, seed, out, steps, guidance, batch_size, judge, json_, **options
-) -> None:
-    """Edit every example of a dataset and score the edits (MagicBrush and Emu Edit metrics)."""
-    from plugins.icedit.data import parse_columns
-    from plugins.icedit.evaluate import EvalConfig, evaluate
-    from plugins.icedit.loading import feature_artifacts
-
-    settings = kit.settings(**options)
-    config = kit.options(
-        EvalConfig,
-        data=data,
-        columns=parse_columns(columns),
-        split=split,
-        limit=limit,
-        seed=seed,
-        out=out,
-        steps=steps,
-        guidance=guidance,
-        batch_size=batch_size,
-        judge=judge,
-    )
-    features = feature_artifacts(plugins.options_for("engines", "icedit", settings))
-    settings = kit.prepare(settings, features, rewriter=False, judge=bool(judge)).settings
-    report = evaluate(config, settings)
-    if report is None:  # not the main process
-        return
-    if json_:
-        kit.emit(report.model_dump())
-    else:
-        click.echo(Path(report.table).read_text(), nl=False)
-        click.echo(f"wrote {report.report}, {report.table}, {report.sheet} and {report.count} edits")
-    if report.random_weights:
-        click.echo(
-            "note: random weights (tiny preset): the numbers check the pipeline, not editing quality",
-            err=True,
-        )
-
-
 def register(cli: click.Group) -> None:
     cli.add_command(train_cmd)
-    cli.add_command(eval_cmd)

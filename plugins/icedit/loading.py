@@ -22,8 +22,6 @@ from plugins.icedit.presets import build_tiny, get_preset
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 """diffusers' default adapter file name, which the published ICEdit adapters (normal and MoE) use."""
-DEFAULT_CLIP = "openai/clip-vit-base-patch32"
-DEFAULT_DINO = "facebook/dino-vits16"
 """The feature models MagicBrush and Emu Edit report with (`icedit eval`)."""
 
 OOM_HINT = "try --offload encoders (or model, sequential), --quantize int8, or a smaller image"
@@ -76,34 +74,6 @@ def lora_artifact(lora: str, revision: str | None = None, weight_name: str | Non
         option="--lora",
         adapter=True,
     )
-
-
-def feature_refs(options: IceditOptions) -> tuple[str, str] | None:
-    """(CLIP, DINO) hub ids or folders for `icedit eval`; None for random tiny ones (the tiny preset,
-    neither named)."""
-    if (
-        options.clip_model is None
-        and options.dino_model is None
-        and options.preset == "tiny"
-        and options.model is None
-    ):
-        return None
-    return options.clip_model or DEFAULT_CLIP, options.dino_model or DEFAULT_DINO
-
-
-def feature_artifact(ref: str, what: str, option: str) -> Artifact:
-    return Artifact(role=f"{what} model", ref=ref, layout="transformers", option=option)
-
-
-def feature_artifacts(options: IceditOptions) -> list[Artifact]:
-    """The feature models' weights `icedit eval` will read."""
-    chosen = feature_refs(options)
-    if chosen is None:
-        return []
-    return [
-        feature_artifact(chosen[0], "CLIP", "--clip-model"),
-        feature_artifact(chosen[1], "DINO", "--dino-model"),
-    ]
 
 
 def artifacts(options: IceditOptions) -> list[Artifact]:

@@ -48,16 +48,6 @@ class FluxOptions(BaseModel):
 
 
 class IceditOptions(FluxOptions):
-    """FLUX.1 Fill with the ICEdit adapter; the eval feature models are `icedit eval`'s."""
+    """FLUX.1 Fill with the ICEdit adapter."""
 
     top_k: int = Field(1, ge=1, le=64, description="experts per token of a LoRA-MoE adapter, 1 as published")
-    clip_model: str | None = Field(
-        None,
-        description="CLIP for icedit eval: hub id or folder (default openai/clip-vit-base-patch32; random with tiny)",
-        json_schema_extra={"flag": False},  # a flag of `icedit eval` only
-    )
-    dino_model: str | None = Field(
-        None,
-        description="DINO ViT for icedit eval: hub id or folder (default facebook/dino-vits16; random with tiny)",
-        json_schema_extra={"flag": False},
-    )

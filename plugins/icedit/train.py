@@ -28,8 +28,9 @@ from torch.utils.data import DataLoader, Sampler
 import prompts
 from assistant.errors import UserError
 from assistant.files import write_file
+from plugins.evaluation.data import load_edits
 from plugins.icedit import moe, moe_checkpoint
-from plugins.icedit.data import Diptychs, load_edits
+from plugins.icedit.data import Diptychs
 from plugins.icedit.options import IceditOptions
 from plugins.icedit.sampler import FillSampler
 

@@ -1,7 +1,7 @@
 """Built-in plugin: Qwen2.5-VL as rewriter and judge, one lazily loaded model shared by both."""
 
 from assistant.hookspecs import hookimpl
-from assistant.plugins import JudgeSpec, RewriterSpec
+from assistant.plugins import JudgeSpec, RewriterSpec, ScorerSpec
 from plugins.qwen_vl.options import QwenVlOptions
 
 
@@ -15,6 +15,12 @@ def _judge(settings, options):
     from plugins.qwen_vl.judge import QwenJudge
 
     return QwenJudge(options)
+
+
+def _vie(settings, options):
+    from plugins.qwen_vl.vie_score import QwenVieScorer
+
+    return QwenVieScorer(options)
 
 
 def _artifacts(settings, options):
@@ -51,6 +57,20 @@ def register_judges(register):
             "qwen_vl",
             _judge,
             "Qwen2.5-VL: which of two candidates follows the instruction",
+            artifacts=_artifacts,
+            memory=_memory,
+            options=QwenVlOptions,
+        )
+    )
+
+
+@hookimpl
+def register_scorers(register):
+    register(
+        ScorerSpec(
+            "vie",
+            _vie,
+            "VIEScore-style 0-10 ratings by Qwen2.5-VL: semantic consistency (SC), quality (PQ), overall",
             artifacts=_artifacts,
             memory=_memory,
             options=QwenVlOptions,

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from typing import Any
 
 from PIL import Image
 from pydantic import BaseModel, Field
 
 import prompts
+from assistant.models import Example, Metric, Scores
 from plugins.qwen_vl import model
 from plugins.qwen_vl.options import QwenVlOptions
 from plugins.qwen_vl.vision import image_part
@@ -47,11 +49,34 @@ def parse_scores(answer: str) -> list[float]:
     return [float(s) for s in scores]
 
 
+VIE_METRICS = tuple(
+    Metric(key=f"vie_{key}", label=f"VIE {key.upper()}", compares=what, higher_is_better=True, digits=2)
+    for key, what in (
+        ("sc", "Qwen2.5-VL rating, 0-10"),
+        ("pq", "Qwen2.5-VL rating, 0-10"),
+        ("overall", "Qwen2.5-VL rating, 0-10"),
+    )
+)
+
+
 class QwenVieScorer:
-    """Two greedy answers per edit from the shared VLM: SC on (source, edit, instruction), PQ on the edit."""
+    """The scorer `vie`: two greedy answers per edit from the shared VLM, SC on (source, edit,
+    instruction) and PQ on the edit. Each example's VieScore is kept in its details."""
+
+    metrics = VIE_METRICS
+    random_weights = False
 
     def __init__(self, options: QwenVlOptions):
         self.options = options
+        self.models = {"vlm": options.vlm}
+
+    def score(self, examples: Sequence[Example]) -> list[Scores]:
+        found = []
+        for e in examples:
+            verdict = self.rate(e.instruction, e.source, e.edit)
+            values = {"vie_sc": verdict.sc, "vie_pq": verdict.pq, "vie_overall": verdict.overall}
+            found.append(Scores(values=values, details=verdict.model_dump()))
+        return found
 
     def _image(self, picture: Image.Image) -> dict[str, Any]:
         return image_part(picture, self.options.min_pixels, self.options.max_pixels)
@@ -76,7 +101,8 @@ class QwenVieScorer:
         ]
         return sc, pq
 
-    def score(self, instruction: str, source: Image.Image, edit: Image.Image) -> VieScore:
+    def rate(self, instruction: str, source: Image.Image, edit: Image.Image) -> VieScore:
+        """SC and PQ of one edit; an answer that is not two scores leaves its score None, saying why."""
         vlm = model.load(self.options)
         scores, errors = {}, []
         for key, chat in zip(("sc", "pq"), self.conversations(instruction, source, edit), strict=True):

@@ -10,44 +10,31 @@ target image, no captions) is None for that example.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 
-from plugins.icedit.features import FeatureModels
+from assistant.models import Example, Metric, Scores
+from plugins.evaluation.features import FeatureModels
 
 
-class Metric(NamedTuple):
-    key: str
-    label: str
-    compares: str
-    higher_is_better: bool
+def _metric(key: str, label: str, compares: str, higher_is_better: bool) -> Metric:
+    return Metric(key=key, label=label, compares=compares, higher_is_better=higher_is_better)
 
 
 METRICS = (
-    Metric("l1", "L1", "edit vs target, pixels (MagicBrush)", False),
-    Metric("l2", "L2", "edit vs target, squared pixels (MagicBrush)", False),
-    Metric("clip_i", "CLIP-I", "edit vs target, CLIP image (MagicBrush)", True),
-    Metric("dino", "DINO", "edit vs target, DINO (MagicBrush)", True),
-    Metric("clip_t", "CLIP-T", "edit vs target caption (MagicBrush; Emu Edit's CLIP-Out)", True),
-    Metric("clip_dir", "CLIP-dir", "edit - source vs caption change (Emu Edit)", True),
-    Metric("src_l1", "L1 (source)", "edit vs source, pixels (Emu Edit)", False),
-    Metric("src_clip_i", "CLIP-I (source)", "edit vs source, CLIP image (Emu Edit)", True),
-    Metric("src_dino", "DINO (source)", "edit vs source, DINO (Emu Edit)", True),
+    _metric("l1", "L1", "edit vs target, pixels (MagicBrush)", False),
+    _metric("l2", "L2", "edit vs target, squared pixels (MagicBrush)", False),
+    _metric("clip_i", "CLIP-I", "edit vs target, CLIP image (MagicBrush)", True),
+    _metric("dino", "DINO", "edit vs target, DINO (MagicBrush)", True),
+    _metric("clip_t", "CLIP-T", "edit vs target caption (MagicBrush; Emu Edit's CLIP-Out)", True),
+    _metric("clip_dir", "CLIP-dir", "edit - source vs caption change (Emu Edit)", True),
+    _metric("src_l1", "L1 (source)", "edit vs source, pixels (Emu Edit)", False),
+    _metric("src_clip_i", "CLIP-I (source)", "edit vs source, CLIP image (Emu Edit)", True),
+    _metric("src_dino", "DINO (source)", "edit vs source, DINO (Emu Edit)", True),
 )
 NO_CHANGE = 1e-4
-
-
-@dataclass(frozen=True)
-class Example:
-    source: Image.Image
-    edit: Image.Image
-    target: Image.Image | None = None
-    source_caption: str | None = None
-    target_caption: str | None = None
 
 
 def pixel_distances(edit: Image.Image, reference: Image.Image) -> tuple[float, float]:
@@ -111,10 +98,37 @@ def score(
     return rows
 
 
-def means(rows: Sequence[dict[str, float | None]]) -> dict[str, float | None]:
+def means(
+    rows: Sequence[dict[str, float | None]], metrics: Sequence[Metric] = METRICS
+) -> dict[str, float | None]:
     """Each metric's mean over the examples that have it (None when none does)."""
     result = {}
-    for m in METRICS:
+    for m in metrics:
         values = [r[m.key] for r in rows if r.get(m.key) is not None]
         result[m.key] = float(np.mean(values)) if values else None
     return result
+
+
+class MagicBrushScorer:
+    """The scorer `magicbrush`: every metric above, the feature models run on the whole batch at once."""
+
+    metrics = METRICS
+
+    def __init__(self, features: FeatureModels, models: dict[str, str]):
+        self.features, self.models = features, models
+        self.random_weights = features.random_weights
+
+    def score(self, examples: Sequence[Example]) -> list[Scores]:
+        return [Scores(values=row) for row in score(self.features, examples, max(1, len(examples)))]
+
+
+def magicbrush(settings, options) -> MagicBrushScorer:
+    """The scorer with its feature models loaded on the engine's device (`icedit eval` sets it per process)."""
+    from assistant import plugins
+    from plugins.evaluation import features
+
+    device = plugins.option("engines", settings.engine, "device", settings) or "cpu"
+    refs = features.chosen(settings, options)
+    if refs is None:
+        return MagicBrushScorer(features.tiny(device), {"clip": "tiny (random)", "dino": "tiny (random)"})
+    return MagicBrushScorer(features.load(*refs, device), {"clip": refs[0], "dino": refs[1]})

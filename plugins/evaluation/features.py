@@ -16,9 +16,14 @@ from PIL import Image
 
 from assistant import hub
 from assistant.errors import UserError
-from plugins.icedit.loading import feature_artifact
 
 TINY_SEED = 0
+DEFAULT_CLIP = "openai/clip-vit-base-patch32"
+DEFAULT_DINO = "facebook/dino-vits16"
+
+
+def feature_artifact(ref: str, what: str, option: str) -> hub.Artifact:
+    return hub.Artifact(role=f"{what} model", ref=ref, layout="transformers", option=option)
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,27 @@ class FeatureModels:
         """The CLS token of the last layer, as MagicBrush and Emu Edit compare DINO features."""
         out = self.dino(pixel_values=self._pixels(self.dino_processor, images).to(self.dino.dtype))
         return F.normalize(out.last_hidden_state[:, 0].float(), dim=-1)
+
+
+def chosen(settings, options) -> tuple[str, str] | None:
+    """(CLIP, DINO) hub ids or folders to load; None for random tiny ones: neither named, and the engine
+    runs random weights (a tiny preset), so its numbers check the plumbing anyway."""
+    from assistant.preflight import engine_has_weights
+
+    if options.clip_model is None and options.dino_model is None and not engine_has_weights(settings):
+        return None
+    return options.clip_model or DEFAULT_CLIP, options.dino_model or DEFAULT_DINO
+
+
+def artifacts(settings, options) -> list[hub.Artifact]:
+    """The feature models' weights the scorer will read."""
+    refs = chosen(settings, options)
+    if refs is None:
+        return []
+    return [
+        feature_artifact(refs[0], "CLIP", "--clip-model"),
+        feature_artifact(refs[1], "DINO", "--dino-model"),
+    ]
 
 
 def load(clip_ref: str, dino_ref: str, device: str | torch.device) -> FeatureModels:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from plugins.icedit.metrics import METRICS
+from assistant.models import Metric
+from plugins.evaluation.metrics import METRICS
 
 THUMB = 128
 PAD = 8
@@ -16,20 +19,14 @@ MUTED = (120, 120, 120)
 COLUMNS = ("source", "edit", "target", "instruction")
 
 
-def markdown_table(
-    means: dict[str, float | None], count: int, judge: dict[str, float | None] | None = None
-) -> str:
+def markdown_table(means: dict[str, float | None], count: int, metrics: Sequence[Metric] = METRICS) -> str:
     """One row per metric: its name (arrow: which way is better), what it compares, the mean over `count` edits."""
     lines = [f"| metric | compares | mean over {count} |", "|---|---|---|"]
-    for m in METRICS:
+    for m in metrics:
         value = means.get(m.key)
         lines.append(
             f"| {m.label} {'↑' if m.higher_is_better else '↓'} | {m.compares} | "
-            f"{'n/a' if value is None else f'{value:.4f}'} |"
-        )
-    for key, value in (judge or {}).items():
-        lines.append(
-            f"| VIE {key.upper()} ↑ | Qwen2.5-VL rating, 0-10 | {'n/a' if value is None else f'{value:.2f}'} |"
+            f"{'n/a' if value is None else f'{value:.{m.digits}f}'} |"
         )
     return "\n".join(lines) + "\n"
 

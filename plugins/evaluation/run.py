@@ -1,4 +1,5 @@
-"""`icedit eval`: run the engine over a dataset of edits and score the results (MagicBrush, Emu Edit, VIEScore).
+"""`icedit eval`: run any engine over a dataset of edits and score the results with the chosen scorers
+(`--scorer`, from the registry: `magicbrush` by default, `vie` from the qwen_vl plugin, or a plugin's).
 
 Under `accelerate launch` / `torchrun` every process edits its share of the examples
 (`split_between_processes`) and the main process gathers the results and writes them: `metrics.json`
@@ -12,22 +13,19 @@ from __future__ import annotations
 import json
 import threading
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
-import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
+from assistant import plugins
 from assistant.errors import UserError
 from assistant.files import save_image, write_file
-from assistant.models import EditPlan, EditRequest, Guidance, Seed, Steps, next_seed
+from assistant.models import EditPlan, EditRequest, Example, Guidance, Metric, Seed, Steps, next_seed
 from assistant.settings import Settings
-from plugins.icedit import features as feature_models
-from plugins.icedit.data import example, load_edits
-from plugins.icedit.loading import feature_refs
-from plugins.icedit.metrics import Example, means, score
-from plugins.icedit.options import IceditOptions
-from plugins.icedit.scorecard import contact_sheet, markdown_table
+from plugins.evaluation.data import example, load_edits
+from plugins.evaluation.metrics import means
+from plugins.evaluation.scorecard import contact_sheet, markdown_table
 
 SHEET_ROWS = 16
 """The contact sheet shows the first examples only: a picture of thousands of rows helps nobody."""
@@ -45,7 +43,7 @@ class EvalConfig(BaseModel):
     batch_size: int = Field(
         8, ge=1, description="examples per round: edited one by one, then scored in one batch"
     )
-    judge: Literal["qwen_vl"] | None = None
+    scorers: list[str] = Field(default_factory=list, description="scorer plugins (default: the default ones)")
 
 
 class ExampleResult(BaseModel):
@@ -54,36 +52,31 @@ class ExampleResult(BaseModel):
     seed: int
     edit: str
     metrics: dict[str, float | None]
-    judge: dict | None = None
+    details: dict[str, Any] = Field(
+        default_factory=dict, description="what each scorer kept beside its numbers"
+    )
 
 
 class EvalReport(BaseModel):
     metrics: dict[str, float | None] = Field(description="mean of each metric over the examples that have it")
-    judge: dict[str, float | None] | None = Field(
-        None, description="mean VIE sc, pq and overall (with --judge)"
-    )
+    scorers: list[str]
     count: int
     examples: list[ExampleResult]
     table: str
     sheet: str
     report: str
     num_processes: int
-    random_weights: bool = Field(description="the engine or the feature models had random weights (tiny)")
-    feature_models: dict[str, str]
+    random_weights: bool = Field(description="the engine or a scorer's models had random weights (tiny)")
+    models: dict[str, str] = Field(description="the models the scorers ran")
 
 
-def load_features(options: IceditOptions, device: str):
-    """The CLIP and DINO of the options; random tiny ones for the tiny preset unless a model is named."""
-    chosen = feature_refs(options)
-    if chosen is None:
-        return feature_models.tiny(device), {"clip": "tiny (random)", "dino": "tiny (random)"}
-    clip, dino = chosen
-    return feature_models.load(clip, dino, device), {"clip": clip, "dino": dino}
-
-
-def _mean(values: list[float | None]) -> float | None:
-    kept = [v for v in values if v is not None]
-    return float(np.mean(kept)) if kept else None
+def scorer_names(config: EvalConfig) -> list[str]:
+    """The scorers asked for, or the registered default ones; an unknown name is one line."""
+    if not config.scorers:
+        return [name for name, (_, spec) in plugins.registrations("scorers").items() if spec.default]
+    for name in config.scorers:
+        plugins.get("scorers", name)
+    return list(dict.fromkeys(config.scorers))
 
 
 def evaluate(config: EvalConfig, settings: Settings, progress: bool = True) -> EvalReport | None:
@@ -92,21 +85,14 @@ def evaluate(config: EvalConfig, settings: Settings, progress: bool = True) -> E
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
-    from assistant import plugins
-
-    own = plugins.options_for("engines", "icedit", settings)  # the feature models are icedit's options
     asked = plugins.option("engines", settings.engine, "device", settings)
     state = PartialState(cpu=asked == "cpu" or not torch.accelerator.is_available())
     with state.main_process_first():
         edits = load_edits(config.data, config.columns, config.split, config.limit, need_target=False)
-    device = str(state.device)
-    features, feature_names = load_features(own, device)
-    scorer = None
-    if config.judge:
-        from plugins.qwen_vl.vie_score import QwenVieScorer
-
-        scorer = QwenVieScorer(plugins.options_for("judges", "qwen_vl", settings))
-    run_settings = settings.with_options(device=device)
+    run_settings = settings.with_options(device=str(state.device))
+    names = scorer_names(config)
+    scorers = {name: plugins.build("scorers", name, run_settings) for name in names}
+    metrics: list[Metric] = [m for scorer in scorers.values() for m in scorer.metrics]
     engine = plugins.build("engines", settings.engine, run_settings)
     steps, guidance = config.steps or settings.steps, config.guidance or settings.guidance
     edits_dir = config.out / "edits"
@@ -115,7 +101,8 @@ def evaluate(config: EvalConfig, settings: Settings, progress: bool = True) -> E
     except OSError as e:
         raise UserError(f"cannot write to {config.out}: {e.strerror or e}") from None
 
-    results, sheet, random_weights = [], [], features.random_weights
+    results, sheet = [], []
+    random_weights = any(scorer.random_weights for scorer in scorers.values())
     with state.split_between_processes(list(range(len(edits)))) as mine:
         bar = tqdm(total=len(mine), desc="eval", disable=not (progress and state.is_main_process))
         for start in range(0, len(mine), config.batch_size):
@@ -135,6 +122,7 @@ def evaluate(config: EvalConfig, settings: Settings, progress: bool = True) -> E
                 bar.update(1)
             examples = [
                 Example(
+                    row["instruction"],
                     row["source"],
                     result.image,
                     row.get("target"),
@@ -143,21 +131,21 @@ def evaluate(config: EvalConfig, settings: Settings, progress: bool = True) -> E
                 )
                 for row, result in zip(rows, made, strict=True)
             ]
-            for i, row, result, metrics in zip(
-                chunk, rows, made, score(features, examples, config.batch_size), strict=True
-            ):
+            scored = {name: scorer.score(examples) for name, scorer in scorers.items()}
+            for n, (i, row, result) in enumerate(zip(chunk, rows, made, strict=True)):
                 path = edits_dir / f"{i:05d}.png"
                 save_image(result.image, path, force=True)  # the run's own folder: a rerun replaces its edits
                 random_weights |= result.random_weights
-                verdict = scorer.score(row["instruction"], row["source"], result.image) if scorer else None
                 results.append(
                     ExampleResult(
                         index=i,
                         instruction=row["instruction"],
                         seed=result.seed,
                         edit=str(path),
-                        metrics=metrics,
-                        judge=verdict.model_dump() if verdict else None,
+                        metrics={k: v for scores in scored.values() for k, v in scores[n].values.items()},
+                        details={
+                            name: s[n].details for name, s in scored.items() if s[n].details is not None
+                        },
                     )
                 )
                 if i < SHEET_ROWS:
@@ -169,20 +157,17 @@ def evaluate(config: EvalConfig, settings: Settings, progress: bool = True) -> E
     if not state.is_main_process:
         return None
 
-    judge = None
-    if scorer:
-        judge = {k: _mean([r.judge[k] for r in results]) for k in ("sc", "pq", "overall")}
-    averages = means([r.metrics for r in results])
+    averages = means([r.metrics for r in results], metrics)
     table, sheet_path, report_path = (
         config.out / "metrics.md",
         config.out / "sheet.png",
         config.out / "metrics.json",
     )
-    write_file(table, markdown_table(averages, len(results), judge).encode(), force=True)
+    write_file(table, markdown_table(averages, len(results), metrics).encode(), force=True)
     save_image(contact_sheet([row[1:] for row in sheet]), sheet_path, force=True)
     report = EvalReport(
         metrics=averages,
-        judge=judge,
+        scorers=names,
         count=len(results),
         examples=results,
         table=str(table),
@@ -190,7 +175,7 @@ def evaluate(config: EvalConfig, settings: Settings, progress: bool = True) -> E
         report=str(report_path),
         num_processes=state.num_processes,
         random_weights=random_weights,
-        feature_models=feature_names,
+        models={k: v for scorer in scorers.values() for k, v in scorer.models.items()},
     )
     write_file(report_path, (json.dumps(report.model_dump(), indent=2) + "\n").encode(), force=True)
     return report
