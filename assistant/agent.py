@@ -16,7 +16,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from assistant import early_filter, plugins
 from assistant.errors import UserError
-from assistant.models import SEEDS, EditPlan, EditRequest, EditResult, TurnSummary, next_seed
+from assistant.models import (
+    SEEDS,
+    CandidateCount,
+    EarlySteps,
+    EditPlan,
+    EditRequest,
+    EditResult,
+    Guidance,
+    Steps,
+    TurnSummary,
+    next_seed,
+)
 from assistant.preflight import rewriter_name
 from assistant.protocols import Engine, Events, Judge, Rewriter
 from assistant.settings import Settings
@@ -42,6 +53,19 @@ class TurnOutcome(BaseModel):
     rewriter: str
     engine: str | None = None
     timings: dict[str, float] = {}
+
+
+class _Sampling(BaseModel):
+    """The sampling a retried turn ran with, as it was stored (None: not recorded): held to the same
+    ranges as a new edit's, since a turn imported before archives were validated may hold anything."""
+
+    model_config = ConfigDict(strict=True)
+
+    steps: Steps | None = None
+    guidance: Guidance | None = None
+    native_size: bool | None = None
+    candidates: CandidateCount | None = None
+    early_steps: EarlySteps | None = None
 
 
 class _Read(BaseModel):
@@ -263,9 +287,13 @@ class Agent:
             )
             if type(stored) is not int or not 0 <= stored < SEEDS:
                 raise ValueError(stored)
+            earlier = _Sampling.model_validate(
+                {k: current.params.get(k) for k in _Sampling.model_fields}
+            ).model_dump(exclude_none=True)
         except (ValidationError, TypeError, ValueError):
             raise UserError(
-                f"turn {current.id} holds a damaged plan or seed: it cannot be retried; edit again instead"
+                f"turn {current.id} holds a damaged plan, seed or sampling: it cannot be retried; "
+                "edit again instead"
             ) from None
         if current.params.get("engine") != self.settings.engine:  # another engine's prompt is not this one's
             plan = plan.model_copy(update={"ic_prompt": None})
@@ -273,7 +301,7 @@ class Agent:
         parent = history.turn(current.parent)
         seed = next_seed(stored) if seed is None else seed
         return self._edit(
-            read, self.image(parent), parent.id, None, current.params, events, cancel, seed=seed, **sampling
+            read, self.image(parent), parent.id, None, earlier, events, cancel, seed=seed, **sampling
         )
 
     def _edit(

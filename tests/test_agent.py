@@ -217,6 +217,42 @@ def test_retry_on_an_open_turn_is_refused(agent, store, fake, photo):
     assert len(fake.engine.calls) == 1
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("plan", {"intent": 5}),
+        ("seed", "seven"),
+        ("seed", -1),
+        ("seed", True),
+        ("steps", "abc"),
+        ("steps", 10**6),
+        ("steps", 2.5),
+        ("guidance", -1),
+        ("guidance", "high"),
+        ("native_size", "maybe"),
+        ("candidates", 99),
+        ("early_steps", 0),
+    ],
+)
+def test_retrying_a_turn_whose_stored_values_are_damaged_is_one_line(agent, store, fake, photo, field, value):
+    """A turn imported before archives were validated may hold anything; a retry reads it as typed input."""
+    import json
+
+    agent.turn("add a hat", source=(photo, "open cat"), seed=1)
+    column, key = ("plan_json", None) if field == "plan" else ("params_json", field)
+    (stored,) = store.db.execute(f"SELECT {column} FROM turns WHERE id = 2").fetchone()
+    damaged = value if key is None else json.loads(stored) | {key: value}
+    with store.db:
+        store.db.execute(f"UPDATE turns SET {column} = ? WHERE id = 2", (json.dumps(damaged),))
+    before = dump(store)
+    with pytest.raises(UserError) as e:
+        agent.retry()
+    assert str(e.value) == (
+        "turn 2 holds a damaged plan, seed or sampling: it cannot be retried; edit again instead"
+    )
+    assert dump(store) == before and len(fake.engine.calls) == 1
+
+
 # ---------------------------------------------------------------------- failures commit nothing
 
 
