@@ -211,24 +211,31 @@ def _in_use(settings: Settings) -> dict[tuple[str, str], type[BaseModel]]:
     return models
 
 
-def _declared() -> dict[str, set[str]]:
-    """{plugin name: the option keys it declares} over every registered engine, rewriter and judge."""
-    found: dict[str, set[str]] = {}
-    for kind in OPTION_KINDS:
-        for name, (_, spec) in registrations(kind).items():
-            if spec.options is not None:
-                found.setdefault(name, set()).update(spec.options.model_fields)
-    return found
+def _declared() -> dict[tuple[str, str], set[str]]:
+    """{(kind, plugin name): the option keys it declares} over every registered spec that has options."""
+    return {
+        (kind, name): set(spec.options.model_fields)
+        for kind in OPTION_KINDS
+        for name, (_, spec) in registrations(kind).items()
+        if spec.options is not None
+    }
 
 
-def _values(settings: Settings, name: str, model: type[BaseModel]) -> dict[str, Any]:
-    """The options given that plugin `name` declares: each plain `KEY`, then its `NAME.KEY` (which wins)."""
-    values = {}
-    for raw, value in sorted(settings.options.items(), key=lambda item: "." in item[0]):
+def _owners(kind: str, name: str) -> tuple[str, ...]:
+    """How an option may name its plugin, least specific first: `KEY`, `NAME.KEY`, `KIND:NAME.KEY`
+    (`judge:qwen_vl.vlm_device=cpu` reaches the judge and not the rewriter of the same name)."""
+    return ("", name, f"{kind.removesuffix('s')}:{name}")
+
+
+def _values(settings: Settings, kind: str, name: str, model: type[BaseModel]) -> dict[str, Any]:
+    """The options given that plugin `name` of `kind` declares; a more specific one wins."""
+    owners = _owners(kind, name)
+    found = []
+    for raw, value in settings.options.items():
         owner, _, key = raw.rpartition(".")
-        if key in model.model_fields and owner in ("", name):
-            values[key] = value
-    return values
+        if key in model.model_fields and owner in owners:
+            found.append((owners.index(owner), key, value))
+    return {key: value for _, key, value in sorted(found, key=lambda f: f[0])}
 
 
 def _check_known(settings: Settings) -> None:
@@ -238,14 +245,14 @@ def _check_known(settings: Settings) -> None:
     declared = _declared()
     for raw in settings.options:
         owner, _, key = raw.rpartition(".")
-        if key in (declared.get(owner, set()) if owner else set().union(*declared.values())):
+        if any(key in keys and owner in _owners(kind, name) for (kind, name), keys in declared.items()):
             continue
         models = _in_use(settings)
         known = "; ".join(
             f"{name} takes {', '.join(model.model_fields)}" for (_, name), model in models.items()
         )
         in_use = {name for _, name in models} | set(_used(settings).values())
-        idle = f"{owner} is not in use here; " if owner and owner not in in_use else ""
+        idle = f"{owner} is not in use here; " if owner and owner.rpartition(":")[2] not in in_use else ""
         raise UserError(f"unknown option '{raw}' ({idle}{known or 'the plugins in use take no options'})")
 
 
@@ -255,7 +262,7 @@ def options_for(kind: str, name: str, settings: Settings) -> BaseModel:
     if model is None:
         raise UserError(f"{kind[:-1]} '{name}' takes no options")
     try:
-        return model(**_values(settings, name, model))
+        return model(**_values(settings, kind, name, model))
     except ValidationError as e:
         first = e.errors()[0]
         why = first["msg"].removeprefix("Value error, ")

@@ -237,3 +237,17 @@ def test_with_no_plugin_in_use_taking_options_the_line_says_so(fake):
     with pytest.raises(UserError) as e:
         plugins.check_options(Settings(engine="fake", rewriter="rules", bogus=1))
     assert str(e.value) == "unknown option 'bogus' (the plugins in use take no options)"
+
+
+def test_kind_name_key_reaches_one_of_two_plugins_that_share_a_name():
+    """qwen_vl is both a rewriter and a judge: `judge:qwen_vl.KEY` sets the judge's alone."""
+    settings = Settings(rewriter="qwen_vl", candidates=3, vlm="a/vlm").with_options(
+        **{"judge:qwen_vl.vlm_device": "cpu", "rewriter:qwen_vl.vlm": "b/vlm", "qwen_vl.vlm_device": "cuda"}
+    )
+    judge = plugins.options_for("judges", "qwen_vl", settings)
+    rewriter = plugins.options_for("rewriters", "qwen_vl", settings)
+    assert (judge.vlm, judge.vlm_device) == ("a/vlm", "cpu")  # the most specific wins
+    assert (rewriter.vlm, rewriter.vlm_device) == ("b/vlm", "cuda")
+    plugins.check_options(settings)
+    with pytest.raises(UserError, match=r"^unknown option 'engine:qwen_vl\.vlm' \(icedit takes preset, "):
+        plugins.check_options(settings.with_options(**{"engine:qwen_vl.vlm": "c/vlm"}))
