@@ -2,13 +2,20 @@
 
 The host keeps only what it uses itself (the store, which plugins run, the sampling, the early filter).
 Every other key is a plugin's option: `Settings(preset="tiny")`, `--option preset=tiny`,
-`ICEDIT_PRESET=tiny` and `ICEDIT_OPTIONS__PRESET=tiny` all land in `options`, which the plugin
-manager checks against the options models the plugins declare (`assistant.plugins`) and hands to them.
+`ICEDIT_PRESET=tiny`, `ICEDIT_OPTIONS__PRESET=tiny` and `preset = "tiny"` in the config file all land
+in `options`, which the plugin manager checks against the options models the plugins declare
+(`assistant.plugins`) and hands to them.
+
+The config file (`config_path()`: $ICEDIT_CONFIG, else config.toml in the user's config folder) holds
+the same keys as the variables, lower case; a table holds one plugin's (`[qwen_vl]` then `vlm = ...`
+is `qwen_vl.vlm`). What is given wins over the file in this order: the command line, ICEDIT_*
+variables, the file, the defaults.
 """
 
 from __future__ import annotations
 
 import os
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +27,14 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from assistant.models import CandidateCount, EarlySteps, Guidance, Steps
 
 ENV_PREFIX = "ICEDIT_"
+CONFIG_VARIABLE = "ICEDIT_CONFIG"
 OptionValue = str | int | float | bool
+
+
+def config_path() -> Path:
+    """The config file: $ICEDIT_CONFIG, else config.toml in the user's config folder (may not exist)."""
+    given = os.environ.get(CONFIG_VARIABLE)
+    return Path(given) if given else platformdirs.user_config_path("icedit-assistant") / "config.toml"
 
 
 def _default_home() -> Path:
@@ -82,6 +96,7 @@ class Settings(BaseSettings):
             init_settings,
             env_settings,
             _OptionVariables(settings_cls),
+            _ConfigFile(settings_cls),
             dotenv_settings,
             file_secret_settings,
         )
@@ -114,5 +129,40 @@ class _OptionVariables(PydanticBaseSettingsSource):
             if name.upper().startswith(ENV_PREFIX)
             and "__" not in name
             and name[len(ENV_PREFIX) :].upper() not in host
+            and name.upper() != CONFIG_VARIABLE
         }
         return {"options": found} if found else {}
+
+
+class _ConfigFile(PydanticBaseSettingsSource):
+    """The config file's keys: host fields as they are, every other key (and each table's, as
+    `TABLE.KEY`) a plugin option. A file that cannot be read as TOML is one line."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        from assistant.errors import UserError
+
+        path = config_path()
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+            raise UserError(f"config file {path}: {getattr(e, 'strerror', None) or e}") from None
+        found: dict[str, Any] = {}
+        options: dict[str, Any] = {}
+        for key, value in data.items():
+            if isinstance(
+                value, dict
+            ):  # [qwen_vl] vlm = ... is qwen_vl.vlm; [options] holds keys as they are
+                options |= {inner if key == "options" else f"{key}.{inner}": v for inner, v in value.items()}
+            elif key in self.settings_cls.model_fields:
+                found[key] = value
+            else:
+                options[key] = value
+        for key, value in options.items():
+            if not isinstance(value, str | int | float | bool):
+                raise UserError(f"config file {path}: {key} must be a string, a number or true/false")
+        return found | ({"options": options} if options else {})

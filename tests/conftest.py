@@ -22,13 +22,14 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 @pytest.fixture(autouse=True)
 def icedit_home(tmp_path, monkeypatch) -> Path:
-    """Every test gets its own store folder and no ICEDIT_* settings from the environment."""
+    """Every test gets its own store folder, no ICEDIT_* settings from the environment and no config file."""
     import os
 
     for key in [k for k in os.environ if k.startswith("ICEDIT_")]:
         monkeypatch.delenv(key)
     home = tmp_path / "home"
     monkeypatch.setenv("ICEDIT_HOME", str(home))
+    monkeypatch.setenv("ICEDIT_CONFIG", str(tmp_path / "config.toml"))  # none, unless a test writes one
     return home
 
 

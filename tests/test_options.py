@@ -4,6 +4,7 @@ built-ins' flags are made from their options models, and each value reaches the 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -251,3 +252,50 @@ def test_kind_name_key_reaches_one_of_two_plugins_that_share_a_name():
     plugins.check_options(settings)
     with pytest.raises(UserError, match=r"^unknown option 'engine:qwen_vl\.vlm' \(icedit takes preset, "):
         plugins.check_options(settings.with_options(**{"engine:qwen_vl.vlm": "c/vlm"}))
+
+
+# ------------------------------------------------------------------------------------------- config file
+
+
+def test_the_config_file_holds_host_settings_and_plugin_options(tmp_path):
+    config = Path(os.environ["ICEDIT_CONFIG"])
+    config.write_text(
+        'preset = "tiny"\nsteps = 3\nlora_scale = 0.5\n\n[qwen_vl]\nvlm_device = "cpu"\n\n'
+        '["judge:qwen_vl"]\nvlm = "a/vlm"\n\n[options]\n"icedit.top_k" = 2\n'
+    )
+    settings = Settings()
+    assert settings.steps == 3 and "config" not in settings.options
+    assert settings.options == {
+        "preset": "tiny",
+        "lora_scale": 0.5,
+        "qwen_vl.vlm_device": "cpu",
+        "judge:qwen_vl.vlm": "a/vlm",
+        "icedit.top_k": 2,
+    }
+    assert (described()["preset"], described()["lora_scale"], described()["top_k"]) == ("tiny", 0.5, 2)
+    judge = plugins.options_for("judges", "qwen_vl", settings)
+    assert (judge.vlm, judge.vlm_device) == ("a/vlm", "cpu")
+    assert described(env={"ICEDIT_LORA_SCALE": "0.25"})["lora_scale"] == 0.25  # a variable beats the file
+    assert described("--lora-scale", "2", env={"ICEDIT_LORA_SCALE": "0.25"})["lora_scale"] == 2  # a flag both
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("preset = \n", "Invalid value (at line 1, column 10)"),
+        ("preset = [1, 2]\n", "preset must be a string, a number or true/false"),
+        ("[qwen_vl]\nvlm = {a = 1}\n", "qwen_vl.vlm must be a string, a number or true/false"),
+        (b"preset = '\xff'\n", "'utf-8' codec can't decode byte 0xff in position 10: invalid start byte"),
+    ],
+)
+def test_a_config_file_that_cannot_be_read_is_one_line_for_every_command(text, why, tmp_path):
+    config = Path(os.environ["ICEDIT_CONFIG"])
+    config.write_bytes(text if isinstance(text, bytes) else text.encode())
+    for args in (["sessions", "list"], ["plugins"]):
+        result = CliRunner().invoke(cli, args, prog_name="icedit")
+        assert (result.exit_code, result.stderr.splitlines()) == (2, [f"Error: config file {config}: {why}"])
+
+
+def test_a_key_in_the_config_file_that_no_plugin_declares_is_refused_like_any_other():
+    Path(os.environ["ICEDIT_CONFIG"]).write_text('preset = "tiny"\npreest = "moe"\n')
+    assert refused()[0].startswith("Error: unknown option 'preest' (icedit takes preset, model, ")
