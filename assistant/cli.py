@@ -174,12 +174,7 @@ host_options = [
         help="early filter: steps before judging (default 4)",
     ),
     click.option("--judge", help="judge plugin for the early filter (default qwen_vl)"),
-    click.option(
-        "--option",
-        multiple=True,
-        metavar="KEY=VALUE",
-        help="a plugin's own option, repeatable; NAME.KEY for one plugin (keys: icedit plugins --json)",
-    ),
+    kit.option_pairs,
 ]
 
 
@@ -397,6 +392,7 @@ def _fallback_note(rewriter: str) -> None:
 @click.argument("request")
 @click.option("--rewriter", help="qwen_vl (default), rules, verbatim or another registered one")
 @kit.plugin_flags(kinds=["rewriters"])
+@kit.option_pairs
 @click.option("--json", "json_", is_flag=True, help="print the plan as JSON")
 def rewrite(image, request, rewriter, json_, **options) -> None:
     """Show the plan a rewriter makes of REQUEST for IMAGE; nothing is edited or stored."""

@@ -59,6 +59,15 @@ def option_type(kind: object) -> click.ParamType:
     return FiniteRange(low, high, min_open=low_open, max_open=high_open)
 
 
+option_pairs = click.option(
+    "--option",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="a plugin's own option, repeatable; NAME.KEY or KIND:NAME.KEY for one plugin (icedit plugins --json)",
+)
+"""`--option KEY=VALUE`: every command that builds plugins takes it (`settings(option=...)` reads it)."""
+
+
 def flag(key: str, field: FieldInfo) -> Callable[[Callable], Callable]:
     """The click option of one options-model field: `--lora-scale` with the field's bounds, a Literal as a
     choice, a bool as `--x/--no-x`; unset, it passes None, so the model's default stays."""

@@ -89,6 +89,10 @@ class MemoryPlan(BaseModel):
     fits: bool
     forced: dict[str, Any] = Field(default_factory=dict)
     notes: list[str] = Field(default_factory=list)
+    owners: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="per part, the plugins whose options its placement sets ('engine:icedit'); none: plain keys",
+    )
 
     @computed_field  # type: ignore[prop-decorator]  # mypy refuses decorators over @property
     @property
@@ -97,9 +101,15 @@ class MemoryPlan(BaseModel):
         return None if self.capacity is None else int(self.capacity * (1 - self.headroom))
 
     def settings_update(self) -> dict[str, Any]:
-        """The choices' settings merged; a setting the person gave keeps its value ('cuda:1', not 'cuda')."""
-        merged = {k: v for choice in self.choices.values() for k, v in choice.settings.items()}
-        return {k: self.forced.get(k, v) for k, v in merged.items()}
+        """The options the choices set, each as its part's owners' own key (`engine:icedit.offload`), so a
+        placement reaches no other plugin that happens to take the same key; a setting the person gave
+        keeps its value ('cuda:1', not 'cuda')."""
+        update = {}
+        for part, choice in self.choices.items():
+            for key, value in choice.settings.items():
+                for owner in self.owners.get(part) or [""]:
+                    update[f"{owner}.{key}" if owner else key] = self.forced.get(key, value)
+        return update
 
     def explain(self) -> str:
         """One line for a status bar."""

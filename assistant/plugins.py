@@ -41,12 +41,13 @@ class _FactorySpec(Generic[Made]):
     name: str
     factory: Callable[..., Made]
     description: str = ""
-    artifacts: Callable[[Settings], list[Any]] | None = None
-    memory: Callable[[Settings], list[Any]] | None = None
+    artifacts: Callable[..., list[Any]] | None = None
+    memory: Callable[..., list[Any]] | None = None
     options: type[BaseModel] | None = None
     """The plugin's own options (a pydantic model), validated from the values given as `--option
-    KEY=VALUE` (or `NAME.KEY=VALUE`), `ICEDIT_KEY`, `ICEDIT_OPTIONS__KEY` or `ICEDIT_OPTIONS='{"key":
-    ...}'` (the built-ins' also as flags: `--preset`); `icedit plugins --json` shows its JSON schema."""
+    KEY=VALUE` (or `NAME.KEY`, `KIND:NAME.KEY`), `ICEDIT_KEY`, `ICEDIT_OPTIONS__KEY`, `ICEDIT_OPTIONS=
+    '{"key": ...}'` or the config file (the built-ins' also as flags: `--preset`); `icedit plugins
+    --json` shows its JSON schema. Its keys may not be the host's (`steps`, `engine`, ...)."""
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ class EngineSpec(_FactorySpec[Engine]):
     describe(settings), if given, says cheaply (no weights loaded) what the engine would run.
     """
 
-    describe: Callable[[Settings], dict[str, Any]] | None = None
+    describe: Callable[..., dict[str, Any]] | None = None
 
 
 class RewriterSpec(_FactorySpec[Rewriter]):
@@ -147,6 +148,13 @@ def registrations(kind: str, pm: pluggy.PluginManager | None = None) -> dict[str
     for impl in getattr(pm.hook, REGISTRATION_HOOKS[kind]).get_hookimpls():
 
         def register(spec: Any, plugin: str = impl.plugin_name) -> None:
+            declared = getattr(spec, "options", None)  # chat commands have none
+            taken = set(declared.model_fields) & set(Settings.model_fields) if declared else set()
+            if taken:
+                raise UserError(
+                    f"{kind[:-1]} '{spec.name}' of {plugin} declares the option '{sorted(taken)[0]}', which is "
+                    "a host setting: the plugin must name it otherwise"
+                )
             if spec.name in found:
                 raise UserError(
                     f"{kind[:-1]} '{spec.name}' is registered by both {found[spec.name][0]} and {plugin}"
@@ -297,8 +305,8 @@ def _builtin_manager() -> pluggy.PluginManager:
 
 
 def builtin_options(kinds: tuple[str, ...] = OPTION_KINDS) -> list[type[BaseModel]]:
-    """The options models of the built-in engines, rewriters and judges, in registration order, without
-    loading any third-party plugin: the CLI builds its familiar flags (`--preset`, `--vlm`) from them."""
+    """The options models of the built-in plugins of `kinds`, in registration order, without loading any
+    third-party plugin: the CLI builds its familiar flags (`--preset`, `--vlm`) from them."""
     pm = _builtin_manager()
     found: list[type[BaseModel]] = []
     for kind in kinds:
@@ -320,9 +328,11 @@ def describe(settings: Any = None) -> list[dict[str, Any]]:
             if getattr(spec, "options", None) is not None:
                 rows[plugin].setdefault("options", {})[spec_name] = spec.options.model_json_schema()
             if kind == "engines" and settings is not None and spec.describe is not None:
-                rows[plugin].setdefault("engine_settings", {})[spec_name] = call(
-                    kind, spec_name, "describe", settings
-                )
+                try:
+                    described = call(kind, spec_name, "describe", settings)
+                except UserError as e:  # these settings are another engine's (--preset moe): say so, go on
+                    described = {"error": str(e)}
+                rows[plugin].setdefault("engine_settings", {})[spec_name] = described
     for name, module in pm.list_name_plugin():
         rows[name]["hooks"] = sorted(h.name for h in pm.get_hookcallers(module) or [])
     return sorted(rows.values(), key=lambda r: r["name"])

@@ -156,7 +156,8 @@ def memory_plan(
     scorers: Sequence[str] = (),
 ) -> MemoryPlan:
     """Where each model these settings run goes on this machine's GPU (or on one of `gpu_memory_gib`);
-    the parts are those `needs` would check. Only placement settings the person gave are forced."""
+    the parts are those `needs` would check. Only placement settings the person gave are forced. Plugins
+    that share a part (the Qwen rewriter, judge and scorer: one VLM) share its placement."""
     from assistant.memory import plan_for, plan_memory
 
     chosen: list[tuple[ModelKind, str]] = [("engines", settings.engine)] if engine else []
@@ -164,10 +165,12 @@ def memory_plan(
     chosen += [("judges", settings.judge)] if judge or (judge is None and settings.candidates > 1) else []
     chosen += [("scorers", name) for name in scorers]
     parts: dict[str, Part] = {}
+    owners: dict[str, list[str]] = {}
     forced: dict[str, object] = {}
     for kind, name in chosen:
         for part in plugins.call(kind, name, "memory", settings) or []:
             parts.setdefault(part.name, part)  # the rewriter and the judge share one VLM
+            owners.setdefault(part.name, []).append(f"{kind.removesuffix('s')}:{name}")
         if plugins.get(kind, name).options is not None:
             given = plugins.options_for(kind, name, settings)
             forced |= {k: getattr(given, k) for k in given.model_fields_set}
@@ -175,5 +178,7 @@ def memory_plan(
     forced = {k: v for k, v in forced.items() if k in keys}
     device = plugins.option("engines", settings.engine, "device", settings)
     if gpu_memory_gib is None and device and not device.startswith("cuda"):
-        return plan_memory(list(parts.values()), None, forced)
-    return plan_for(list(parts.values()), gpu_memory_gib, forced, device=device)
+        plan = plan_memory(list(parts.values()), None, forced)
+    else:
+        plan = plan_for(list(parts.values()), gpu_memory_gib, forced, device=device)
+    return plan.model_copy(update={"owners": owners})

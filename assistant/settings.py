@@ -37,6 +37,23 @@ def config_path() -> Path:
     return Path(given) if given else platformdirs.user_config_path("icedit-assistant") / "config.toml"
 
 
+def _covers(upper: str, lower: str) -> bool:
+    """Whether an option named for `upper` ('', NAME or KIND:NAME) also sets the one named for `lower`."""
+    return upper in ("", lower) or lower.endswith(":" + upper)
+
+
+def overlay(options: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """`options` with `given` set on top, each given key replacing every form of it that it covers: the
+    command line's `preset` beats the file's `[icedit] preset`, as a flag beats the file."""
+
+    def covered(old: str) -> bool:
+        owner, _, key = old.rpartition(".")
+        return any(g.rpartition(".")[2] == key and _covers(g.rpartition(".")[0], owner) for g in given)
+
+    kept = {k: v for k, v in options.items() if not covered(k)}  # within one layer, specificity decides
+    return kept | {k: v for k, v in given.items() if v is not None}
+
+
 def _default_home() -> Path:
     return platformdirs.user_data_path("icedit-assistant")
 
@@ -92,23 +109,13 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (
-            init_settings,
-            env_settings,
-            _OptionVariables(settings_cls),
-            _ConfigFile(settings_cls),
-            dotenv_settings,
-            file_secret_settings,
-        )
+        ranked = [init_settings, env_settings, _OptionVariables(settings_cls), _ConfigFile(settings_cls)]
+        return (_Layered(settings_cls, [*ranked, dotenv_settings, file_secret_settings]),)
 
     def with_options(self, **values: OptionValue | None) -> Settings:
-        """A copy with these plugin options given too (None: back to the plugin's default)."""
-        options = dict(self.options)
-        for key, value in values.items():
-            options.pop(key, None)
-            if value is not None:
-                options[key] = value
-        return self.model_copy(update={"options": options})
+        """A copy with these plugin options set over what was given (None: back to the plugin's default);
+        a plain key replaces its `NAME.KEY` forms too, as a flag replaces what the config file says."""
+        return self.model_copy(update={"options": overlay(self.options, values)})
 
     @property
     def store_path(self) -> Path:
@@ -166,3 +173,28 @@ class _ConfigFile(PydanticBaseSettingsSource):
             if not isinstance(value, str | int | float | bool):
                 raise UserError(f"config file {path}: {key} must be a string, a number or true/false")
         return found | ({"options": options} if options else {})
+
+
+class _Layered(PydanticBaseSettingsSource):
+    """The sources merged from the lowest to the highest: host fields replaced, plugin options laid on
+    top (`overlay`), so a more specific key wins only over what the same source or a lower one gave."""
+
+    def __init__(self, settings_cls: type[BaseSettings], ranked: list[PydanticBaseSettingsSource]):
+        super().__init__(settings_cls)
+        self.ranked = ranked
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        host: dict[str, Any] = {}
+        options: dict[str, Any] = {}
+        for source in reversed(self.ranked):
+            data = dict(source())
+            given = dict(data.pop("options", None) or {})
+            for key in [k for k in data if k not in self.settings_cls.model_fields]:
+                if (value := data.pop(key)) is not None:
+                    given[key] = value
+            host |= data
+            options = overlay(options, given)
+        return host | ({"options": options} if options else {})

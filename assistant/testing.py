@@ -9,7 +9,7 @@ object; every test of the contract then runs against it:
         def make_engine(self):
             return MyEngine(bits=3)
 
-The object is built once per class by the `engine` / `rewriter` / `judge` fixture. When building it
+The object is built once per class by the `engine` / `rewriter` / `judge` / `scorer` fixture. When building it
 needs other fixtures, override that fixture instead of `make_*`, as a class-scoped classmethod:
 
     @pytest.fixture(scope="class")
@@ -25,6 +25,7 @@ Needs pytest; imports no torch (the fakes and contracts use PIL only).
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -40,6 +41,7 @@ from assistant.models import (
     EditPlan,
     EditRequest,
     EditResult,
+    Example,
     Log,
     Step,
     TurnSummary,
@@ -47,7 +49,7 @@ from assistant.models import (
     next_seed,
 )
 from assistant.plugins import EngineSpec
-from assistant.protocols import CandidateEngine, Engine, Judge, PairwiseJudge, Rewriter
+from assistant.protocols import CandidateEngine, Engine, Judge, PairwiseJudge, Rewriter, Scorer
 from sessions.identity import encode_png
 
 __all__ = [
@@ -332,6 +334,48 @@ class JudgeContract:
         assert len(many) == len(pairs)
         one_by_one = [judge.compare(self.instruction, self.source(), a, b) for a, b in pairs]
         assert many == pytest.approx(one_by_one, abs=self.tolerance)
+
+
+class ScorerContract:
+    """What every `protocols.Scorer` does; override `make_scorer`."""
+
+    def make_scorer(self) -> Scorer:
+        raise NotImplementedError("subclass ScorerContract and return your scorer from make_scorer()")
+
+    def examples(self) -> list[Example]:
+        """Three edits: one that changed the picture, one that did not, one without a target."""
+        src = gradient()
+        tinted = ImageChops.add(src, Image.new("RGB", src.size, (90, 0, 0)))
+        return [
+            Example("make it red", src, tinted, tinted, "a gradient", "a red gradient"),
+            Example("make it red", src, src, tinted),
+            Example("add a hat", src, tinted),
+        ]
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def scorer(cls) -> Scorer:
+        return cls().make_scorer()
+
+    def test_metrics_have_their_own_keys_and_the_report_their_models(self, scorer):
+        keys = [m.key for m in scorer.metrics]
+        assert keys and len(keys) == len(set(keys))
+        assert isinstance(scorer.models, dict) and isinstance(scorer.random_weights, bool)
+
+    def test_one_scores_per_example_with_a_number_or_none_for_each_metric(self, scorer):
+        examples = self.examples()
+        found = scorer.score(examples)
+        assert len(found) == len(examples)
+        for scores in found:
+            assert set(scores.values) == {m.key for m in scorer.metrics}
+            assert all(
+                v is None or (isinstance(v, float) and math.isfinite(v)) for v in scores.values.values()
+            )
+
+    def test_the_same_edits_score_the_same(self, scorer):
+        assert [s.values for s in scorer.score(self.examples())] == [
+            s.values for s in scorer.score(self.examples())
+        ]
 
 
 # --------------------------------------------------------------------------------------------------- fakes

@@ -16,7 +16,7 @@ from tiny_qwen import save_tiny_qwen
 
 from assistant.images import load_source
 from assistant.models import EditRequest
-from assistant.testing import EngineContract, FakeEngine, JudgeContract, RewriterContract
+from assistant.testing import EngineContract, FakeEngine, JudgeContract, RewriterContract, ScorerContract
 from plugins.icedit.options import IceditOptions
 from plugins.kontext.options import KontextOptions
 from plugins.qwen_vl.options import QwenVlOptions
@@ -116,6 +116,29 @@ class TestQwenJudge(JudgeContract):
         return QwenJudge(
             QwenVlOptions(vlm=tiny_vlm, vlm_device="cpu", min_pixels=28 * 28, max_pixels=56 * 56)
         )
+
+
+# ------------------------------------------------------------------------------------------------- scorers
+
+
+class TestMagicBrushScorer(ScorerContract):
+    def make_scorer(self):
+        from plugins.evaluation import features
+        from plugins.evaluation.metrics import MagicBrushScorer
+
+        return MagicBrushScorer(features.tiny(), {"clip": "tiny (random)", "dino": "tiny (random)"})
+
+
+class TestQwenVieScorer(ScorerContract):
+    @pytest.fixture(scope="class")
+    @classmethod
+    def scorer(cls, tiny_vlm):
+        from plugins.qwen_vl.vie_score import QwenVieScorer
+
+        options = QwenVlOptions(
+            vlm=tiny_vlm, vlm_device="cpu", min_pixels=28 * 28, max_pixels=56 * 56, vlm_max_new_tokens=8
+        )
+        return QwenVieScorer(options)
 
 
 # ------------------------------------------------------------------------------------------ the kit itself

@@ -218,18 +218,18 @@ def test_a_judge_answer_that_fails_leaves_its_score_missing(answers, feature_dir
     monkeypatch.setattr(vlm_model, "load", lambda settings: vlm)
     settings = Settings(engine="answers", clip_model=str(feature_dirs[0]), dino_model=str(feature_dirs[1]))
     report = evaluate(
-        EvalConfig(data=str(TOY), limit=2, out=tmp_path, scorers=["magicbrush", "vie"]),
+        EvalConfig(data=str(TOY), limit=2, out=tmp_path, scorers=["magicbrush", "qwen_vl"]),
         settings,
         progress=False,
     )
-    first, second = (e.details["vie"] for e in report.examples)
+    first, second = (e.details["qwen_vl"] for e in report.examples)
     assert (first["sc"], first["pq"], first["overall"]) == (8.0, 5.0, pytest.approx(math.sqrt(40)))
     assert (second["sc"], second["pq"], second["overall"]) == (None, 2.0, None)
     assert second["error"] == "sc: not two 0-10 scores: 'no idea'"
     means_of_vie = {k: report.metrics[f"vie_{k}"] for k in ("sc", "pq", "overall")}
     assert means_of_vie == {"sc": 8.0, "pq": 3.5, "overall": pytest.approx(math.sqrt(40))}
     assert [e.metrics["vie_sc"] for e in report.examples] == [8.0, None]
-    assert report.scorers == ["magicbrush", "vie"] and report.metrics["l1"] == 0.0
+    assert report.scorers == ["magicbrush", "qwen_vl"] and report.metrics["l1"] == 0.0
     assert "| VIE PQ ↑ | Qwen2.5-VL rating, 0-10 | 3.50 |" in Path(report.table).read_text()
 
 
@@ -313,3 +313,52 @@ def test_the_tiny_feature_models_are_the_same_on_every_build():
     image = [toy("source", 1)]
     assert torch.equal(a.clip_images(image), b.clip_images(image))
     assert torch.equal(a.dino_images(image), b.dino_images(image))
+
+
+class OddScorer:
+    """A scorer plugin with a bug of the kind given: a key another scorer gives, or too few scores."""
+
+    random_weights = False
+    models: dict = {}
+
+    def __init__(self, bug: str):
+        from assistant.models import Metric
+
+        self.bug = bug
+        self.metrics = [
+            Metric(
+                key="l1" if bug == "duplicate" else "odd", label="odd", compares="x", higher_is_better=True
+            )
+        ]
+
+    def score(self, examples):
+        from assistant.models import Scores
+
+        if self.bug == "short":
+            return [Scores(values={"odd": 1.0})]
+        return [Scores(values={"odd": 1.0, "undeclared": 2.0}) for _ in examples]
+
+
+@pytest.mark.parametrize(
+    ("bug", "line"),
+    [
+        ("duplicate", "scorers magicbrush and odd both give 'l1': run one of them"),
+        ("short", "scorer odd gave 1 scores for 2 edits (a bug in it)"),
+        ("undeclared", "scorer odd gave 'undeclared', which it does not declare (a bug in it)"),
+    ],
+)
+def test_a_scorer_that_breaks_its_contract_is_one_line(answers, feature_dirs, tmp_path, bug, line):
+    from assistant.errors import UserError
+    from assistant.plugins import ScorerSpec
+    from assistant.testing import registered
+
+    class Plugin:
+        @hookimpl
+        def register_scorers(self, register):
+            register(ScorerSpec("odd", lambda settings: OddScorer(bug), "breaks its contract"))
+
+    settings = Settings(engine="answers", clip_model=str(feature_dirs[0]), dino_model=str(feature_dirs[1]))
+    config = EvalConfig(data=str(TOY), limit=2, out=tmp_path, scorers=["magicbrush", "odd"])
+    with registered(Plugin(), "odd"), pytest.raises(UserError) as e:
+        evaluate(config, settings, progress=False)
+    assert str(e.value) == line

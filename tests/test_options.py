@@ -21,7 +21,6 @@ from assistant.hookspecs import hookimpl
 from assistant.plugins import EngineSpec
 from assistant.settings import Settings
 from assistant.testing import FakeEngine, registered
-from plugins.evaluation.options import FeatureOptions
 from plugins.icedit.options import IceditOptions
 from plugins.kontext.options import KontextOptions
 from plugins.qwen_vl.options import QwenVlOptions
@@ -127,7 +126,7 @@ def test_every_engine_command_has_one_flag_per_builtin_option(name):
         for key, field in model.model_fields.items():
             assert flags[key].opts == ["--" + key.replace("_", "-")], key
             assert flags[key].help.startswith(field.description)
-    assert not set(FeatureOptions.model_fields) & set(flags)  # a scorer's options are eval's flags
+    assert not {"clip_model", "dino_model"} & set(flags)  # a scorer's options are eval's flags
 
 
 def test_a_flag_takes_its_type_bounds_and_choices_from_the_field():
@@ -299,3 +298,47 @@ def test_a_config_file_that_cannot_be_read_is_one_line_for_every_command(text, w
 def test_a_key_in_the_config_file_that_no_plugin_declares_is_refused_like_any_other():
     Path(os.environ["ICEDIT_CONFIG"]).write_text('preset = "tiny"\npreest = "moe"\n')
     assert refused()[0].startswith("Error: unknown option 'preest' (icedit takes preset, model, ")
+
+
+def test_a_plugin_whose_options_take_a_host_settings_name_is_refused_in_one_line():
+    class Clash(BaseModel):
+        steps: int = 4
+
+    class ClashPlugin:
+        @hookimpl
+        def register_engines(self, register):
+            register(EngineSpec("clash", lambda settings, options: FakeEngine(), options=Clash))
+
+    with registered(ClashPlugin(), "clash"), pytest.raises(UserError) as e:
+        plugins.get("engines", "clash")
+    assert str(e.value) == (
+        "engine 'clash' of clash declares the option 'steps', which is a host setting: "
+        "the plugin must name it otherwise"
+    )
+
+
+def test_plugins_lists_every_engine_when_the_options_fit_only_one():
+    rows = {
+        r["name"]: r
+        for r in json.loads(CliRunner().invoke(cli, ["plugins", "--json", "--preset", "moe"]).stdout)
+    }
+    assert rows["plugins.icedit"]["engine_settings"]["icedit"]["preset"] == "moe"
+    assert rows["plugins.kontext"]["engine_settings"]["kontext"] == {
+        "error": "unknown kontext preset 'moe' (available: default, tiny)"
+    }
+
+
+def test_a_higher_source_beats_a_more_specific_key_from_a_lower_one(monkeypatch):
+    """The file's `[icedit] preset` loses to a flag's plain `preset`, its `[qwen_vl] vlm` to ICEDIT_VLM;
+    within one source the more specific key still wins."""
+    Path(os.environ["ICEDIT_CONFIG"]).write_text(
+        '[icedit]\npreset = "tiny"\ndevice = "cuda:0"\n\n[qwen_vl]\nvlm = "none"\n'
+    )
+    monkeypatch.setenv("ICEDIT_VLM", "a/vlm")
+    settings = Settings(preset="default", rewriter="qwen_vl")
+    assert plugins.options_for("engines", "icedit", settings).preset == "default"
+    assert plugins.options_for("rewriters", "qwen_vl", settings).vlm == "a/vlm"
+    assert plugins.options_for("engines", "icedit", Settings()).preset == "tiny"  # nothing above the file
+    per_process = Settings().with_options(device="cuda:3")  # as icedit eval places each process
+    assert plugins.options_for("engines", "icedit", per_process).device == "cuda:3"
+    assert "icedit.device" not in per_process.options

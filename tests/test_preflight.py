@@ -194,3 +194,39 @@ def test_models_json_plans_for_the_gpu_memory_given(monkeypatch, gib):
         assert any(
             "Qwen2.5-VL-3B" in note and "--vlm Qwen/Qwen2.5-VL-3B-Instruct" in note for note in plan["notes"]
         )
+
+
+def test_the_plan_sets_each_placement_for_the_plugins_whose_part_it_is(flux_folder, gpu):
+    """The engine's device, offload and quantize go to the engine alone: another plugin in use that
+    takes a `device` of its own keeps it. The Qwen rewriter and judge share their VLM's placement."""
+    from pydantic import BaseModel
+
+    from assistant.hookspecs import hookimpl
+    from assistant.plugins import RewriterSpec
+    from assistant.testing import registered
+    from plugins.rules.rewriter import RulesRewriter
+
+    class Placed(BaseModel):
+        device: str | None = None
+
+    class PlacedPlugin:
+        @hookimpl
+        def register_rewriters(self, register):
+            register(RewriterSpec("placed", lambda settings, options: RulesRewriter(), options=Placed))
+
+    gpu(80)
+    with registered(PlacedPlugin(), "placed"):
+        prepared = preflight.prepare(
+            Settings(model=str(flux_folder), lora="none", rewriter="placed", vlm="none", offload="none")
+        )
+        update = prepared.plan.settings_update()
+        assert set(update) == {"engine:icedit.device", "engine:icedit.offload", "engine:icedit.quantize"}
+        assert update["engine:icedit.offload"] == "none"  # as given
+        assert plugins.options_for("engines", "icedit", prepared.settings).device == "cuda"
+        assert plugins.options_for("rewriters", "placed", prepared.settings).device is None
+    shared = preflight.memory_plan(Settings(rewriter="qwen_vl", candidates=2), 80)
+    assert shared.owners["vlm"] == ["rewriter:qwen_vl", "judge:qwen_vl"]
+    assert {k for k in shared.settings_update() if k.endswith("vlm_device")} == {
+        "rewriter:qwen_vl.vlm_device",
+        "judge:qwen_vl.vlm_device",
+    }

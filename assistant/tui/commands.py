@@ -47,10 +47,16 @@ class Chat:
     """What a slash command sees of the chat."""
 
     agent: Agent
-    view: ChatView
     options: ChatOptions = field(default_factory=ChatOptions)
     commands: dict[str, CommandSpec] = field(default_factory=dict)
     """Every command of this chat by name: the built-ins, then the plugins' (which cannot replace one)."""
+    view: ChatView | None = None
+    """The chat screen (None outside one, as in a plugin's own tests: what needs it says so)."""
+
+    def screen(self, command: str) -> ChatView:
+        if self.view is None:
+            raise UserError(f"/{command} needs the chat screen")
+        return self.view
 
 
 def whole_number(text: str, usage: str, low: int, high: int) -> int:
@@ -88,7 +94,7 @@ def _redo(chat: Chat, argument: str) -> str:
 
 
 def _retry(chat: Chat, argument: str) -> None:
-    chat.view.retry()
+    chat.screen("retry").retry()
 
 
 def _seed(chat: Chat, argument: str) -> str:
@@ -150,7 +156,7 @@ def _branch(chat: Chat, argument: str) -> str:
 def _session(chat: Chat, argument: str) -> None:
     if not argument:
         raise UserError("usage: /session NAME")
-    chat.view.switch_session(argument)
+    chat.screen("session").switch_session(argument)
 
 
 def _sheet(chat: Chat, argument: str) -> str:
@@ -171,7 +177,7 @@ def _help(chat: Chat, argument: str) -> str:
 
 
 def _quit(chat: Chat, argument: str) -> None:
-    chat.view.quit()
+    chat.screen("quit").quit()
 
 
 BUILTINS: dict[str, CommandSpec] = {

@@ -1,5 +1,5 @@
 """Built-in plugin: `icedit eval` for any engine, and the `magicbrush` scorer (MagicBrush and Emu Edit
-metrics). Other scorers come from any plugin's `register_scorers` (qwen_vl adds `vie`).
+metrics). Other scorers come from any plugin's `register_scorers` (qwen_vl adds its VIEScore ratings).
 
 Imports here stay light: the CLI lists scorers without loading torch or a model.
 """

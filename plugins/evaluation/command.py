@@ -40,11 +40,12 @@ def with_data_options(fn):
     "scorers",
     multiple=True,
     metavar="NAME",
-    help="a scorer, repeatable: magicbrush (default), vie (Qwen2.5-VL ratings), a plugin's (icedit plugins)",
+    help="a scorer, repeatable: magicbrush (default), qwen_vl (VIEScore ratings), a plugin's (icedit plugins)",
 )
 @click.option("--engine", help="engine plugin (see `icedit plugins`)")
 @kit.plugin_flags(kinds=["engines"])
 @kit.plugin_flags(kinds=["scorers"])
+@kit.option_pairs
 @click.option("--json", "json_", is_flag=True, help="print the report (means and per example) as JSON")
 def eval_cmd(
     data, columns, split, limit, seed, out, steps, guidance, batch_size, scorers, json_, **options

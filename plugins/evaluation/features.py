@@ -64,11 +64,13 @@ class FeatureModels:
 
 
 def chosen(settings, options) -> tuple[str, str] | None:
-    """(CLIP, DINO) hub ids or folders to load; None for random tiny ones: neither named, and the engine
-    runs random weights (a tiny preset), so its numbers check the plumbing anyway."""
-    from assistant.preflight import engine_has_weights
+    """(CLIP, DINO) hub ids or folders to load; None for random tiny ones: neither named, and the engine's
+    `preset` option is `tiny` (random weights: its numbers check the plumbing anyway). An engine without
+    presets (an algorithm, an API) is measured with the real models."""
+    from assistant import plugins
 
-    if options.clip_model is None and options.dino_model is None and not engine_has_weights(settings):
+    tiny = plugins.option("engines", settings.engine, "preset", settings) == "tiny"
+    if options.clip_model is None and options.dino_model is None and tiny:
         return None
     return options.clip_model or DEFAULT_CLIP, options.dino_model or DEFAULT_DINO
 

@@ -123,11 +123,10 @@ class MagicBrushScorer:
 
 
 def magicbrush(settings, options) -> MagicBrushScorer:
-    """The scorer with its feature models loaded on the engine's device (`icedit eval` sets it per process)."""
-    from assistant import plugins
+    """The scorer with its feature models loaded on its `device` (`icedit eval` sets it per process)."""
     from plugins.evaluation import features
 
-    device = plugins.option("engines", settings.engine, "device", settings) or "cpu"
+    device = options.device or "cpu"
     refs = features.chosen(settings, options)
     if refs is None:
         return MagicBrushScorer(features.tiny(device), {"clip": "tiny (random)", "dino": "tiny (random)"})

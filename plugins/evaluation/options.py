@@ -1,4 +1,5 @@
-"""Options of the MagicBrush scorer: which CLIP and DINO ViT it measures with."""
+"""Options of the MagicBrush scorer: which CLIP and DINO ViT it measures with, and where they run
+(`icedit eval` sets `device` per process)."""
 
 from __future__ import annotations
 
@@ -16,3 +17,4 @@ class FeatureOptions(BaseModel):
     dino_model: str | None = Field(
         None, description="DINO ViT for icedit eval: hub id or folder (default facebook/dino-vits16)"
     )
+    device: str | None = Field(None, description="torch device (default: cuda when available, else cpu)")

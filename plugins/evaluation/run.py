@@ -21,7 +21,18 @@ from pydantic import BaseModel, Field
 from assistant import plugins
 from assistant.errors import UserError
 from assistant.files import save_image, write_file
-from assistant.models import EditPlan, EditRequest, Example, Guidance, Metric, Seed, Steps, next_seed
+from assistant.models import (
+    EditPlan,
+    EditRequest,
+    Example,
+    Guidance,
+    Metric,
+    Scores,
+    Seed,
+    Steps,
+    next_seed,
+)
+from assistant.protocols import Scorer
 from assistant.settings import Settings
 from plugins.evaluation.data import example, load_edits
 from plugins.evaluation.metrics import means
@@ -79,6 +90,33 @@ def scorer_names(config: EvalConfig) -> list[str]:
     return list(dict.fromkeys(config.scorers))
 
 
+def _metrics(scorers: dict[str, Scorer]) -> list[Metric]:
+    """Every scorer's metrics in order; two scorers giving one key would overwrite each other: one line."""
+    found: dict[str, tuple[str, Metric]] = {}
+    for name, scorer in scorers.items():
+        for metric in scorer.metrics:
+            if metric.key in found:
+                raise UserError(
+                    f"scorers {found[metric.key][0]} and {name} both give '{metric.key}': run one of them"
+                )
+            found[metric.key] = (name, metric)
+    return [metric for _, metric in found.values()]
+
+
+def _scored(name: str, scorer: Scorer, examples: list[Example]) -> list[Scores]:
+    """The scorer's scores, held to its contract: one per edit, only the metrics it declares."""
+    found = scorer.score(examples)
+    if len(found) != len(examples):
+        raise UserError(f"scorer {name} gave {len(found)} scores for {len(examples)} edits (a bug in it)")
+    declared = {m.key for m in scorer.metrics}
+    for scores in found:
+        if extra := set(scores.values) - declared:
+            raise UserError(
+                f"scorer {name} gave {sorted(extra)[0]!r}, which it does not declare (a bug in it)"
+            )
+    return found
+
+
 def evaluate(config: EvalConfig, settings: Settings, progress: bool = True) -> EvalReport | None:
     """Edit and score every example; the report on the main process, None on the others."""
     from accelerate import PartialState
@@ -92,7 +130,7 @@ def evaluate(config: EvalConfig, settings: Settings, progress: bool = True) -> E
     run_settings = settings.with_options(device=str(state.device))
     names = scorer_names(config)
     scorers = {name: plugins.build("scorers", name, run_settings) for name in names}
-    metrics: list[Metric] = [m for scorer in scorers.values() for m in scorer.metrics]
+    metrics = _metrics(scorers)
     engine = plugins.build("engines", settings.engine, run_settings)
     steps, guidance = config.steps or settings.steps, config.guidance or settings.guidance
     edits_dir = config.out / "edits"
@@ -131,7 +169,7 @@ def evaluate(config: EvalConfig, settings: Settings, progress: bool = True) -> E
                 )
                 for row, result in zip(rows, made, strict=True)
             ]
-            scored = {name: scorer.score(examples) for name, scorer in scorers.items()}
+            scored = {name: _scored(name, scorer, examples) for name, scorer in scorers.items()}
             for n, (i, row, result) in enumerate(zip(chunk, rows, made, strict=True)):
                 path = edits_dir / f"{i:05d}.png"
                 save_image(result.image, path, force=True)  # the run's own folder: a rerun replaces its edits

@@ -22,7 +22,6 @@ from plugins.icedit.presets import build_tiny, get_preset
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 """diffusers' default adapter file name, which the published ICEdit adapters (normal and MoE) use."""
-"""The feature models MagicBrush and Emu Edit report with (`icedit eval`)."""
 
 OOM_HINT = "try --offload encoders (or model, sequential), --quantize int8, or a smaller image"
 TINY_MOE = "tiny-moe"

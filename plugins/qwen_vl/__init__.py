@@ -36,6 +36,12 @@ def _memory(settings, options):
     return parts(settings, options)
 
 
+def _scoring_memory(settings, options):
+    from plugins.qwen_vl.memory import parts
+
+    return parts(settings, options, scoring=True)
+
+
 @hookimpl
 def register_rewriters(register):
     register(
@@ -68,11 +74,11 @@ def register_judges(register):
 def register_scorers(register):
     register(
         ScorerSpec(
-            "vie",
+            "qwen_vl",
             _vie,
             "VIEScore-style 0-10 ratings by Qwen2.5-VL: semantic consistency (SC), quality (PQ), overall",
             artifacts=_artifacts,
-            memory=_memory,
+            memory=_scoring_memory,
             options=QwenVlOptions,
         )
     )

@@ -220,9 +220,12 @@ def _part(vlm: str, settings: Settings, options: QwenVlOptions) -> Part:
     return Part(name="vlm", title=title, weights=gpu, options=placements)
 
 
-def parts(settings: Settings, options: QwenVlOptions) -> list[Part]:
+def parts(settings: Settings, options: QwenVlOptions, scoring: bool = False) -> list[Part]:
     """The configured VLM's placements, with the smaller model as an alternative for the 7B; [] when these
-    settings never load it (--vlm none, neither the rewriter nor an early-filter judge is qwen_vl)."""
+    settings never load it (--vlm none, neither the rewriter nor an early-filter judge is qwen_vl, and it
+    scores nothing). Scoring an edit (two short answers) is planned as a rewrite."""
+    if scoring:
+        settings = settings.model_copy(update={"rewriter": "qwen_vl"})
     if options.vlm == "none" or _runs(settings) == (0, 0):
         return []
     part = _part(options.vlm, settings, options)

@@ -60,7 +60,7 @@ VIE_METRICS = tuple(
 
 
 class QwenVieScorer:
-    """The scorer `vie`: two greedy answers per edit from the shared VLM, SC on (source, edit,
+    """The scorer `qwen_vl` (VIEScore): two greedy answers per edit from the shared VLM, SC on (source, edit,
     instruction) and PQ on the edit. Each example's VieScore is kept in its details."""
 
     metrics = VIE_METRICS

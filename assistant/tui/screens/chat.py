@@ -66,7 +66,7 @@ class ChatScreen(Screen):
         self.renderer = renderer or DEFAULT_RENDERER
         added = plugins.registrations("chat_commands")
         commands = BUILTINS | {name: spec for name, (_, spec) in added.items() if name not in BUILTINS}
-        self.chat = Chat(Agent(store, session, settings), self, ChatOptions(), commands)
+        self.chat = Chat(Agent(store, session, settings), ChatOptions(), commands, view=self)
         self.cancel: threading.Event | None = None
         """Set while an edit runs; Escape sets the event itself."""
 
@@ -201,7 +201,9 @@ class ChatScreen(Screen):
         except UserError as e:
             self.fail(text, str(e))
             return
-        if spec.needs_store:  # it may have changed the session: draw it again from the store
+        if (
+            spec.needs_store and not self.busy
+        ):  # it may have changed the session (not /retry's edit: its end redraws)
             self.show_problems()
             self.refresh_view()
         else:
