@@ -6,6 +6,7 @@ turn logic directly. A turn that fails or is cancelled commits nothing.
 
 from __future__ import annotations
 
+import inspect
 import secrets
 import threading
 import time
@@ -37,6 +38,8 @@ from sessions.identity import decode_png, encode_png, sha256
 from sessions.store import NewTurn, Store
 
 CONTEXT_TURNS = 6
+LISTED_TURNS = 40
+"""Turns a rewriter is shown to jump to: enough for a chat, few enough for a prompt."""
 
 
 class TurnOutcome(BaseModel):
@@ -213,7 +216,10 @@ class Agent:
             rewriter = "given"
         else:
             context = self._context(history, current.id) if history and current else []
-            plan = self.rewriter.rewrite(image, message, context)
+            listed = {"turns": self._turns(history, current.id) if history and current else []}
+            plan = self.rewriter.rewrite(
+                image, message, context, **(listed if _takes_turns(self.rewriter) else {})
+            )
             rewriter = rewriter_name(self.settings) + (f" -> {plan.fallback}" if plan.fallback else "")
         read = _Read(
             message=message,
@@ -227,6 +233,14 @@ class Agent:
         if plan.intent in ("undo", "redo"):
             turn = self.move(plan.intent, message)
             return read.outcome(reply=f"{plan.intent}: back at turn {turn.id} ({turn.message})", turn=turn)
+        if plan.intent == "jump":
+            if history is None or plan.turn is None:
+                raise UserError("nothing to go back to: the session has no turns yet")
+            turn = self.jump(plan.turn, message)  # a turn the session lacks is one line; nothing moves
+            return read.outcome(
+                reply=f"jump: at turn #{turn.id} ({turn.message}); an edit from here starts a branch",
+                turn=turn,
+            )
         if plan.intent in ("answer", "clarify"):
             if history is not None:
                 self.store.log(self.session, [("user", message), ("assistant", plan.rationale)])
@@ -414,11 +428,31 @@ class Agent:
 
     def _context(self, history: History, turn_id: int) -> list[TurnSummary]:
         path = history.path(turn_id)[-CONTEXT_TURNS:]
-        return [
-            TurnSummary(message=t.message, intent=t.plan["intent"], instruction=t.plan.get("instruction"))
-            for t in path
-            if t.plan
-        ]
+        return [_summary(t, turn_id) for t in path if t.plan]
+
+    def _turns(self, history: History, turn_id: int) -> list[TurnSummary]:
+        """The session's turns for a rewriter to pick one from: the last LISTED_TURNS and the current
+        picture's original (the root of its path), oldest first."""
+        root = history.path(turn_id)[0]
+        listed = {t.id: t for t in history.turns[-LISTED_TURNS:]} | {root.id: root}
+        return [_summary(t, turn_id) for t in sorted(listed.values(), key=lambda t: t.id)]
+
+
+def _summary(turn: Turn, current: int) -> TurnSummary:
+    plan = turn.plan or {}
+    return TurnSummary(
+        message=turn.message,
+        intent=plan.get("intent"),
+        instruction=plan.get("instruction"),
+        id=turn.id,
+        parent=turn.parent,
+        current=turn.id == current,
+    )
+
+
+def _takes_turns(rewriter: Rewriter) -> bool:
+    """Whether the rewriter reads the session's turns (`Rewriter.rewrite(..., turns=...)`)."""
+    return "turns" in inspect.signature(rewriter.rewrite).parameters
 
 
 def describe(outcome: TurnOutcome, **extra: Any) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import annotated_types
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-Intent = Literal["edit", "undo", "redo", "retry", "answer", "clarify"]
+Intent = Literal["edit", "undo", "redo", "retry", "jump", "answer", "clarify"]
 SEEDS = 2**63
 """Seeds are 0 <= seed < SEEDS everywhere (torch's generators take 64 bits; JSON and SQLite integers 63)."""
 
@@ -69,6 +69,7 @@ class EditPlan(BaseModel):
         description="the prompt the engine ran with (ICEdit: the in-context diptych prompt); a rewriter may "
         "propose one, the agent stores the engine's own (`EditResult.prompt`). The name stays for stored sessions.",
     )
+    turn: int | None = Field(None, description='for "jump": the id of the turn to go to')
     rationale: str = ""
     fallback: str | None = Field(
         None,
@@ -77,11 +78,14 @@ class EditPlan(BaseModel):
 
 
 class TurnSummary(BaseModel):
-    """A past turn as the rewriter sees it, so "no, less" and "undo that" make sense."""
+    """A past turn as the rewriter sees it, so "no, less", "undo that" and "back to turn 2" make sense."""
 
     message: str
-    intent: Intent
+    intent: Intent | None = Field(None, description="None for an opened image")
     instruction: str | None = None
+    id: int | None = None
+    parent: int | None = Field(None, description="the turn it was made from (None: an opened image)")
+    current: bool = Field(False, description="the picture the person sees now")
 
 
 class EditRequest(BaseModel):

@@ -79,7 +79,12 @@ class Rewriter(Protocol):
     def rewrite(self, image: Image.Image, message: str, context: list[TurnSummary]) -> EditPlan:
         """`context` is the path to the current turn, oldest first (at most a few turns). Intents: edit
         (with an instruction), undo, redo, retry (the host re-runs the current edit with the next seed),
-        answer / clarify (a reply in `rationale`, nothing edited)."""
+        jump (to the turn in `turn`, which the host checks exists), answer / clarify (a reply in
+        `rationale`, nothing edited).
+
+        A rewriter whose `rewrite` also takes a keyword `turns` gets every turn of the session there
+        (the most recent ones of a long session, and the current picture's original), each with its
+        id, parent and whether it is current: what "go back to the one with the hat" needs."""
         ...
 
 

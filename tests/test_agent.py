@@ -253,6 +253,48 @@ def test_retrying_a_turn_whose_stored_values_are_damaged_is_one_line(agent, stor
     assert dump(store) == before and len(fake.engine.calls) == 1
 
 
+def test_a_jump_in_words_moves_the_cursor_and_a_missing_turn_changes_nothing(
+    store, fake_settings, fake, photo
+):
+    agent = Agent(store, "s", fake_settings.model_copy(update={"rewriter": "rules"}))
+    agent.turn("add a hat", source=(photo, "open cat"), seed=1)
+    agent.turn("add snow", seed=2)
+    out = agent.turn("go back to turn 2")
+    assert (out.intent, out.turn.id, store.history("s").cursor) == ("jump", 2, 2)
+    assert out.reply == "jump: at turn #2 (add a hat); an edit from here starts a branch"
+    branched = agent.turn("add a scarf", seed=3)
+    assert branched.turn.parent == 2  # a branch beside "add snow"
+    agent.turn("start again from the original")
+    assert store.history("s").cursor == 1
+    before = dump(store)
+    with pytest.raises(UserError) as e:
+        agent.turn("go back to turn 9")
+    assert str(e.value) == "session 's' has no turn 9"
+    assert dump(store) == before
+
+
+def test_the_rewriter_that_takes_turns_gets_the_sessions_turns(
+    rec_agent, recording, store, photo, monkeypatch
+):
+    seen = []
+    monkeypatch.setattr(
+        Recording,
+        "rewrite",
+        lambda self, image, message, context, turns=None: (
+            seen.append(turns) or RulesRewriter().rewrite(image, message, context)
+        ),
+    )
+    rec_agent.turn("add a hat", source=(photo, "open cat"), seed=1)
+    rec_agent.turn("undo")
+    rec_agent.turn("add snow", seed=2)
+    listed = seen[-1]
+    assert [(t.id, t.parent, t.intent, t.current) for t in listed] == [
+        (1, None, None, True),
+        (2, 1, "edit", False),
+    ]
+    assert seen[0] == []  # a new image: no turns yet
+
+
 # ---------------------------------------------------------------------- failures commit nothing
 
 

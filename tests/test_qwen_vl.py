@@ -147,7 +147,7 @@ def test_garbage_answers_retry_once_quoting_the_error_then_fall_back_to_rules(vl
     first, second = recorder.prompts
     assert first.count("<|image_pad|>") == 2  # process_vision_info resized it into max_pixels
     assert "You are the planner of an image-editing assistant." in first
-    assert '"enum": ["edit", "undo", "redo", "retry", "answer", "clarify"]' in first
+    assert '"enum": ["edit", "undo", "redo", "retry", "jump", "answer", "clarify"]' in first
     assert f'1. "give it a hat" -> edit: add a red hat to the cat\nRequest: {WINTER}' in first
     assert second.startswith(first)
     error = plan.fallback.removeprefix("rules (invalid answer twice: ").removesuffix(")")
@@ -172,6 +172,10 @@ def test_garbage_answers_retry_once_quoting_the_error_then_fall_back_to_rules(vl
             '```json\n{"intent": "undo", "rationale": "back to the cat without a hat"}\n```',
             EditPlan(intent="undo", rationale="back to the cat without a hat"),
         ),
+        (
+            '{"intent": "jump", "turn": 2, "rationale": "back to the hat"}',
+            EditPlan(intent="jump", turn=2, rationale="back to the hat"),
+        ),
     ],
 )
 def test_a_scripted_answer_becomes_the_plan(vlm_options, cat, answer, expected):
@@ -193,7 +197,7 @@ def test_an_invalid_answer_is_retried_once_with_the_error_quoted(vlm_options, ca
     first, second = script.prompts
     assert second[len(first) :].startswith(
         '{"intent": "paint", "rationale": "?"}<|im_end|>\n<|im_start|>user\n'
-        "That answer is not valid (intent: Input should be 'edit', 'undo', 'redo', 'retry', 'answer' or 'clarify')."
+        "That answer is not valid (intent: Input should be 'edit', 'undo', 'redo', 'retry', 'jump', 'answer' or 'clarify')."
     )
 
 
@@ -344,3 +348,36 @@ def test_cli_uncached_hub_id_offline_is_one_line_naming_the_download(monkeypatch
         "is set (HF_HUB_OFFLINE)"
     )
     assert "`hf download nobody/no-such-vlm --include '*.json' --include '*.safetensors'" in line
+
+
+def test_the_sessions_turns_reach_the_prompt_and_a_jump_to_a_missing_turn_changes_nothing(
+    vlm_options, cat, store, fake, fake_settings
+):
+    """The VLM sees the session's turns by id; the agent checks the turn a jump names exists."""
+    from assistant.agent import Agent
+    from assistant.hookspecs import hookimpl
+    from assistant.plugins import RewriterSpec
+    from assistant.testing import registered
+
+    script = scripted(vlm_options, '{"intent": "jump", "turn": 9, "rationale": "the one with the hat"}')
+    vlm = QwenRewriter(
+        vlm_options.model_copy(update={"vlm_max_new_tokens": 120}), LogitsProcessorList([script])
+    )
+
+    class Scripted:
+        @hookimpl
+        def register_rewriters(self, register):
+            register(RewriterSpec("scripted", lambda settings: vlm))
+
+    agent = Agent(store, "s", fake_settings.model_copy(update={"rewriter": "scripted"}))
+    agent.turn("add a hat", source=(cat, "open cat"), seed=1, instruction="add a hat")
+    before = list(store.db.iterdump())
+    with registered(Scripted(), "scripted"), pytest.raises(UserError) as e:
+        agent.turn("go back to the one with the hat")
+    assert str(e.value) == "session 's' has no turn 9"
+    assert list(store.db.iterdump()) == before
+    [prompt] = script.prompts
+    assert (
+        "Turns of this session:\n#1 opened: open cat\n#2 from #1: add a hat (current)\nRequest: go back"
+        in prompt
+    )

@@ -109,3 +109,49 @@ def test_verbatim_passes_the_message_unchanged_as_the_edit_instruction(message):
     plan = VerbatimRewriter().rewrite(Image.new("RGB", (8, 8)), message, [])
     assert (plan.intent, plan.instruction) == ("edit", message)
     assert plan.ic_prompt == prompts.render("ic_edit.txt", instruction=message)
+
+
+def _turns():
+    """A session: #1 the photo, #2 and #3 edits of it, #4 another photo opened, #5 its edit (current)."""
+    from assistant.models import TurnSummary
+
+    return [
+        TurnSummary(message="open cat.png", id=1),
+        TurnSummary(message="add a hat", intent="edit", instruction="add a hat", id=2, parent=1),
+        TurnSummary(message="add snow", intent="edit", instruction="add snow", id=3, parent=2),
+        TurnSummary(message="open dog.png", id=4),
+        TurnSummary(
+            message="add a scarf", intent="edit", instruction="add a scarf", id=5, parent=4, current=True
+        ),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("message", "turn"),
+    [
+        ("go back to turn 2", 2),
+        ("Go back to turn 2, please", 2),
+        ("branch from turn 3", 3),
+        ("branch off from #3", 3),
+        ("jump to 1", 1),
+        ("turn 4", 4),
+        ("show me version 2", 2),
+        ("start again from the original", 4),  # the original of the picture shown now, not the first photo
+        ("back to the original image", 4),
+        ("start over", 4),
+        ("restore the original", 4),
+    ],
+)
+def test_a_numbered_turn_or_the_original_is_a_jump(message, turn):
+    plan = RulesRewriter().rewrite(None, message, [], _turns())
+    assert (plan.intent, plan.turn, plan.instruction) == ("jump", turn, None)
+
+
+@pytest.mark.parametrize("message", ["2", "add 2 hats", "make it 3d", "go back", "give it turn signals"])
+def test_numbers_in_edits_and_a_bare_number_are_not_jumps(message):
+    assert RulesRewriter().rewrite(None, message, [], _turns()).intent != "jump"
+
+
+def test_the_original_without_the_sessions_turns_asks_which_picture():
+    plan = RulesRewriter().rewrite(None, "start over", [])
+    assert (plan.intent, plan.rationale) == ("clarify", "Which picture? Say 'turn N' (see the history).")

@@ -27,6 +27,7 @@ class PlanAnswer(BaseModel):
     instruction: str | None = Field(
         None, description='for "edit": the clause after "... same as on the left but"'
     )
+    turn: int | None = Field(None, description='for "jump": the id of the turn to go to')
     subject: str | None = Field(None, description="what the edit is about, if one thing")
     description: str | None = Field(None, description="what the picture shows now, briefly")
     rationale: str = Field(min_length=1, max_length=300, description="one line for the person")
@@ -35,6 +36,8 @@ class PlanAnswer(BaseModel):
     def _edit_has_instruction(self) -> PlanAnswer:
         if self.intent == "edit" and not (self.instruction or "").strip():
             raise ValueError('intent "edit" needs a non-empty instruction')
+        if self.intent == "jump" and self.turn is None:
+            raise ValueError('intent "jump" needs the turn to go to')
         return self
 
 
@@ -42,13 +45,22 @@ def system_prompt() -> str:
     return prompts.render("rewrite.md", schema=json.dumps(PlanAnswer.model_json_schema()))
 
 
-def request_text(message: str, context: list[TurnSummary]) -> str:
-    """The request after a short, numbered summary of the turns that led to the current image."""
+def request_text(message: str, context: list[TurnSummary], turns: list[TurnSummary] | None = None) -> str:
+    """The request after a short, numbered summary of the turns that led to the current image, and the
+    session's turns by id (what a jump may name)."""
     lines = [
         f'{i}. "{t.message}" -> {t.intent}' + (f": {t.instruction}" if t.instruction else "")
         for i, t in enumerate(context, 1)
     ]
     history = "Recent turns (oldest first):\n" + "\n".join(lines) if lines else "No earlier turns."
+    if turns:
+        listed = [
+            f"#{t.id} "
+            + (f"from #{t.parent}: {t.instruction or t.message}" if t.parent else f"opened: {t.message}")
+            + (" (current)" if t.current else "")
+            for t in turns
+        ]
+        history += "\nTurns of this session:\n" + "\n".join(listed)
     return f"{history}\nRequest: {message}"
 
 
@@ -75,9 +87,15 @@ class QwenRewriter:
         self.options = options
         self.logits_processor = logits_processor
 
-    def rewrite(self, image: Image.Image, message: str, context: list[TurnSummary]) -> EditPlan:
+    def rewrite(
+        self,
+        image: Image.Image,
+        message: str,
+        context: list[TurnSummary],
+        turns: list[TurnSummary] | None = None,
+    ) -> EditPlan:
         if self.options.vlm == "none":
-            return self._fallback(image, message, context, "no VLM: --vlm none")
+            return self._fallback(image, message, context, turns, "no VLM: --vlm none")
         vlm = model.load(self.options)
         conversation: list[dict[str, Any]] = [
             {"role": "system", "content": system_prompt()},
@@ -85,7 +103,7 @@ class QwenRewriter:
                 "role": "user",
                 "content": [
                     image_part(image, self.options.min_pixels, self.options.max_pixels),
-                    {"type": "text", "text": request_text(message, context)},
+                    {"type": "text", "text": request_text(message, context, turns)},
                 ],
             },
         ]
@@ -99,8 +117,15 @@ class QwenRewriter:
                 {"role": "assistant", "content": answer},
                 {"role": "user", "content": RETRY.format(error=error)},
             ]
-        return self._fallback(image, message, context, f"invalid answer twice: {error[:80]}")
+        return self._fallback(image, message, context, turns, f"invalid answer twice: {error[:80]}")
 
-    def _fallback(self, image: Image.Image, message: str, context: list[TurnSummary], why: str) -> EditPlan:
-        plan = RulesRewriter().rewrite(image, message, context)
+    def _fallback(
+        self,
+        image: Image.Image,
+        message: str,
+        context: list[TurnSummary],
+        turns: list[TurnSummary] | None,
+        why: str,
+    ) -> EditPlan:
+        plan = RulesRewriter().rewrite(image, message, context, turns)
         return plan.model_copy(update={"fallback": f"rules ({why})"})

@@ -50,6 +50,15 @@ _WANT = re.compile(
     re.IGNORECASE,
 )
 _NOUN_PHRASE = re.compile(r"^(?:a|an|some) \S.*$", re.IGNORECASE)
+_GO = (
+    r"(?:(?:go|get|jump|move|skip) (?:back )?to|back to|return to|switch to|show(?: me)?|open|restore"
+    r"|reset to|branch (?:off )?from|start (?:again |over )?(?:from|with))"
+)
+_TO_TURN = re.compile(rf"^(?:{_GO} )?(?:the )?(?:turn|version|step|picture|image|number|no\.?)? ?#?(\d+)$")
+"""A move to a numbered turn: "go back to turn 2", "branch from #3" ("edit 7" stays an edit)."""
+_TO_ORIGINAL = re.compile(
+    rf"^(?:{_GO} )?the (?:original|first)(?: (?:image|picture|photo|one|version))?$|^start (?:again|over)$"
+)
 
 
 def clean(message: str) -> str:
@@ -83,13 +92,43 @@ def intent_of(text: str) -> str:
     return "edit"
 
 
+def original(turns: list[TurnSummary]) -> int | None:
+    """The id of the picture the current one was made from, at the root of its path."""
+    parents = {t.id: t.parent for t in turns}
+    at = next((t.id for t in turns if t.current), None)
+    while at is not None and parents.get(at) is not None:
+        at = parents[at]
+    return at
+
+
+def jump_of(text: str, turns: list[TurnSummary] | None) -> EditPlan | None:
+    """A move to a numbered turn ("go back to turn 2", "branch from #3") or to the original, or None."""
+    lowered = text.lower()
+    if (m := _TO_TURN.match(lowered)) and not lowered.isdigit():  # a bare "2" says too little
+        return EditPlan(intent="jump", turn=int(m.group(1)), rationale=f"rules: go to turn {m.group(1)}")
+    if _TO_ORIGINAL.match(lowered):
+        root = original(turns or [])
+        if root is None:
+            return EditPlan(intent="clarify", rationale="Which picture? Say 'turn N' (see the history).")
+        return EditPlan(intent="jump", turn=root, rationale=f"rules: back to the original (turn {root})")
+    return None
+
+
 class RulesRewriter:
     """Turns a plain request into an EditPlan without a model."""
 
-    def rewrite(self, image: Image.Image, message: str, context: list[TurnSummary]) -> EditPlan:
+    def rewrite(
+        self,
+        image: Image.Image,
+        message: str,
+        context: list[TurnSummary],
+        turns: list[TurnSummary] | None = None,
+    ) -> EditPlan:
         text = clean(message)
         if not text:
             return EditPlan(intent="clarify", rationale="What would you like to change in the picture?")
+        if jump := jump_of(text, turns):
+            return jump
         intent = intent_of(text)
         if intent != "edit":
             return EditPlan(intent=intent, rationale=f"rules: read this as {intent}")
