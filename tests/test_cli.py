@@ -652,3 +652,16 @@ def test_commands_that_do_not_edit_import_no_torch_and_check_no_engine(tmp_path)
     result = json.loads(proc.stdout.splitlines()[-1])
     assert result == {"codes": [0, 0, 0, 0], "heavy": []}
     assert proc.stderr == ""
+
+
+def test_edit_reads_a_move_to_an_earlier_turn_in_words(demo, fake, tmp_path):
+    """`icedit edit` with "go back to turn 1" moves the session's cursor and paints nothing."""
+    moved = invoke("edit", CHELSEA, "go back to turn 1", "--engine", "fake", "--session", "demo", "--json")
+    assert moved.exit_code == 0, moved.output
+    report = json.loads(moved.stdout)
+    assert (report["intent"], report["turn"], report["output"]) == ("jump", 1, None)
+    assert dump(demo)["sessions"][0][1:3] == ("demo", 1)
+    before = dump(demo)
+    missing = invoke("edit", CHELSEA, "branch from turn 7", "--engine", "fake", "--session", "demo")
+    assert (missing.exit_code, missing.stderr) == (2, "Error: session 'demo' has no turn 7\n")
+    assert dump(demo) == before
