@@ -84,6 +84,7 @@ class Run:
             self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=60)
         self.reader.join(timeout=60)
+        self.stderr = self.proc.stderr.read()  # the process is gone: what it said, for a failure's message
         self.proc.stderr.close()
         return running
 
@@ -151,7 +152,9 @@ def lane(name: str, rng: random.Random, home: Path, cwd: Path, results: dict, er
             if run.times:
                 first_line[kind] = run.times[0]
             if not killed:
-                assert run.proc.returncode == 0, f"a run that was not killed failed ({run.proc.returncode})"
+                assert run.proc.returncode == 0, (
+                    f"a run that was not killed failed ({run.proc.returncode}): {run.stderr[-500:]}"
+                )
             key = "turn" if kind == "edit" else "cursor"
             reports = [(r[key], r["image_sha256"]) for r in run.reported()]
             with lock:
