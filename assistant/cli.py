@@ -152,7 +152,7 @@ class _Root(_Group):
         return super().list_commands(ctx)
 
 
-@click.group(cls=_Root)
+@click.group(cls=_Root, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="icedit-assistant")
 def cli() -> None:
     """icedit: edit images by telling it what you want."""

@@ -665,3 +665,11 @@ def test_edit_reads_a_move_to_an_earlier_turn_in_words(demo, fake, tmp_path):
     missing = invoke("edit", CHELSEA, "branch from turn 7", "--engine", "fake", "--session", "demo")
     assert (missing.exit_code, missing.stderr) == (2, "Error: session 'demo' has no turn 7\n")
     assert dump(demo) == before
+
+
+@pytest.mark.parametrize("args", [["-h"], ["edit", "-h"], ["sessions", "list", "-h"], ["eval", "-h"]])
+def test_dash_h_is_help_everywhere(args):
+    result = CliRunner().invoke(cli, args, prog_name="icedit")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"Usage: icedit {' '.join(args[:-1])}".rstrip() + " ")
+    assert result.stdout == CliRunner().invoke(cli, [*args[:-1], "--help"], prog_name="icedit").stdout
