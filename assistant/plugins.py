@@ -107,17 +107,22 @@ REGISTRATION_HOOKS = {
 }
 
 
-@cache
-def get_plugin_manager() -> pluggy.PluginManager:
-    """Specs first, then entry points (skipped under tests), then the built-ins, then a spelling check."""
+def _manager(entry_points: bool) -> pluggy.PluginManager:
+    """Specs first, then entry points (when asked), then the built-ins, then a spelling check."""
     pm = pluggy.PluginManager("icedit_assistant")
     pm.add_hookspecs(hookspecs)
-    if not getattr(sys, "_called_from_test", False):
+    if entry_points:
         pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
     for name in BUILTIN_PLUGINS:
         pm.register(importlib.import_module(name), name=name)
     pm.check_pending()
     return pm
+
+
+@cache
+def get_plugin_manager() -> pluggy.PluginManager:
+    """Every plugin: third-party entry points (skipped under tests) and the built-ins."""
+    return _manager(entry_points=not getattr(sys, "_called_from_test", False))
 
 
 def announce(session: str, turns: list, png: Callable[[str], bytes]) -> list[str]:
@@ -296,18 +301,14 @@ def check_options(settings: Settings) -> None:
 
 
 @cache
-def _builtin_manager() -> pluggy.PluginManager:
-    pm = pluggy.PluginManager("icedit_assistant")
-    pm.add_hookspecs(hookspecs)
-    for name in BUILTIN_PLUGINS:
-        pm.register(importlib.import_module(name), name=name)
-    return pm
+def _builtins_only() -> pluggy.PluginManager:
+    return _manager(entry_points=False)
 
 
 def builtin_options(kinds: tuple[str, ...] = OPTION_KINDS) -> list[type[BaseModel]]:
     """The options models of the built-in plugins of `kinds`, in registration order, without loading any
     third-party plugin: the CLI builds its familiar flags (`--preset`, `--vlm`) from them."""
-    pm = _builtin_manager()
+    pm = _builtins_only()
     found: list[type[BaseModel]] = []
     for kind in kinds:
         for _, spec in registrations(kind, pm).values():
