@@ -24,12 +24,15 @@ import os
 import sqlite3
 import stat
 import struct
+import time
 from pathlib import Path
 from typing import Literal
 
 from assistant.errors import UserError
 
 _MAGIC = (0x377F0682, 0x377F0683)
+CHECKS = 4
+"""Readings that must all disagree before a WAL is refused (see `check`)."""
 SCHEMA = """
 CREATE TABLE store_state (
     id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -112,34 +115,44 @@ def _state(uri: str) -> State | Bare:
 
 
 def check(path: Path) -> None:
-    """Refuse, in one line and before any connection could replay it, a WAL that is not this file's."""
+    """Refuse, in one line and before any connection could replay it, a WAL that is not this file's.
+
+    A WAL left by another copy is still, so it is refused only when it fails the same way CHECKS times
+    in a row: a writer running now (another process opening the new store, a checkpoint copying pages
+    into the main file while it is read) can make one reading disagree, never all of them."""
     wal = wal_path(path)
+    for attempt in range(CHECKS):
+        if _fits(path, wal):
+            return
+        time.sleep(0.05 * (attempt + 1))
+    raise UserError(
+        f"{wal} does not belong to the session store {path} (it was left by another copy of the store, e.g. "
+        f"when a backup was copied back over it): the store was not opened, nothing in it changed; if "
+        f"{path.name} is the copy you want, move {wal.name} and {path.name}-shm out of the folder and run again"
+    )
+
+
+def _fits(path: Path, wal: Path) -> bool:
+    """One reading: whether the WAL may be this file's (True also when it cannot be told now)."""
     uri = Path(os.path.realpath(path)).as_uri()
     for _ in range(5):  # a writer running now changes the WAL under us: read until two headers agree
         seen = header(wal)
         if seen is None:
-            return
+            return True
         try:
             main = _state(f"{uri}?immutable=1")
         except sqlite3.DatabaseError:
-            return  # the main file itself is damaged: the store's own open says so
+            return True  # the main file itself is damaged: the store's own open says so
         view: State | Bare | Literal["damaged"]
         try:
             view = _state(f"{uri}?mode=ro")
         except sqlite3.OperationalError:
-            return  # busy or unreadable: cannot tell, and the store's own open says what is wrong
+            return True  # busy or unreadable: cannot tell, and the store's own open says what is wrong
         except sqlite3.DatabaseError:
             view = "damaged"  # the WAL's frames do not fit this file
         if header(wal) == seen:
-            break
-    else:
-        return  # a live writer owns it
-    if not _belongs(main, view, seen):
-        raise UserError(
-            f"{wal} does not belong to the session store {path} (it was left by another copy of the store, e.g. "
-            f"when a backup was copied back over it): the store was not opened, nothing in it changed; if "
-            f"{path.name} is the copy you want, move {wal.name} and {path.name}-shm out of the folder and run again"
-        )
+            return _belongs(main, view, seen)
+    return True  # a live writer owns it
 
 
 def _belongs(main: State | Bare, view: State | Bare | Literal["damaged"], seen: str) -> bool:

@@ -865,3 +865,31 @@ def test_the_real_console_script_refuses_a_foreign_file_in_one_line(tmp_path):
     )
     assert sorted(p.name for p in home.iterdir()) == [STORE]
     unchanged(home / STORE, before)
+
+
+@pytest.mark.parametrize("misreads", [1, sessions.wal.CHECKS - 1])
+def test_a_reading_that_disagrees_while_writers_run_is_read_again_before_refusing(
+    crashed, tmp_path, monkeypatch, misreads
+):
+    """A live writer can tear one reading of a WAL that is the store's own: it opens after a few readings
+    disagree, while a stale WAL (still, the same every time) is refused after all of them."""
+    (tmp_path / "own").mkdir()
+    (tmp_path / "stale").mkdir()
+    own = scene(crashed, tmp_path / "own")
+    stale_home = scene(crashed, tmp_path / "stale", main=crashed.backup)
+    readings: list[bool] = []
+    real = sessions.wal._belongs
+
+    def torn(*args):
+        readings.append(real(*args))
+        return readings[-1] and len(readings) > misreads
+
+    monkeypatch.setattr(sessions.wal, "_belongs", torn)
+    monkeypatch.setattr(sessions.wal.time, "sleep", lambda s: None)
+    with Store(own / STORE) as store:
+        assert "trip" in [s.name for s in store.sessions()]
+    assert readings == [True] * (misreads + 1)
+    readings.clear()
+    with pytest.raises(UserError, match="does not belong to the session store"):
+        Store(stale_home / STORE)
+    assert readings == [False] * sessions.wal.CHECKS
