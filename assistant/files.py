@@ -123,6 +123,19 @@ def write_file(path: Path, content: Content, *, force: bool = False) -> Path:
     return path
 
 
+def leftover(entry: Path) -> bool:
+    """Whether `entry` is a temporary name `write_file` left when it was killed after linking the file
+    into place (`.NAME.XXXXXXXX.part`, the same file as NAME beside it): dropping that name loses nothing."""
+    name = entry.name
+    if not (name.startswith(".") and name.endswith(".part")) or name.count(".") < 3:
+        return False
+    written = entry.with_name(name[1:].removesuffix(".part").rsplit(".", 1)[0])
+    try:
+        return os.path.samestat(os.lstat(entry), os.lstat(written)) and stat.S_ISREG(os.lstat(entry).st_mode)
+    except OSError:
+        return False
+
+
 def _place(temp: Path, path: Path, force: bool) -> None:
     if force:
         os.replace(temp, path)

@@ -479,3 +479,28 @@ def test_retries_count_what_they_really_cost(folder, fake, icedit_home):
         and {r["intent"] for r in rows[1:]} == {"retry"}
         and sum(r["nfe"] for r in rows) == 20_000
     )
+
+
+def test_a_temporary_name_left_by_a_killed_write_is_dropped_and_nothing_else_is(
+    folder, tmp_path, victim, fake
+):
+    """kill -9 between linking an output into place and unlinking its temporary name leaves
+    `.01-edit.png.XXXXXXXX.part` as a second name of 01-edit.png: the next run drops that name. A
+    `.part` that is any other file's second name is still refused."""
+    out = folder / "out"
+    assert replay(folder / "s.toml").exit_code == 0
+    os.link(out / "01-edit.png", out / ".01-edit.png.k1ll3d00.part")
+    again = replay(folder / "s.toml")
+    assert again.exit_code == 0, again.output
+    assert sorted(listing(out)) == ["01-edit.png"] and os.stat(out / "01-edit.png").st_nlink == 1
+    for planted, other in [
+        (".01-edit.png.ab12cd34.part", victim),  # a second name of a file outside
+        (".keep.png.ab12cd34.part", out / "01-edit.png"),  # named for another output than it is
+    ]:
+        os.link(other, out / planted)
+        refused(
+            replay(folder / "s.toml"),
+            f"{out / planted}: a hard link (the file has another name, maybe outside this folder); "
+            "replay writes only into --out",
+        )
+        os.unlink(out / planted)
