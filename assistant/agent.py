@@ -1,7 +1,8 @@
 """One turn of the conversation: message -> rewriter -> plan -> engine or history move -> commit.
 
 The CLI, replay and the chat all drive this class; none of them touches the engine or the store's
-turn logic directly. A turn that fails or is cancelled commits nothing.
+turn logic directly. An edit that fails or is cancelled commits nothing of itself; in a plan of
+several steps, or among the self-check's attempts, what landed before it stays (`TurnOutcome.stopped`).
 """
 
 from __future__ import annotations
@@ -10,29 +11,35 @@ import inspect
 import secrets
 import threading
 import time
-from typing import Any
+from typing import Any, get_args
 
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from assistant import early_filter, plugins
-from assistant.errors import UserError
+from assistant.errors import Cancelled, UserError
 from assistant.models import (
     SEEDS,
     CandidateCount,
+    Checked,
+    Choices,
     EarlySteps,
     EditPlan,
     EditRequest,
     EditResult,
     Guidance,
+    Intent,
+    Landed,
+    Planned,
     Steps,
     TurnSummary,
     next_seed,
+    probability,
 )
-from assistant.preflight import rewriter_name
-from assistant.protocols import Engine, Events, Judge, Rewriter
+from assistant.preflight import checks, rewriter_name
+from assistant.protocols import CheckingJudge, Engine, Events, Judge, Rewriter
 from assistant.settings import Settings
-from assistant.text import check_message
+from assistant.text import check_message, printable
 from sessions.history import History, Turn
 from sessions.identity import decode_png, encode_png, sha256
 from sessions.store import NewTurn, Store
@@ -42,8 +49,20 @@ LISTED_TURNS = 40
 """Turns a rewriter is shown to jump to: enough for a chat, few enough for a prompt."""
 
 
+class Attempt(BaseModel):
+    """One seed the self-check judged: its turn, its score (None: the judge failed) and its cost."""
+
+    attempt: int
+    seed: int
+    turn: int
+    score: float | None
+    nfe: int
+    seconds: float
+
+
 class TurnOutcome(BaseModel):
-    """What a turn did, for the CLI's JSON and the chat's log."""
+    """What a turn did, for the CLI's JSON and the chat's log. A plan of several steps is described by
+    its last step's outcome, which lists every step's (`steps`)."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
@@ -56,6 +75,23 @@ class TurnOutcome(BaseModel):
     rewriter: str
     engine: str | None = None
     timings: dict[str, float] = {}
+    planned: list[str] = Field([], description="a plan of several steps: each step's instruction, in order")
+    steps: list[TurnOutcome] = Field([], description="each landed step's outcome, in order (this one last)")
+    attempts: list[Attempt] = Field([], description="with the self-check on: every attempt, in order")
+    stopped: str | None = Field(
+        None, description="why a plan or its attempts ended early (what landed is kept)"
+    )
+    exit_code: int = Field(0, description="with `stopped`: the exit status of the error that stopped it")
+    notes: list[str] = Field([], description="what the person should know: a self-check that could not run")
+
+    @property
+    def nfe(self) -> int:
+        """Transformer evaluations the whole turn spent: every step, every attempt."""
+        if self.steps:
+            return sum(step.nfe for step in self.steps)
+        if self.attempts:
+            return sum(a.nfe for a in self.attempts)
+        return self.result.nfe if self.result else 0
 
 
 class _Sampling(BaseModel):
@@ -80,6 +116,7 @@ class _Read(BaseModel):
     rewriter: str
     started: float
     rewritten: float
+    step: list[int] | None = Field(None, description="[i, n]: step i of a plan of n")
 
     def outcome(self, **fields: Any) -> TurnOutcome:
         return TurnOutcome(
@@ -201,6 +238,7 @@ class Agent:
         """
         started = time.perf_counter()
         message = check_message(message)
+        cancel = cancel or threading.Event()
         history = self.history()
         place = self._place(history, *source) if source else self.current(history)
         current: Turn | None
@@ -216,9 +254,11 @@ class Agent:
             rewriter = "given"
         else:
             context = self._context(history, current.id) if history and current else []
-            listed = {"turns": self._turns(history, current.id) if history and current else []}
+            turns = self._turns(history, current.id) if history and current else []
+            known = {"turns": turns, "choices": _choices(history, current)}
+            takes = inspect.signature(self.rewriter.rewrite).parameters
             plan = self.rewriter.rewrite(
-                image, message, context, **(listed if _takes_turns(self.rewriter) else {})
+                image, message, context, **{k: v for k, v in known.items() if k in takes}
             )
             rewriter = rewriter_name(self.settings) + (f" -> {plan.fallback}" if plan.fallback else "")
         read = _Read(
@@ -247,11 +287,9 @@ class Agent:
             return read.outcome(reply=plan.rationale)
         if plan.intent == "retry":
             return self._retry(read, history, current, events, cancel, **sampling)
-        if isinstance(place, NewTurn):
-            return self._edit(
-                read, image, history.cursor if history else None, place, {}, events, cancel, **sampling
-            )
-        return self._edit(read, image, place.id, None, {}, events, cancel, **sampling)
+        opening = place if isinstance(place, NewTurn) else None
+        parent = place.id if isinstance(place, Turn) else (history.cursor if history else None)
+        return self._plan(read, image, parent, opening, events, cancel, **sampling)
 
     def retry(
         self,
@@ -274,7 +312,9 @@ class Agent:
             started=started,
             rewritten=started,
         )
-        return self._retry(read, history, self.current(history), events, cancel, **sampling)
+        return self._retry(
+            read, history, self.current(history), events, cancel or threading.Event(), **sampling
+        )
 
     def _retry(
         self,
@@ -282,18 +322,13 @@ class Agent:
         history: History | None,
         current: Turn | None,
         events: Events,
-        cancel: threading.Event | None,
+        cancel: threading.Event,
         seed: int | None = None,
         **sampling: Any,
     ) -> TurnOutcome:
-        if (
-            history is None
-            or current is None
-            or current.kind != "edit"
-            or not current.plan
-            or current.parent is None
-        ):
+        if history is None or current is None or not _retryable(current):
             raise UserError("nothing to retry: the current image is not an edit")
+        assert current.plan is not None and current.parent is not None  # what _retryable checked
         stored = current.seed
         try:  # a turn imported before archives were validated may hold anything
             plan = EditPlan.model_validate(
@@ -313,12 +348,97 @@ class Agent:
             plan = plan.model_copy(update={"ic_prompt": None})
         read = read.model_copy(update={"plan": plan})
         parent = history.turn(current.parent)
-        seed = next_seed(stored) if seed is None else seed
-        return self._edit(
-            read, self.image(parent), parent.id, None, earlier, events, cancel, seed=seed, **sampling
+        seed = _unused_seed(history, current) if seed is None else seed
+        return self._attempts(  # "another seed" is one more picture: scored if the check is on, not retried
+            read,
+            self.image(parent),
+            parent.id,
+            None,
+            earlier,
+            events,
+            cancel,
+            **sampling | {"seed": seed, "attempts": 1, "check": checks(self.settings)},
         )
 
-    def _edit(
+    def _plan(
+        self,
+        read: _Read,
+        image: Image.Image,
+        parent: int | None,
+        opening: NewTurn | None,
+        events: Events,
+        cancel: threading.Event,
+        seed: int | None = None,
+        **sampling: Any,
+    ) -> TurnOutcome:
+        """Carry out an edit of one step or several (`EditPlan.then`), each step from the one before's
+        picture and committed as it lands, so undo walks back one step. A failure or a cancel after the
+        first step stops the plan there and keeps the steps that landed (`stopped` says why)."""
+        steps = read.plan.steps()
+        if len(steps) == 1:
+            return self._attempts(read, image, parent, opening, {}, events, cancel, seed=seed, **sampling)
+        planned = [step.instruction or "" for step in steps]
+        events(Planned(steps=planned))
+        done: list[TurnOutcome] = []
+        stopped, code = None, 0
+        for i, step in enumerate(steps):
+            now = time.perf_counter()
+            this = read.model_copy(
+                update={"plan": step, "step": [i + 1, len(steps)]}
+                | ({"started": now, "rewritten": now} if done else {})
+            )
+            try:
+                if done and cancel.is_set():
+                    raise Cancelled("cancelled")
+                outcome = self._attempts(
+                    this,
+                    image,
+                    parent,
+                    None if done else opening,
+                    {},
+                    events,
+                    cancel,
+                    seed=None if seed is None else next_seed(seed, i),
+                    **sampling,
+                )
+            except UserError as e:  # Cancelled too: what landed stays, the rest does not run
+                if not done:
+                    raise
+                stopped, code = f"step {i + 1} of {len(steps)}: {e}", e.exit_code
+                break
+            assert outcome.turn is not None and outcome.result is not None  # an edit always paints
+            done.append(outcome)
+            events(
+                Landed(
+                    step=i + 1,
+                    of=len(steps),
+                    turn=outcome.turn.id,
+                    instruction=planned[i],
+                    image=outcome.result.image,
+                    source=image,
+                )
+            )
+            image, parent = outcome.result.image, outcome.turn.id
+            if outcome.stopped:  # its attempts were cut short: the next step would start from a guess
+                stopped, code = f"step {i + 1} of {len(steps)}: {outcome.stopped}", outcome.exit_code
+                break
+        landed = ", ".join(f"#{o.turn.id} {o.plan.instruction}" for o in done if o.turn)
+        reply = f"{len(done)} of {len(steps)} steps: {landed}" + (
+            f"; stopped at {stopped}" if stopped else ""
+        )
+        notes = list(dict.fromkeys(note for o in done for note in o.notes))  # each step's, said once
+        return done[-1].model_copy(
+            update={
+                "planned": planned,
+                "steps": done,
+                "stopped": stopped,
+                "exit_code": code,
+                "reply": reply,
+                "notes": notes,
+            }
+        )
+
+    def _attempts(
         self,
         read: _Read,
         image: Image.Image,
@@ -326,34 +446,163 @@ class Agent:
         opening: NewTurn | None,
         earlier: dict[str, Any],
         events: Events,
-        cancel: threading.Event | None,
+        cancel: threading.Event,
         *,
         seed: int | None = None,
+        attempts: int | None = None,
+        accept: float | None = None,
+        check: bool | None = None,
+        **sampling: Any,
+    ) -> TurnOutcome:
+        """Paint `read.plan` from `image` under `parent` (after `opening`, when new). With the self-check
+        on (`check`, or more than one attempt), the judge scores the result; below `accept` the next seed
+        runs, up to `attempts`, each attempt a sibling turn with its score, and the cursor ends on the
+        best. A failure or cancel after the first attempt keeps the ones that landed."""
+        notes: list[str] = []
+        checker = self._checker(notes) if checks(self.settings, attempts, check) else None
+        attempts = attempts or self.settings.attempts
+        accept = self.settings.accept if accept is None else accept
+        attempts = attempts if checker else 1
+        seed = new_seed() if seed is None else seed
+        tried: list[TurnOutcome] = []
+        records: list[Attempt] = []
+        stopped, code = None, 0
+        for k in range(attempts):
+            began = time.perf_counter()
+            try:
+                if tried and cancel.is_set():
+                    raise Cancelled("cancelled")
+                request = self._request(read, image, earlier, seed=seed, **sampling)
+                result = self._paint(request, events, cancel)
+            except UserError as e:
+                if not tried:
+                    raise
+                stopped, code = f"attempt {k + 1} of {attempts}: {e}", e.exit_code
+                break
+            score = note = None
+            if checker is not None:
+                score, note = self._score(checker, read.plan, image, result)
+                notes += [note] if note else []
+            judged: dict[str, Any] | None = None
+            if checker is not None:
+                judged = {"score": score, "accept": accept, "attempt": k + 1, "attempts": attempts}
+                judged |= {"judge": self.settings.judge} | ({"note": note} if note else {})
+            outcome = self._commit(read, request, result, parent, None if tried else opening, judged)
+            assert outcome.turn is not None
+            parent = outcome.turn.parent  # the opened picture, once the first attempt committed it
+            tried.append(outcome)
+            records.append(
+                Attempt(
+                    attempt=k + 1,
+                    seed=result.seed,
+                    turn=outcome.turn.id,
+                    score=score,
+                    nfe=result.nfe,
+                    seconds=time.perf_counter() - began,
+                )
+            )
+            if checker is None:
+                break
+            passed = score is not None and score >= accept
+            events(
+                Checked(
+                    attempt=k + 1,
+                    attempts=attempts,
+                    seed=result.seed,
+                    turn=outcome.turn.id,
+                    score=score,
+                    accepted=passed,
+                )
+            )
+            if passed or score is None:
+                break
+            seed = next_seed(request.seed, request.candidates)  # past every candidate this attempt tried
+        if checker is None:
+            return tried[0].model_copy(update={"notes": notes})
+        best = max(
+            range(len(tried)), key=lambda i: (records[i].score if records[i].score is not None else -1, -i)
+        )
+        kept = tried[best]
+        assert kept.turn is not None and kept.result is not None
+        if best != len(tried) - 1:
+            self.store.move_cursor(
+                self.session, kept.turn.id, [("assistant", f"kept attempt {best + 1} of {len(tried)}")]
+            )
+            self._last_image = (kept.turn.image_sha256, kept.result.image)
+        return kept.model_copy(
+            update={
+                "attempts": records,
+                "stopped": stopped,
+                "exit_code": code,
+                "notes": notes,
+                "reply": f"{kept.reply} ({_verdict(records, best, accept)})",
+            }
+        )
+
+    def _checker(self, notes: list[str]) -> CheckingJudge | None:
+        """The judge, when it can check one edit; else None and a note (each edit then runs once)."""
+        judge = self.judge
+        if isinstance(judge, CheckingJudge):
+            return judge
+        notes.append(f"judge {self.settings.judge} cannot check an edit: it ran once, unchecked")
+        return None
+
+    @staticmethod
+    def _score(
+        checker: CheckingJudge, plan: EditPlan, source: Image.Image, result: EditResult
+    ) -> tuple[float | None, str | None]:
+        """The judge's P(yes) for the result; a judge that fails leaves the attempt unjudged, and says why."""
+        try:
+            return probability(checker.check(plan.instruction or "", source, result.image)), None
+        except Exception as e:  # noqa: BLE001 - the picture is painted: keep it, unjudged
+            return (
+                None,
+                f"self-check failed ({type(e).__name__}: {str(e)[:80]}): the attempt is kept unjudged",
+            )
+
+    def _request(
+        self,
+        read: _Read,
+        image: Image.Image,
+        earlier: dict[str, Any],
+        *,
+        seed: int,
         steps: int | None = None,
         guidance: float | None = None,
         native_size: bool | None = None,
         candidates: int | None = None,
         early_steps: int | None = None,
-    ) -> TurnOutcome:
-        """Paint `read.plan` from `image` and commit it under `parent` (after `opening`, when new).
-        Unset sampling values come from `earlier` (a retried turn's parameters), then the settings."""
-        request = EditRequest(
+    ) -> EditRequest:
+        """The engine's request: unset sampling values come from `earlier` (a retried turn's parameters),
+        then the settings."""
+        return EditRequest(
             source=image,
             plan=read.plan,
-            seed=new_seed() if seed is None else seed,
+            seed=seed,
             steps=steps or earlier.get("steps") or self.settings.steps,
             guidance=guidance or earlier.get("guidance") or self.settings.guidance,
             native_size=bool(earlier.get("native_size", False)) if native_size is None else native_size,
             candidates=candidates or earlier.get("candidates") or self.settings.candidates,
             early_steps=early_steps or earlier.get("early_steps") or self.settings.early_steps,
         )
-        cancel = cancel or threading.Event()
+
+    def _paint(self, request: EditRequest, events: Events, cancel: threading.Event) -> EditResult:
         if request.candidates > 1:
-            result = early_filter.run(
+            return early_filter.run(
                 self.engine, request, self.judge, events, cancel, f"engine {self.settings.engine}"
             )
-        else:
-            result = self.engine.edit(request, events, cancel)
+        return self.engine.edit(request, events, cancel)
+
+    def _commit(
+        self,
+        read: _Read,
+        request: EditRequest,
+        result: EditResult,
+        parent: int | None,
+        opening: NewTurn | None,
+        judged: dict[str, Any] | None,
+    ) -> TurnOutcome:
+        """Store the painted result as an edit turn under `parent` (after `opening`, when new)."""
         edited = time.perf_counter()
         plan = read.plan.model_copy(update={"ic_prompt": result.prompt})
         png = encode_png(result.image)
@@ -376,6 +625,8 @@ class Agent:
                 "nfe": result.nfe,
                 "adapter": result.adapter.model_dump() if result.adapter else None,
                 **({"extras": result.extras} if result.extras else {}),
+                **({"plan_step": read.step} if read.step else {}),
+                **({"check": judged} if judged else {}),
                 **self._filter_params(request, result),
             },
             timings=result.timings,
@@ -438,6 +689,19 @@ class Agent:
         return [_summary(t, turn_id) for t in sorted(listed.values(), key=lambda t: t.id)]
 
 
+def _verdict(records: list[Attempt], best: int, accept: float) -> str:
+    """What the self-check made of the attempts, in a few words."""
+    score = records[best].score
+    said = (
+        "unjudged"
+        if score is None
+        else f"score {score:.2f}" + (" passed" if score >= accept else f" < {accept:g}")
+    )
+    if len(records) == 1:
+        return f"self-check: {said}"
+    return f"kept attempt {best + 1} of {len(records)}, seed {records[best].seed}: {said}"
+
+
 def _summary(turn: Turn, current: int) -> TurnSummary:
     plan = turn.plan or {}
     return TurnSummary(
@@ -450,9 +714,51 @@ def _summary(turn: Turn, current: int) -> TurnSummary:
     )
 
 
-def _takes_turns(rewriter: Rewriter) -> bool:
-    """Whether the rewriter reads the session's turns (`Rewriter.rewrite(..., turns=...)`)."""
-    return "turns" in inspect.signature(rewriter.rewrite).parameters
+def _unused_seed(history: History, current: Turn) -> int:
+    """The seed after the current turn's that none of its siblings painted with (nor tried as an early-
+    filter candidate): after attempts 10, 11, 12 with the cursor on 10, "another seed" is 13, not 11."""
+    used: set[object] = set()
+    for sibling in history.children(current.parent):
+        if sibling.plan == current.plan:
+            tried = sibling.params.get("candidate_seeds")
+            used |= {sibling.seed, *(tried if isinstance(tried, list) else [])}
+    seed = next_seed(current.seed or 0)
+    while seed in used:
+        seed = next_seed(seed)
+    return seed
+
+
+def _retryable(turn: Turn) -> bool:
+    """Whether "the same edit with another seed" has an edit to repeat: an edit turn with its plan."""
+    return turn.kind == "edit" and bool(turn.plan) and turn.parent is not None
+
+
+def _choices(history: History | None, current: Turn | None) -> Choices:
+    """The intents that can apply now, and every turn a jump may name (all of the session's: "branch
+    from turn 3" in a long session is no less possible for being off the listed ones)."""
+    if history is None or current is None:
+        return Choices(intents=["edit", "answer", "clarify"])
+    others = [t.id for t in history.turns if t.id != current.id]
+    can = {
+        "undo": current.parent is not None,
+        "redo": bool(history.children(current.id)),
+        "retry": _retryable(current),
+        "jump": bool(others),
+    }
+    intents = [i for i in get_args(Intent) if can.get(i, True)]
+    return Choices(intents=intents, turns=others)
+
+
+def progress_line(event: Planned | Landed | Checked) -> str:
+    """A plan, a landed step or a self-check verdict as one line (the CLI's stderr, the chat's log)."""
+    if isinstance(event, Planned):
+        steps = "; ".join(f"{i}. {printable(step)}" for i, step in enumerate(event.steps, 1))
+        return f"plan of {len(event.steps)} edits: {steps}"
+    if isinstance(event, Landed):
+        return f"step {event.step} of {event.of} done: turn #{event.turn} ({printable(event.instruction)})"
+    score = "unjudged" if event.score is None else f"score {event.score:.2f}"
+    verdict = "passed" if event.accepted else ("kept unjudged" if event.score is None else "below the bar")
+    return f"attempt {event.attempt} of {event.attempts} (seed {event.seed}, turn #{event.turn}): {score}, {verdict}"
 
 
 def describe(outcome: TurnOutcome, **extra: Any) -> dict[str, Any]:
@@ -471,7 +777,7 @@ def describe(outcome: TurnOutcome, **extra: Any) -> dict[str, Any]:
     if outcome.result is not None and outcome.turn is not None:
         out |= {
             "seed": outcome.result.seed,
-            "nfe": outcome.result.nfe,
+            "nfe": outcome.nfe,  # the whole turn's: every step and attempt
             "steps": outcome.turn.params["steps"],
             "guidance": outcome.turn.params["guidance"],
             "size": list(outcome.result.image.size),
@@ -482,4 +788,12 @@ def describe(outcome: TurnOutcome, **extra: Any) -> dict[str, Any]:
         if outcome.result.candidates:
             out["candidates"] = [c.model_dump() for c in outcome.result.candidates]
             out["verdicts"] = [v.model_dump() for v in outcome.result.verdicts]
+    if outcome.attempts and not outcome.planned:  # a plan's are in each of `landed`
+        out["attempts"] = [a.model_dump() for a in outcome.attempts]
+    if outcome.planned:
+        out |= {"plan": outcome.planned, "landed": [describe(step) for step in outcome.steps]}
+    if outcome.stopped:
+        out["stopped"] = outcome.stopped
+    if outcome.notes:
+        out["notes"] = outcome.notes
     return out | extra

@@ -14,9 +14,9 @@ from typing import Any
 import click
 
 from assistant import command_kit as kit
-from assistant.errors import UserError
+from assistant.errors import Stopped, UserError
 from assistant.files import in_the_way, refuse_existing, write_file
-from assistant.models import CandidateCount, EarlySteps, Guidance, Seed, Steps
+from assistant.models import AttemptCount, CandidateCount, EarlySteps, Guidance, Probability, Seed, Steps
 from assistant.text import printable
 
 RANDOM_WEIGHTS_NOTE = "note: the tiny preset has random weights: its pictures are noise, not edits"
@@ -81,7 +81,13 @@ class _Progress:
 
     @classmethod
     def show(cls, event) -> None:
-        if sys.stderr.isatty() and event.kind == "step":
+        """A step on the status line; a plan, a landed step and a self-check verdict as lines of their own."""
+        if event.kind in ("plan", "landed", "checked"):
+            from assistant.agent import progress_line
+
+            cls.end()
+            click.echo(progress_line(event), err=True)
+        elif sys.stderr.isatty() and event.kind == "step":
             text = f"{event.phase}..." if event.i == 0 else f"{event.phase} step {event.i}/{event.n}"
             click.echo(f"\r{text:<30}", err=True, nl=False)
             cls.open = True
@@ -173,7 +179,22 @@ host_options = [
         type=kit.option_type(EarlySteps),
         help="early filter: steps before judging (default 4)",
     ),
-    click.option("--judge", help="judge plugin for the early filter (default qwen_vl)"),
+    click.option("--judge", help="judge plugin for the early filter and the self-check (default qwen_vl)"),
+    click.option(
+        "--attempts",
+        type=kit.option_type(AttemptCount),
+        help="self-check: seeds to try per edit until the judge passes one (default 1; more turns the check on)",
+    ),
+    click.option(
+        "--accept",
+        type=kit.option_type(Probability),
+        help="self-check: the judge's P(yes) an edit needs to pass (default 0.5)",
+    ),
+    click.option(
+        "--check/--no-check",
+        default=None,
+        help="self-check every edit, also a single attempt (reports its score)",
+    ),
     kit.option_pairs,
 ]
 
@@ -296,7 +317,12 @@ def _report(
     if outcome.result is not None and outcome.result.random_weights:
         click.echo(RANDOM_WEIGHTS_NOTE, err=True)
     _fallback_note(outcome.rewriter)
+    for note in outcome.notes:
+        click.echo(f"note: {printable(note)}", err=True)
     _warn(agent.problems)
+    if outcome.stopped:  # what landed is written (and kept in the session); the command still failed
+        kept = "what landed before it is kept" if session else "only the last picture that landed is written"
+        raise Stopped(f"stopped at {outcome.stopped} ({kept})", outcome.exit_code)
 
 
 @cli.command()
@@ -412,6 +438,8 @@ def rewrite(image, request, rewriter, json_, **options) -> None:
         click.echo(
             f"{plan.intent}: {plan.instruction}" if plan.instruction else f"{plan.intent}: {plan.rationale}"
         )
+        for i, step in enumerate(plan.then, 2):
+            click.echo(f"then {i}: {step}")
         if plan.ic_prompt:
             click.echo(f"IC prompt: {plan.ic_prompt}")
         click.echo(f"why: {plan.rationale}")

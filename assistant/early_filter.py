@@ -15,7 +15,6 @@ p = (p_AB + 1 - p_BA) / 2, so a judge's preference for the first (or second) ima
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from typing import cast
@@ -32,6 +31,7 @@ from assistant.models import (
     Verdict,
     VerdictInfo,
     next_seed,
+    probability,
 )
 from assistant.protocols import CandidateEngine, Engine, Events, Judge
 from sessions.identity import encode_png, sha256
@@ -44,11 +44,8 @@ def _both_orders(
     answers = list(judge.compare_many(instruction, source, [(a, b), (b, a)]))
     if len(answers) != 2:
         raise ValueError(f"judge returned {len(answers)} answers for 2 pairs")
-    for p in answers:
-        if not isinstance(p, (int, float)) or isinstance(p, bool) or not math.isfinite(p) or not 0 <= p <= 1:
-            raise ValueError(f"judge returned {p!r}, not a probability")
-    p_ab, p_ba = answers
-    return float(p_ab), float(p_ba)
+    p_ab, p_ba = (probability(p) for p in answers)
+    return p_ab, p_ba
 
 
 def tournament(

@@ -12,6 +12,16 @@ class WeightsMissing(UserError):
 
 
 class Cancelled(UserError):
-    """The person stopped a running edit; nothing of it was stored."""
+    """The person stopped a running edit; nothing of that edit was stored (the steps or attempts that
+    landed before it stay: `Stopped`)."""
 
     exit_code = 130
+
+
+class Stopped(UserError):
+    """A plan or the self-check's attempts ended early: what landed before it is kept (`exit_code`: that of
+    the error that stopped it, 130 for a cancel)."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code

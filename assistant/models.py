@@ -20,6 +20,8 @@ Steps = Annotated[int, Field(ge=1, le=200)]
 Guidance = Annotated[float, Field(gt=0, le=200)]
 CandidateCount = Annotated[int, Field(ge=1, le=16)]
 EarlySteps = Annotated[int, Field(ge=1, le=199)]
+AttemptCount = Annotated[int, Field(ge=1, le=16)]
+Probability = Annotated[float, Field(ge=0, le=1)]
 """The sampling ranges, defined once: the models, settings, replay scripts, archives, the CLI's option
 types (`command_kit.option_type`) and the chat's commands (`int_bounds`) all take them from here."""
 
@@ -52,6 +54,22 @@ def bounds(kind: object) -> tuple[Any, Any, bool, bool]:
     return low, high, low_open, high_open
 
 
+def probability(value: object) -> float:
+    """`value` as a probability, or a ValueError: what a judge answers is held to [0, 1] (bool is no number)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or not 0 <= value <= 1
+    ):
+        raise ValueError(f"judge returned {value!r}, not a probability")
+    return float(value)
+
+
+MAX_STEPS = 8
+"""Edits one message may plan: more is a request to split up, not a plan to run unattended."""
+
+
 def next_seed(seed: int, k: int = 1) -> int:
     """The k-th seed after `seed`, wrapping at SEEDS, so "try another seed" never leaves the range."""
     return (seed + k) % SEEDS
@@ -70,11 +88,32 @@ class EditPlan(BaseModel):
         "propose one, the agent stores the engine's own (`EditResult.prompt`). The name stays for stored sessions.",
     )
     turn: int | None = Field(None, description='for "jump": the id of the turn to go to')
+    then: list[str] = Field(
+        [],
+        max_length=MAX_STEPS - 1,
+        description='for "edit" of several changes: the instructions of the steps after `instruction`, in '
+        "order; each step edits the one before's result and is its own turn",
+    )
     rationale: str = ""
     fallback: str | None = Field(
         None,
         description="set by a rewriter that handed over to another: 'rules (why)'; shown as 'qwen_vl -> rules (why)'",
     )
+
+    def steps(self) -> list[EditPlan]:
+        """An edit's single-change steps, in order: itself when it has no `then`."""
+        if not self.then:
+            return [self]
+        instructions = [self.instruction or "", *self.then]
+        return [
+            EditPlan(
+                intent="edit",
+                instruction=text,
+                subject=self.subject if i == 0 else None,
+                rationale=f"step {i + 1} of {len(instructions)}: {text}",
+            )
+            for i, text in enumerate(instructions)
+        ]
 
 
 class TurnSummary(BaseModel):
@@ -86,6 +125,20 @@ class TurnSummary(BaseModel):
     id: int | None = None
     parent: int | None = Field(None, description="the turn it was made from (None: an opened image)")
     current: bool = Field(False, description="the picture the person sees now")
+
+
+class Choices(BaseModel):
+    """What a rewriter may answer now: the intents that can apply to the session as it stands (no undo
+    with nothing to undo, no redo with nothing undone, no retry before an edit, no jump with nowhere
+    to go) and the turns a jump may name."""
+
+    intents: list[Intent]
+    turns: list[int] = Field([], description='ids a "jump" may name: the listed turns but the current one')
+
+    @classmethod
+    def anything(cls) -> Choices:
+        """Every intent and no turn: a message read without a session (`icedit rewrite`)."""
+        return cls(intents=[i for i in get_args(Intent) if i != "jump"])
 
 
 class EditRequest(BaseModel):
@@ -188,7 +241,45 @@ class Log(BaseModel):
     text: str
 
 
-EngineEvent = Annotated[Step | Candidates | Verdict | Log, Field(discriminator="kind")]
+class Planned(BaseModel):
+    """The agent split a message into several edits, run in this order (before the first runs)."""
+
+    kind: Literal["plan"] = "plan"
+    steps: list[str]
+
+
+class Landed(BaseModel):
+    """Step `step` of a plan of `of` steps is committed as `turn`: its picture and the one it was made
+    from, so the chat shows each step as it lands."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    kind: Literal["landed"] = "landed"
+    step: int
+    of: int
+    turn: int
+    instruction: str
+    image: Image.Image = Field(exclude=True)
+    source: Image.Image = Field(exclude=True)
+
+
+class Checked(BaseModel):
+    """The self-check judged attempt `attempt` of at most `attempts` (score None: it could not)."""
+
+    kind: Literal["checked"] = "checked"
+    attempt: int
+    attempts: int
+    seed: int
+    turn: int
+    score: float | None
+    accepted: bool
+
+
+EngineEvent = Annotated[
+    Step | Candidates | Verdict | Log | Planned | Landed | Checked, Field(discriminator="kind")
+]
+"""What a running turn reports: the engine's steps, previews, verdicts and logs, the agent's plan
+steps and self-check scores."""
 
 
 class Metric(BaseModel):

@@ -26,6 +26,8 @@ from assistant.memory import MemoryPlan, Part
 from assistant.settings import Settings
 
 VLM_REWRITER, RULES_REWRITER = "qwen_vl", "rules"
+UNCHECKED = "each edit once, unchecked"
+"""What runs when the self-check's judge cannot: the attempts' fallback."""
 
 
 class Prepared(BaseModel):
@@ -61,6 +63,18 @@ def rewriter_name(settings: Settings) -> str:
     return settings.rewriter or default_rewriter(settings)
 
 
+def checks(settings: Settings, attempts: int | None = None, check: bool | None = None) -> bool:
+    """Whether edits are self-checked: as `check` says (given, else the settings'), and when neither
+    says, whenever more than one attempt may run (`attempts` given, else the settings')."""
+    check = settings.check if check is None else check
+    return (attempts or settings.attempts) > 1 if check is None else check
+
+
+def runs_judge(settings: Settings, judge: bool | None) -> bool:
+    """Whether the judge runs: asked for (`judge`), or (None) for the early filter or the self-check."""
+    return bool(judge) or (judge is None and (settings.candidates > 1 or checks(settings)))
+
+
 def needs(
     settings: Settings,
     *,
@@ -70,8 +84,9 @@ def needs(
     scorers: Sequence[str] = (),
 ) -> list[Artifact]:
     """Every artifact these settings will load; the default rewriter's are optional (rules instead).
-    `judge` None: the judge is needed when the early filter runs (candidates > 1); `scorers`: those
-    `icedit eval` runs."""
+    `judge` None: the judge is needed when the early filter runs (candidates > 1) or the self-check
+    (whose judge is optional: without it each edit runs once, unchecked); `scorers`: those `icedit
+    eval` runs."""
     found = _artifacts("engines", settings.engine, settings) if engine else []
     if rewriter:
         chosen = _artifacts("rewriters", rewriter_name(settings), settings)
@@ -81,8 +96,11 @@ def needs(
                 for a in chosen
             ]
         found += chosen
-    if judge or (judge is None and settings.candidates > 1):
-        found += _artifacts("judges", settings.judge, settings)
+    if runs_judge(settings, judge):
+        chosen = _artifacts("judges", settings.judge, settings)
+        if judge is None and settings.candidates == 1:  # the self-check alone: it can be left out
+            chosen = [a.model_copy(update={"required": False, "fallback": UNCHECKED}) for a in chosen]
+        found += chosen
     for name in scorers:
         found += _artifacts("scorers", name, settings)
     return found
@@ -129,12 +147,25 @@ def prepare(
             )
             name = RULES_REWRITER
         settings = settings.model_copy(update={"rewriter": name})
+    if judge is None and settings.candidates == 1 and checks(settings):
+        wanted = {_key(a) for a in _artifacts("judges", settings.judge, settings)}
+        lacking = [s for s in statuses if not s.usable and _key(s.artifact) in wanted]
+        if lacking:
+            notes.append(
+                f"the self-check cannot run ({lacking[0].artifact.name}: {lacking[0].problem}): "
+                f"{UNCHECKED} (`icedit download --with-vlm` fetches the judge's VLM)"
+            )
+            settings = settings.model_copy(update={"check": False, "attempts": 1})
     placed = None
     if plan and _on_gpu(settings):
         placed = memory_plan(settings, engine=engine, rewriter=rewriter, judge=judge, scorers=scorers)
         settings = settings.with_options(**placed.settings_update())
         notes += placed.notes
     return Prepared(settings=settings, statuses=statuses, notes=notes, plan=placed)
+
+
+def _key(artifact: Artifact) -> tuple:
+    return (artifact.ref, artifact.revision, artifact.layout, artifact.filename)
 
 
 def _on_gpu(settings: Settings) -> bool:
@@ -162,7 +193,7 @@ def memory_plan(
 
     chosen: list[tuple[ModelKind, str]] = [("engines", settings.engine)] if engine else []
     chosen += [("rewriters", rewriter_name(settings))] if rewriter else []
-    chosen += [("judges", settings.judge)] if judge or (judge is None and settings.candidates > 1) else []
+    chosen += [("judges", settings.judge)] if runs_judge(settings, judge) else []
     chosen += [("scorers", name) for name in scorers]
     parts: dict[str, Part] = {}
     owners: dict[str, list[str]] = {}

@@ -9,7 +9,8 @@ host calls nothing else on them. Errors are part of the contract:
 - `assistant.errors.Cancelled`: the `cancel` event was set; engines check it between steps and raise
   this, so nothing of the edit is stored.
 - Anything else is a bug in the plugin and keeps its traceback (a judge's failure is the one
-  exception: the early filter decides that match by seed order and records why).
+  exception: the early filter decides that match by seed order and records why; the self-check keeps
+  the attempt unjudged and records why).
 """
 
 from __future__ import annotations
@@ -78,13 +79,16 @@ class Rewriter(Protocol):
 
     def rewrite(self, image: Image.Image, message: str, context: list[TurnSummary]) -> EditPlan:
         """`context` is the path to the current turn, oldest first (at most a few turns). Intents: edit
-        (with an instruction), undo, redo, retry (the host re-runs the current edit with the next seed),
+        (with an instruction; a message asking for several changes puts the later ones, in order, in
+        `then`: the host runs each as its own edit), undo, redo, retry (the host re-runs the current edit with the next seed),
         jump (to the turn in `turn`, which the host checks exists), answer / clarify (a reply in
         `rationale`, nothing edited).
 
         A rewriter whose `rewrite` also takes a keyword `turns` gets every turn of the session there
         (the most recent ones of a long session, and the current picture's original), each with its
-        id, parent and whether it is current: what "go back to the one with the hat" needs."""
+        id, parent and whether it is current: what "go back to the one with the hat" needs. One that
+        takes `choices` gets the intents that can apply now and the turns a jump may name
+        (`models.Choices`): what it answers should be among them (the host still checks)."""
         ...
 
 
@@ -99,6 +103,15 @@ class Judge(Protocol):
         self, instruction: str, source: Image.Image, pairs: Sequence[tuple[Image.Image, Image.Image]]
     ) -> list[float]:
         """`compare` for several pairs at once (batched where it can); `PairwiseJudge` gives a loop."""
+        ...
+
+
+@runtime_checkable
+class CheckingJudge(Judge, Protocol):
+    """A judge that can also check one finished edit (optional): the agent's self-check asks it."""
+
+    def check(self, instruction: str, source: Image.Image, edit: Image.Image) -> float:
+        """P(`edit` carries out the instruction on `source` and keeps the rest), in [0, 1]."""
         ...
 
 

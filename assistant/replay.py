@@ -17,8 +17,8 @@ from typing import Any
 from PIL import Image
 
 from assistant.agent import Agent
-from assistant.errors import Cancelled, UserError
-from assistant.files import write_file
+from assistant.errors import Cancelled, Stopped, UserError
+from assistant.files import leftover, write_file
 from assistant.images import load_source
 from assistant.protocols import Events
 from assistant.settings import Settings
@@ -66,6 +66,10 @@ def _prepare_out(out_dir: Path) -> None:
     except OSError as e:
         raise UserError(f"cannot create {out_dir}: {e.strerror}") from None
     for entry in entries:
+        if leftover(entry):  # a run killed mid-write left a second name for an output it wrote
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry)
+            continue
         found = what_is(entry, out_dir)
         if found == "file" or (found == "folder" and not OUTPUT_NAME.fullmatch(entry.name)):
             continue
@@ -95,13 +99,13 @@ def total_nfe(script: ReplayScript, settings: Settings) -> int:
 
 
 def _nfe(turn: ReplayTurn, settings: Settings) -> int:
-    """n steps, or M*m + n - m when M > 1 candidates run m early steps each (assistant/early_filter.py)."""
+    """n steps, or M*m + n - m when M > 1 candidates run m early steps each (assistant/early_filter.py),
+    for each self-check attempt it may take."""
     steps = turn.steps or settings.steps
     candidates = turn.candidates or settings.candidates
-    if candidates == 1:
-        return steps
     early = turn.early_steps or settings.early_steps
-    return candidates * early + steps - early
+    once = steps if candidates == 1 else candidates * early + steps - early
+    return once * settings.attempts
 
 
 def run_script(
@@ -117,7 +121,8 @@ def run_script(
 ) -> Iterator[dict[str, Any]]:
     """Run each turn through the agent; yield one JSON-able row per turn after writing its PNG.
 
-    Each turn commits on its own: an error or Ctrl+C in turn n keeps turns 1..n-1 and nothing of n.
+    Each turn commits on its own: an error or Ctrl+C in turn n keeps turns 1..n-1 and nothing of n but
+    the steps or attempts of it that landed before (a plan's, the self-check's).
     """
     base = script_path.parent
     agent = Agent(store, session, settings)
@@ -161,6 +166,8 @@ def run_script(
             if turn is not None:
                 output = _write(out_dir, f"{n:02d}-{row['intent']}.png", store.image(turn.image_sha256))
                 row |= {"cursor": turn.id, "image_sha256": turn.image_sha256, "output": str(output)}
+        except Stopped:
+            raise
         except Cancelled:
             kept = " (the turns before it are kept)" if n > 1 else ""
             raise Cancelled(f"turn {n}: cancelled: nothing of it was saved{kept}") from None
@@ -209,13 +216,19 @@ def _run_turn(
         events=events,
         cancel=cancel,
     )
+    if outcome.stopped:  # the steps or attempts that landed stay in the session; the replay stops
+        raise Stopped(f"turn {n}: {outcome.stopped} (what landed before it is kept)", outcome.exit_code)
     turn = outcome.turn or (agent.current() if agent.history() else None)
     if outcome.result is not None:
         row |= {
             "seed": outcome.result.seed,
-            "nfe": outcome.result.nfe,
+            "nfe": outcome.nfe,
             "random_weights": outcome.result.random_weights,
         }
+        if outcome.planned:
+            row["plan"] = outcome.planned
+        if outcome.attempts:
+            row["attempts"] = [a.model_dump() for a in outcome.attempts]
         if outcome.result.candidates:
             row["candidate_seeds"] = [c.seed for c in outcome.result.candidates]
             row["verdicts"] = [v.model_dump() for v in outcome.result.verdicts]

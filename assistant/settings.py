@@ -1,6 +1,7 @@
 """The host's settings, shared by the CLI, the chat and replay; each can be set by an ICEDIT_* variable.
 
-The host keeps only what it uses itself (the store, which plugins run, the sampling, the early filter).
+The host keeps only what it uses itself (the store, which plugins run, the sampling, the early filter,
+the self-check).
 Every other key is a plugin's option: `Settings(preset="tiny")`, `--option preset=tiny`,
 `ICEDIT_PRESET=tiny`, `ICEDIT_OPTIONS__PRESET=tiny` and `preset = "tiny"` in the config file all land
 in `options`, which the plugin manager checks against the options models the plugins declare
@@ -24,7 +25,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from assistant.models import CandidateCount, EarlySteps, Guidance, Steps
+from assistant.models import AttemptCount, CandidateCount, EarlySteps, Guidance, Probability, Steps
 
 ENV_PREFIX = "ICEDIT_"
 CONFIG_VARIABLE = "ICEDIT_CONFIG"
@@ -54,6 +55,11 @@ def overlay(options: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
     return kept | {k: v for k, v in given.items() if v is not None}
 
 
+ACCEPT = 0.5
+"""The self-check's default threshold: the judge finds "yes" more likely than "no". A judge's P(yes) is
+not calibrated across models, so no other value is better in general; --accept moves it."""
+
+
 def _default_home() -> Path:
     return platformdirs.user_data_path("icedit-assistant")
 
@@ -68,9 +74,21 @@ class Settings(BaseSettings):
     rewriter: str | None = Field(
         None, description="rewriter plugin (default: qwen_vl with real weights, rules with random ones)"
     )
-    judge: str = Field("qwen_vl", description="judge plugin for the early filter")
+    judge: str = Field("qwen_vl", description="judge plugin for the early filter and the self-check")
     candidates: CandidateCount = Field(1, description="early filter: noises tried per edit (1 = off)")
     early_steps: EarlySteps = Field(4, description="early filter: steps each candidate runs before judging")
+    attempts: AttemptCount = Field(
+        1,
+        description="self-check: seeds tried per edit until one passes (1 = no retries; more turns the check on)",
+    )
+    accept: Probability = Field(
+        ACCEPT,
+        description="self-check: the judge's P(yes) an edit needs to pass (default 0.5: yes more likely than no)",
+    )
+    check: bool | None = Field(
+        None,
+        description="self-check each edit (None: when attempts > 1; on with one attempt, its score is told)",
+    )
     steps: Steps = 28
     guidance: Guidance = 50.0
     options: dict[str, OptionValue] = Field(

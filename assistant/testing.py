@@ -49,7 +49,15 @@ from assistant.models import (
     next_seed,
 )
 from assistant.plugins import EngineSpec
-from assistant.protocols import CandidateEngine, Engine, Judge, PairwiseJudge, Rewriter, Scorer
+from assistant.protocols import (
+    CandidateEngine,
+    CheckingJudge,
+    Engine,
+    Judge,
+    PairwiseJudge,
+    Rewriter,
+    Scorer,
+)
 from sessions.identity import encode_png
 
 __all__ = [
@@ -279,6 +287,7 @@ class RewriterContract:
             assert plan.intent == intent, (message, plan)
             if intent == "edit":
                 assert plan.instruction and plan.instruction.strip(), (message, plan)
+                assert all((step.instruction or "").strip() for step in plan.steps()), (message, plan)
 
     def test_odd_text_gives_a_plan_or_a_user_error(self, rewriter):
         for context in ([], self.context()):
@@ -334,6 +343,13 @@ class JudgeContract:
         assert len(many) == len(pairs)
         one_by_one = [judge.compare(self.instruction, self.source(), a, b) for a, b in pairs]
         assert many == pytest.approx(one_by_one, abs=self.tolerance)
+
+    def test_a_judge_that_checks_gives_a_probability_per_edit(self, judge):
+        if not isinstance(judge, CheckingJudge):
+            pytest.skip("this judge does not check single edits (the self-check runs without it)")
+        for edit in (*self.pictures(), self.source()):
+            p = judge.check(self.instruction, self.source(), edit)
+            assert isinstance(p, float) and 0.0 <= p <= 1.0, p
 
 
 class ScorerContract:

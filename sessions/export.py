@@ -3,7 +3,8 @@
 The tree is walked depth-first (iteratively: sessions run thousands of turns deep), `undo` climbing
 back after each branch; the branch holding the cursor is walked last, so the replay ends where the
 session's cursor is. Edits carry their instruction and seed, so the replay repeats them without a
-rewriter.
+rewriter: a plan's steps and the self-check's attempts are turns like any other, replayed one by one
+(`attempts = 1`, so a config file asking for more does not add attempts of its own).
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ def _edit(turn: Turn) -> dict:
 def _write_script(
     script: Path, name: str, history: History, source: str, turns: list[dict], force: bool
 ) -> None:
-    header: dict[str, object] = {"source": source}
+    header: dict[str, object] = {"source": source, "attempts": 1}  # each attempt is a turn of its own
     for key in ("preset", "judge", "engine"):  # settings every edit of the session shared
         values = {t.params.get(key) for t in history.turns if t.kind == "edit"}
         if len(values) == 1 and None not in values:

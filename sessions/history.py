@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Iterator
 from typing import Any, Literal
 
@@ -31,6 +32,31 @@ class Turn(BaseModel):
     @property
     def seed(self) -> int | None:
         return self.params.get("seed")
+
+    @property
+    def label(self) -> str:
+        """What a tree shows: the message; a plan's step as its own instruction with its place in the
+        plan, and a self-checked attempt with its score. Stored values are shown only when well-formed
+        (an imported store may hold anything)."""
+        text = self.message
+        step: Any = self.params.get("plan_step")
+        instruction = (self.plan or {}).get("instruction")
+        if isinstance(instruction, str) and _numbers(step, 2) and all(isinstance(v, int) for v in step):
+            text = f"{instruction} (step {step[0]}/{step[1]})"
+        check = self.params.get("check")
+        score: Any = check.get("score") if isinstance(check, dict) else None
+        if _numbers([score], 1) and 0 <= score <= 1:
+            text += f"  check {score:.2f}"
+        return text
+
+
+def _numbers(values: Any, count: int) -> bool:
+    """Whether `values` is a list of `count` finite numbers (bool is no number)."""
+    return (
+        isinstance(values, list)
+        and len(values) == count
+        and all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+    )
 
 
 class History(BaseModel):
@@ -113,7 +139,7 @@ class History(BaseModel):
             mark = "*" if t.id == self.cursor else " "
             seed = f"  seed {t.seed}" if t.seed is not None else ""
             image = f"  [{t.image_sha256[:12]}]" if images else ""
-            lines.append(f"{mark} {indent(depth)}#{t.id} {t.kind}: {printable(t.message)}{seed}{image}")
+            lines.append(f"{mark} {indent(depth)}#{t.id} {t.kind}: {printable(t.label)}{seed}{image}")
         return lines
 
     def newest_below(self, turn_id: int) -> list[Turn]:

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from assistant.errors import UserError
 from assistant.files import SAID, kind
-from assistant.models import CandidateCount, EarlySteps, Guidance, Seed, Steps
+from assistant.models import AttemptCount, CandidateCount, EarlySteps, Guidance, Seed, Steps
 from assistant.text import check_message, path_text
 
 MAX_SCRIPT_BYTES = 1_000_000
@@ -78,6 +78,9 @@ class ReplayScript(BaseModel):
     candidates: CandidateCount | None = None
     early_steps: EarlySteps | None = None
     judge: str | None = None
+    attempts: AttemptCount | None = Field(
+        None, description="self-check attempts per edit; an exported script says 1: it lists every attempt"
+    )
     preset: str | None = None
     engine: str | None = None
     rewriter: str | None = None
@@ -85,7 +88,17 @@ class ReplayScript(BaseModel):
 
     def settings(self) -> dict[str, Any]:
         """The script's engine settings (the command line's options win over them)."""
-        keys = ("steps", "guidance", "candidates", "early_steps", "judge", "preset", "engine", "rewriter")
+        keys = (
+            "steps",
+            "guidance",
+            "candidates",
+            "early_steps",
+            "judge",
+            "attempts",
+            "preset",
+            "engine",
+            "rewriter",
+        )
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
     def needs_judge(self) -> bool:

@@ -7,14 +7,18 @@ from pathlib import Path
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def test_moe_benchmark_checks_all_three_formulations_at_flux_shapes():
-    run = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "moe.py"), "--tokens", "24", "--repeats", "1"],
+def benchmark(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args],
         capture_output=True,
         text=True,
         timeout=300,
         check=False,
     )
+
+
+def test_moe_benchmark_checks_all_three_formulations_at_flux_shapes():
+    run = benchmark("moe.py", "--tokens", "24", "--repeats", "1")
     assert run.returncode == 0, run.stderr[-2000:]
     lines = run.stdout.strip().splitlines()
     assert [line.split()[:2] for line in lines[3:7]] == [
@@ -27,22 +31,7 @@ def test_moe_benchmark_checks_all_three_formulations_at_flux_shapes():
 
 
 def test_edit_benchmark_compares_the_official_call_with_ours_on_the_same_picture():
-    run = subprocess.run(
-        [
-            sys.executable,
-            str(BENCHMARKS / "edit.py"),
-            "--steps",
-            "1",
-            "--repeats",
-            "1",
-            "--only",
-            "ours,ours+merged",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    run = benchmark("edit.py", "--steps", "1", "--repeats", "1", "--only", "ours,ours+merged")
     assert run.returncode == 0, run.stderr[-2000:]
     rows = [line.split() for line in run.stdout.strip().splitlines()[2:-1]]
     assert [(row[0], row[1], row[2]) for row in rows] == [
@@ -52,3 +41,14 @@ def test_edit_benchmark_compares_the_official_call_with_ours_on_the_same_picture
     ]
     assert all(int(row[-1]) <= 2 for row in rows)  # max |diff| in 8-bit levels: the same edit every way
     assert run.stdout.strip().splitlines()[-1].startswith("speedup ")
+
+
+def test_grammar_benchmark_prints_both_decoders_per_token_cost():
+    run = benchmark("grammar.py", "--quick", "--seeds", "1")
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.strip().splitlines()
+    assert lines[1].split()[:5] == ["seed", "unconstrained", "constrained", "overhead", "mask"]
+    seed, plain, constrained, *_ = lines[2].split()
+    assert seed == "0" and float(plain) > 0 and float(constrained) > 0
+    assert " yes (" in lines[2]  # the random model's constrained answer is a valid plan
+    assert lines[-2].startswith("per token: median ") and lines[-1].startswith("share of a 20 ms decode step")

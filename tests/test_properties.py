@@ -236,4 +236,4 @@ def test_a_vlm_answering_anything_still_gives_a_plan(monkeypatch, options_for_vl
 def options_for_vlm(icedit_home):
     from plugins.qwen_vl.options import QwenVlOptions
 
-    return QwenVlOptions(vlm="some/vlm")
+    return QwenVlOptions(vlm="some/vlm", vlm_grammar=False)  # free text: anything can come back

@@ -14,9 +14,9 @@ from typing import Protocol
 
 from assistant.agent import Agent
 from assistant.errors import UserError
-from assistant.models import CandidateCount, Seed, Steps, int_bounds
+from assistant.models import AttemptCount, CandidateCount, Seed, Steps, int_bounds
 from assistant.plugins import CommandSpec
-from assistant.preflight import require_on_disk
+from assistant.preflight import checks, require_on_disk
 from assistant.text import file_name
 from sessions.history import History
 
@@ -40,6 +40,9 @@ class ChatOptions:
     seed: int | None = None
     steps: int | None = None
     candidates: int | None = None
+    attempts: int | None = None
+    accept: float | None = None
+    check: bool | None = None
 
 
 @dataclass
@@ -121,6 +124,55 @@ def _candidates(chat: Chat, argument: str) -> str:
     )
 
 
+def self_check(chat: Chat) -> str:
+    """The self-check as the next edits will run it, in a few words (the status line, the commands)."""
+    settings = chat.agent.settings
+    attempts = chat.options.attempts or settings.attempts
+    accept = settings.accept if chat.options.accept is None else chat.options.accept
+    if not checks(settings, chat.options.attempts, chat.options.check):
+        return "check off"
+    return f"check ≥ {accept:g}" + (f", {attempts} attempts" if attempts > 1 else "")
+
+
+def _judge_ready(chat: Chat) -> None:
+    """The judge's weights must be here already: a chat downloads nothing mid-conversation."""
+    require_on_disk(chat.agent.settings, engine=False, rewriter=False, judge=True)
+
+
+def _attempts(chat: Chat, argument: str) -> str:
+    n = whole_number(argument, "/attempts N", *int_bounds(AttemptCount))
+    if n > 1:
+        _judge_ready(chat)
+    chat.options.attempts = n
+    if n > 1 and chat.options.check is False:
+        chat.options.check = None  # asking for attempts asks for the verdicts they need
+    return (
+        f"{self_check(chat)}: below the bar, the next seed runs"
+        if n > 1
+        else f"one attempt per edit ({self_check(chat)})"
+    )
+
+
+def _accept(chat: Chat, argument: str) -> str:
+    try:
+        value = float(argument)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 1:
+        raise UserError("usage: /accept P (the judge's P(yes) an edit needs, from 0 to 1)")
+    chat.options.accept = value
+    return f"{self_check(chat)} for the next edits"
+
+
+def _check(chat: Chat, argument: str) -> str:
+    if argument.lower() not in ("on", "off"):
+        raise UserError(f"usage: /check on|off (now {self_check(chat)})")
+    if argument.lower() == "on":
+        _judge_ready(chat)
+    chat.options.check = argument.lower() == "on"
+    return f"{self_check(chat)} for the next edits"
+
+
 def _open(chat: Chat, argument: str) -> str:
     from assistant.images import load_source
 
@@ -199,6 +251,27 @@ BUILTINS: dict[str, CommandSpec] = {
             _candidates,
             "early filter: noises tried per edit, the judge keeps one",
             "/candidates N",
+            needs_store=False,
+        ),
+        CommandSpec(
+            "attempts",
+            _attempts,
+            "self-check: seeds tried per edit until the judge passes one (1 = no retries)",
+            "/attempts N",
+            needs_store=False,
+        ),
+        CommandSpec(
+            "accept",
+            _accept,
+            "self-check: the judge's P(yes) an edit needs to pass (default 0.5)",
+            "/accept P",
+            needs_store=False,
+        ),
+        CommandSpec(
+            "check",
+            _check,
+            "self-check each edit (its score is shown), or not",
+            "/check on|off",
             needs_store=False,
         ),
         CommandSpec("open", _open, "open an image (the next edit starts from it)", "/open PATH"),

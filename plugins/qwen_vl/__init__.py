@@ -12,9 +12,10 @@ def _rewriter(settings, options):
 
 
 def _judge(settings, options):
-    from plugins.qwen_vl.judge import QwenJudge
+    from plugins.qwen_vl.judge import QwenJudge, QwenPairJudge
 
-    return QwenJudge(options)
+    # with no VLM (--vlm none) there is nothing to check an edit with: the agent says so, once per edit
+    return QwenPairJudge(options) if options.vlm == "none" else QwenJudge(options)
 
 
 def _vie(settings, options):

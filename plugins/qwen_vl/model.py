@@ -50,6 +50,12 @@ class Vlm:
         batch = self.processor(text=texts, images=images, do_resize=False, padding=True, return_tensors="pt")
         return batch.to(self.model.device)
 
+    def stop_ids(self) -> list[int]:
+        """The tokens that end an answer (Qwen2.5-VL-Instruct's <|im_end|> and <|endoftext|>)."""
+        found = self.model.generation_config.eos_token_id
+        ids = found if isinstance(found, list) else [found]
+        return [i for i in ids if i is not None] or [self.processor.tokenizer.eos_token_id]
+
     @torch.inference_mode()
     def generate(self, conversation: list[dict[str, Any]], max_new_tokens: int, logits_processor=None) -> str:
         """The greedy answer to one conversation, special tokens removed."""

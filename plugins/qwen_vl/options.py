@@ -29,7 +29,15 @@ class QwenVlOptions(BaseModel):
     min_pixels: int = Field(256 * 28 * 28, ge=28 * 28, description="smallest image the VLM sees, in pixels")
     max_pixels: int = Field(1024 * 28 * 28, ge=28 * 28, description="largest image the VLM sees, in pixels")
     vlm_max_new_tokens: int = Field(
-        256, ge=1, le=4096, description="longest answer the VLM rewriter may give"
+        1024,
+        ge=1,
+        le=4096,
+        description="longest answer the VLM rewriter may give (a plan under the grammar ends well within it)",
+    )
+    vlm_grammar: bool = Field(
+        True,
+        description="write the rewriter's plan under its JSON schema (constrained decoding); off: free "
+        "text, parsed, retried once, then the rules",
     )
 
     @model_validator(mode="after")

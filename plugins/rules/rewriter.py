@@ -7,7 +7,7 @@ import re
 from PIL import Image
 
 import prompts
-from assistant.models import EditPlan, TurnSummary
+from assistant.models import MAX_STEPS, EditPlan, TurnSummary
 
 _WORDS = r"[\s,.!?;:]*"
 _LEADING = re.compile(
@@ -60,6 +60,12 @@ _TO_ORIGINAL = re.compile(
     rf"^(?:{_GO} )?the (?:original|first)(?: (?:image|picture|photo|one|version))?$|^start (?:again|over)$"
 )
 
+_THEN = r"(?<!back )(?<!since )(?<!until )(?<!till )(?<!by )(?<!from )(?<!just )then\b(?!\s*(?:[.!?]|$))"
+""""then" as a sequence word: not the adverb of "like it did back then", "since then", "by then"."""
+_SEQUENCE = re.compile(rf"\s*(?:;|,?\s*\b(?:and )?(?:{_THEN}|after that\b|afterwards\b),?)\s*", re.IGNORECASE)
+"""Where a message asks for one change after another: "...; ...", "..., then ...", "... after that ..."
+(only explicit sequence words: "add a hat and a scarf" is one edit, as the person wrote it)."""
+
 
 def clean(message: str) -> str:
     """The request without greetings, politeness and end punctuation."""
@@ -82,6 +88,15 @@ def instruction_clause(text: str) -> str:
     if first != "I" and not first.isupper():
         text = text[0].lower() + text[1:]
     return text
+
+
+def steps_of(text: str, turns: list[TurnSummary] | None) -> list[str] | None:
+    """The edits a cleaned request lists in order, or None when it is one request (or names something
+    other than edits, like "add snow, then undo": that stays one message to read as a whole)."""
+    pieces = [piece for piece in map(clean, _SEQUENCE.split(text)) if piece]
+    if len(pieces) < 2 or any(intent_of(p) != "edit" or jump_of(p, turns) for p in pieces):
+        return None
+    return [instruction_clause(piece) for piece in pieces]
 
 
 def intent_of(text: str) -> str:
@@ -129,6 +144,18 @@ class RulesRewriter:
             return EditPlan(intent="clarify", rationale="What would you like to change in the picture?")
         if jump := jump_of(text, turns):
             return jump
+        if steps := steps_of(text, turns):
+            if len(steps) > MAX_STEPS:
+                return EditPlan(
+                    intent="clarify",
+                    rationale=f"That is {len(steps)} edits: ask for at most {MAX_STEPS} in one message.",
+                )
+            return EditPlan(
+                intent="edit",
+                instruction=steps[0],
+                then=steps[1:],
+                rationale=f"rules: {len(steps)} edits, one after another",
+            )
         intent = intent_of(text)
         if intent != "edit":
             return EditPlan(intent=intent, rationale=f"rules: read this as {intent}")

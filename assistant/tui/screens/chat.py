@@ -20,11 +20,11 @@ from textual.screen import Screen
 from textual.widgets import Footer, Header, Input
 
 from assistant import plugins
-from assistant.agent import Agent
+from assistant.agent import Agent, progress_line
 from assistant.errors import Cancelled, UserError
 from assistant.preflight import rewriter_name
 from assistant.settings import Settings
-from assistant.tui.commands import BUILTINS, Chat, ChatOptions
+from assistant.tui.commands import BUILTINS, Chat, ChatOptions, self_check
 from assistant.tui.messages import EditFailed, EditFinished, EditProgress
 from assistant.tui.widgets.candidate_strip import CandidateStrip
 from assistant.tui.widgets.chat_log import ChatLog
@@ -158,6 +158,7 @@ class ChatScreen(Screen):
             seed=options.seed,
             steps=options.steps or settings.steps,
             candidates=options.candidates or settings.candidates,
+            check=self_check(self.chat),
             engine=engine,
             rewriter=rewriter_name(settings),
             memory=self.memory,
@@ -219,7 +220,13 @@ class ChatScreen(Screen):
             self.fail(text, BUSY)
             return
         options = self.chat.options
-        kwargs = {"steps": options.steps, "candidates": options.candidates}
+        kwargs = {
+            "steps": options.steps,
+            "candidates": options.candidates,
+            "attempts": options.attempts,
+            "accept": options.accept,
+            "check": options.check,
+        }
         if not retry:
             kwargs["seed"] = options.seed
         self.cancel = threading.Event()
@@ -254,6 +261,12 @@ class ChatScreen(Screen):
             self.query_one(CandidateStrip).verdict(event)
         elif event.kind == "log":
             self.query_one(ChatLog).add("info", event.text)
+        elif event.kind in ("plan", "landed", "checked"):
+            self.query_one(ChatLog).add("info", progress_line(event))
+            if event.kind == "landed":  # the step's picture now; the tree redraws when the plan ends
+                self.query_one(Picture).show(event.image, event.source, f"turn #{event.turn}")
+                if event.step < event.of:
+                    self.query_one(StepBar).say(f"step {event.step + 1} of {event.of}...")
 
     def on_edit_finished(self, message: EditFinished) -> None:
         self.cancel = None
@@ -270,6 +283,10 @@ class ChatScreen(Screen):
                 f" · {result.image.width}x{result.image.height}"
                 f" · {outcome.timings.get('total', 0):.1f} s",
             )
+        for note in outcome.notes:
+            log.add("info", note)
+        if outcome.stopped:
+            log.add("error", f"stopped at {outcome.stopped} (what landed before it is kept)")
         self.show_problems()
         self.refresh_view()
 

@@ -18,7 +18,7 @@ recurses once per level, so a session 1 000 turns deep would not draw at all).""
 
 def label(turn: Turn, cursor: int | None) -> Text:
     """`▶ #3 add a red scarf`: the message cut to LABEL_WIDTH; the cursor's line in reverse."""
-    message = turn.message if len(turn.message) <= LABEL_WIDTH else turn.message[: LABEL_WIDTH - 1] + "…"
+    message = turn.label if len(turn.label) <= LABEL_WIDTH else turn.label[: LABEL_WIDTH - 1] + "…"
     text = Text.assemble(("▶ " if turn.id == cursor else "  "), (f"#{turn.id} ", "bold"), message)
     if turn.id == cursor:
         text.stylize("bold reverse")

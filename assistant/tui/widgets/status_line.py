@@ -1,4 +1,4 @@
-"""The chat's settings for the next edit (seed, steps, candidates) and what runs them."""
+"""The chat's settings for the next edit (seed, steps, candidates, self-check) and what runs them."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ class StatusLine(Static):
         seed: int | None,
         steps: int,
         candidates: int,
+        check: str,
         engine: str,
         rewriter: str,
         memory: str | None = None,
@@ -19,6 +20,6 @@ class StatusLine(Static):
         seed_text = "random" if seed is None else str(seed)
         where = f" · {memory}" if memory else ""
         self.update(
-            f"seed {seed_text} · steps {steps} · candidates {candidates} · {engine} · {rewriter}{where}"
+            f"seed {seed_text} · steps {steps} · candidates {candidates} · {check} · {engine} · {rewriter}{where}"
             " · Esc cancels · ^T tree · b/^B before/after · /help"
         )

@@ -1,0 +1,196 @@
+"""Constrained decoding's cost per token, side by side with unconstrained decoding, in one run.
+
+1. The tiny Qwen2.5-VL (random weights, CPU): one rewrite's answer decoded greedily with and without
+   the plan's schema (`plugins.qwen_vl.grammar`); per token: the decode step, and the constraint's own
+   time (the llguidance mask, applied to the logits). Unconstrained, its answers are garbage; under
+   the schema they parse: the count of valid plans is printed too.
+2. The mask alone at Qwen2.5's vocabulary size (151,936 logits), on a synthetic byte-level BPE of
+   that size (no hub here: the real tokenizer cannot be fetched), walking a valid plan token by
+   token. Its per-token cost is what a 7B decode step (about 20 ms on one H200 in bf16) would carry.
+
+    python benchmarks/grammar.py            # both parts, about a minute on a CPU
+    python benchmarks/grammar.py --quick    # a 20k vocabulary for part 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from assistant.models import Choices  # noqa: E402
+from plugins.qwen_vl import grammar, model  # noqa: E402
+from plugins.qwen_vl.options import QwenVlOptions  # noqa: E402
+from plugins.qwen_vl.rewriter import answer_schema, parse, request_text, system_prompt  # noqa: E402
+from plugins.qwen_vl.vision import image_part  # noqa: E402
+
+QWEN_VOCAB = 151_936
+CHOICES = Choices(intents=["edit", "undo", "retry", "jump", "answer", "clarify"], turns=[1, 2, 3])
+PLAN = (
+    '{"intent": "edit", "instruction": "make it look like winter, with snow on the ground", '
+    '"then": ["add a red scarf to the cat"], "subject": "the whole scene", '
+    '"rationale": "a winter version of the same scene, then a scarf"}'
+)
+
+
+class Timed:
+    """A logits processor's calls, timed."""
+
+    def __init__(self, inner):
+        self.inner, self.seconds = inner, []
+
+    def __call__(self, input_ids, scores):
+        start = time.perf_counter()
+        out = self.inner(input_ids, scores)
+        self.seconds.append(time.perf_counter() - start)
+        return out
+
+
+def tiny(seeds: int) -> None:
+    from tiny_qwen import save_tiny_qwen
+    from transformers import LogitsProcessorList
+
+    cat = Image.open(ROOT / "examples" / "chelsea.png").convert("RGB")
+    print("tiny Qwen2.5-VL, CPU: ms per decode step, unconstrained and constrained, over the same tokens")
+    print(f"{'seed':>4} {'unconstrained':>14} {'constrained':>12} {'overhead':>9} {'mask':>7}  valid plan")
+    for seed in range(seeds):
+        with tempfile.TemporaryDirectory() as folder:
+            options = QwenVlOptions(
+                vlm=str(save_tiny_qwen(Path(folder), seed=seed)),
+                vlm_device="cpu",
+                min_pixels=784,
+                max_pixels=3136,
+            )
+            vlm = model.load(options)
+            conversation = [
+                {"role": "system", "content": system_prompt()},
+                {
+                    "role": "user",
+                    "content": [
+                        image_part(cat, 784, 3136),
+                        {"type": "text", "text": request_text("add snow", [])},
+                    ],
+                },
+            ]
+            inputs = vlm.inputs([conversation])
+            vocab = vlm.model.config.get_text_config().vocab_size
+            eos = vlm.stop_ids()
+
+            def run(processors, limit, at_least=0, vlm=vlm, inputs=inputs):
+                start = time.perf_counter()
+                with torch.inference_mode():
+                    out = vlm.model.generate(
+                        **inputs,
+                        max_new_tokens=limit,
+                        min_new_tokens=at_least,
+                        do_sample=False,
+                        logits_processor=LogitsProcessorList(processors),
+                    )
+                return out[0, inputs["input_ids"].shape[1] :], time.perf_counter() - start
+
+            _, prefill = run([], 1)  # the prompt's own cost, taken out of both
+            timed = Timed(
+                grammar.SchemaConstraint(
+                    grammar.tokenizer_of(vlm.processor.tokenizer, vocab, eos),
+                    answer_schema(CHOICES),
+                    vocab,
+                    eos,
+                )
+            )
+            made, spent = run([timed], 4096)
+            constrained = (spent - prefill) / (len(made) - 1)
+            _, spent = run([], len(made), len(made))  # as many tokens, unconstrained: the same cache lengths
+            step = (spent - prefill) / (len(made) - 1)
+            mask = statistics.mean(timed.seconds)
+            try:
+                parse(vlm.processor.tokenizer.decode(made, skip_special_tokens=True))
+                valid = "yes"
+            except ValueError as e:
+                valid = f"no ({str(e)[:40]})"
+            print(
+                f"{seed:>4} {step * 1e3:>14.2f} {constrained * 1e3:>12.2f} {constrained / step - 1:>9.1%} "
+                f"{mask * 1e3:>7.3f}  {valid} ({len(made)} tokens)"
+            )
+
+
+def synthetic_tokenizer(size: int):
+    """A byte-level BPE of `size` tokens (merges of random pairs of shorter tokens) with Qwen's specials."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(0)
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {c: i for i, c in enumerate(sorted(alphabet))}
+    tokens, merges = list(vocab), []
+    while len(vocab) < size:
+        a, b = tokens[rng.randrange(len(tokens))], tokens[rng.randrange(max(256, len(tokens) // 4))]
+        if len(a) + len(b) <= 12 and a + b not in vocab:
+            vocab[a + b] = len(vocab)
+            merges.append((a, b))
+            tokens.append(a + b)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", additional_special_tokens=specials
+    )
+
+
+def full_vocab(size: int, logits: int, repeats: int) -> None:
+    start = time.perf_counter()
+    tokenizer = synthetic_tokenizer(size)
+    built = time.perf_counter() - start
+    logits = max(logits, len(tokenizer))
+    eos = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    start = time.perf_counter()
+    info = grammar.tokenizer_of(tokenizer, logits, eos)
+    indexed = time.perf_counter() - start
+    answer = tokenizer.encode(PLAN, add_special_tokens=False)
+    costs, compiles = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        constraint = grammar.SchemaConstraint(info, answer_schema(CHOICES), logits, eos)
+        compiles.append(time.perf_counter() - start)
+        scores = torch.zeros(1, logits)
+        for i in range(len(answer) + 1):  # a one-token prompt, then the answer as generate would grow it
+            ids = torch.tensor([eos + answer[:i]])
+            start = time.perf_counter()
+            constraint(ids, scores)
+            costs.append(time.perf_counter() - start)
+    print(
+        f"\nmask at {logits:,} logits (synthetic BPE of {size:,} tokens built in {built:.1f} s, indexed by "
+        f"llguidance in {indexed:.1f} s; schema compiled in {statistics.median(compiles) * 1e3:.1f} ms)"
+    )
+    median = statistics.median(costs) * 1e3
+    print(
+        f"per token: median {median:.3f} ms, mean {statistics.mean(costs) * 1e3:.3f} ms, "
+        f"max {max(costs) * 1e3:.3f} ms over {len(costs)} tokens"
+    )
+    print(f"share of a 20 ms decode step (7B, bf16, one H200): {median / 20:.1%} (median)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a 20k vocabulary for the mask part")
+    parser.add_argument("--seeds", type=int, default=2, help="tiny models (random weight seeds)")
+    args = parser.parse_args()
+    tiny(args.seeds)
+    if args.quick:
+        full_vocab(20_000, 20_003, 1)
+    else:
+        full_vocab(QWEN_VOCAB - 293, QWEN_VOCAB, 3)  # 151,643 tokens + specials, padded to 151,936 logits
+
+
+if __name__ == "__main__":
+    main()
