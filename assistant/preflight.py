@@ -138,7 +138,7 @@ def prepare(
     notes = []
     if rewriter and settings.rewriter is None:
         name = default_rewriter(settings)
-        lacking = [s for s in statuses if not s.usable and not s.artifact.required]
+        lacking = _lacking(statuses, "rewriters", name, settings)
         if lacking:
             notes.append(
                 f"the VLM rewriter cannot run ({lacking[0].artifact.name}: {lacking[0].problem}): "
@@ -148,8 +148,7 @@ def prepare(
             name = RULES_REWRITER
         settings = settings.model_copy(update={"rewriter": name})
     if judge is None and settings.candidates == 1 and checks(settings):
-        wanted = {_key(a) for a in _artifacts("judges", settings.judge, settings)}
-        lacking = [s for s in statuses if not s.usable and _key(s.artifact) in wanted]
+        lacking = _lacking(statuses, "judges", settings.judge, settings)
         if lacking:
             notes.append(
                 f"the self-check cannot run ({lacking[0].artifact.name}: {lacking[0].problem}): "
@@ -164,8 +163,16 @@ def prepare(
     return Prepared(settings=settings, statuses=statuses, notes=notes, plan=placed)
 
 
-def _key(artifact: Artifact) -> tuple:
-    return (artifact.ref, artifact.revision, artifact.layout, artifact.filename)
+def _lacking(
+    statuses: list[ArtifactStatus], kind: ModelKind, name: str, settings: Settings
+) -> list[ArtifactStatus]:
+    """The statuses of the artifacts plugin `name` of `kind` names that cannot be had now."""
+
+    def key(artifact: Artifact) -> tuple:
+        return (artifact.ref, artifact.revision, artifact.layout, artifact.filename)
+
+    wanted = {key(a) for a in _artifacts(kind, name, settings)}
+    return [s for s in statuses if not s.usable and key(s.artifact) in wanted]
 
 
 def _on_gpu(settings: Settings) -> bool:

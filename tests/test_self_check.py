@@ -220,6 +220,9 @@ def test_without_the_judges_weights_the_check_is_skipped_with_a_note(fake, tmp_p
         "note: the self-check cannot run (" in result.stderr and "each edit once, unchecked" in result.stderr
     )
     assert "attempts" not in json.loads(result.stdout)
+    assert (
+        "rewriter cannot run" not in result.stderr
+    )  # the rules were the rewriter anyway: the lack is the judge's
 
 
 def test_an_exported_session_replays_the_same_attempts(judges, store, photo, tmp_path):
