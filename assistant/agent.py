@@ -272,13 +272,13 @@ class Agent:
 
         if plan.intent in ("undo", "redo"):
             turn = self.move(plan.intent, message)
-            return read.outcome(reply=f"{plan.intent}: back at turn {turn.id} ({turn.message})", turn=turn)
+            return read.outcome(reply=f"{plan.intent}: back at turn {turn.id} ({turn.label})", turn=turn)
         if plan.intent == "jump":
             if history is None or plan.turn is None:
                 raise UserError("nothing to go back to: the session has no turns yet")
             turn = self.jump(plan.turn, message)  # a turn the session lacks is one line; nothing moves
             return read.outcome(
-                reply=f"jump: at turn #{turn.id} ({turn.message}); an edit from here starts a branch",
+                reply=f"jump: at turn #{turn.id} ({turn.label}); an edit from here starts a branch",
                 turn=turn,
             )
         if plan.intent in ("answer", "clarify"):

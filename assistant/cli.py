@@ -609,7 +609,7 @@ def _move(name: str, intent: str, json_: bool) -> None:
             {"session": name, "cursor": turn.id, "message": turn.message, "image_sha256": turn.image_sha256}
         )
     else:
-        click.echo(f"{name}: cursor at #{turn.id} ({turn.message})")
+        click.echo(f"{name}: cursor at #{turn.id} ({turn.label})")
 
 
 @cli.command()

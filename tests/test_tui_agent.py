@@ -46,7 +46,8 @@ async def test_a_plan_shows_its_steps_and_each_lands_as_a_turn(fake_settings, fa
         nodes = tree_nodes(app)
         assert "add snow (step 1/2)" in nodes[2][1] and "make it night (step 2/2)" in nodes[3][1]
         await say(pilot, "/undo")
-        assert history(fake_settings).cursor == 2  # one step back
+        assert history(fake_settings).cursor == 2  # one step back, named as the tree names it
+        assert log_lines(app)[-1] == ("info", "undo: back at turn #2 (add snow (step 1/2))")
 
 
 async def test_attempts_show_seed_and_score_and_the_cursor_ends_on_the_best(judges, cat):

@@ -88,12 +88,12 @@ def _path(argument: str, usage: str) -> tuple[Path, bool]:
 
 def _undo(chat: Chat, argument: str) -> str:
     turn = chat.agent.move("undo", "/undo")
-    return f"undo: back at turn #{turn.id} ({turn.message})"
+    return f"undo: back at turn #{turn.id} ({turn.label})"
 
 
 def _redo(chat: Chat, argument: str) -> str:
     turn = chat.agent.move("redo", "/redo")
-    return f"redo: forward to turn #{turn.id} ({turn.message})"
+    return f"redo: forward to turn #{turn.id} ({turn.label})"
 
 
 def _retry(chat: Chat, argument: str) -> None:
@@ -202,7 +202,7 @@ def _history(chat: Chat, argument: str) -> str:
 def _branch(chat: Chat, argument: str) -> str:
     turn_id = whole_number(argument, "/branch N", 1, 2**63 - 1)
     turn = chat.agent.jump(turn_id, f"/branch {turn_id}")
-    return f"at turn #{turn.id} ({turn.message}); an edit from here starts a branch"
+    return f"at turn #{turn.id} ({turn.label}); an edit from here starts a branch"
 
 
 def _session(chat: Chat, argument: str) -> None:
