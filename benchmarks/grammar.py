@@ -10,6 +10,8 @@
 
     python benchmarks/grammar.py            # both parts, about a minute on a CPU
     python benchmarks/grammar.py --quick    # a 20k vocabulary for part 2
+    python benchmarks/grammar.py --full     # on a GPU (the kit's check e): the 7B's real decode step,
+                                            # random bf16 weights, unconstrained beside constrained
 """
 
 from __future__ import annotations
@@ -56,13 +58,62 @@ class Timed:
         return out
 
 
+HEADER = f"{'':>4} {'unconstrained':>14} {'constrained':>12} {'overhead':>9} {'mask':>7}  valid plan"
+
+
+def side_by_side(vlm_model, tokenizer, inputs: dict, label: str) -> None:
+    """One answer decoded greedily under the schema, then as many tokens without it (the same cache
+    lengths): ms per decode step each (the prompt's own pass taken out), and the constraint's own ms."""
+    from transformers import LogitsProcessorList
+
+    vocab = vlm_model.config.get_text_config().vocab_size
+    found = vlm_model.generation_config.eos_token_id
+    eos = found if isinstance(found, list) else [found]
+
+    def run(processors, limit, at_least=0):
+        if vlm_model.device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = vlm_model.generate(
+                **inputs,
+                max_new_tokens=limit,
+                min_new_tokens=at_least,
+                do_sample=False,
+                logits_processor=LogitsProcessorList(processors),
+            )
+        if vlm_model.device.type == "cuda":
+            torch.cuda.synchronize()
+        return out[0, inputs["input_ids"].shape[1] :], time.perf_counter() - start
+
+    _, prefill = run([], 1)
+    timed = Timed(
+        grammar.SchemaConstraint(
+            grammar.tokenizer_of(tokenizer, vocab, eos), answer_schema(CHOICES), vocab, eos
+        )
+    )
+    made, spent = run([timed], 4096)
+    constrained = (spent - prefill) / (len(made) - 1)
+    _, spent = run([], len(made), len(made))
+    step = (spent - prefill) / (len(made) - 1)
+    mask = statistics.mean(timed.seconds)
+    try:
+        parse(tokenizer.decode(made, skip_special_tokens=True))
+        valid = "yes"
+    except ValueError as e:
+        valid = f"no ({str(e)[:40]})"
+    print(
+        f"{label:>4} {step * 1e3:>14.2f} {constrained * 1e3:>12.2f} {constrained / step - 1:>9.1%} "
+        f"{mask * 1e3:>7.3f}  {valid} ({len(made)} tokens)"
+    )
+
+
 def tiny(seeds: int) -> None:
     from tiny_qwen import save_tiny_qwen
-    from transformers import LogitsProcessorList
 
     cat = Image.open(ROOT / "examples" / "chelsea.png").convert("RGB")
     print("tiny Qwen2.5-VL, CPU: ms per decode step, unconstrained and constrained, over the same tokens")
-    print(f"{'seed':>4} {'unconstrained':>14} {'constrained':>12} {'overhead':>9} {'mask':>7}  valid plan")
+    print(HEADER.replace("    ", "seed", 1))
     for seed in range(seeds):
         with tempfile.TemporaryDirectory() as folder:
             options = QwenVlOptions(
@@ -82,45 +133,46 @@ def tiny(seeds: int) -> None:
                     ],
                 },
             ]
-            inputs = vlm.inputs([conversation])
-            vocab = vlm.model.config.get_text_config().vocab_size
-            eos = vlm.stop_ids()
+            side_by_side(vlm.model, vlm.processor.tokenizer, dict(vlm.inputs([conversation])), str(seed))
 
-            def run(processors, limit, at_least=0, vlm=vlm, inputs=inputs):
-                start = time.perf_counter()
-                with torch.inference_mode():
-                    out = vlm.model.generate(
-                        **inputs,
-                        max_new_tokens=limit,
-                        min_new_tokens=at_least,
-                        do_sample=False,
-                        logits_processor=LogitsProcessorList(processors),
-                    )
-                return out[0, inputs["input_ids"].shape[1] :], time.perf_counter() - start
 
-            _, prefill = run([], 1)  # the prompt's own cost, taken out of both
-            timed = Timed(
-                grammar.SchemaConstraint(
-                    grammar.tokenizer_of(vlm.processor.tokenizer, vocab, eos),
-                    answer_schema(CHOICES),
-                    vocab,
-                    eos,
-                )
-            )
-            made, spent = run([timed], 4096)
-            constrained = (spent - prefill) / (len(made) - 1)
-            _, spent = run([], len(made), len(made))  # as many tokens, unconstrained: the same cache lengths
-            step = (spent - prefill) / (len(made) - 1)
-            mask = statistics.mean(timed.seconds)
-            try:
-                parse(vlm.processor.tokenizer.decode(made, skip_special_tokens=True))
-                valid = "yes"
-            except ValueError as e:
-                valid = f"no ({str(e)[:40]})"
-            print(
-                f"{seed:>4} {step * 1e3:>14.2f} {constrained * 1e3:>12.2f} {constrained / step - 1:>9.1%} "
-                f"{mask * 1e3:>7.3f}  {valid} ({len(made)} tokens)"
-            )
+def full(layers: int, hidden: int) -> None:
+    """Qwen2.5-VL-7B's language model shape (28 layers of 3584, 152,064 logits), random weights in bf16
+    on CUDA, on the prompt's text: the decode step the constraint really rides on."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    tokenizer = synthetic_tokenizer(QWEN_VOCAB - 293)
+    heads = max(1, hidden // 128)
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "vocab_size": 152_064,
+            "hidden_size": hidden,
+            "intermediate_size": hidden * 37 // 7,  # 18,944 at 3,584
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": max(1, heads // 7),
+            "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+            "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        },
+        vision_config={"depth": 1, "hidden_size": 64, "out_hidden_size": hidden, "num_heads": 2},
+    )
+    start = time.perf_counter()
+    with torch.device(device):  # random init on the device, then cast: the same on transformers 4 and 5
+        vlm_model = Qwen2_5_VLForConditionalGeneration._from_config(config).to(dtype).eval()
+    vlm_model.generation_config.eos_token_id = config.text_config.eos_token_id
+    vlm_model.generation_config.pad_token_id = config.text_config.eos_token_id
+    built = time.perf_counter() - start
+    text = system_prompt() + "\n" + request_text("add snow", [], None, CHOICES)
+    ids = torch.tensor([tokenizer.encode(text, add_special_tokens=False)], device=device)
+    print(
+        f"Qwen2.5-VL-7B-shaped language model ({layers} layers of {hidden}, random {str(dtype)[6:]} weights, "
+        f"built in {built:.0f} s) on {torch.cuda.get_device_name() if device == 'cuda' else 'the CPU'}, "
+        f"a {ids.shape[1]}-token prompt: ms per decode step"
+    )
+    print(HEADER)
+    side_by_side(vlm_model, tokenizer, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, "7B")
 
 
 def synthetic_tokenizer(size: int):
@@ -184,7 +236,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a 20k vocabulary for the mask part")
     parser.add_argument("--seeds", type=int, default=2, help="tiny models (random weight seeds)")
+    parser.add_argument(
+        "--full", action="store_true", help="the 7B's language model shape, on CUDA (the GPU kit)"
+    )
+    parser.add_argument(
+        "--layers", type=int, default=28, help="with --full: fewer layers for a smaller check"
+    )
+    parser.add_argument("--hidden", type=int, default=3584, help="with --full: a narrower model")
     args = parser.parse_args()
+    if args.full:
+        full(args.layers, args.hidden)
+        return
     tiny(args.seeds)
     if args.quick:
         full_vocab(20_000, 20_003, 1)

@@ -31,6 +31,7 @@ CHECKS = [
     ("b3", "python benchmarks/edit.py --full --steps 4 --repeats 1 --only offload-sequential"),
     ("c", "python benchmarks/gpu/plan_check.py"),
     ("d", 'python -m pytest -q tests/test_engine.py -k "offload or cuda"'),
+    ("e", "python benchmarks/grammar.py --full"),
 ]
 PLANNED = re.compile(r"(\w+) +(\d+) s (.+)")
 SKIPPED = re.compile(r"(\w+) +skip  (.+) \(\d+ s left for it, under the \d+ s it needs\)")
@@ -78,8 +79,8 @@ def test_both_scripts_parse():
 
 def test_dry_run_lists_the_checks_in_priority_order_within_the_budget():
     rows, setup = plan()
-    assert [(id_, cmd) for id_, _, cmd in rows[:6]] == CHECKS
-    assert [id_ for id_, _, _ in rows[6:]] in ([], ["d2"])  # d2: CUDA-only tests that d leaves out, if any
+    assert [(id_, cmd) for id_, _, cmd in rows[:7]] == CHECKS
+    assert [id_ for id_, _, _ in rows[7:]] in ([], ["d2"])  # d2: CUDA-only tests that d leaves out, if any
     assert all(seconds > 0 for _, seconds, _ in rows)
     assert 540 - len(rows) <= sum(seconds for _, seconds, _ in rows) + setup <= 540  # stretched, rounded down
 
@@ -144,7 +145,7 @@ def test_a_cuda_only_test_that_d_does_not_select_runs_as_d2(tmp_path):
         rows[-1][2]
         == "python -m pytest -q tests/test_engine.py::test_paints_on_gpu tests/test_other.py::TestGpu::test_kernel"
     )
-    assert [id_ for id_, _, _ in plan(root=fake_repo(tmp_path / "none", {}))[0]][-1] == "d"
+    assert [id_ for id_, _, _ in plan(root=fake_repo(tmp_path / "none", {}))[0]][-1] == CHECKS[-1][0]  # no d2
 
 
 def test_each_check_is_recorded_as_results_md_takes_it(tmp_path):

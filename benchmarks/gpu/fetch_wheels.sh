@@ -14,7 +14,7 @@ python=${PYTHON:-python}
 # them. Those that constraints.txt pins are installed at that pin; for the others a copy the device
 # already has stays when it satisfies pyproject.toml and every other requirement.
 top=(diffusers torchao pluggy textual textual-image pydantic pydantic-settings platformdirs click dill
-     pytest pytest-asyncio hypothesis)
+     llguidance pytest pytest-asyncio hypothesis)
 # Installed without its dependencies: qwen-vl-utils requires av (30 MB) for video, our image path needs PIL only.
 no_deps=(qwen-vl-utils)
 # Their dependencies that a machine with torch, transformers and peft may lack. Every download below
@@ -64,8 +64,10 @@ EOF
 
 log=$(mktemp)
 # shellcheck disable=SC2086  # one pin per word
+# manylinux_2_31 too: llguidance ships only for glibc 2.31 and newer (any current CUDA image has it)
 if ! "$python" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        --abi cp312 --platform manylinux2014_x86_64 --dest "$dest" $pins >"$log" 2>&1; then
+        --abi cp312 --abi abi3 --platform manylinux2014_x86_64 --platform manylinux_2_31_x86_64 \
+        --dest "$dest" $pins >"$log" 2>&1; then
     grep -v "is neither a file nor a directory" "$log" >&2  # this machine's pip config names local indexes
     rm -f "$log"
     exit 1

@@ -19,11 +19,12 @@ setup=30  # seconds kept for installing the wheels and printing the machine's fa
 # A check with less time than its floor (what it needs to print anything useful) is skipped.
 checks=(
     "a|30|15|python benchmarks/moe.py --device cuda"
-    "b1|180|120|python benchmarks/edit.py --full --repeats 1 --only ours,offload-encoders,ours+fp8+offload-encoders,offload-model"
-    "b2|130|90|python benchmarks/edit.py --full --compile --repeats 1 --only ours+merged+fused-qkv,ours+compile,ours+fp8"
-    "b3|60|45|python benchmarks/edit.py --full --steps 4 --repeats 1 --only offload-sequential"
+    "b1|160|120|python benchmarks/edit.py --full --repeats 1 --only ours,offload-encoders,ours+fp8+offload-encoders,offload-model"
+    "b2|120|90|python benchmarks/edit.py --full --compile --repeats 1 --only ours+merged+fused-qkv,ours+compile,ours+fp8"
+    "b3|50|45|python benchmarks/edit.py --full --steps 4 --repeats 1 --only offload-sequential"
     "c|70|50|python benchmarks/gpu/plan_check.py"
     'd|20|15|python -m pytest -q tests/test_engine.py -k "offload or cuda"'
+    "e|40|30|python benchmarks/grammar.py --full"
 )
 
 usage="usage: bash benchmarks/gpu/run.sh [--budget SECONDS] [--only IDS] [--dry-run]"
