@@ -172,7 +172,8 @@ def full(layers: int, hidden: int) -> None:
         f"a {ids.shape[1]}-token prompt: ms per decode step"
     )
     print(HEADER)
-    side_by_side(vlm_model, tokenizer, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, "7B")
+    label = "7B" if (layers, hidden) == (28, 3584) else "less"
+    side_by_side(vlm_model, tokenizer, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, label)
 
 
 def synthetic_tokenizer(size: int):
