@@ -460,9 +460,8 @@ class Agent:
         best. A failure or cancel after the first attempt keeps the ones that landed."""
         notes: list[str] = []
         checker = self._checker(notes) if checks(self.settings, attempts, check) else None
-        attempts = attempts or self.settings.attempts
+        attempts = (attempts or self.settings.attempts) if checker else 1
         accept = self.settings.accept if accept is None else accept
-        attempts = attempts if checker else 1
         seed = new_seed() if seed is None else seed
         tried: list[TurnOutcome] = []
         records: list[Attempt] = []
@@ -479,12 +478,11 @@ class Agent:
                     raise
                 stopped, code = f"attempt {k + 1} of {attempts}: {e}", e.exit_code
                 break
-            score = note = None
+            score = None
+            judged: dict[str, Any] | None = None
             if checker is not None:
                 score, note = self._score(checker, read.plan, image, result)
                 notes += [note] if note else []
-            judged: dict[str, Any] | None = None
-            if checker is not None:
                 judged = {"score": score, "accept": accept, "attempt": k + 1, "attempts": attempts}
                 judged |= {"judge": self.settings.judge} | ({"note": note} if note else {})
             outcome = self._commit(read, request, result, parent, None if tried else opening, judged)
