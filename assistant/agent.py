@@ -41,7 +41,7 @@ from assistant.protocols import CheckingJudge, Engine, Events, Judge, Rewriter
 from assistant.settings import Settings
 from assistant.text import check_message, printable
 from sessions.history import History, Turn
-from sessions.identity import decode_png, encode_png, sha256
+from sessions.identity import encode_png, pixel_digest
 from sessions.store import NewTurn, Store
 
 CONTEXT_TURNS = 6
@@ -170,7 +170,7 @@ class Agent:
         if self._last_image is None or self._last_image[0] != turn.image_sha256:
             self._last_image = (
                 turn.image_sha256,
-                decode_png(self.store.image(turn.image_sha256)).convert("RGB"),
+                self.store.picture(turn.image_sha256).convert("RGB"),
             )
         return self._last_image[1]
 
@@ -191,8 +191,7 @@ class Agent:
     @staticmethod
     def _place(history: History | None, image: Image.Image, message: str) -> Turn | NewTurn:
         """Where `image` stands: the cursor or the newest turn showing exactly it, else a new "open"."""
-        png = encode_png(image)
-        digest = sha256(png)
+        digest = pixel_digest(image)
         if history is not None:
             if history.cursor_turn().image_sha256 == digest:
                 return history.cursor_turn()
@@ -202,7 +201,7 @@ class Agent:
         return NewTurn(
             kind="open",
             message=message,
-            png=png,
+            png=encode_png(image),
             image_sha256=digest,
             size=image.size,
             replies=[("user", message)],
@@ -603,12 +602,11 @@ class Agent:
         """Store the painted result as an edit turn under `parent` (after `opening`, when new)."""
         edited = time.perf_counter()
         plan = read.plan.model_copy(update={"ic_prompt": result.prompt})
-        png = encode_png(result.image)
         draft = NewTurn(
             kind="edit",
             message=read.message,
-            png=png,
-            image_sha256=sha256(png),
+            png=encode_png(result.image),
+            image_sha256=pixel_digest(result.image),
             size=result.image.size,
             plan=plan.model_dump(),
             params={
@@ -621,6 +619,7 @@ class Agent:
                 "preset": plugins.option("engines", self.settings.engine, "preset", self.settings),
                 "random_weights": result.random_weights,
                 "nfe": result.nfe,
+                "model": result.model.model_dump() if result.model else None,
                 "adapter": result.adapter.model_dump() if result.adapter else None,
                 **({"extras": result.extras} if result.extras else {}),
                 **({"plan_step": read.step} if read.step else {}),

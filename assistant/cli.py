@@ -15,7 +15,6 @@ import click
 
 from assistant import command_kit as kit
 from assistant.errors import Stopped, UserError
-from assistant.files import in_the_way, refuse_existing, write_file
 from assistant.models import AttemptCount, CandidateCount, EarlySteps, Guidance, Probability, Seed, Steps
 from assistant.text import printable
 
@@ -207,12 +206,50 @@ def with_engine_options(fn):
     return fn
 
 
+output_options = [
+    click.option(
+        "-o",
+        "--output",
+        type=kit.PathArg(),
+        help="the file to write: .png, .jpg or .webp; - for a PNG on stdout",
+    ),
+    click.option(
+        "--output-dir",
+        type=kit.PathArg(),
+        help="folder for the default names (STEM-SEED-HASH.png), made if missing",
+    ),
+    click.option(
+        "--quality",
+        type=click.IntRange(1, 100),
+        help="JPEG and WebP quality (default 95; WebP 100 is lossless)",
+    ),
+    click.option("--force", is_flag=True, help="let -o replace a file that is already there"),
+]
+
+
+def with_output_options(fn):
+    for option in reversed(output_options):
+        fn = option(fn)
+    return fn
+
+
+def _log_session(settings) -> str | None:
+    """The session an edit made without --session is kept in: one per day (`edits-YYYY-MM-DD`, local
+    date), as llm logs every prompt; None when the log is off (`log = false`)."""
+    import datetime
+
+    return f"edits-{datetime.date.today().isoformat()}" if settings.log else None
+
+
 @cli.command()
 @click.argument("image", type=kit.PathArg())
 @click.argument("instruction")
-@click.option("-o", "--output", type=kit.PathArg(), help="where to write the PNG")
-@click.option("--force", is_flag=True, help="let -o replace a file that is already there")
-@click.option("--session", callback=_session_name, help="add the edit to this named session (created if new)")
+@with_output_options
+@click.option(
+    "--session",
+    callback=_session_name,
+    help="add the edit to this named session (default: today's edits-DATE)",
+)
 @click.option("--seed", type=kit.option_type(Seed), help="noise seed (default: random, printed)")
 @click.option("--steps", type=kit.option_type(Steps), help="denoising steps (default 28)")
 @click.option("--guidance", type=kit.option_type(Guidance), help="guidance (default 50)")
@@ -228,6 +265,8 @@ def edit(
     image,
     instruction,
     output,
+    output_dir,
+    quality,
     force,
     session,
     seed,
@@ -246,9 +285,10 @@ def edit(
 
     settings = kit.settings(**options)
     check_message(instruction)
-    _check_output(output, image, force)
+    _check_outputs(output, output_dir, image, force, quality, json_)
     source = load_source(image)
     settings = kit.prepare(settings).settings
+    session = session or _log_session(settings)
     store = _store(settings) if session else Store(":memory:")
     agent = Agent(store, session or "edit", settings)
     with _cancel_on_sigint() as cancel:
@@ -267,6 +307,8 @@ def edit(
         agent,
         store,
         output=output,
+        output_dir=output_dir,
+        quality=quality,
         stem=image.stem,
         force=force,
         session=session,
@@ -281,25 +323,37 @@ def _report(
     store,
     *,
     output: Path | None,
+    output_dir: Path | None,
+    quality: int | None,
     stem: str,
     force: bool,
     session: str | None,
     save_candidates: Path | None = None,
     json_: bool = False,
 ) -> None:
-    """Write an edit's picture (to `output` or a free `STEM-SEED.png`) and say what the turn did."""
+    """Write an edit's picture (to `output` or a free default name) and say what the turn did."""
+    from assistant import outputs
     from assistant.agent import describe
     from assistant.text import path_text
     from sessions.identity import sha256
 
     turn = outcome.turn
+    to_stdout = output == outputs.STDOUT
     if outcome.result is None:
         # undo/redo/answer: nothing was painted; say what happened.
         output = None
     else:
-        output = output or _free_name(Path(f"{stem}-{outcome.result.seed}.png"))
+        output = output or outputs.default_name(
+            output_dir, stem, outcome.result.seed, outcome.plan.instruction
+        )
         try:
-            write_file(output, store.image(turn.image_sha256), force=force)
+            written = outputs.write_picture(
+                output,
+                store.picture(turn.image_sha256),
+                outputs.provenance(turn),
+                quality=quality,
+                force=force,
+            )
             if save_candidates and outcome.result.candidates:
                 _save_candidates(save_candidates, outcome.result.candidates)
         except UserError as e:
@@ -308,11 +362,12 @@ def _report(
     if json_:
         kit.emit(describe(outcome, session=session, output=str(output) if output else None))
     else:
-        click.echo(outcome.reply)
+        click.echo(outcome.reply, err=to_stdout)
         if output:
             click.echo(
-                f"wrote {path_text(output)}  (seed {outcome.result.seed}, {outcome.result.image.size[0]}x"
-                f"{outcome.result.image.size[1]}, sha256 {sha256(output.read_bytes())[:12]})"
+                f"wrote {'a PNG to stdout' if to_stdout else path_text(output)}  (seed {outcome.result.seed}, "
+                f"{outcome.result.image.size[0]}x{outcome.result.image.size[1]}, sha256 {sha256(written)[:12]})",
+                err=to_stdout,
             )
     if outcome.result is not None and outcome.result.random_weights:
         click.echo(RANDOM_WEIGHTS_NOTE, err=True)
@@ -327,17 +382,16 @@ def _report(
 
 @cli.command()
 @click.argument("name", callback=_session_name)
-@click.option("-o", "--output", type=kit.PathArg(), help="where to write the PNG (default: NAME-SEED.png)")
-@click.option("--force", is_flag=True, help="let -o replace a file that is already there")
+@with_output_options
 @click.option("--seed", type=kit.option_type(Seed), help="noise seed (default: the retried turn's seed + 1)")
 @with_engine_options
 @click.option("--json", "json_", is_flag=True, help="print the result as JSON")
-def retry(name, output, force, seed, json_, **options) -> None:
+def retry(name, output, output_dir, quality, force, seed, json_, **options) -> None:
     """Paint session NAME's current edit again with another seed, as a sibling turn (like /retry)."""
     from assistant.agent import Agent
 
     settings = kit.settings(**options)
-    _check_output(output, None, force)
+    _check_outputs(output, output_dir, None, force, quality, json_)
     store = _store(settings)
     agent = Agent(store, name, settings)
     given = {k: options[k] for k in ("candidates", "early_steps") if options.get(k) is not None}
@@ -352,7 +406,18 @@ def retry(name, output, force, seed, json_, **options) -> None:
             cancel=cancel,
             **given,
         )
-    _report(outcome, agent, store, output=output, stem=name, force=force, session=name, json_=json_)
+    _report(
+        outcome,
+        agent,
+        store,
+        output=output,
+        output_dir=output_dir,
+        quality=quality,
+        stem=name,
+        force=force,
+        session=name,
+        json_=json_,
+    )
 
 
 def _warn(problems: list[str]) -> None:
@@ -361,50 +426,36 @@ def _warn(problems: list[str]) -> None:
         click.echo(f"warning: {printable(problem)}", err=True)
 
 
-def _check_output(path: Path | None, source: Path | None, force: bool) -> None:
-    """Refuse an -o the edit could not or should not be written to, before the edit runs (and is kept)."""
-    if path is None:
-        return
-    if path.is_dir():
-        raise UserError(f"{path} is a folder: give -o a file name ending in .png")
-    if path.suffix.lower() != ".png":
-        raise UserError(f"{path}: edits are written as PNG: give -o a name ending in .png")
-    if not path.parent.is_dir():
-        raise UserError(f"{path.parent}: no such folder for -o")
-    if not force and source is not None and _same_file(path, source):
-        raise UserError(
-            f"{path} is the picture being edited: give -o another name, or pass --force to replace it"
-        )
-    refuse_existing([path], force)
+def _check_outputs(
+    output: Path | None,
+    folder: Path | None,
+    source: Path | None,
+    force: bool,
+    quality: int | None,
+    json_: bool,
+) -> None:
+    """The output flags, checked before the edit runs (and is kept): one line for what cannot be."""
+    from assistant import outputs
 
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
-def _free_name(path: Path) -> Path:
-    """`path`, or `stem-2.png`, `stem-3.png`, ... when a file holds that name: a default name replaces nothing."""
-    n = 1
-    candidate = path
-    while in_the_way(candidate):
-        n += 1
-        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
-    return candidate
+    if output is not None and folder is not None:
+        raise UserError("give -o (one file) or --output-dir (a folder for default names), not both")
+    if output == outputs.STDOUT and json_:
+        raise UserError("-o - and --json both write to stdout: give -o a file name")
+    outputs.check_target(output, source, force, quality)
+    outputs.check_folder(folder)
 
 
 def _save_candidates(folder: Path, candidates) -> None:
     """The early filter's previews, each under a name no file holds yet."""
     from assistant.files import save_image
+    from assistant.outputs import free_name
 
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create {folder}: {e.strerror or e}") from None
     for c in candidates:
-        save_image(c.preview, _free_name(folder / f"candidate-{c.seed}.png"))
+        save_image(c.preview, free_name(folder / f"candidate-{c.seed}.png"))
 
 
 def _fallback_note(rewriter: str) -> None:
@@ -448,7 +499,7 @@ def rewrite(image, request, rewriter, json_, **options) -> None:
 
 @cli.group(cls=_Group)
 def sessions() -> None:
-    """List, show, export and import stored sessions."""
+    """List, show, search, export, import, rename and delete stored sessions; get a turn's picture; gc."""
 
 
 @sessions.command("list")
@@ -596,6 +647,148 @@ def sessions_sheet(name, output, force) -> None:
     if sheet.info["damaged"]:
         click.echo(f"warning: {damaged_note(sheet.info['damaged'])}", err=True)
         click.get_current_context().exit(1)
+
+
+@sessions.command("rm")
+@click.argument("names", metavar="NAME...", nargs=-1, required=True)
+@click.option("--yes", is_flag=True, help="delete without asking (needed when stdin is not a terminal)")
+def sessions_rm(names, yes) -> None:
+    """Delete sessions NAME... with their turns and chat lines, all in one go or none.
+
+    Their pictures stay in the store until `icedit sessions gc`, also those no other turn shows.
+    """
+    names = tuple(dict.fromkeys(names))
+    with _store() as store:
+        what = ", ".join(f"{printable(i.name)} ({i.turns} turns)" for i in map(store.info, names))
+        what = f"session {what}" if len(names) == 1 else f"sessions {what}"
+        if not yes:
+            if not sys.stdin.isatty():
+                raise UserError(f"{what} not deleted: stdin is not a terminal to ask on; pass --yes")
+            if not click.confirm(f"delete {what}?"):
+                click.echo("nothing deleted")
+                click.get_current_context().exit(1)
+        deleted = store.delete_sessions(names)
+    for name, turns in deleted.items():
+        click.echo(
+            f"deleted session {printable(name)} ({turns} turns); icedit sessions gc frees their images"
+        )
+
+
+@sessions.command("rename")
+@click.argument("old")
+@click.argument("new")
+def sessions_rename(old, new) -> None:
+    """Rename session OLD to NEW (a name no session has)."""
+    with _store() as store:
+        store.rename(old, new)
+    click.echo(f"renamed session {printable(old)} to {printable(new)}")
+
+
+def _turn_id(ctx: click.Context, param: click.Parameter, value: str) -> int | None:
+    """TURN: a turn id, or `cursor` (None) for the cursor's turn."""
+    if value == "cursor":
+        return None
+    if not value.isascii() or not value.isdigit():
+        raise click.BadParameter(
+            f"{value!r}: give a turn id (icedit sessions show NAME lists them) or cursor"
+        )
+    return int(value)
+
+
+@sessions.command("get")
+@click.argument("name")
+@click.argument("turn", callback=_turn_id)
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=kit.PathArg(),
+    help="FILE.png, .jpg or .webp, or - for a PNG on stdout",
+)
+@click.option(
+    "--quality", type=click.IntRange(1, 100), help="JPEG and WebP quality (default 95; WebP 100 is lossless)"
+)
+@click.option("--force", is_flag=True, help="replace FILE if it is already there")
+def sessions_get(name, turn, output, quality, force) -> None:
+    """Write the picture of turn TURN (an id, or cursor) of session NAME, with how it was made inside."""
+    from assistant import outputs
+    from assistant.text import path_text
+
+    outputs.check_target(output, None, force, quality)
+    with _store() as store:
+        history = store.history(name)
+        shown = history.cursor_turn() if turn is None else history.turn(turn)
+        picture = store.picture(shown.image_sha256)
+    outputs.write_picture(output, picture, outputs.provenance(shown), quality=quality, force=force)
+    to_stdout = output == outputs.STDOUT
+    click.echo(
+        f"wrote {'a PNG to stdout' if to_stdout else path_text(output)} (session {printable(name)} turn "
+        f"{shown.id}, {picture.width}x{picture.height})",
+        err=to_stdout,
+    )
+
+
+@sessions.command("search")
+@click.argument("text")
+@click.option(
+    "-n", "limit", type=click.IntRange(min=1), default=20, show_default=True, help="at most this many turns"
+)
+@click.option("--json", "json_", is_flag=True)
+def sessions_search(text, limit, json_) -> None:
+    """Turns of every session whose message or instruction contains TEXT (any case), newest first."""
+    with _store() as store:
+        found = store.search(text, limit)
+    if json_:
+        kit.emit([f.model_dump() for f in found])
+        return
+    if not found:
+        click.echo(f"no turn's message or instruction contains '{printable(text)}'")
+    for f in found:
+        instruction = "" if f.instruction is None else f"  ({printable(f.instruction)})"
+        click.echo(f"{printable(f.session)} #{f.turn}  {printable(f.message)}{instruction}")
+
+
+@cli.command("log")
+@click.argument("query", required=False, default="")
+@click.option(
+    "-n", "limit", type=click.IntRange(min=1), default=20, show_default=True, help="at most this many edits"
+)
+@click.option("--json", "json_", is_flag=True, help="one JSON array")
+def log_cmd(query, limit, json_) -> None:
+    """Every edit, newest first, also those made without --session (kept in edits-DATE); QUERY searches
+    their messages and instructions. `icedit sessions get SESSION TURN -o FILE` gets one's picture."""
+    with _store() as store:
+        found = store.search(query, limit, edits_only=True)
+    if json_:
+        kit.emit([f.model_dump() for f in found])
+        return
+    if not found:
+        click.echo(
+            f"no edit's message or instruction contains '{printable(query)}'" if query else "no edits yet"
+        )
+    for f in found:
+        said = f"  ({printable(f.message)})" if f.message != f.instruction else ""
+        click.echo(
+            f"{f.created[:16].replace('T', ' ')}  {printable(f.session)} #{f.turn}  seed {f.seed}  "
+            f"{printable(f.instruction or '')}{said}"
+        )
+
+
+@sessions.command("gc")
+@click.option("--json", "json_", is_flag=True)
+def sessions_gc(json_) -> None:
+    """Delete the pictures no turn shows (left by `icedit sessions rm`) and shrink the store file."""
+    from assistant.text import path_text
+
+    with _store() as store:
+        freed = store.collect_garbage()
+    if json_:
+        kit.emit(freed.model_dump())
+        return
+    click.echo(
+        f"freed {freed.images} images, {freed.bytes_freed} bytes (store {path_text(store.path)}: "
+        f"{freed.before} -> {freed.after})"
+    )
 
 
 def _move(name: str, intent: str, json_: bool) -> None:

@@ -34,7 +34,7 @@ from assistant.models import (
     probability,
 )
 from assistant.protocols import CandidateEngine, Engine, Events, Judge
-from sessions.identity import encode_png, sha256
+from sessions.identity import pixel_digest
 
 
 def _both_orders(
@@ -107,7 +107,7 @@ def run(
     if len(previews) != len(seeds):
         raise ValueError(f"{engine_name} gave {len(previews)} previews for {len(seeds)} candidates")
     infos = [
-        CandidateInfo(seed=s, preview=p, preview_sha256=sha256(encode_png(p)))
+        CandidateInfo(seed=s, preview=p, preview_sha256=pixel_digest(p))
         for s, p in zip(seeds, previews, strict=True)
     ]
     events(Candidates(seeds=seeds, previews=previews))

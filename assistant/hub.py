@@ -279,6 +279,11 @@ def _snapshot(artifact: Artifact) -> tuple[Path | None, str | None]:
     return (folder if folder is not None and folder.is_dir() else None), commit
 
 
+def commit(artifact: Artifact) -> str | None:
+    """The commit a hub artifact's revision names in the cache (None for a local path, or not cached)."""
+    return None if artifact.local else _snapshot(artifact)[1]
+
+
 # ---------------------------------------------------------------------------------------------- checking
 
 

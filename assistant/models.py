@@ -167,6 +167,14 @@ class AdapterInfo(BaseModel):
     num_experts: int = 0
     top_k: int | None = None
     scale: float = 1.0
+    revision: str | None = Field(None, description="the hub commit it was read from (None: a local file)")
+
+
+class WeightsInfo(BaseModel):
+    """The base model an engine painted with, as a replay elsewhere fetches the same weights again."""
+
+    source: str = Field(description="hub id or local folder; for in-process random weights, the preset")
+    revision: str | None = Field(None, description="the hub commit it was read from (None: not from the hub)")
 
 
 class CandidateInfo(BaseModel):
@@ -204,6 +212,7 @@ class EditResult(BaseModel):
     nfe: int = Field(description="transformer evaluations spent")
     timings: dict[str, float] = {}
     random_weights: bool = False
+    model: WeightsInfo | None = None
     adapter: AdapterInfo | None = None
     candidates: list[CandidateInfo] = []
     verdicts: list[VerdictInfo] = []

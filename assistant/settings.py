@@ -89,6 +89,9 @@ class Settings(BaseSettings):
         None,
         description="self-check each edit (None: when attempts > 1; on with one attempt, its score is told)",
     )
+    log: bool = Field(
+        True, description="keep every edit made without --session in the day's session edits-YYYY-MM-DD"
+    )
     steps: Steps = 28
     guidance: Guidance = 50.0
     options: dict[str, OptionValue] = Field(

@@ -2,13 +2,15 @@
 
 `session.json` holds the turns (numbered 1..n in creation order, parents by those numbers), the
 cursor, the transcript and every timestamp; `images/<sha256>.png` the PNGs the turns show, byte for
-byte. The zip is written deterministically, so exporting an imported session gives the same bytes.
+byte, each named by the sha256 of its pixels (`sessions.identity`). The zip is written
+deterministically, so exporting an imported session gives the same bytes. Format 1 named each PNG by
+the sha256 of its bytes; it is still imported, each image checked against that name and then renamed.
 
 An archive is untrusted on import. Only those two kinds of member are read, each once, with a size
 cap, and a damaged zip (bad CRC or deflate data, an unknown method, encryption) is one line. Every
 field is held to what typed input is held to: plans are `EditPlan`s, parameters keep `EditRequest`'s
 bounds, text goes through `assistant.text`'s checks, and turns, depth and transcript are capped. Every
-PNG must hash to its name and decode, all before anything is written; then the session goes in in one
+PNG must decode and hash to its name, all before anything is written; then the session goes in in one
 transaction. Export validates with the same models, so what it writes, import takes.
 
 A turn whose image is missing or damaged cannot be restored, nor can the edits made from it. Export
@@ -40,13 +42,23 @@ from pydantic import (
 
 from assistant.errors import UserError
 from assistant.files import kind, kind_problem, refuse_existing, write_file
-from assistant.models import AdapterInfo, EditPlan, EditRequest, VerdictInfo
+from assistant.models import (
+    MAX_STEPS,
+    AdapterInfo,
+    AttemptCount,
+    EditPlan,
+    EditRequest,
+    VerdictInfo,
+    WeightsInfo,
+)
 from assistant.text import check_message, check_name, control_in, printable
 from sessions.history import History, Turn, numbered
-from sessions.identity import decode_png, sha256
+from sessions.identity import decode_png, pixel_digest, sha256
 from sessions.store import DamagedImage, LogEntry, SessionInfo, Store
 
-FORMAT = "icedit-session/1"
+FORMAT = "icedit-session/2"
+BYTE_NAMES = "icedit-session/1"
+"""The first format: images named by the sha256 of their PNG bytes."""
 MAX_JSON_BYTES = 64_000_000
 MAX_IMAGE_BYTES = 256_000_000
 """A 64-megapixel RGB PNG (the largest image the assistant reads) stays below this."""
@@ -121,6 +133,27 @@ class ArchivedAdapter(AdapterInfo):
     keys: Count
     num_experts: Count = 0
     top_k: Count | None = None
+    revision: Key | None = None
+
+
+class ArchivedWeights(WeightsInfo):
+    model_config = _STRICT
+
+    source: Text
+    revision: Key | None = None
+
+
+class ArchivedCheck(BaseModel):
+    """The self-check's verdict on one attempt (`Agent._attempts`)."""
+
+    model_config = _STRICT
+
+    score: Annotated[float, Field(ge=0, le=1)] | None
+    accept: Annotated[float, Field(ge=0, le=1)]
+    attempt: AttemptCount
+    attempts: AttemptCount
+    judge: Key
+    note: Text | None = None
 
 
 class ArchivedVerdict(VerdictInfo):
@@ -155,7 +188,13 @@ class ArchivedParams(BaseModel):
     rewriter: Text | None = None
     judge: Text | None = None
     random_weights: bool | None = None
+    model: ArchivedWeights | None = None
     adapter: ArchivedAdapter | None = None
+    plan_step: (
+        Annotated[list[Annotated[int, Field(ge=1, le=MAX_STEPS)]], Field(min_length=2, max_length=2)] | None
+    ) = None
+    check: ArchivedCheck | None = None
+    extras: dict[Key, Text | int | float | bool | None] | None = Field(None, max_length=100)
 
     @model_validator(mode="after")
     def _scalars(self) -> ArchivedParams:
@@ -214,7 +253,7 @@ class ArchivedLine(BaseModel):
 class ArchivedSession(BaseModel):
     model_config = _STRICT
 
-    format: Literal["icedit-session/1"]
+    format: Literal["icedit-session/2", "icedit-session/1"]
     name: str = Field(max_length=10_000)
     """Checked by `check_name` where it is used, so a bad one can be replaced with --as."""
     created: Timestamp
@@ -378,18 +417,30 @@ def _read(zf: zipfile.ZipFile, member: zipfile.ZipInfo, limit: int, path: Path) 
     return data
 
 
-def _image(zf: zipfile.ZipFile, member: zipfile.ZipInfo, digest: str, path: Path) -> tuple[bytes, int, int]:
-    """(png, width, height) of a member that hashes to its name and decodes as a PNG."""
+class _Member(NamedTuple):
+    png: bytes
+    width: int
+    height: int
+    pixels: str
+    """Its pixel digest: the name the store keeps it under."""
+
+
+def _image(zf: zipfile.ZipFile, member: zipfile.ZipInfo, digest: str, path: Path, fmt: str) -> _Member:
+    """A member that decodes as a PNG and hashes to its name (its bytes' hash in format 1)."""
     png = _read(zf, member, MAX_IMAGE_BYTES, path)
-    if sha256(png) != digest:
-        raise UserError(f"{path}: {member.filename} does not hash to its name: the archive is damaged")
+    damaged = UserError(f"{path}: {member.filename} does not hash to its name: the archive is damaged")
+    if fmt == BYTE_NAMES and sha256(png) != digest:
+        raise damaged
     try:
         image = decode_png(png)
     except Exception as e:  # noqa: BLE001 - PIL raises many kinds for bad data; all mean "not a usable PNG"
         raise UserError(f"{path}: {member.filename} is not a readable PNG ({type(e).__name__})") from None
     if image.format != "PNG":
         raise UserError(f"{path}: {member.filename} is a {image.format}, not a PNG")
-    return png, image.width, image.height
+    pixels = pixel_digest(image)
+    if fmt != BYTE_NAMES and pixels != digest:
+        raise damaged
+    return _Member(png, image.width, image.height, pixels)
 
 
 def _open(path: Path) -> zipfile.ZipFile:
@@ -433,20 +484,21 @@ def _members(zf: zipfile.ZipFile, path: Path) -> tuple[zipfile.ZipInfo, dict[str
     return meta, images
 
 
-def _unusable(
+def _survey(
     zf: zipfile.ZipFile, images: dict[str, zipfile.ZipInfo], archived: ArchivedSession, path: Path
-) -> dict[str, str]:
-    """{sha256: why} for each image of the session that is missing from the archive or damaged in it."""
-    why = {}
+) -> tuple[dict[str, str], dict[str, str]]:
+    """({name: why} for each image of the session missing from the archive or damaged in it,
+    {name: pixel digest} for the others)."""
+    why, pixels = {}, {}
     for digest in sorted({t.image_sha256 for t in archived.turns}):
         if digest not in images:
             why[digest] = f"{path}: image {digest[:12]} of the session is not in the archive"
             continue
         try:
-            _image(zf, images[digest], digest, path)
+            pixels[digest] = _image(zf, images[digest], digest, path, archived.format).pixels
         except UserError as e:
             why[digest] = str(e)
-    return why
+    return why, pixels
 
 
 def _restorable(
@@ -498,8 +550,10 @@ def import_archive(store: Store, path: Path, name: str | None = None, partial: b
                 " (the name in the archive: import it under another with --as NAME)" if name is None else ""
             )
             raise UserError(f"{e}{hint}") from None
-        damaged, dropped = _restorable(archived, _unusable(zf, images, archived, path), partial)
+        unusable, pixels = _survey(zf, images, archived, path)
+        damaged, dropped = _restorable(archived, unusable, partial)
         gone = set(dropped)
+        member = {pixels[name]: (images[name], name) for name in pixels}
         turns = [
             Turn(
                 id=t.n,
@@ -508,7 +562,7 @@ def import_archive(store: Store, path: Path, name: str | None = None, partial: b
                 message=t.message,
                 plan=None if t.plan is None else t.plan.model_dump(exclude_unset=True),
                 params=t.params.model_dump(exclude_unset=True),
-                image_sha256=t.image_sha256,
+                image_sha256=pixels[t.image_sha256],
                 timings=t.timings,
                 created=t.created,
             )
@@ -527,6 +581,6 @@ def import_archive(store: Store, path: Path, name: str | None = None, partial: b
             updated=archived.updated,
         )
         history = store.restore(
-            name, info, turns, log, lambda digest: _image(zf, images[digest], digest, path)
+            name, info, turns, log, lambda digest: _image(zf, *member[digest], path, archived.format)[:3]
         )
     return Imported(history, damaged, dropped)

@@ -119,18 +119,44 @@ def _write_script(
     script: Path, name: str, history: History, source: str, turns: list[dict], force: bool
 ) -> None:
     header: dict[str, object] = {"source": source, "attempts": 1}  # each attempt is a turn of its own
-    for key in ("preset", "judge", "engine"):  # settings every edit of the session shared
-        values = {t.params.get(key) for t in history.turns if t.kind == "edit"}
-        if len(values) == 1 and None not in values:
-            header[key] = values.pop()
+    edits = [t for t in history.turns if t.kind == "edit"]
+    header |= _shared(edits, lambda t: {k: t.params.get(k) for k in ("preset", "judge", "engine")})
+    options = _shared(edits, _weights)
     lines = [
         f"# replay of session {json.dumps(name)}: icedit replay {script.name} --out DIR",
         *_toml_table(header),
         "",
+        *(["[options]", *_toml_table(options), ""] if options else []),
     ]
     for turn in turns:
         lines += ["[[turns]]", *_toml_table(turn), ""]
     write_file(script, "\n".join(lines).encode(), force=force)
+
+
+def _shared(edits: list[Turn], values) -> dict[str, object]:
+    """The settings (`values(turn)`) every edit of the session ran with alike; one that varies is left out."""
+    found = [values(t) for t in edits]
+    keys = {k for v in found for k in v}
+    return {
+        k: found[0][k]
+        for k in sorted(keys)
+        if found[0].get(k) is not None and all(v.get(k) == found[0][k] for v in found)
+    }
+
+
+def _weights(turn: Turn) -> dict[str, object]:
+    """The plugin options that load the weights an edit was painted with, hub commits pinned; none for an
+    engine that built its weights in-process (the preset says them)."""
+    model, adapter = turn.params.get("model"), turn.params.get("adapter")
+    found: dict[str, object] = {}
+    if model:
+        found |= {"model": model["source"], "revision": model.get("revision")}
+    if adapter:
+        found |= {"lora": adapter["source"], "lora_revision": adapter.get("revision")}
+        found |= {"lora_scale": adapter.get("scale"), "top_k": adapter.get("top_k")}
+    elif model:
+        found["lora"] = "none"  # not the preset's
+    return found
 
 
 def image_path(script: Path, turn: Turn) -> Path:

@@ -84,6 +84,12 @@ class ReplayScript(BaseModel):
     preset: str | None = None
     engine: str | None = None
     rewriter: str | None = None
+    options: dict[str, str | int | float | bool] = Field(
+        {},
+        max_length=100,
+        description="plugins' options the edits ran with (`icedit sessions export` writes the model, the "
+        "adapter, its scale and top-k, and their hub commits), below the command line's",
+    )
     turns: list[ReplayTurn] = Field(min_length=1, max_length=MAX_TURNS)
 
     def settings(self) -> dict[str, Any]:
@@ -99,7 +105,7 @@ class ReplayScript(BaseModel):
             "engine",
             "rewriter",
         )
-        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+        return self.options | {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
     def needs_judge(self) -> bool:
         """Whether a turn runs the early filter, so the judge's weights are checked up front too."""

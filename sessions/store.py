@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, Self, TypeVar
 
+from PIL import Image
 from pydantic import BaseModel
 
 from assistant.errors import UserError
@@ -24,7 +25,26 @@ from assistant.text import check_name
 from sessions import identity, wal
 from sessions.history import History, Turn, TurnKind
 
-MIGRATIONS: list[str] = [
+
+def _pixel_names(db: sqlite3.Connection) -> None:
+    """Schema 4: rename every image (and the turns showing it) to its pixel digest; two encodings of
+    one picture become one image. One that no longer decodes keeps its name: reads report it damaged."""
+    for old, png, width, height in db.execute("SELECT sha256, png, width, height FROM images").fetchall():
+        try:
+            new = identity.png_digest(png)
+        except Exception:  # noqa: BLE001 - bit rot: PIL raises many kinds
+            continue
+        if new == old:
+            continue
+        db.execute(
+            "INSERT OR IGNORE INTO images (sha256, png, width, height) VALUES (?, ?, ?, ?)",
+            (new, png, width, height),
+        )
+        db.execute("UPDATE turns SET image_sha256 = ? WHERE image_sha256 = ?", (new, old))
+        db.execute("DELETE FROM images WHERE sha256 = ?", (old,))
+
+
+MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
     """
     CREATE TABLE sessions (
         id INTEGER PRIMARY KEY,
@@ -66,13 +86,15 @@ MIGRATIONS: list[str] = [
     CREATE INDEX log_by_session ON log(session_id, id);
     """,
     wal.SCHEMA,
+    _pixel_names,
 ]
-"""Schema versions in order; `PRAGMA user_version` records how many have run.
+"""Schema versions in order (SQL, or a step in Python); `PRAGMA user_version` records how many have run.
 
 2: indexes for the two lookups that otherwise scan whole tables as a store grows over weeks:
 `add_turns` asking whether a session already holds an image (a turn "open"ed by a concurrent
 process is reused, not doubled) and `transcript`, which the chat reads on every start.
 3: `store_state`, which lets a later open tell whether a `-wal` file belongs to this file (sessions/wal.py).
+4: images named by the sha256 of their pixels instead of their PNG bytes (`sessions.identity`).
 """
 APPLICATION_ID = 0x69636564
 """`PRAGMA application_id` of a session store ("iced"): an SQLite file of another program is not taken for one."""
@@ -138,6 +160,28 @@ class LogEntry(BaseModel):
     created: str
 
 
+class Found(BaseModel):
+    """A turn `search` found, with the name of its session."""
+
+    session: str
+    turn: int
+    parent: int | None
+    kind: TurnKind
+    message: str
+    instruction: str | None
+    seed: int | None
+    created: str
+
+
+class Collected(BaseModel):
+    """What `collect_garbage` freed; sizes are the store file's and its WAL's together, in bytes."""
+
+    images: int
+    bytes_freed: int
+    before: int
+    after: int
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
@@ -147,6 +191,27 @@ def _row_id(cursor: sqlite3.Cursor) -> int:
     if cursor.lastrowid is None:
         raise RuntimeError("an INSERT gave no row id")
     return cursor.lastrowid
+
+
+_TURN_COLUMNS = (
+    "t.id, t.parent_id, t.kind, t.message, t.plan_json, t.params_json, t.image_sha256, t.timings_json, "
+    "t.created"
+)
+"""What `_turn` reads, of table `turns` named `t`."""
+
+
+def _turn(row: Sequence[Any]) -> Turn:
+    return Turn(
+        id=row[0],
+        parent=row[1],
+        kind=row[2],
+        message=row[3],
+        plan=json.loads(row[4]) if row[4] else None,
+        params=json.loads(row[5]),
+        image_sha256=row[6],
+        timings=json.loads(row[7]),
+        created=row[8],
+    )
 
 
 def _reading(method: Callable[Concatenate[Store, P], R]) -> Callable[Concatenate[Store, P], R]:
@@ -261,8 +326,10 @@ class Store:
                     f"(schema {version}, this one knows {len(MIGRATIONS)}): upgrade icedit-assistant"
                 )
             for i, script in enumerate(MIGRATIONS[version:], start=version + 1):
-                for statement in script.split(";"):
-                    if statement.strip():
+                if callable(script):
+                    script(db)
+                else:
+                    for statement in filter(str.strip, script.split(";")):
                         db.execute(statement)
                 db.execute(f"PRAGMA user_version = {i}")
             if version < len(MIGRATIONS):
@@ -321,39 +388,30 @@ class Store:
     def history(self, name: str) -> History:
         session_id, cursor = self._session(self.db, name)
         rows = self.db.execute(
-            "SELECT id, parent_id, kind, message, plan_json, params_json, image_sha256, timings_json, created "
-            "FROM turns WHERE session_id = ? ORDER BY id",
-            (session_id,),
+            f"SELECT {_TURN_COLUMNS} FROM turns t WHERE session_id = ? ORDER BY id", (session_id,)
         ).fetchall()
-        turns = [
-            Turn(
-                id=r[0],
-                parent=r[1],
-                kind=r[2],
-                message=r[3],
-                plan=json.loads(r[4]) if r[4] else None,
-                params=json.loads(r[5]),
-                image_sha256=r[6],
-                timings=json.loads(r[7]),
-                created=r[8],
-            )
-            for r in rows
-        ]
-        return History(name=name, cursor=cursor, turns=turns)
+        return History(name=name, cursor=cursor, turns=[_turn(r) for r in rows])
 
-    @_reading
     def image(self, sha256: str) -> bytes:
         """An image's PNG bytes, checked against its name: bit rot SQLite cannot see is caught here."""
+        return self._read_image(sha256)[0]
+
+    def picture(self, sha256: str) -> Image.Image:
+        """An image decoded, checked against its name like `image`."""
+        return self._read_image(sha256)[1]
+
+    @_reading
+    def _read_image(self, sha256: str) -> tuple[bytes, Image.Image]:
         row = self.db.execute("SELECT png FROM images WHERE sha256 = ?", (sha256,)).fetchone()
         if row is None:
             raise UserError(f"image {sha256[:12]} is not in the store")
-        if identity.sha256(row[0]) != sha256:
+        if (picture := identity.checked(row[0], sha256)) is None:
             raise DamagedImage(
                 sha256,
                 f"image {sha256[:12]} in the session store {self.path} is damaged (its bytes "
                 "no longer match their hash): restore the store from a backup",
             )
-        return row[0]
+        return row[0], picture
 
     @_reading
     def transcript(self, name: str) -> list[LogEntry]:
@@ -463,7 +521,7 @@ class Store:
             db.execute(
                 "INSERT INTO images (sha256, png, width, height) VALUES (?, ?, ?, ?)", (sha256, *content())
             )
-        elif identity.sha256(held[0]) != sha256:
+        elif identity.checked(held[0], sha256) is None:
             png, width, height = content()
             db.execute(
                 "UPDATE images SET png = ?, width = ?, height = ? WHERE sha256 = ?",
@@ -533,3 +591,86 @@ class Store:
                 "INSERT INTO log (session_id, role, text, turn_id, created) VALUES (?, ?, ?, ?, ?)",
                 (session_id, role, text, turn_id, now),
             )
+
+    # ------------------------------------------------------------------ managing
+
+    def delete_sessions(self, names: Sequence[str]) -> dict[str, int]:
+        """Delete sessions with their turns and chat lines, all or (an unknown name) none: {name: turns}.
+
+        Their images stay, also those no other turn shows: `collect_garbage` frees them, so a delete is
+        a short transaction whatever the sessions hold."""
+        deleted = {}
+        with self._tx() as db:
+            for name in dict.fromkeys(names):
+                session_id, _ = self._session(db, name)
+                deleted[name] = db.execute(
+                    "SELECT COUNT(*) FROM turns WHERE session_id = ?", (session_id,)
+                ).fetchone()[0]
+                db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))  # turns and log cascade
+        return deleted
+
+    def rename(self, old: str, new: str) -> None:
+        """Give session `old` the name `new`, which no session has; `updated` stays: nothing was edited."""
+        with self._tx() as db:
+            session_id, _ = self._session(db, old)
+            check_name(new)
+            if db.execute("SELECT 1 FROM sessions WHERE name = ?", (new,)).fetchone() is not None:
+                raise UserError(f"a session named '{new}' already exists: choose another name")
+            db.execute("UPDATE sessions SET name = ? WHERE id = ?", (new, session_id))
+
+    @_reading
+    def search(self, text: str, limit: int, edits_only: bool = False) -> list[Found]:
+        """Turns of every session whose message or plan instruction holds `text`, newest first
+        (`icedit sessions search`; `icedit log` lists the edits, "" matching every one).
+
+        SQL LIKE, its wildcards escaped so that `50%` and `a_b` match only themselves; like LIKE it
+        ignores the case of ASCII letters only."""
+        pattern = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        rows = self.db.execute(
+            f"SELECT s.name, {_TURN_COLUMNS} FROM turns t JOIN sessions s ON s.id = t.session_id "
+            "WHERE (t.message LIKE :p ESCAPE '\\' "
+            "OR json_extract(t.plan_json, '$.instruction') LIKE :p ESCAPE '\\') "
+            "AND (t.kind = 'edit' OR NOT :edits) "
+            "ORDER BY t.created DESC, t.id DESC LIMIT :n",
+            {"p": pattern, "n": limit, "edits": edits_only},
+        ).fetchall()
+        found = []
+        for session, *row in rows:
+            turn = _turn(row)
+            found.append(
+                Found(
+                    session=session,
+                    turn=turn.id,
+                    parent=turn.parent,
+                    kind=turn.kind,
+                    message=turn.message,
+                    instruction=(turn.plan or {}).get("instruction"),
+                    seed=turn.seed,
+                    created=turn.created,
+                )
+            )
+        return found
+
+    def collect_garbage(self) -> Collected:
+        """Delete the images no turn shows, then VACUUM so the file shrinks by what they held.
+
+        VACUUM cannot run inside a transaction: it follows the delete's commit. In WAL mode it writes
+        the new file into the WAL, so the WAL is checkpointed (and truncated) before and after it."""
+        before = self._size()
+        with self._tx() as db:
+            images = db.execute(
+                "DELETE FROM images WHERE sha256 NOT IN (SELECT image_sha256 FROM turns)"
+            ).rowcount
+        try:
+            for statement in ("PRAGMA wal_checkpoint(TRUNCATE)", "VACUUM", "PRAGMA wal_checkpoint(TRUNCATE)"):
+                self.db.execute(statement).fetchall()
+        except sqlite3.DatabaseError as e:
+            raise self._error(e) from None
+        after = self._size()
+        return Collected(images=images, bytes_freed=before - after, before=before, after=after)
+
+    def _size(self) -> int:
+        """Bytes the store takes on disk: its file and its WAL."""
+        if self.path == ":memory:":
+            return 0
+        return sum(p.stat().st_size for p in (Path(self.path), wal.wal_path(self.path)) if p.exists())

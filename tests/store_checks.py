@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+
+from sessions.identity import png_digest
 
 ICEDIT = Path(sys.executable).with_name("icedit")
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -60,7 +61,7 @@ def check_store(path: Path) -> dict:
         assert con.execute("PRAGMA foreign_key_check").fetchall() == []
         images = dict(con.execute("SELECT sha256, png FROM images").fetchall())
         for sha, png in images.items():
-            assert hashlib.sha256(png).hexdigest() == sha
+            assert png_digest(png) == sha
         turns = {
             r[0]: r[1:]
             for r in con.execute(

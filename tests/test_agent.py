@@ -14,7 +14,7 @@ from assistant.plugins import RewriterSpec, get_plugin_manager
 from assistant.settings import Settings
 from assistant.text import MAX_MESSAGE
 from plugins.rules.rewriter import RulesRewriter
-from sessions.identity import decode_png, encode_png, sha256
+from sessions.identity import decode_png, encode_png, pixel_digest
 
 
 def dump(store) -> list[str]:
@@ -398,7 +398,7 @@ def test_a_new_source_in_an_existing_session_opens_under_the_cursor(agent, store
     opened = h.turn(out.turn.parent)
     assert (opened.kind, opened.message, opened.parent) == ("open", "open red", first.id)
     assert png_of(store, opened) == encode_png(other)
-    assert sha256(encode_png(fake.engine.calls[-1].source)) == opened.image_sha256
+    assert pixel_digest(fake.engine.calls[-1].source) == opened.image_sha256
 
 
 def test_an_explicit_instruction_skips_the_rewriter(rec_agent, store, recording, fake, photo):

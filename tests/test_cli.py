@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import pty
+import re
 import select
 import signal
 import subprocess
@@ -24,11 +25,13 @@ from store_checks import dump
 import prompts
 from assistant.cli import RANDOM_WEIGHTS_NOTE, cli
 from plugins.icedit.diptych import panel_size
+from sessions.store import Store
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 CHELSEA = EXAMPLES / "chelsea.png"
 ICEDIT = Path(sys.executable).with_name("icedit")
 WINTER = "make it look like winter"
+WINTER_ASKED = "Please make it look like winter!"
 NOT_AN_IMAGE = "not an image PIL can read (PNG, JPEG, WebP, ...)"
 
 
@@ -57,8 +60,21 @@ def icedit(*args: object, home: Path, cwd: Path, timeout: float = 120, **extra: 
     )
 
 
+def default_png(stem: str, seed: int, instruction: str) -> str:
+    """The name an edit gets without -o: stem, seed and a short hash of the instruction."""
+    return f"{stem}-{seed}-{hashlib.sha256(instruction.encode()).hexdigest()[:6]}.png"
+
+
 def sha(path: Path) -> str:
+    """The file's checksum (what `wrote ...` prints)."""
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def picture_id(path: Path) -> str:
+    """The store's identity of the picture in the file."""
+    from sessions.identity import png_digest
+
+    return png_digest(path.read_bytes())
 
 
 @pytest.fixture
@@ -218,7 +234,8 @@ def test_retry_paints_the_current_edit_again_with_the_next_seed_as_a_sibling(
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert (data["intent"], data["instruction"], data["turn"], data["seed"]) == ("retry", WINTER, 3, 2)
-    assert sha(tmp_path / data["output"]) == data["image_sha256"] and data["output"] == "demo-2.png"
+    assert picture_id(tmp_path / data["output"]) == data["image_sha256"]
+    assert data["output"] == default_png("demo", 2, WINTER)
     assert fake.engine.calls[-1].plan.instruction == WINTER
     show = json.loads(invoke("sessions", "show", "demo", "--json").stdout)
     assert [t["parent"] for t in show["turns"]] == [None, 1, 1] and show["cursor"] == 3
@@ -284,18 +301,23 @@ def test_steps_out_of_range_is_a_usage_error_exit_2_and_changes_nothing(demo, tm
 
 def test_edit_without_output_writes_stem_seed_png_and_reports_it(fake, icedit_home, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    result = invoke("edit", CHELSEA, "Please make it look like winter!", "--engine", "fake", "--seed", "42")
+    result = invoke("edit", CHELSEA, WINTER_ASKED, "--engine", "fake", "--seed", "42")
     assert result.exit_code == 0, result.output
-    out = tmp_path / "chelsea-42.png"
+    out = tmp_path / default_png("chelsea", 42, WINTER)
     assert Image.open(out).size == (451, 300)
     assert result.stdout.splitlines() == [
         "rules: used your request as the edit instruction",
-        f"wrote chelsea-42.png  (seed 42, 451x300, sha256 {sha(out)[:12]})",
+        f"wrote {out.name}  (seed 42, 451x300, sha256 {sha(out)[:12]})",
     ]
     assert result.stderr == ""  # the fake engine has real weights: no random-weights note
     assert fake.engine.calls[0].plan.instruction == WINTER
     assert fake.engine.calls[0].steps == 28
-    assert dump(icedit_home) is None  # without --session nothing is stored
+    kept = dump(icedit_home)  # without --session the edit is kept in the day's session
+    assert [row[1][:6] for row in kept["sessions"]] == ["edits-"]
+    assert [(row[3], row[4]) for row in kept["turns"]] == [
+        ("open", "open chelsea.png"),
+        ("edit", WINTER_ASKED),
+    ]
 
 
 def test_sessions_show_after_two_edits(demo, tmp_path):
@@ -354,7 +376,7 @@ def test_sessions_show_after_two_edits(demo, tmp_path):
         },
     ]
     shas = [t["image_sha256"] for t in data["turns"]]
-    assert shas[1] == sha(tmp_path / "winter.png") and shas[2] == sha(second)
+    assert shas[1] == picture_id(tmp_path / "winter.png") and shas[2] == picture_id(second)
     # the same through the real console script (no engine needed to read the store)
     proc = icedit("sessions", "show", "demo", "--json", home=demo, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -409,7 +431,17 @@ def test_tiny_edits_are_byte_identical_at_the_source_size(tiny):
     a, b = (cwd / "A.png").read_bytes(), (cwd / "B.png").read_bytes()
     assert a == b
     assert Image.open(cwd / "A.png").size == Image.open(CHELSEA).size == (451, 300)
-    assert not (cwd / "home").exists()  # without --session the store is never created
+    # without --session the three edits, made at once, are kept in the day's session under one open
+    with Store(cwd / "home" / "sessions.sqlite3") as store:
+        (name,) = [info.name for info in store.sessions()]
+        day = store.history(name)
+    assert re.fullmatch(r"edits-\d{4}-\d\d-\d\d", name)
+    assert sorted((t.kind, t.parent) for t in day.turns) == [
+        ("edit", 1),
+        ("edit", 1),
+        ("edit", 1),
+        ("open", None),
+    ]
 
 
 def test_native_size_keeps_the_panel_size(tiny):
@@ -446,7 +478,7 @@ def test_tiny_json_describes_the_edit(tiny):
     assert data["output"] == "A.png"
     assert data["random_weights"] is True
     assert data["size"] == [451, 300]
-    assert data["image_sha256"] == sha(cwd / "A.png")
+    assert data["image_sha256"] == picture_id(cwd / "A.png")
     timings = data["timings"]
     assert {"rewrite", "agent", "total"} < set(timings)  # plus the engine's own phases
     assert all(isinstance(v, float) and v >= 0 for v in timings.values())

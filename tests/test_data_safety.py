@@ -33,8 +33,8 @@ from store_checks import EXAMPLES, check_store, dump, env_for, popen
 import sessions.wal
 from assistant.cli import cli
 from assistant.errors import UserError
-from sessions.identity import encode_png, sha256
-from sessions.store import NewTurn, Store
+from sessions.identity import encode_png, png_digest, sha256
+from sessions.store import MIGRATIONS, NewTurn, Store
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE_V1 = Path(__file__).resolve().parent / "fixtures" / "store-v1.sqlite3"
@@ -437,17 +437,18 @@ def test_exports_never_write_over_a_file_without_force(work, icedit_home, args, 
 
 
 def test_a_taken_default_name_gets_a_fresh_one(work, fake, tmp_path):
-    (work / "photo-7.png").write_bytes(b"someone's photo")
-    (work / "photo-7-2.png").symlink_to(tmp_path / "nowhere.png")  # a dangling link holds its name too
+    name = f"photo-7-{sha256(b'add snow')[:6]}"  # seed and a short hash of the instruction
+    (work / f"{name}.png").write_bytes(b"someone's photo")
+    (work / f"{name}-2.png").symlink_to(tmp_path / "nowhere.png")  # a dangling link holds its name too
     before = files(work)
     result = invoke("edit", "photo.png", "add snow", *FAKE, "--seed", "7")
     ok(result)
     assert (
-        f"wrote photo-7-3.png  (seed 7, 96x64, sha256 {sha256((work / 'photo-7-3.png').read_bytes())[:12]})"
+        f"wrote {name}-3.png  (seed 7, 96x64, sha256 {sha256((work / f'{name}-3.png').read_bytes())[:12]})"
         in result.stdout
     )
     after = files(work)
-    assert set(after) - set(before) == {"photo-7-3.png"}
+    assert set(after) - set(before) == {f"{name}-3.png"}
     assert {n: after[n] for n in before} == before
 
 
@@ -479,7 +480,7 @@ CHILD = """
 import json, random, shutil, sys, time
 from pathlib import Path
 from PIL import Image
-from sessions.identity import encode_png, sha256
+from sessions.identity import encode_png, png_digest, sha256
 from sessions import wal
 from sessions.store import NewTurn, Store
 
@@ -490,7 +491,7 @@ for i in range(1, turns + 1):
     noise = Image.frombytes("RGB", (128, 128), random.Random(i).randbytes(128 * 128 * 3))
     png = encode_png(noise)
     turn = store.add_turns("trip", parent, [NewTurn(kind="open", message=f"noise {i}", png=png,
-                                                    image_sha256=sha256(png), size=noise.size)])[0]
+                                                    image_sha256=png_digest(png), size=noise.size)])[0]
     parent = turn.id
     if i == copy_at:  # a backup script's plain copy, between two commits
         shutil.copy(path, copy_to)
@@ -512,7 +513,11 @@ def _open_turns(store: Store, name: str, n: int, colour: tuple[int, int, int]) -
         parent = store.add_turns(
             name,
             parent,
-            [NewTurn(kind="open", message=f"{name} {i}", png=png, image_sha256=sha256(png), size=(64, 64))],
+            [
+                NewTurn(
+                    kind="open", message=f"{name} {i}", png=png, image_sha256=png_digest(png), size=(64, 64)
+                )
+            ],
         )[0].id
 
 
@@ -699,7 +704,7 @@ def test_an_upgrade_while_an_older_icedit_holds_a_wal_keeps_the_store_usable(ice
     finally:
         older.close()
     check_store(icedit_home / STORE)
-    assert dump(icedit_home)["user_version"] == 3
+    assert dump(icedit_home)["user_version"] == len(MIGRATIONS)  # upgraded to this version
 
 
 def test_a_crash_without_a_restore_opens_and_keeps_every_turn(crashed, tmp_path):
@@ -821,7 +826,7 @@ def test_an_empty_file_becomes_a_store(work, fake, icedit_home):
     ok(result)
     assert result.stdout == "no sessions yet (icedit edit IMAGE TEXT --session NAME starts one)\n"
     ok(invoke("edit", "photo.png", "add snow", *FAKE, "--session", "s", "--seed", "1", "-o", "snow.png"))
-    assert dump(icedit_home)["user_version"] == 3
+    assert dump(icedit_home)["user_version"] == len(MIGRATIONS)  # upgraded to this version
     assert len(check_store(icedit_home / STORE)["s"]) == 2
 
 
@@ -834,7 +839,7 @@ def test_a_v1_store_still_opens(icedit_home):
         "other\t1 turns\tcursor 5",
         "walk\t4 turns\tcursor 2",
     ]
-    assert dump(icedit_home)["user_version"] == 3
+    assert dump(icedit_home)["user_version"] == len(MIGRATIONS)  # upgraded to this version
 
 
 def test_sessions_list_json_is_only_json(icedit_home):

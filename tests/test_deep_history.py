@@ -23,7 +23,7 @@ from store_checks import ICEDIT, env_for
 from assistant.cli import cli
 from sessions.export import LeftOut, export_script
 from sessions.history import MAX_INDENT, Turn
-from sessions.identity import encode_png, sha256
+from sessions.identity import encode_png, png_digest
 from sessions.sheet import (
     CELL_H,
     CELL_W,
@@ -52,7 +52,7 @@ def build(home: Path, name: str, parents: list[int | None], cursor: int | None =
     turns, images = [], {}
     for i, parent in enumerate(parents, start=1):
         png = encode_png(Image.new("RGB", (32, 32), colour(i)))
-        images[sha256(png)] = (png, 32, 32)
+        images[png_digest(png)] = (png, 32, 32)
         edit = parent is not None and i not in opens
         turns.append(
             Turn(
@@ -62,7 +62,7 @@ def build(home: Path, name: str, parents: list[int | None], cursor: int | None =
                 message=f"turn {i}",
                 plan={"intent": "edit", "instruction": f"do {i}", "rationale": ""} if edit else None,
                 params={"seed": i, "steps": 1} if edit else {},
-                image_sha256=sha256(png),
+                image_sha256=png_digest(png),
                 created=NOW,
             )
         )

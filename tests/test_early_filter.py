@@ -203,9 +203,9 @@ def test_cli_reports_candidates_verdicts_nfe_saves_previews_and_replay_repeats_t
     assert data["seed"] in (5, 6, 7)
     saved = sorted(p.name for p in (tmp_path / "cands").iterdir())
     assert saved == ["candidate-5.png", "candidate-6.png", "candidate-7.png"]
-    from sessions.identity import encode_png, sha256
+    from sessions.identity import pixel_digest
 
-    assert [sha256(encode_png(Image.open(tmp_path / "cands" / n).convert("RGB"))) for n in saved] == [
+    assert [pixel_digest(Image.open(tmp_path / "cands" / n).convert("RGB")) for n in saved] == [
         c["preview_sha256"] for c in data["candidates"]
     ]
     # the stored turn keeps the selection; an export replays it to the same picture

@@ -9,7 +9,6 @@ here from the served repos themselves (`selected`), not from assistant.hub's pat
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import json
 import pickle
 import random
@@ -37,6 +36,8 @@ from hub_repos import (
 )
 from hub_server import HubServer, Repo, Request, Snapshot, client_env
 from safetensors.torch import load, save
+
+from sessions.identity import png_digest
 
 ICEDIT = Path(sys.executable).with_name("icedit")
 CHELSEA = Path(__file__).resolve().parent.parent / "examples" / "chelsea.png"
@@ -275,7 +276,7 @@ def test_the_first_edit_downloads_the_gated_pipeline_and_the_lora_once_then_edit
         "top_k": None,
         "scale": 1.0,
     }
-    assert hashlib.sha256(Path(result["output"]).read_bytes()).hexdigest() == result["image_sha256"]
+    assert png_digest(Path(result["output"]).read_bytes()) == result["image_sha256"]
 
 
 def test_an_uncached_moe_lora_by_hub_id_loads_as_lora_moe_and_the_vlm_rewrites_by_default(first_run, repos):

@@ -12,7 +12,7 @@ from PIL import Image
 from assistant import early_filter
 from assistant import plugins as host
 from assistant.errors import Cancelled, UserError
-from assistant.models import EditPlan, EditRequest
+from assistant.models import EditPlan, EditRequest, WeightsInfo
 from assistant.plugins import get_plugin_manager
 from assistant.protocols import CandidateEngine
 from assistant.settings import Settings
@@ -232,8 +232,9 @@ def test_a_local_kontext_folder_loads_with_real_weights_flags_and_a_missing_one_
     assert torch.equal(torch.random.get_rng_state(), rng)  # seeded on its own, the global RNG untouched
     assert (tiny.transformer.config.in_channels, tiny.transformer.config.guidance_embeds) == (64, True)
     tiny.save_pretrained(tmp_path / "kontext", safe_serialization=True)
-    pipe, random_weights, adapter = load_pipeline(KontextOptions(model=str(tmp_path / "kontext")))
+    pipe, random_weights, adapter, model = load_pipeline(KontextOptions(model=str(tmp_path / "kontext")))
     assert (type(pipe).__name__, random_weights, adapter) == ("FluxKontextPipeline", False, None)
+    assert model == WeightsInfo(source=str(tmp_path / "kontext"), revision=None)  # a folder has no commit
     assert torch.equal(pipe.transformer.x_embedder.weight, build_tiny().transformer.x_embedder.weight)
     with pytest.raises(UserError) as e:
         load_pipeline(KontextOptions(model=str(tmp_path / "nowhere")))

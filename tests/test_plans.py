@@ -212,9 +212,9 @@ def test_the_cli_commits_two_turns_and_lists_both_steps(icedit_home, tmp_path):
         (3, 2, "edit"),
     ]
     assert history.cursor == 3 and said["image_sha256"] == history.turn(3).image_sha256
-    from sessions.identity import sha256
+    from sessions.identity import png_digest
 
-    assert sha256(out.read_bytes()) == history.turn(3).image_sha256  # -o holds the last step
+    assert png_digest(out.read_bytes()) == history.turn(3).image_sha256  # -o holds the last step
 
 
 def test_a_stopped_plan_exits_with_the_error_and_keeps_what_landed(

@@ -128,9 +128,9 @@ class Watcher:
 
     @hookimpl
     def turn_finished(self, session, turn, png):
-        import hashlib
+        from sessions.identity import png_digest
 
-        self.seen.append((session, turn.id, turn.kind, hashlib.sha256(png).hexdigest() == turn.image_sha256))
+        self.seen.append((session, turn.id, turn.kind, png_digest(png) == turn.image_sha256))
 
 
 class Broken:

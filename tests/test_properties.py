@@ -18,7 +18,7 @@ from assistant.errors import UserError
 from assistant.models import EditPlan
 from plugins.qwen_vl import model
 from plugins.qwen_vl.rewriter import QwenRewriter, parse
-from sessions.identity import sha256
+from sessions.identity import png_digest
 from sessions.scripts import ReplayScript, load_script
 from sessions.store import Store
 
@@ -89,7 +89,7 @@ def test_any_sequence_of_edit_undo_redo_branch_keeps_the_tree(fake, fake_setting
             assert history.cursor == cursor
             assert next(t.id for t in history.path(cursor)) == 1
             for t in history.turns:
-                assert sha256(store.image(t.image_sha256)) == t.image_sha256
+                assert png_digest(store.image(t.image_sha256)) == t.image_sha256
 
 
 # ------------------------------------------------------------------------------------ replay scripts

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from assistant.agent import Agent
 from sessions.history import History
-from sessions.identity import encode_png, sha256
+from sessions.identity import encode_png, png_digest
 from sessions.store import Store
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -61,7 +61,7 @@ def test_the_example_replays_byte_identically(winter_runs):
     for row1, row2 in zip(rows1, rows2, strict=True):
         png1, png2 = Path(row1["output"]).read_bytes(), Path(row2["output"]).read_bytes()
         assert png1 == png2
-        assert sha256(png1) == row1["image_sha256"]
+        assert png_digest(png1) == row1["image_sha256"]
 
 
 def test_the_example_rows_say_what_each_turn_did(winter_runs):
@@ -224,7 +224,7 @@ def test_script_paths_are_relative_to_the_script_not_the_working_directory(
     (row,) = rows_of(result)
     assert (row["intent"], row["seed"], row["instruction"]) == ("edit", 11, "add a hat")
     assert Path(row["output"]) == Path("o") / "01-edit.png"
-    assert sha256((tmp_path / "o" / "01-edit.png").read_bytes()) == row["image_sha256"]
+    assert png_digest((tmp_path / "o" / "01-edit.png").read_bytes()) == row["image_sha256"]
 
 
 def test_the_fake_engine_replays_identically_and_the_command_line_beats_the_script(folder, fake):
@@ -288,7 +288,7 @@ def test_export_then_replay_rebuilds_the_same_tree(fake, fake_settings, photo, t
     assert result.exit_code == 0, result.output
     assert result.stdout == f"wrote {exported} and 1 image(s) beside it\n"
     assert sorted(p.name for p in exported.parent.iterdir()) == ["walk-1.png", "walk.toml"]
-    assert sha256((exported.parent / "walk-1.png").read_bytes()) == original.turn(1).image_sha256
+    assert png_digest((exported.parent / "walk-1.png").read_bytes()) == original.turn(1).image_sha256
 
     calls_before = len(fake.engine.calls)
     rows = rows_of(
@@ -339,5 +339,5 @@ def test_an_open_turn_opens_a_new_image_or_jumps_to_one_already_shown(folder, fa
     ]
     assert h.cursor == 1
     red = encode_png(Image.open(folder / "red.png").convert("RGB"))
-    assert h.turn(3).image_sha256 == sha256(red)
+    assert h.turn(3).image_sha256 == png_digest(red)
     assert encode_png(fake.engine.calls[1].source) == red

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from assistant.errors import UserError
-from sessions.identity import encode_png, sha256
+from sessions.identity import encode_png, png_digest
 from sessions.store import MIGRATIONS, NewTurn, Store
 
 
@@ -26,7 +26,7 @@ def draft(
         kind=kind,
         message=message,
         png=png,
-        image_sha256=sha256(png),
+        image_sha256=png_digest(png),
         size=size,
         plan=None if kind == "open" else {"intent": "edit", "instruction": message},
         params={} if seed is None else {"seed": seed},
@@ -142,7 +142,7 @@ def test_reopen_keeps_sessions_turns_cursor_and_images(settings, tree, store):
         assert again.transcript("s") == transcript
         for digest, png in images.items():
             assert again.image(digest) == png
-            assert sha256(again.image(digest)) == digest
+            assert png_digest(again.image(digest)) == digest
     # the fixture closes the (already closed) store again; sqlite allows that
 
 

@@ -23,6 +23,7 @@ from store_checks import check_store, dump
 import sessions.archive
 from assistant.agent import Agent
 from assistant.cli import cli
+from sessions.identity import png_digest
 from sessions.store import MIGRATIONS, Store
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "store-v1.sqlite3"
@@ -48,12 +49,20 @@ def v1_home(icedit_home) -> Path:
     return icedit_home
 
 
+def renamed(data: dict) -> dict:
+    """`rows` as schema 4 holds them: each image (and the turns showing it) named by its pixels."""
+    names = {sha: png_digest(png) for sha, png, *_ in data["images"]}
+    turns = [(*t[:7], names[t[7]], *t[8:]) for t in data["turns"]]
+    return data | {"images": [(names[i[0]], *i[1:]) for i in data["images"]], "turns": turns}
+
+
 def test_a_v1_store_opens_upgrades_and_keeps_everything(v1_home):
     path = v1_home / "sessions.sqlite3"
     before = rows(path)
-    assert dump(v1_home)["user_version"] == 1 and len(MIGRATIONS) == 3
+    assert dump(v1_home)["user_version"] == 1 and len(MIGRATIONS) == 4
+    assert all(hashlib.sha256(png).hexdigest() == sha for sha, png, *_ in before["images"])  # v1 names
     with Store(path) as store:
-        assert store.db.execute("PRAGMA user_version").fetchone() == (3,)
+        assert store.db.execute("PRAGMA user_version").fetchone() == (4,)
         walk = store.history("walk")
         assert [(t.id, t.parent, t.kind, t.message) for t in walk.turns] == [
             (1, None, "open", "open cat.png"),
@@ -79,7 +88,7 @@ def test_a_v1_store_opens_upgrades_and_keeps_everything(v1_home):
             ]
         ]
         assert "turns_by_image" in plans[0] and "log_by_session" in plans[1]
-    assert rows(path) == before  # not a row changed
+    assert rows(path) == renamed(before)  # not a row changed but the images' names, PNG bytes as they were
     check_store(path)
     shown = invoke("sessions", "show", "walk")
     assert shown.exit_code == 0, shown.output
@@ -124,7 +133,7 @@ def test_a_store_from_a_newer_version_is_refused_in_one_line(v1_home):
             2,
             (
                 f"Error: the session store {path} is from a newer "
-                "icedit-assistant (schema 9, this one knows 3): upgrade "
+                "icedit-assistant (schema 9, this one knows 4): upgrade "
                 "icedit-assistant\n"
             ),
         )
@@ -211,6 +220,16 @@ def _first_image(members) -> str:
     return next(n for n in sorted(members) if n.startswith("images/"))
 
 
+def _other_pixels(members) -> None:
+    """The first image replaced by a sound PNG of another picture, under the same name."""
+    name = _first_image(members)
+    image = Image.open(io.BytesIO(members[name])).convert("RGB")
+    image.putpixel((0, 0), tuple(255 - v for v in image.getpixel((0, 0))))
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    members[name] = buf.getvalue()
+
+
 def _jpeg_named_by_its_hash(members) -> None:
     name = _first_image(members)
     buf = io.BytesIO()
@@ -242,26 +261,24 @@ BAD_ARCHIVES = {
         ),
     ),
     "image not matching its name": (
-        lambda a, d: _rezip(
-            a, d / "b.zip", lambda m: m.__setitem__(_first_image(m), m[_first_image(m)] + b"x")
-        ),
+        lambda a, d: _rezip(a, d / "b.zip", _other_pixels),
         (
             "{path}: {first} does not hash to its name: the archive is damaged"
-            ": nothing was imported (turn 3 cannot be restored; --partial imports the rest)"
+            ": nothing was imported (turn {turn} cannot be restored; --partial imports the rest)"
         ),
     ),
     "image missing": (
         lambda a, d: _rezip(a, d / "b.zip", lambda m: m.pop(_first_image(m))),
         (
             "{path}: image {short} of the session is not in the archive"
-            ": nothing was imported (turn 3 cannot be restored; --partial imports the rest)"
+            ": nothing was imported (turn {turn} cannot be restored; --partial imports the rest)"
         ),
     ),
     "a jpeg": (
         lambda a, d: _rezip(a, d / "b.zip", _jpeg_named_by_its_hash),
         (
             "{path}: {jpeg} is a JPEG, not a PNG"
-            ": nothing was imported (turn 3 cannot be restored; --partial imports the rest)"
+            ": nothing was imported (turn {turn} cannot be restored; --partial imports the rest)"
         ),
     ),
     "cursor on no turn": (
@@ -276,7 +293,7 @@ BAD_ARCHIVES = {
         lambda a, d: _rezip(
             a, d / "b.zip", _session_json(lambda s: s.__setitem__("format", "icedit-session/9"))
         ),
-        "{path}: session.json: format: Input should be 'icedit-session/1'",
+        "{path}: session.json: format: Input should be 'icedit-session/2' or 'icedit-session/1'",
     ),
     "no session.json": (
         lambda a, d: _rezip(a, d / "b.zip", lambda m: m.pop("session.json")),
@@ -308,12 +325,16 @@ def test_a_bad_archive_is_one_line_and_changes_nothing(walk, tmp_path, monkeypat
         (n for n in names if n.startswith("images/") and n not in zipfile.ZipFile(archive).namelist()), ""
     )
     size = zipfile.ZipFile(path).getinfo("session.json").file_size if "session.json" in names else 0
+    turns = json.loads(zipfile.ZipFile(archive).read("session.json"))["turns"]
+    turn = next(t["n"] for t in turns if t["image_sha256"] == first[7:-4])
     before = dump(walk)
     result = invoke("sessions", "import", path)
     assert result.exit_code == 2, result.output
     assert (
         result.stderr
-        == "Error: " + expected.format(path=path, first=first, short=first[7:19], jpeg=jpeg, size=size) + "\n"
+        == "Error: "
+        + expected.format(path=path, first=first, short=first[7:19], jpeg=jpeg, size=size, turn=turn)
+        + "\n"
     )
     assert "Traceback" not in result.output
     assert dump(walk) == before

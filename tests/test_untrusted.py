@@ -182,10 +182,11 @@ def test_a_pinned_lora_revision_loads_that_adapter(offline_cache):
         got = moe_checkpoint.read_checkpoint("someone/moe", revision)
         assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
     # through the engine's loader: the adapter is recognised and placed from the pinned revision
-    _, _, adapter = load_pipeline(
+    adapter = load_pipeline(
         IceditOptions(preset="tiny", lora="someone/moe", lora_revision="v1", device="cpu")
-    )
+    ).adapter
     assert (adapter.kind, adapter.keys, adapter.num_experts) == ("lora-moe", len(states[1]), 2)
+    assert len(adapter.revision) == 40 and adapter.revision != "v1"  # the commit the tag named: provenance
 
 
 def test_a_pinned_vlm_revision_loads_that_model(offline_cache):

@@ -13,7 +13,7 @@ from PIL import Image
 
 import prompts
 from assistant.errors import Cancelled, UserError
-from assistant.models import AdapterInfo, EditRequest, EditResult, EngineEvent, Step
+from assistant.models import AdapterInfo, EditRequest, EditResult, EngineEvent, Step, WeightsInfo
 from plugins.icedit.candidates import run_candidates
 from plugins.icedit.diptych import make_diptych, right_panel
 from plugins.icedit.loading import OOM_HINT, load_pipeline
@@ -29,11 +29,12 @@ class IceditEngine:
         self._pipe = None
         self.random_weights = False
         self.adapter: AdapterInfo | None = None
+        self.model: WeightsInfo | None = None
         self.prompts = PromptCache()
 
     def pipeline(self):
         if self._pipe is None:
-            self._pipe, self.random_weights, self.adapter = load_pipeline(self.options)
+            self._pipe, self.random_weights, self.adapter, self.model = load_pipeline(self.options)
         return self._pipe
 
     def _begin(
@@ -159,5 +160,6 @@ class _Edit:
             nfe=nfe,
             timings=self.timings | timings | {"decode": time.perf_counter() - started},
             adapter=self.engine.adapter,
+            model=self.engine.model,
             random_weights=self.engine.random_weights,
         )

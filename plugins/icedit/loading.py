@@ -12,11 +12,12 @@ remote code runs, and hub references can be pinned to a revision (`--revision`, 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from assistant import hub
 from assistant.errors import UserError
 from assistant.hub import Artifact
-from assistant.models import AdapterInfo
+from assistant.models import AdapterInfo, WeightsInfo
 from plugins.icedit.options import FluxOptions, IceditOptions
 from plugins.icedit.presets import build_tiny, get_preset
 
@@ -86,8 +87,21 @@ def artifacts(options: IceditOptions) -> list[Artifact]:
     return found
 
 
-def load_pipeline(options: IceditOptions):
-    """(pipeline ready to run, whether its weights are random, the adapter it carries)."""
+class Loaded(NamedTuple):
+    pipe: Any
+    random_weights: bool
+    adapter: AdapterInfo | None
+    model: WeightsInfo | None
+    """Where the weights came from, for a replay elsewhere (None: built in-process, as the preset says)."""
+
+
+def weights_info(artifact: Artifact | None) -> WeightsInfo | None:
+    """The base model as provenance: its hub id or folder and the commit it came from."""
+    return None if artifact is None else WeightsInfo(source=artifact.ref, revision=hub.commit(artifact))
+
+
+def load_pipeline(options: IceditOptions) -> Loaded:
+    """The pipeline ready to run, whether its weights are random, the adapter it carries, its model."""
     preset = get_preset(options.preset)
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
@@ -103,7 +117,13 @@ def load_pipeline(options: IceditOptions):
     lora = options.lora or preset.lora
     adapter = _load_adapter(pipe, lora, options) if lora and lora != "none" else None
     ready(pipe, options, device)
-    return pipe, preset.random_weights and options.model is None, adapter
+    artifact = flux_artifact(model, options.revision) if model else None
+    return Loaded(
+        pipe,
+        preset.random_weights and options.model is None,
+        adapter,
+        weights_info(artifact),
+    )
 
 
 def ready(pipe, options: FluxOptions, device: str) -> None:
@@ -215,9 +235,10 @@ def _load_adapter(pipe, lora: str, options: IceditOptions) -> AdapterInfo:
             pipe.transformer, num_experts=4, rank=4, seed=1, scale=0.3
         )
     else:
-        path = hub.locate(lora_artifact(lora, options.lora_revision, options.lora_weight_name))
+        artifact = lora_artifact(lora, options.lora_revision, options.lora_weight_name)
+        path = hub.locate(artifact)
         if adapter_file_kind(path) != "lora-moe":
-            return load_stock_lora(pipe, lora, path, options.lora_scale)
+            return load_stock_lora(pipe, lora, path, options.lora_scale, hub.commit(artifact))
         state = moe_checkpoint.read_checkpoint(path)
     _check_finite(state, lora)
     report = moe_checkpoint.load_lora_moe(pipe.transformer, state, top_k=options.top_k)
@@ -229,6 +250,7 @@ def _load_adapter(pipe, lora: str, options: IceditOptions) -> AdapterInfo:
         num_experts=report.num_experts,
         top_k=report.top_k,
         scale=options.lora_scale,
+        revision=None if lora == TINY_MOE else hub.commit(artifact),
     )
 
 
@@ -244,7 +266,7 @@ def _check_finite(state, lora: str) -> None:
             )
 
 
-def load_stock_lora(pipe, lora: str, path: Path, scale: float) -> AdapterInfo:
+def load_stock_lora(pipe, lora: str, path: Path, scale: float, revision: str | None) -> AdapterInfo:
     try:  # use_safetensors=True: diffusers never falls back to unpickling a .bin
         state = pipe.lora_state_dict(str(path.parent), weight_name=path.name, use_safetensors=True)
         weights = state[0] if isinstance(state, tuple) else state
@@ -258,4 +280,4 @@ def load_stock_lora(pipe, lora: str, path: Path, scale: float) -> AdapterInfo:
     except Exception as e:  # noqa: BLE001 - every loader failure becomes one line
         raise UserError(f"cannot load the LoRA from {lora}: {hub.first_line(e)}") from None
     pipe.set_adapters(["icedit"], adapter_weights=[scale])
-    return AdapterInfo(kind="lora", source=lora, keys=keys, scale=scale)
+    return AdapterInfo(kind="lora", source=lora, keys=keys, scale=scale, revision=revision)

@@ -265,7 +265,7 @@ def _trainable(config: TrainConfig, options: IceditOptions, accelerator):
             "compile": False,
         }
     )
-    pipe, random_weights, _ = load_pipeline(model_options)
+    pipe, random_weights, *_ = load_pipeline(model_options)
     for part in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
         part.requires_grad_(False)
     transformer = pipe.transformer

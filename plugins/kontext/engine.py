@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from assistant.errors import Cancelled, UserError
-from assistant.models import AdapterInfo, EditRequest, EditResult, Step
+from assistant.models import AdapterInfo, EditRequest, EditResult, Step, WeightsInfo
 from assistant.protocols import Events
 from plugins.icedit.loading import OOM_HINT
 from plugins.icedit.sampler import PromptCache
@@ -38,11 +38,12 @@ class KontextEngine:
         self._pipe = None
         self.random_weights = False
         self.adapter: AdapterInfo | None = None
+        self.model: WeightsInfo | None = None
         self.prompts = PromptCache()
 
     def pipeline(self):
         if self._pipe is None:
-            self._pipe, self.random_weights, self.adapter = load_pipeline(self.options)
+            self._pipe, self.random_weights, self.adapter, self.model = load_pipeline(self.options)
         return self._pipe
 
     def _begin(self, request: EditRequest, events: Events, cancel: threading.Event) -> _Edit:
@@ -177,6 +178,7 @@ class _Edit:
             nfe=nfe,
             timings=self.timings | timings | {"decode": time.perf_counter() - started},
             adapter=self.engine.adapter,
+            model=self.engine.model,
             random_weights=self.engine.random_weights,
             extras={"working_size": f"{self.size[0]}x{self.size[1]}"},
         )

@@ -14,11 +14,13 @@ from assistant.hub import Artifact
 from assistant.models import AdapterInfo
 from plugins.icedit.loading import (
     TINY_MOE,
+    Loaded,
     from_pretrained,
     lora_artifact,
     ready,
     resolve_device,
     resolve_dtype,
+    weights_info,
 )
 from plugins.kontext.options import KontextOptions
 from plugins.kontext.presets import build_tiny, get_preset
@@ -49,8 +51,8 @@ def artifacts(options: KontextOptions) -> list[Artifact]:
     return found
 
 
-def load_pipeline(options: KontextOptions):
-    """(pipeline ready to run, whether its weights are random, the adapter it carries)."""
+def load_pipeline(options: KontextOptions) -> Loaded:
+    """The pipeline ready to run, whether its weights are random, the adapter it carries, its model."""
     preset = get_preset(options.preset)
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
@@ -66,21 +68,24 @@ def load_pipeline(options: KontextOptions):
     lora = asked_lora(options)
     adapter = _load_lora(pipe, lora, options) if lora else None
     ready(pipe, options, device)
-    return pipe, preset.random_weights and options.model is None, adapter
+    artifact = kontext_artifact(model, options.revision) if model else None
+    return Loaded(
+        pipe,
+        preset.random_weights and options.model is None,
+        adapter,
+        weights_info(artifact),
+    )
 
 
 def _load_lora(pipe, lora: str, options: KontextOptions) -> AdapterInfo:
     """A stock diffusers LoRA for the Kontext transformer; ICEdit's LoRA-MoE routes FLUX Fill only."""
     from plugins.icedit.loading import adapter_file_kind, load_stock_lora
 
-    path = (
-        None
-        if lora == TINY_MOE
-        else hub.locate(lora_artifact(lora, options.lora_revision, options.lora_weight_name))
-    )
+    artifact = lora_artifact(lora, options.lora_revision, options.lora_weight_name)
+    path = None if lora == TINY_MOE else hub.locate(artifact)
     if path is None or adapter_file_kind(path) == "lora-moe":
         raise UserError(
             f"{lora} is a LoRA-MoE adapter (ICEdit's, for FLUX.1 Fill): the kontext engine takes "
             "stock diffusers LoRAs only; use --lora none or --engine icedit"
         )
-    return load_stock_lora(pipe, lora, path, options.lora_scale)
+    return load_stock_lora(pipe, lora, path, options.lora_scale, hub.commit(artifact))
