@@ -36,8 +36,8 @@ from assistant.models import (
     next_seed,
     probability,
 )
-from assistant.preflight import checks, rewriter_name
-from assistant.protocols import CheckingJudge, Engine, Events, Judge, Rewriter
+from assistant.preflight import check_variations, checks, rewriter_name
+from assistant.protocols import CheckingJudge, Engine, Events, Judge, Rewriter, VariationEngine
 from assistant.settings import Settings
 from assistant.text import check_message, printable
 from sessions.history import History, Turn
@@ -78,6 +78,7 @@ class TurnOutcome(BaseModel):
     planned: list[str] = Field([], description="a plan of several steps: each step's instruction, in order")
     steps: list[TurnOutcome] = Field([], description="each landed step's outcome, in order (this one last)")
     attempts: list[Attempt] = Field([], description="with the self-check on: every attempt, in order")
+    variations: list[TurnOutcome] = Field([], description="-n N: each variation's outcome (this one first)")
     stopped: str | None = Field(
         None, description="why a plan or its attempts ended early (what landed is kept)"
     )
@@ -89,6 +90,8 @@ class TurnOutcome(BaseModel):
         """Transformer evaluations the whole turn spent: every step, every attempt."""
         if self.steps:
             return sum(step.nfe for step in self.steps)
+        if self.variations:
+            return sum(v.result.nfe for v in self.variations if v.result)
         if self.attempts:
             return sum(a.nfe for a in self.attempts)
         return self.result.nfe if self.result else 0
@@ -226,14 +229,16 @@ class Agent:
         instruction: str | None = None,
         events: Events = lambda event: None,
         cancel: threading.Event | None = None,
+        variations: int = 1,
         **sampling: Any,
     ) -> TurnOutcome:
         """Run one message: place the source, read the message into a plan, carry the plan out.
 
         `source` (image, message) edits that image: from the turn showing it if the session has
         one, else from a new "open" turn committed together with the edit, so a failed edit leaves
-        no trace. `instruction` skips the rewriter (replay of an exported session). `sampling`:
-        seed, steps, guidance, native_size, candidates, early_steps (None: the settings' value).
+        no trace. `instruction` skips the rewriter (replay of an exported session). `variations`: an
+        edit painted with that many seeds, each its own turn (`-n`). `sampling`: seed, steps,
+        guidance, native_size, candidates, early_steps (None: the settings' value).
         """
         started = time.perf_counter()
         message = check_message(message)
@@ -288,6 +293,8 @@ class Agent:
             return self._retry(read, history, current, events, cancel, **sampling)
         opening = place if isinstance(place, NewTurn) else None
         parent = place.id if isinstance(place, Turn) else (history.cursor if history else None)
+        if variations > 1:
+            return self._variations(read, image, parent, opening, variations, events, cancel, **sampling)
         return self._plan(read, image, parent, opening, events, cancel, **sampling)
 
     def retry(
@@ -436,6 +443,49 @@ class Agent:
                 "notes": notes,
             }
         )
+
+    def _variations(
+        self,
+        read: _Read,
+        image: Image.Image,
+        parent: int | None,
+        opening: NewTurn | None,
+        n: int,
+        events: Events,
+        cancel: threading.Event,
+        seed: int | None = None,
+        attempts: int | None = None,
+        accept: float | None = None,
+        check: bool | None = None,
+        **sampling: Any,
+    ) -> TurnOutcome:
+        """One edit painted with seeds S..S+n-1 at once (batched by an engine that can), each committed as
+        a sibling turn: pictures to choose from. The cursor ends on the last; any of them continues."""
+        if len(read.plan.steps()) > 1:
+            raise UserError(
+                f"-n {n} paints variations of one change; this message asks for {len(read.plan.steps())} "
+                "in a row: ask for one, or leave out -n"
+            )
+        request = self._request(read, image, {}, seed=new_seed() if seed is None else seed, **sampling)
+        check_variations(n, request.candidates, checks(self.settings, attempts, check))
+        seeds = [next_seed(request.seed, i) for i in range(n)]
+        engine = self.engine
+        if isinstance(engine, VariationEngine):
+            results = engine.edit_variations(request, seeds, events, cancel)
+        else:
+            results = [engine.edit(request.model_copy(update={"seed": s}), events, cancel) for s in seeds]
+        if [r.seed for r in results] != seeds:
+            raise ValueError(
+                f"engine {self.settings.engine} painted seeds {[r.seed for r in results]}, not {seeds}"
+            )
+        done: list[TurnOutcome] = []
+        for result in results:
+            outcome = self._commit(read, request, result, parent, None if done else opening, None)
+            assert outcome.turn is not None
+            parent = outcome.turn.parent  # the opened picture, once the first committed it
+            done.append(outcome)
+        made = ", ".join(f"#{o.turn.id} seed {o.result.seed}" for o in done if o.turn and o.result)
+        return done[0].model_copy(update={"variations": done, "reply": f"{n} variations: {made}"})
 
     def _attempts(
         self,
@@ -789,6 +839,8 @@ def describe(outcome: TurnOutcome, **extra: Any) -> dict[str, Any]:
         out["attempts"] = [a.model_dump() for a in outcome.attempts]
     if outcome.planned:
         out |= {"plan": outcome.planned, "landed": [describe(step) for step in outcome.steps]}
+    if outcome.variations:
+        out["variations"] = [describe(v) for v in outcome.variations]
     if outcome.stopped:
         out["stopped"] = outcome.stopped
     if outcome.notes:

@@ -242,9 +242,16 @@ def _log_session(settings) -> str | None:
 
 
 @cli.command()
-@click.argument("image", type=kit.PathArg())
+@click.argument("images", nargs=-1, required=True, type=kit.PathArg(), metavar="IMAGE...")
 @click.argument("instruction")
 @with_output_options
+@click.option(
+    "-n",
+    "--variations",
+    type=click.IntRange(1, 16),
+    default=1,
+    help="paint N finished pictures, seeds S..S+N-1 batched, each a sibling turn and a file",
+)
 @click.option(
     "--session",
     callback=_session_name,
@@ -260,14 +267,15 @@ def _log_session(settings) -> str | None:
 )
 @click.option("--save-candidates", type=kit.PathArg(), help="folder for the early filter's previews")
 @with_engine_options
-@click.option("--json", "json_", is_flag=True, help="print the result as JSON")
+@click.option("--json", "json_", is_flag=True, help="print the result as JSON (one line per image)")
 def edit(
-    image,
+    images,
     instruction,
     output,
     output_dir,
     quality,
     force,
+    variations,
     session,
     seed,
     steps,
@@ -277,44 +285,84 @@ def edit(
     json_,
     **options,
 ) -> None:
-    """Edit IMAGE as INSTRUCTION says, e.g. icedit edit cat.png "make it look like winter"."""
+    """Edit each IMAGE as INSTRUCTION says, e.g. icedit edit cat.png "make it look like winter".
+
+    Several images are edited one after another with one pipeline load; under `accelerate launch`
+    (or torchrun) each process takes its share of them."""
     from assistant.agent import Agent
     from assistant.images import load_source
-    from assistant.text import check_message, file_name
+    from assistant.preflight import check_variations, checks
+    from assistant.text import check_message, file_name, path_text
     from sessions.store import Store
 
     settings = kit.settings(**options)
     check_message(instruction)
-    _check_outputs(output, output_dir, image, force, quality, json_)
-    source = load_source(image)
+    if output is not None and (len(images) > 1 or variations > 1):
+        raise UserError(
+            "-o names one file: for several pictures give --output-dir, or neither (default names)"
+        )
+    _check_outputs(output, output_dir, images[0], force, quality, json_)
+    check_variations(variations, settings.candidates, checks(settings))
+    sources = [load_source(image) for image in images]  # every path checked before any weights load
+    mine, settings = _my_share(len(images), settings)
     settings = kit.prepare(settings).settings
     session = session or _log_session(settings)
     store = _store(settings) if session else Store(":memory:")
     agent = Agent(store, session or "edit", settings)
-    with _cancel_on_sigint() as cancel:
-        outcome = agent.turn(
-            instruction,
-            source=(source, f"open {file_name(image)}"),
-            seed=seed,
-            steps=steps,
-            guidance=guidance,
-            native_size=native_size,
-            events=_Progress.show,
-            cancel=cancel,
+    for done, k in enumerate(mine):
+        if len(images) > 1:
+            _Progress.end()
+            click.echo(f"image {k + 1} of {len(images)}: {path_text(images[k])}", err=True)
+        try:
+            with _cancel_on_sigint() as cancel:
+                outcome = agent.turn(
+                    instruction,
+                    source=(sources[k], f"open {file_name(images[k])}"),
+                    seed=seed,
+                    steps=steps,
+                    guidance=guidance,
+                    native_size=native_size,
+                    variations=variations,
+                    events=_Progress.show,
+                    cancel=cancel,
+                )
+        except UserError as e:
+            if not done:
+                raise
+            raise Stopped(
+                f"image {k + 1} of {len(images)} ({path_text(images[k])}): {e} (the {done} before it are "
+                "written)",
+                e.exit_code,
+            ) from None
+        _report(
+            outcome,
+            agent,
+            store,
+            output=output,
+            output_dir=output_dir,
+            quality=quality,
+            stem=images[k].stem,
+            force=force,
+            session=session,
+            save_candidates=save_candidates,
+            json_=json_,
         )
-    _report(
-        outcome,
-        agent,
-        store,
-        output=output,
-        output_dir=output_dir,
-        quality=quality,
-        stem=image.stem,
-        force=force,
-        session=session,
-        save_candidates=save_candidates,
-        json_=json_,
-    )
+
+
+def _my_share(n: int, settings):
+    """(the inputs this process edits, its settings). Under `accelerate launch` or torchrun (WORLD_SIZE
+    > 1) accelerate splits them, as `icedit eval` splits examples, and each process runs on its device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return list(range(n)), settings
+    import torch
+    from accelerate import PartialState
+
+    from assistant import plugins
+
+    asked = plugins.option("engines", settings.engine, "device", settings)
+    state = PartialState(cpu=asked == "cpu" or not torch.accelerator.is_available())
+    with state.split_between_processes(list(range(n))) as mine:
+        return list(mine), settings.with_options(device=str(state.device))
 
 
 def _report(
@@ -331,42 +379,39 @@ def _report(
     save_candidates: Path | None = None,
     json_: bool = False,
 ) -> None:
-    """Write an edit's picture (to `output` or a free default name) and say what the turn did."""
+    """Write an edit's pictures (to `output` or free default names) and say what the turn did."""
     from assistant import outputs
     from assistant.agent import describe
     from assistant.text import path_text
     from sessions.identity import sha256
 
-    turn = outcome.turn
     to_stdout = output == outputs.STDOUT
-    if outcome.result is None:
-        # undo/redo/answer: nothing was painted; say what happened.
-        output = None
-    else:
-        output = output or outputs.default_name(
-            output_dir, stem, outcome.result.seed, outcome.plan.instruction
-        )
+    painted = [] if outcome.result is None else (outcome.variations or [outcome])  # undo/answer: none
+    written: list[tuple[Path, bytes]] = []
+    for one in painted:
+        turn = one.turn
+        path = output or outputs.default_name(output_dir, stem, one.result.seed, one.plan.instruction)
         try:
-            written = outputs.write_picture(
-                output,
-                store.picture(turn.image_sha256),
-                outputs.provenance(turn),
-                quality=quality,
-                force=force,
+            data = outputs.write_picture(
+                path, store.picture(turn.image_sha256), outputs.provenance(turn), quality=quality, force=force
             )
-            if save_candidates and outcome.result.candidates:
-                _save_candidates(save_candidates, outcome.result.candidates)
+            written.append((path, data))
         except UserError as e:
             kept = f" (the edit is kept as turn {turn.id} of session {session})" if session else ""
             raise UserError(f"{e}{kept}") from None
+    if save_candidates and outcome.result is not None and outcome.result.candidates:
+        _save_candidates(save_candidates, outcome.result.candidates)
     if json_:
-        kit.emit(describe(outcome, session=session, output=str(output) if output else None))
+        said = describe(outcome, session=session, output=str(written[0][0]) if written else None)
+        for variation, (path, _) in zip(said.get("variations", []), written, strict=False):
+            variation["output"] = str(path)
+        kit.emit(said)
     else:
         click.echo(outcome.reply, err=to_stdout)
-        if output:
+        for one, (path, data) in zip(painted, written, strict=True):
             click.echo(
-                f"wrote {'a PNG to stdout' if to_stdout else path_text(output)}  (seed {outcome.result.seed}, "
-                f"{outcome.result.image.size[0]}x{outcome.result.image.size[1]}, sha256 {sha256(written)[:12]})",
+                f"wrote {'a PNG to stdout' if to_stdout else path_text(path)}  (seed {one.result.seed}, "
+                f"{one.result.image.size[0]}x{one.result.image.size[1]}, sha256 {sha256(data)[:12]})",
                 err=to_stdout,
             )
     if outcome.result is not None and outcome.result.random_weights:

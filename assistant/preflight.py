@@ -20,7 +20,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from assistant import hub, plugins
-from assistant.errors import WeightsMissing
+from assistant.errors import UserError, WeightsMissing
 from assistant.hub import Artifact, ArtifactStatus
 from assistant.memory import MemoryPlan, Part
 from assistant.settings import Settings
@@ -68,6 +68,16 @@ def checks(settings: Settings, attempts: int | None = None, check: bool | None =
     says, whenever more than one attempt may run (`attempts` given, else the settings')."""
     check = settings.check if check is None else check
     return (attempts or settings.attempts) > 1 if check is None else check
+
+
+def check_variations(variations: int, candidates: int, checked: bool) -> None:
+    """-n N paints N pictures to choose from: not with what picks one picture itself (one line)."""
+    if variations > 1 and (candidates > 1 or checked):
+        what = "--candidates" if candidates > 1 else "the self-check (--attempts, --check)"
+        raise UserError(
+            f"-n {variations} paints {variations} pictures to choose from; {what} picks one itself: "
+            "use one or the other"
+        )
 
 
 def runs_judge(settings: Settings, judge: bool | None) -> bool:

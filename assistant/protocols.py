@@ -74,6 +74,19 @@ class CandidateEngine(Engine, Protocol):
         ...
 
 
+@runtime_checkable
+class VariationEngine(Engine, Protocol):
+    """An engine that paints several seeds of one edit together (optional; `-n`): batched, the steps
+    cost little more than one seed's on a GPU. Without it the host runs `edit` once per seed."""
+
+    def edit_variations(
+        self, request: EditRequest, seeds: list[int], events: Events, cancel: threading.Event
+    ) -> list[EditResult]:
+        """One finished result per seed, in order: each the picture `edit` paints for that seed (up to
+        rounding where batched sums run in another order), its `nfe` its own steps."""
+        ...
+
+
 class Rewriter(Protocol):
     """Reads a person's message into a plan: an intent and, for edits, one instruction."""
 

@@ -57,6 +57,7 @@ from assistant.protocols import (
     PairwiseJudge,
     Rewriter,
     Scorer,
+    VariationEngine,
 )
 from sessions.identity import encode_png
 
@@ -237,6 +238,17 @@ class EngineContract:
         assert len(result.verdicts) == self.candidates - 1 and judge.calls == 2 * (self.candidates - 1)
         assert (result.seed, result.nfe) == (winner, self._spent())
         assert same_picture(result.image, plain_edit(winner)[0].image, self.finish_tolerance)
+
+    def test_variations_paint_what_plain_edits_of_their_seeds_paint(self, engine, plain_edit):
+        if not isinstance(engine, VariationEngine):
+            pytest.skip("not a VariationEngine")
+        seeds = self._seeds()
+        events: list = []
+        results = engine.edit_variations(self.request(), seeds, events.append, threading.Event())
+        assert [r.seed for r in results] == seeds and {r.nfe for r in results} == {self.steps}
+        for seed, result in zip(seeds, results, strict=True):
+            assert same_picture(result.image, plain_edit(seed)[0].image, self.finish_tolerance), seed
+        assert max(e.i for e in events if isinstance(e, Step)) == self.steps
 
 
 # ----------------------------------------------------------------------------------------------- rewriters

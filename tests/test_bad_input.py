@@ -178,13 +178,13 @@ CASES = {
         None,
         "add snow",
         lambda d: [*FAKE, "-o", d],
-        "{d} is a folder: give -o a file name ending in .png",
+        "{d} is a folder: give -o a file name ending in .png, .jpg or .webp",
     ),
-    "output not png": (
+    "output of a type not written": (
         None,
         "add snow",
-        lambda d: [*FAKE, "-o", d / "x.jpg"],
-        "{d}/x.jpg: edits are written as PNG: give -o a name ending in .png",
+        lambda d: [*FAKE, "-o", d / "x.gif"],
+        "{d}/x.gif: give -o a name ending in .png, .jpg or .webp",
     ),
     "output folder missing": (
         None,

@@ -14,7 +14,7 @@ from PIL import Image
 import prompts
 from assistant.errors import Cancelled, UserError
 from assistant.models import AdapterInfo, EditRequest, EditResult, EngineEvent, Step, WeightsInfo
-from plugins.icedit.candidates import run_candidates
+from plugins.icedit.candidates import denoise_batch, run_candidates
 from plugins.icedit.diptych import make_diptych, right_panel
 from plugins.icedit.loading import OOM_HINT, load_pipeline
 from plugins.icedit.options import IceditOptions
@@ -79,6 +79,22 @@ class IceditEngine:
                 cancel=cancel,
             )
         return job.result(latents, request.steps, {"denoise": time.perf_counter() - started}, events)
+
+    def edit_variations(
+        self,
+        request: EditRequest,
+        seeds: list[int],
+        events: Callable[[EngineEvent], None],
+        cancel: threading.Event,
+    ) -> list[EditResult]:
+        """Finished edits of every seed, batched through the transformer: one prompt encoding, one
+        diptych, the steps once for all (in chunks when memory is short)."""
+        job = self._begin(request, events, cancel)
+        started = time.perf_counter()
+        with _out_of_memory(job.canvas, job.sampler.pipe):
+            batch, _ = denoise_batch(job.sampler, job.cond, seeds, request.steps, "denoise", events, cancel)
+        each = {"denoise": (time.perf_counter() - started) / len(seeds)}
+        return [job.result(batch.select(i), request.steps, each, events) for i in range(len(seeds))]
 
     def start_candidates(
         self,
