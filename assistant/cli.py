@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -39,6 +40,7 @@ class _Group(click.Group):
             raise kit.fail("interrupted: nothing was saved", 130) from None
         finally:
             _Progress.end()
+            kit.speak()  # the error, if any, is printed after this
 
 
 def _session_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -98,6 +100,54 @@ class _Progress:
             cls.open = False
 
 
+HELP_SECTIONS: list[tuple[str, tuple[str, ...]]] = [
+    (
+        "Everyday",
+        ("output", "output_dir", "quality", "force", "variations", "seed", "steps", "guidance", "lora_scale",
+         "session", "json_"),
+    ),
+    (
+        "The agent",
+        ("rewriter", "attempts", "accept", "check", "candidates", "early_steps", "judge", "save_candidates",
+         "native_size"),
+    ),
+    (
+        "Model",
+        ("engine", "preset", "model", "revision", "lora", "lora_revision", "lora_weight_name", "top_k", "option"),
+    ),
+    ("Memory and speed", ("device", "dtype", "quantize", "offload", "compile", "gpu_memory")),
+    (
+        "VLM (rewriter and judge)",
+        ("vlm", "vlm_revision", "vlm_device", "vlm_dtype", "attn_implementation", "min_pixels", "max_pixels",
+         "vlm_max_new_tokens", "vlm_grammar"),
+    ),
+]  # fmt: skip
+"""How `--help` groups a command's options, everyday ones first; the rest follow under "Options"."""
+
+
+class _Command(click.Command):
+    """A command whose help groups its options (HELP_SECTIONS) and which takes -q and -v."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        kit.add_verbosity(self)
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        records = {p.name: r for p in self.get_params(ctx) if (r := p.get_help_record(ctx))}
+        placed: set[str | None] = set()
+        for title, names in HELP_SECTIONS:
+            if shown := [records[n] for n in names if n in records]:
+                with formatter.section(title):
+                    formatter.write_dl(shown)
+            placed.update(names)
+        if rest := [r for n, r in records.items() if n not in placed]:
+            with formatter.section("Options"):
+                formatter.write_dl(rest)
+
+
+_Group.command_class = _Command
+
+
 class _Root(_Group):
     """The `icedit` group: plugins' commands (`register_cli_commands`) join it only when a command is not
     a built-in one or help lists them all, so `icedit sessions list` loads no plugin at all."""
@@ -126,6 +176,7 @@ class _Root(_Group):
             for name, command in list(self.commands.items()):
                 if before.get(name) is command:
                     continue
+                kit.add_verbosity(command)
                 if name in builtins:
                     click.echo(
                         f"warning: a plugin's command '{name}' is ignored: icedit has its own", err=True
@@ -160,13 +211,43 @@ class _Root(_Group):
 @click.group(cls=_Root, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="icedit-assistant")
 def cli() -> None:
-    """icedit: edit images by telling it what you want."""
+    """icedit: edit images by telling it what you want.
+
+    Shell completion: eval "$(_ICEDIT_COMPLETE=bash_source icedit)" in ~/.bashrc (zsh_source, fish_source
+    for the others)."""
+
+
+kit.add_verbosity(cli)
+
+
+class _Registered(click.Option):
+    """An option naming a plugin's engine, rewriter or judge; its help lists those installed (asked only
+    when help is shown: listing them loads the plugins)."""
+
+    def __init__(self, *args: Any, kind: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.kind = kind
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        from assistant.plugins import registrations
+
+        record = super().get_help_record(ctx)
+        if record is None:
+            return None
+        try:
+            names = ", ".join(sorted(registrations(self.kind)))
+        except UserError:
+            return record
+        return record[0], f"{record[1]}; installed: {names}"
 
 
 host_options = [
-    click.option("--engine", help="engine plugin (see `icedit plugins`)"),
+    click.option("--engine", cls=_Registered, kind="engines", help="engine plugin (default icedit)"),
     click.option(
-        "--rewriter", help="qwen_vl (default with real weights), rules (default with tiny), verbatim, ..."
+        "--rewriter",
+        cls=_Registered,
+        kind="rewriters",
+        help="default qwen_vl with real weights, rules with random ones",
     ),
     click.option(
         "--candidates",
@@ -178,7 +259,12 @@ host_options = [
         type=kit.option_type(EarlySteps),
         help="early filter: steps before judging (default 4)",
     ),
-    click.option("--judge", help="judge plugin for the early filter and the self-check (default qwen_vl)"),
+    click.option(
+        "--judge",
+        cls=_Registered,
+        kind="judges",
+        help="judge plugin for the early filter and the self-check (default qwen_vl)",
+    ),
     click.option(
         "--attempts",
         type=kit.option_type(AttemptCount),
@@ -241,7 +327,7 @@ def _log_session(settings) -> str | None:
     return f"edits-{datetime.date.today().isoformat()}" if settings.log else None
 
 
-@cli.command()
+@cli.command(short_help="Edit images as an instruction says")
 @click.argument("images", nargs=-1, required=True, type=kit.PathArg(), metavar="IMAGE...")
 @click.argument("instruction")
 @with_output_options
@@ -425,7 +511,7 @@ def _report(
         raise Stopped(f"stopped at {outcome.stopped} ({kept})", outcome.exit_code)
 
 
-@cli.command()
+@cli.command(short_help="Paint a session's current edit again with another seed")
 @click.argument("name", callback=_session_name)
 @with_output_options
 @click.option("--seed", type=kit.option_type(Seed), help="noise seed (default: the retried turn's seed + 1)")
@@ -509,7 +595,7 @@ def _fallback_note(rewriter: str) -> None:
         click.echo(f"note: rewriter {rewriter}", err=True)
 
 
-@cli.command()
+@cli.command(short_help="Show the plan a rewriter makes of a request")
 @click.argument("image", type=kit.PathArg())
 @click.argument("request")
 @click.option("--rewriter", help="qwen_vl (default), rules, verbatim or another registered one")
@@ -542,12 +628,12 @@ def rewrite(image, request, rewriter, json_, **options) -> None:
     _fallback_note(label)
 
 
-@cli.group(cls=_Group)
+@cli.group(cls=_Group, short_help="List, show, search, export, import and manage sessions")
 def sessions() -> None:
     """List, show, search, export, import, rename and delete stored sessions; get a turn's picture; gc."""
 
 
-@sessions.command("list")
+@sessions.command("list", short_help="Every session, most recent first")
 @click.option("--json", "json_", is_flag=True)
 def sessions_list(json_) -> None:
     """Every session in the store, most recent first."""
@@ -562,7 +648,7 @@ def sessions_list(json_) -> None:
         click.echo(f"{printable(r.name)}\t{r.turns} turns\tcursor {r.cursor}\tupdated {r.updated}")
 
 
-@sessions.command("show")
+@sessions.command("show", short_help="A session's turns as a tree")
 @click.argument("name")
 @click.option("--json", "json_", is_flag=True)
 def sessions_show(name, json_) -> None:
@@ -595,7 +681,7 @@ def sessions_show(name, json_) -> None:
         click.echo(line)
 
 
-@sessions.command("export")
+@sessions.command("export", short_help="Write a session as a replay script or an archive")
 @click.argument("name")
 @click.argument("script", type=kit.PathArg())
 @click.option("--force", is_flag=True, help="replace files that are already there")
@@ -629,7 +715,7 @@ def sessions_export(name, script, force) -> None:
         click.get_current_context().exit(1)
 
 
-@sessions.command("import")
+@sessions.command("import", short_help="Restore a session from an archive")
 @click.argument("archive", type=kit.PathArg())
 @click.option("--as", "name", help="import under this name (default: the name in the archive)")
 @click.option(
@@ -674,7 +760,7 @@ def sessions_import(archive, name, partial, json_) -> None:
     _warn(problems)
 
 
-@sessions.command("sheet")
+@sessions.command("sheet", short_help="A contact sheet of a session's pictures")
 @click.argument("name")
 @click.argument("output", type=kit.PathArg())
 @click.option("--force", is_flag=True, help="replace OUTPUT if it is already there")
@@ -694,7 +780,7 @@ def sessions_sheet(name, output, force) -> None:
         click.get_current_context().exit(1)
 
 
-@sessions.command("rm")
+@sessions.command("rm", short_help="Delete sessions")
 @click.argument("names", metavar="NAME...", nargs=-1, required=True)
 @click.option("--yes", is_flag=True, help="delete without asking (needed when stdin is not a terminal)")
 def sessions_rm(names, yes) -> None:
@@ -719,7 +805,7 @@ def sessions_rm(names, yes) -> None:
         )
 
 
-@sessions.command("rename")
+@sessions.command("rename", short_help="Rename a session")
 @click.argument("old")
 @click.argument("new")
 def sessions_rename(old, new) -> None:
@@ -740,7 +826,7 @@ def _turn_id(ctx: click.Context, param: click.Parameter, value: str) -> int | No
     return int(value)
 
 
-@sessions.command("get")
+@sessions.command("get", short_help="Write one turn's picture to a file")
 @click.argument("name")
 @click.argument("turn", callback=_turn_id)
 @click.option(
@@ -773,7 +859,7 @@ def sessions_get(name, turn, output, quality, force) -> None:
     )
 
 
-@sessions.command("search")
+@sessions.command("search", short_help="Find turns by their message or instruction")
 @click.argument("text")
 @click.option(
     "-n", "limit", type=click.IntRange(min=1), default=20, show_default=True, help="at most this many turns"
@@ -793,7 +879,7 @@ def sessions_search(text, limit, json_) -> None:
         click.echo(f"{printable(f.session)} #{f.turn}  {printable(f.message)}{instruction}")
 
 
-@cli.command("log")
+@cli.command("log", short_help="Every edit, newest first; search them")
 @click.argument("query", required=False, default="")
 @click.option(
     "-n", "limit", type=click.IntRange(min=1), default=20, show_default=True, help="at most this many edits"
@@ -819,7 +905,7 @@ def log_cmd(query, limit, json_) -> None:
         )
 
 
-@sessions.command("gc")
+@sessions.command("gc", short_help="Free the pictures no turn shows; shrink the store")
 @click.option("--json", "json_", is_flag=True)
 def sessions_gc(json_) -> None:
     """Delete the pictures no turn shows (left by `icedit sessions rm`) and shrink the store file."""
@@ -850,7 +936,7 @@ def _move(name: str, intent: str, json_: bool) -> None:
         click.echo(f"{name}: cursor at #{turn.id} ({turn.label})")
 
 
-@cli.command()
+@cli.command(short_help="Move a session's cursor to the parent turn")
 @click.argument("name")
 @click.option("--json", "json_", is_flag=True)
 def undo(name, json_) -> None:
@@ -858,7 +944,7 @@ def undo(name, json_) -> None:
     _move(name, "undo", json_)
 
 
-@cli.command()
+@cli.command(short_help="Move a session's cursor to its newest child turn")
 @click.argument("name")
 @click.option("--json", "json_", is_flag=True)
 def redo(name, json_) -> None:
@@ -866,7 +952,7 @@ def redo(name, json_) -> None:
     _move(name, "redo", json_)
 
 
-@cli.command()
+@cli.command(short_help="Run a replay script headless")
 @click.argument("script", type=kit.PathArg())
 @click.option("--out", "out_dir", required=True, type=kit.PathArg(), help="folder for the PNGs")
 @click.option("--session", callback=_session_name, help="also keep the run as this named session")
@@ -907,7 +993,7 @@ def replay(script, out_dir, session, allow_outside, json_, **options) -> None:
         click.echo(RANDOM_WEIGHTS_NOTE, err=True)
 
 
-@cli.command("plugins")
+@cli.command("plugins", short_help="Installed plugins and what they register")
 @with_engine_options
 @click.option("--json", "json_", is_flag=True)
 def plugins_cmd(json_, **options) -> None:
@@ -1003,7 +1089,7 @@ def _print_models(report: dict[str, Any]) -> None:
             click.echo(f"  {note}")
 
 
-@cli.command()
+@cli.command(short_help="The weights these options need, and the memory plan")
 @with_engine_options
 @click.option(
     "--gpu-memory", type=kit.FiniteRange(1, 4096), help="plan for a GPU of this many GiB (default: this one)"
@@ -1026,7 +1112,7 @@ def models(gpu_memory, json_, **options) -> None:
         _print_models(report)
 
 
-@cli.command()
+@cli.command(short_help="Fetch the weights these options need")
 @with_engine_options
 @click.option("--with-vlm", is_flag=True, help="also the Qwen2.5-VL (rewriter and judge)")
 @click.option("--with-eval-models", is_flag=True, help="also the models of icedit eval's default scorers")
@@ -1045,7 +1131,98 @@ def download(with_vlm, with_eval_models, json_, **options) -> None:
         _print_models(report)
 
 
-@cli.command()
+@cli.group(cls=_Group, short_help="Where the config file is, what it sets, set a key")
+def config() -> None:
+    """The config file: TOML, the same keys as the ICEDIT_* variables in lower case, a table per plugin.
+    A flag beats a variable, which beats the file."""
+
+
+@config.command("path", short_help="The config file's path")
+def config_path_cmd() -> None:
+    """The config file's path ($ICEDIT_CONFIG, else config.toml in the user's config folder)."""
+    from assistant.settings import config_path
+    from assistant.text import path_text
+
+    click.echo(path_text(config_path()))
+
+
+@config.command("show", short_help="Every setting and where its value comes from")
+@click.option("--json", "json_", is_flag=True)
+def config_show(json_) -> None:
+    """Every setting commands run with (flags aside) and where it comes from: an ICEDIT_* variable, the
+    config file or the default."""
+    from assistant.settings import ENV_PREFIX, config_path, read_config
+    from assistant.text import path_text
+
+    path = config_path()
+    in_file = read_config(path)
+    settings = kit.host_settings()
+    shown = settings.model_dump(mode="json", exclude={"options"}) | settings.options
+
+    def source(key: str) -> str:
+        plain = key.rpartition(".")[2]
+        for variable in (ENV_PREFIX + plain.upper(), f"{ENV_PREFIX}OPTIONS__{plain.upper()}"):
+            if variable in os.environ:
+                return variable
+        table, _, name = key.rpartition(".")
+        held = in_file.get(table, {}) if table else in_file
+        return "config file" if name in held or name in in_file.get("options", {}) else "default"
+
+    rows = {key: {"value": value, "from": source(key)} for key, value in shown.items()}
+    if json_:
+        kit.emit({"path": str(path), "exists": path.is_file(), "settings": rows})
+        return
+    click.echo(
+        f"# {path_text(path)}" + ("" if path.is_file() else " (not there yet: icedit config set KEY VALUE)")
+    )
+    for key, row in rows.items():
+        click.echo(f"{key} = {json.dumps(row['value'], ensure_ascii=False)}  # {row['from']}")
+
+
+@config.command("set", short_help="Set one key in the config file")
+@click.argument("key")
+@click.argument("value")
+def config_set(key, value) -> None:
+    """Set KEY (a setting, a plugin option, or TABLE.KEY for one plugin's) to VALUE in the config file,
+    its comments and other lines kept. The file is checked whole before it is written."""
+    import tempfile
+
+    from assistant.config_file import parse_value, with_value
+    from assistant.files import write_file
+    from assistant.settings import CONFIG_VARIABLE, config_path
+    from assistant.text import path_text
+
+    path = config_path()
+    try:
+        text = path.read_text(encoding="utf-8") if path.is_file() else ""
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"config file {path}: {getattr(e, 'strerror', None) or e}") from None
+    new = with_value(text, key, parse_value(value))
+    with tempfile.TemporaryDirectory() as scratch:  # the settings as they would be, before the file changes
+        trial = Path(scratch) / "config.toml"
+        trial.write_text(new, encoding="utf-8")
+        before = os.environ.get(CONFIG_VARIABLE)
+        os.environ[CONFIG_VARIABLE] = str(trial)
+        try:
+            kit.settings()
+        except UserError as e:
+            raise UserError(
+                f"{key} = {value}: {str(e).replace(str(trial), str(path))}; the file is unchanged"
+            ) from None
+        finally:
+            if before is None:
+                os.environ.pop(CONFIG_VARIABLE)
+            else:
+                os.environ[CONFIG_VARIABLE] = before
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {path.parent}: {e.strerror or e}") from None
+    write_file(path, new.encode(), force=True)
+    click.echo(f"{path_text(path)}: {key} = {json.dumps(parse_value(value), ensure_ascii=False)}")
+
+
+@cli.command(short_help="Chat about an image in a terminal app")
 @click.argument("image", required=False, type=kit.PathArg())
 @click.option(
     "--session", callback=_session_name, help="session to continue or start (default: a new chat-<timestamp>)"

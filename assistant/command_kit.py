@@ -8,10 +8,13 @@ is printed as `Error: ...` with its exit code, no traceback (the `icedit` group 
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import sys
 import types
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
@@ -128,7 +131,8 @@ def fail(message: str, exit_code: int) -> click.ClickException:
 
 
 def emit(data: Any) -> None:
-    click.echo(json.dumps(data, ensure_ascii=False))
+    """One JSON document on stdout (also under `-q`: it is what was asked for)."""
+    click.echo(json.dumps(data, ensure_ascii=False), file=_held[0] if _held else None)
 
 
 def host_settings(**overrides: Any):
@@ -192,3 +196,97 @@ def options(model, **values: Any):
     except ValidationError as e:
         first = e.errors()[0]
         raise UserError(f"bad option --{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
+
+
+# ------------------------------------------------------------------------------------------ how much is said
+
+LIBRARY_LOGGERS = ("diffusers", "transformers", "huggingface_hub", "accelerate", "peft", "torchao")
+
+
+class _Dropped(io.TextIOBase):
+    """A text stream that keeps nothing; its `buffer` (binary data: `-o -`) is the real one."""
+
+    def __init__(self, real: Any):
+        self.buffer = getattr(real, "buffer", None)
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """Only errors: what the command says on stdout and stderr goes nowhere while it runs, except its
+    data (JSON through `emit`, a picture to stdout). click prints the error after this has ended."""
+    global _held
+    _held = (sys.stdout, sys.stderr)
+    sys.stdout, sys.stderr = _Dropped(sys.stdout), _Dropped(sys.stderr)
+    try:
+        yield
+    finally:
+        speak()
+
+
+def speak() -> None:
+    """End `-q` (also when parsing failed after it began, where click closes no context)."""
+    global _held
+    if _held is not None:
+        sys.stdout, sys.stderr = _held
+        _held = None
+
+
+_held: tuple[Any, Any] | None = None
+"""stdout and stderr while `-q` holds them."""
+
+
+def _one_of(ctx: click.Context, which: str) -> None:
+    ctx.meta[which] = True
+    if {"-q", "-v"} <= ctx.meta.keys():
+        raise UserError("give -q (only errors) or -v (the libraries' logs too), not both")
+
+
+def _set_quiet(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        _one_of(ctx, "-q")
+        ctx.with_resource(_quiet())
+
+
+def _set_verbose(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    """Library logs on stderr: the libraries' own INFO lines and warnings, which icedit keeps quiet."""
+    if not value:
+        return
+    _one_of(ctx, "-v")
+    import logging
+    import os
+    import warnings
+
+    for name in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY", "HF_HUB_VERBOSITY"):
+        os.environ[name] = "info"  # read when the library is first imported, which is later
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO)
+    warnings.simplefilter("default")
+
+
+def add_verbosity(command: click.Command) -> click.Command:
+    """`-q` (only errors) and `-v` (library logs) on a command, after its own options."""
+    names = {n for p in command.params for n in getattr(p, "opts", ())}
+    if "-q" not in names:
+        command.params.append(
+            click.Option(
+                ["-q", "--quiet"], is_flag=True, expose_value=False, callback=_set_quiet, help="only errors"
+            )
+        )
+    if "-v" not in names:
+        command.params.append(
+            click.Option(
+                ["-v", "--verbose"],
+                is_flag=True,
+                expose_value=False,
+                callback=_set_verbose,
+                help="the libraries' logs too (diffusers, transformers, huggingface_hub, ...)",
+            )
+        )
+    return command

@@ -38,6 +38,18 @@ def config_path() -> Path:
     return Path(given) if given else platformdirs.user_config_path("icedit-assistant") / "config.toml"
 
 
+def read_config(path: Path) -> dict[str, Any]:
+    """The config file as TOML ({} when there is none); one that cannot be read is one line."""
+    from assistant.errors import UserError
+
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise UserError(f"config file {path}: {getattr(e, 'strerror', None) or e}") from None
+
+
 def _covers(upper: str, lower: str) -> bool:
     """Whether an option named for `upper` ('', NAME or KIND:NAME) also sets the one named for `lower`."""
     return upper in ("", lower) or lower.endswith(":" + upper)
@@ -173,12 +185,7 @@ class _ConfigFile(PydanticBaseSettingsSource):
         from assistant.errors import UserError
 
         path = config_path()
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return {}
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-            raise UserError(f"config file {path}: {getattr(e, 'strerror', None) or e}") from None
+        data = read_config(path)
         found: dict[str, Any] = {}
         options: dict[str, Any] = {}
         for key, value in data.items():

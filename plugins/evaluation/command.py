@@ -29,7 +29,7 @@ def with_data_options(fn):
     return fn
 
 
-@click.command("eval")
+@click.command("eval", short_help="Edit a dataset with any engine and score the edits")
 @with_data_options
 @click.option("--out", type=kit.PathArg(), help="folder for edits, metrics and sheet (default icedit-eval)")
 @click.option("--steps", type=kit.option_type(Steps), help="denoising steps (default 28)")

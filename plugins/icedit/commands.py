@@ -13,7 +13,7 @@ from plugins.evaluation.command import with_data_options
 from plugins.icedit.options import IceditOptions
 
 
-@click.command("train")
+@click.command("train", short_help="Fine-tune the ICEdit adapter on (source, target, instruction) data")
 @with_data_options
 @kit.model_flags(IceditOptions, ["preset", "model", "device"])
 @click.option("--out", required=True, type=kit.PathArg(), help="folder for checkpoints and the adapter")
