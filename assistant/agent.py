@@ -134,11 +134,12 @@ def new_seed() -> int:
 class Agent:
     """Drives one named session of a store with the engine and rewriter named in settings."""
 
-    def __init__(self, store: Store, session: str, settings: Settings):
+    def __init__(self, store: Store, session: str, settings: Settings, engine: Engine | None = None):
+        """`engine`: one already built for these settings (replaying a folder keeps its pipeline loaded)."""
         self.store = store
         self.session = session
         self.settings = settings
-        self._engine: Engine | None = None
+        self._engine: Engine | None = engine
         self._rewriter: Rewriter | None = None
         self._judge: Judge | None = None
         self._last_image: tuple[str, Image.Image] | None = None

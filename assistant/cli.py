@@ -952,7 +952,7 @@ def redo(name, json_) -> None:
     _move(name, "redo", json_)
 
 
-@cli.command(short_help="Run a replay script headless")
+@cli.command(short_help="Run replay scripts headless")
 @click.argument("script", type=kit.PathArg())
 @click.option("--out", "out_dir", required=True, type=kit.PathArg(), help="folder for the PNGs")
 @click.option("--session", callback=_session_name, help="also keep the run as this named session")
@@ -960,35 +960,59 @@ def redo(name, json_) -> None:
 @with_engine_options
 @click.option("--json", "json_", is_flag=True, help="one JSON line per turn")
 def replay(script, out_dir, session, allow_outside, json_, **options) -> None:
-    """Run a replay script (TOML) headless; the same script gives the same images."""
+    """Run a replay script (TOML) headless; the same script gives the same images.
+
+    SCRIPT may be a folder: each *.toml in it runs, into OUT/<its name>/ (and session NAME-<its name>),
+    with one pipeline load for the scripts that share their settings; under `accelerate launch` (or
+    torchrun) each process runs its share of them."""
+    from assistant import plugins
     from assistant.replay import run_script
+    from assistant.text import path_text
     from sessions.scripts import load_script
     from sessions.store import Store
 
-    parsed = load_script(script)
-    settings = kit.settings(**(parsed.settings() | {k: v for k, v in options.items() if v is not None}))
-    settings = kit.prepare(settings, judge=parsed.needs_judge() or None).settings
-    store = _store(settings) if session else Store(":memory:")
+    folder = script.is_dir()
+    scripts = sorted(script.glob("*.toml")) if folder else [script]
+    if not scripts:
+        raise UserError(f"{script}: no replay scripts (*.toml) in the folder")
+    parsed = [load_script(s) for s in scripts]  # every script checked before any runs
+    given = {k: v for k, v in options.items() if v is not None}
+    mine, shared = _my_share(len(scripts), kit.host_settings())
+    device = (
+        {"device": shared.options["device"]} if "device" in shared.options and "device" not in given else {}
+    )
+    engines: dict[str, Any] = {}
     random_weights = False
-    with _cancel_on_sigint() as cancel:
-        for row in run_script(
-            parsed,
-            script,
-            out_dir,
-            store,
-            session or "replay",
-            settings,
-            cancel,
-            allow_outside,
-            _Progress.show,
-        ):
-            _Progress.end()
-            random_weights |= bool(row.get("random_weights"))
-            if json_:
-                kit.emit(row)
-            else:
-                click.echo(f"{row['turn']:>3} {row['intent']:<6} {row['output']}  {row['reply']}")
-            _warn(row.get("warnings", []))
+    for k in mine:
+        settings = kit.settings(**(parsed[k].settings() | device | given))
+        settings = kit.prepare(settings, judge=parsed[k].needs_judge() or None).settings
+        key = json.dumps([settings.engine, settings.options], sort_keys=True, default=str)
+        if key not in engines:  # one engine (and its loaded pipeline) at a time
+            engines = {key: plugins.build("engines", settings.engine, settings)}
+        name = f"{session}-{scripts[k].stem}" if session and folder else session
+        store = _store(settings) if name else Store(":memory:")
+        if folder and not json_:
+            click.echo(f"script {k + 1} of {len(scripts)}: {path_text(scripts[k])}", err=True)
+        with _cancel_on_sigint() as cancel:
+            for row in run_script(
+                parsed[k],
+                scripts[k],
+                out_dir / scripts[k].stem if folder else out_dir,
+                store,
+                name or "replay",
+                settings,
+                cancel,
+                allow_outside,
+                _Progress.show,
+                engines[key],
+            ):
+                _Progress.end()
+                random_weights |= bool(row.get("random_weights"))
+                if json_:
+                    kit.emit({"script": str(scripts[k])} | row if folder else row)
+                else:
+                    click.echo(f"{row['turn']:>3} {row['intent']:<6} {row['output']}  {row['reply']}")
+                _warn(row.get("warnings", []))
     if random_weights:
         click.echo(RANDOM_WEIGHTS_NOTE, err=True)
 

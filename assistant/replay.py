@@ -20,7 +20,7 @@ from assistant.agent import Agent
 from assistant.errors import Cancelled, Stopped, UserError
 from assistant.files import leftover, write_file
 from assistant.images import load_source
-from assistant.protocols import Events
+from assistant.protocols import Engine, Events
 from assistant.settings import Settings
 from assistant.text import path_text
 from sessions.history import Turn
@@ -118,6 +118,7 @@ def run_script(
     cancel: threading.Event | None = None,
     allow_outside: bool = False,
     events: Events = lambda event: None,
+    engine: Engine | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Run each turn through the agent; yield one JSON-able row per turn after writing its PNG.
 
@@ -125,7 +126,7 @@ def run_script(
     the steps or attempts of it that landed before (a plan's, the self-check's).
     """
     base = script_path.parent
-    agent = Agent(store, session, settings)
+    agent = Agent(store, session, settings, engine)
     cancel = cancel or threading.Event()
     if (nfe := total_nfe(script, settings)) > MAX_TOTAL_NFE:
         raise UserError(

@@ -178,3 +178,41 @@ def test_two_processes_share_the_images_and_make_what_one_makes(work, icedit_hom
     assert len(two.stdout.splitlines()) == 3  # each image's line, from the process that edited it
     turns = day(work / "two-home").turns
     assert sorted(t.kind for t in turns) == ["edit"] * 3 + ["open"] * 3
+
+
+# ------------------------------------------------------------------------------------------ replay a folder
+
+
+def test_replay_runs_a_folder_of_scripts_with_one_engine(work, fake, icedit_home, monkeypatch):
+    from assistant import plugins
+
+    for name, image in (("one", "a.png"), ("two", "b.png")):
+        assert (
+            invoke("edit", image, f"add snow to {name}", *FAKE, "--session", name, "--seed", "3").exit_code
+            == 0
+        )
+        assert invoke("sessions", "export", name, work / "scripts" / f"{name}.toml").exit_code == 0
+    built = []
+    real = plugins.build
+    monkeypatch.setattr(plugins, "build", lambda kind, *a: built.append(kind) or real(kind, *a))
+    result = invoke("replay", work / "scripts", "--out", "out", *FAKE, "--session", "again", "--json")
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(Path(r["script"]).name, r["turn"], r["output"]) for r in rows] == [
+        ("one.toml", 1, "out/one/01-edit.png"),
+        ("two.toml", 1, "out/two/01-edit.png"),
+    ]
+    assert built.count("engines") == 1  # the scripts share their settings: one engine
+    with Store(icedit_home / "sessions.sqlite3") as store:
+        for name in ("one", "two"):
+            original, again = store.history(name), store.history(f"again-{name}")
+            assert [t.image_sha256 for t in again.turns] == [t.image_sha256 for t in original.turns]
+
+
+def test_replay_of_a_folder_without_scripts_is_one_line(work):
+    (work / "empty").mkdir()
+    result = invoke("replay", work / "empty", "--out", "out")
+    assert (result.exit_code, result.stderr) == (
+        2,
+        f"Error: {work / 'empty'}: no replay scripts (*.toml) in the folder\n",
+    )
