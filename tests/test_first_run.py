@@ -275,6 +275,7 @@ def test_the_first_edit_downloads_the_gated_pipeline_and_the_lora_once_then_edit
         "num_experts": 0,
         "top_k": None,
         "scale": 1.0,
+        "revision": Snapshot.of(repos[NORMAL_LORA].files).sha,  # the commit it came from: provenance
     }
     assert png_digest(Path(result["output"]).read_bytes()) == result["image_sha256"]
 
@@ -292,6 +293,7 @@ def test_an_uncached_moe_lora_by_hub_id_loads_as_lora_moe_and_the_vlm_rewrites_b
         "num_experts": 4,
         "top_k": 1,
         "scale": 1.0,
+        "revision": Snapshot.of(repos[MOE_LORA].files).sha,
     }
     # the tiny random VLM may answer with no valid plan: then the rules read the request, and the label says why
     assert re.fullmatch(r"qwen_vl( -> rules \(.+\))?", result["rewriter"]), result["rewriter"]
