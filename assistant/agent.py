@@ -153,6 +153,15 @@ class Agent:
         return self._engine
 
     @property
+    def loaded_engine(self) -> Engine | None:
+        """The engine if it was built already (nothing is loaded to answer)."""
+        return self._engine
+
+    def drop_engine(self) -> None:
+        """Build the engine afresh on the next edit (its options changed)."""
+        self._engine = None
+
+    @property
     def judge(self) -> Judge:
         if self._judge is None:
             self._judge = plugins.build("judges", self.settings.judge, self.settings)

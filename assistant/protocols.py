@@ -87,6 +87,22 @@ class VariationEngine(Engine, Protocol):
         ...
 
 
+@runtime_checkable
+class AdapterScaling(Protocol):
+    """An engine that can change its adapter's strength in place (optional; the chat's /lora-scale):
+    without it the engine is built again, and its weights load again, for the next edit."""
+
+    def set_adapter_scale(self, scale: float) -> None: ...
+
+
+@runtime_checkable
+class Preloading(Protocol):
+    """An engine that can load its weights before the first edit (optional): the chat calls `load` in
+    the background when it opens, so the first edit does not wait for what the person spent typing."""
+
+    def load(self) -> None: ...
+
+
 class Rewriter(Protocol):
     """Reads a person's message into a plan: an intent and, for edits, one instruction."""
 

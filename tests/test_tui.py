@@ -154,7 +154,9 @@ async def test_retry_seed_and_steps_reach_the_engine(fake_settings, fake, cat, t
         await say(pilot, "/seed 7")
         await say(pilot, "/steps 2")
         await say(pilot, "/candidates 3")
-        assert "seed 7 · steps 2 · candidates 3" in str(app.screen.query_one(StatusLine).render())
+        assert "seed 7 · steps 2 · guidance 50 · candidates 3" in str(
+            app.screen.query_one(StatusLine).render()
+        )
         await say(pilot, "/candidates 1")
         await say(pilot, "make it look like winter")
         await say(pilot, "/retry")

@@ -14,6 +14,7 @@ from textual.app import App
 from assistant.agent import Agent
 from assistant.settings import Settings
 from assistant.text import file_name
+from assistant.tui.palette import ChatCommands
 from assistant.tui.screens.chat import ChatScreen
 from assistant.tui.widgets.picture import Renderer
 from sessions.store import Store
@@ -22,6 +23,7 @@ from sessions.store import Store
 class ChatApp(App):
     CSS_PATH = "app.tcss"
     TITLE = "icedit chat"
+    COMMANDS = App.COMMANDS | {ChatCommands}
 
     def __init__(
         self,

@@ -8,15 +8,17 @@ can do (`ChatView`). The screen redraws from the store after each command.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from assistant.agent import Agent
 from assistant.errors import UserError
-from assistant.models import AttemptCount, CandidateCount, Seed, Steps, int_bounds
+from assistant.models import AttemptCount, CandidateCount, Guidance, Seed, Steps, bounds, int_bounds
 from assistant.plugins import CommandSpec
 from assistant.preflight import checks, require_on_disk
+from assistant.protocols import AdapterScaling
 from assistant.text import file_name
 from sessions.history import History
 
@@ -39,6 +41,8 @@ class ChatOptions:
 
     seed: int | None = None
     steps: int | None = None
+    guidance: float | None = None
+    variations: int = 1
     candidates: int | None = None
     attempts: int | None = None
     accept: float | None = None
@@ -111,6 +115,49 @@ def _seed(chat: Chat, argument: str) -> str:
 def _steps(chat: Chat, argument: str) -> str:
     chat.options.steps = whole_number(argument, "/steps N", *int_bounds(Steps))
     return f"{chat.options.steps} steps for the next edits"
+
+
+def _number(text: str, usage: str, low: float, high: float) -> float:
+    """`text` as a finite number in [low, high], or a one-line error quoting the usage."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not low <= value <= high:  # NaN fails too
+        raise UserError(f"usage: {usage} (a number from {low:g} to {high:g})")
+    return value
+
+
+def _guidance(chat: Chat, argument: str) -> str:
+    low, high, _, _ = bounds(Guidance)
+    value = _number(argument, "/guidance G", low, high)
+    if value == low:  # the bound is open: guidance must be above it
+        raise UserError(f"usage: /guidance G (a number above {low:g}, at most {high:g})")
+    chat.options.guidance = value
+    return f"guidance {value:g} for the next edits"
+
+
+def _lora_scale(chat: Chat, argument: str) -> str:
+    """The adapter's strength: set on the loaded pipeline when the engine can, else on the next load."""
+    value = _number(argument, "/lora-scale S", 0, 4)
+    agent = chat.agent
+    agent.settings = agent.settings.with_options(lora_scale=value)
+    engine = agent.loaded_engine
+    if isinstance(engine, AdapterScaling):
+        engine.set_adapter_scale(value)
+        return f"adapter scale {value:g} for the next edits"
+    agent.drop_engine()
+    return f"adapter scale {value:g} for the next edits (the engine loads again for the next edit)"
+
+
+def _variations(chat: Chat, argument: str) -> str:
+    n = whole_number(argument, "/variations N", 1, 16)
+    chat.options.variations = n
+    return (
+        "one picture per edit"
+        if n == 1
+        else f"{n} finished pictures per edit (seeds S..S+{n - 1}): click one, or /branch N, to go on from it"
+    )
 
 
 def _candidates(chat: Chat, argument: str) -> str:
@@ -222,7 +269,10 @@ def _sheet(chat: Chat, argument: str) -> str:
 
 def _help(chat: Chat, argument: str) -> str:
     rows = [f"{spec.usage or '/' + spec.name:<16} {spec.help}" for spec in chat.commands.values()]
-    keys = "keys: Escape cancels an edit · Ctrl+T tree · b or Ctrl+B before/after · Up/Down earlier lines"
+    keys = (
+        "keys: Escape cancels an edit · Ctrl+Z undo · Ctrl+Y redo · Ctrl+T tree · Ctrl+B before/after · "
+        "Ctrl+P every command · Up/Down earlier lines"
+    )
     return "\n".join(
         [*rows, keys, "anything else is a request for the picture, e.g. make it look like winter"]
     )
@@ -246,6 +296,27 @@ BUILTINS: dict[str, CommandSpec] = {
             needs_store=False,
         ),
         CommandSpec("steps", _steps, "denoising steps for the next edits", "/steps N", needs_store=False),
+        CommandSpec(
+            "guidance",
+            _guidance,
+            "guidance for the next edits (default 50)",
+            "/guidance G",
+            needs_store=False,
+        ),
+        CommandSpec(
+            "lora-scale",
+            _lora_scale,
+            "the adapter's strength for the next edits (1 as trained)",
+            "/lora-scale S",
+            needs_store=False,
+        ),
+        CommandSpec(
+            "variations",
+            _variations,
+            "finished pictures per edit, each a turn to pick from (1 = one)",
+            "/variations N",
+            needs_store=False,
+        ),
         CommandSpec(
             "candidates",
             _candidates,

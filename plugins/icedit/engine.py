@@ -31,11 +31,29 @@ class IceditEngine:
         self.adapter: AdapterInfo | None = None
         self.model: WeightsInfo | None = None
         self.prompts = PromptCache()
+        self._loading = threading.Lock()
 
     def pipeline(self):
-        if self._pipe is None:
-            self._pipe, self.random_weights, self.adapter, self.model = load_pipeline(self.options)
+        with self._loading:  # the chat's background load and the first edit may ask at once
+            if self._pipe is None:
+                self._pipe, self.random_weights, self.adapter, self.model = load_pipeline(self.options)
         return self._pipe
+
+    def load(self) -> None:
+        self.pipeline()
+
+    def set_adapter_scale(self, scale: float) -> None:
+        """The LoRA's (or LoRA-MoE's) strength on the loaded pipeline, or on the one that loads."""
+        self.options = self.options.model_copy(update={"lora_scale": scale})
+        if self._pipe is None or self.adapter is None:
+            return
+        if self.adapter.kind == "lora-moe":
+            from plugins.icedit import moe
+
+            moe.set_scale(self._pipe.transformer, scale)
+        else:
+            self._pipe.set_adapters(["icedit"], adapter_weights=[scale])
+        self.adapter = self.adapter.model_copy(update={"scale": scale})
 
     def _begin(
         self, request: EditRequest, events: Callable[[EngineEvent], None], cancel: threading.Event

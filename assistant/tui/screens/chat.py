@@ -3,7 +3,10 @@
 The session store is the single source of truth: after every change the tree, the picture and
 the status are redrawn from it, and reopening a session replays its transcript into the log.
 Edits run in one thread worker at a time that only posts messages; Escape sets its cancel event,
-which the engine checks between steps. While an edit runs, commands that touch the session wait.
+which the engine checks between steps. While an edit runs, commands that touch the session wait and
+requests are queued, each run when the one before ends. The engine loads in the background as soon
+as the chat opens (an engine that can, `protocols.Preloading`): the first edit waits only for what is
+left of it.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from assistant import plugins
 from assistant.agent import Agent, progress_line
 from assistant.errors import Cancelled, UserError
 from assistant.preflight import rewriter_name
+from assistant.protocols import Preloading
 from assistant.settings import Settings
 from assistant.tui.commands import BUILTINS, Chat, ChatOptions, self_check
 from assistant.tui.messages import EditFailed, EditFinished, EditProgress
@@ -30,7 +34,7 @@ from assistant.tui.widgets.candidate_strip import CandidateStrip
 from assistant.tui.widgets.chat_log import ChatLog
 from assistant.tui.widgets.history_tree import HistoryTree
 from assistant.tui.widgets.picture import DEFAULT_RENDERER, Picture, Renderer
-from assistant.tui.widgets.prompt_input import PromptInput
+from assistant.tui.widgets.prompt_input import PromptInput, dropped_path
 from assistant.tui.widgets.status_line import StatusLine
 from assistant.tui.widgets.step_bar import StepBar
 from sessions.store import Store
@@ -44,6 +48,8 @@ BUSY = "an edit is running: wait for it, or press Escape to cancel it"
 class ChatScreen(Screen):
     BINDINGS: ClassVar = [
         Binding("escape", "cancel", "cancel edit"),
+        Binding("ctrl+z", "command('/undo')", "undo", priority=True),
+        Binding("ctrl+y", "command('/redo')", "redo", priority=True),
         Binding("ctrl+t", "toggle_tree", "tree"),
         Binding("ctrl+b", "toggle_before", "before/after"),
         Binding("b", "toggle_before", "before/after", show=False),
@@ -69,6 +75,10 @@ class ChatScreen(Screen):
         self.chat = Chat(Agent(store, session, settings), ChatOptions(), commands, view=self)
         self.cancel: threading.Event | None = None
         """Set while an edit runs; Escape sets the event itself."""
+        self.queued: list[str] = []
+        """Requests typed while an edit ran, in order: each starts when the one before ends."""
+        self.ready = threading.Event()
+        """Set once the background load of the engine is over (done, failed, or nothing to load)."""
 
     @property
     def agent(self) -> Agent:
@@ -99,6 +109,25 @@ class ChatScreen(Screen):
         for note in self.notes:
             self.query_one(ChatLog).add("info", f"note: {note}")
         self.query_one(PromptInput).focus()
+        self.preload()
+
+    @work(thread=True, group="load")
+    def preload(self) -> None:
+        """Load the engine's weights while the person types; a failure is said by the first edit."""
+        try:
+            engine = self.agent.engine
+            if isinstance(engine, Preloading):
+                self.app.call_from_thread(self.query_one(StepBar).say, "loading the engine...")
+                engine.load()
+        except Exception:  # noqa: BLE001 - the first edit loads again and says what is wrong
+            self.log.error(traceback.format_exc())
+        finally:
+            self.ready.set()
+            self.app.call_from_thread(self._loaded)
+
+    def _loaded(self) -> None:
+        if not self.busy:
+            self.query_one(StepBar).stop()
 
     def on_unmount(self) -> None:
         if self.cancel is not None:
@@ -157,6 +186,8 @@ class ChatScreen(Screen):
         self.query_one(StatusLine).show(
             seed=options.seed,
             steps=options.steps or settings.steps,
+            guidance=options.guidance or settings.guidance,
+            variations=options.variations,
             candidates=options.candidates or settings.candidates,
             check=self_check(self.chat),
             engine=engine,
@@ -183,10 +214,17 @@ class ChatScreen(Screen):
         prompt.remember(text)
         prompt.value = ""
         self.query_one(ChatLog).add("user", text)
-        if text.startswith("/"):
+        if (path := dropped_path(text)) is not None:  # a file dropped (or pasted) onto the input
+            self.run_command(f"/open {path}")
+        elif text.startswith("/"):
             self.run_command(text)
         else:
             self.start_edit(text, text)
+
+    def action_command(self, text: str) -> None:
+        """A key that stands for a slash command (Ctrl+Z is /undo): run as if typed."""
+        self.query_one(ChatLog).add("user", text)
+        self.run_command(text)
 
     def run_command(self, text: str) -> None:
         name, _, argument = text[1:].partition(" ")
@@ -214,29 +252,38 @@ class ChatScreen(Screen):
 
     # ------------------------------------------------------------------ edits
 
-    def start_edit(self, text: str, message: str, *, retry: bool = False) -> None:
-        """Run `message` through the agent in the worker; `text` is what goes back on failure."""
+    def start_edit(self, text: str, message: str, *, retry: bool = False, seed: int | None = None) -> None:
+        """Run `message` through the agent in the worker; `text` is what goes back on failure. A request
+        made while an edit runs waits its turn; a retry (or a pick) needs the edit's result: it waits not."""
         if self.busy:
-            self.fail(text, BUSY)
+            if retry:
+                self.fail(text, BUSY)
+                return
+            self.queued.append(message)
+            self.query_one(ChatLog).add("info", f"queued ({len(self.queued)}): runs when this edit ends")
             return
         options = self.chat.options
-        kwargs = {
+        kwargs: dict = {
             "steps": options.steps,
+            "guidance": options.guidance,
             "candidates": options.candidates,
             "attempts": options.attempts,
             "accept": options.accept,
             "check": options.check,
         }
-        if not retry:
-            kwargs["seed"] = options.seed
+        if retry:
+            kwargs["seed"] = seed
+        else:
+            kwargs |= {"seed": options.seed, "variations": options.variations}
         self.cancel = threading.Event()
         self.query_one(CandidateStrip).clear()
         self.query_one(StepBar).start("reading your request...")
         self.edit(text, message, kwargs, self.cancel, retry)
 
-    @work(thread=True, exclusive=True, group="edit")
+    @work(thread=True, group="edit")  # one at a time by `busy`: a queued edit starts as the last one returns
     def edit(self, text: str, message: str, kwargs: dict, cancel: threading.Event, retry: bool) -> None:
         """The only code that runs the agent (and so loads torch and the models); it only posts messages."""
+        self.ready.wait()  # what is left of the background load
         try:
             outcome = (self.agent.retry if retry else self.agent.turn)(
                 message, events=lambda event: self.post_message(EditProgress(event)), cancel=cancel, **kwargs
@@ -273,6 +320,11 @@ class ChatScreen(Screen):
         self.query_one(StepBar).stop()
         outcome, log = message.outcome, self.query_one(ChatLog)
         log.add("assistant", outcome.reply)
+        if outcome.variations:
+            done = [(v.result, v.turn) for v in outcome.variations if v.result and v.turn]
+            self.query_one(CandidateStrip).show_variations(
+                [r.image for r, _ in done], [r.seed for r, _ in done], [t.id for _, t in done]
+            )
         if outcome.result is not None and outcome.turn is not None:
             if outcome.plan.ic_prompt:
                 log.add("prompt", outcome.plan.ic_prompt)
@@ -289,6 +341,13 @@ class ChatScreen(Screen):
             log.add("error", f"stopped at {outcome.stopped} (what landed before it is kept)")
         self.show_problems()
         self.refresh_view()
+        self.next_queued()
+
+    def next_queued(self) -> None:
+        if self.queued and not self.busy:
+            message = self.queued.pop(0)
+            self.query_one(ChatLog).add("info", f"now: {message}")
+            self.start_edit(message, message)
 
     def show_problems(self) -> None:
         """Observers that failed on committed turns, as error lines: the turns themselves are kept."""
@@ -300,11 +359,25 @@ class ChatScreen(Screen):
         self.cancel = None
         self.query_one(StepBar).stop()
         self.fail(message.text, message.error)
+        self.next_queued()
 
     def action_cancel(self) -> None:
         if self.cancel is not None and not self.cancel.is_set():
             self.cancel.set()
             self.query_one(StepBar).say("stopping after this step...")
+            if self.queued:  # Escape stops the work, the waiting requests too
+                self.query_one(ChatLog).add("info", f"dropped {len(self.queued)} queued request(s)")
+                self.queued.clear()
+
+    @on(CandidateStrip.Picked)
+    def picked(self, event: CandidateStrip.Picked) -> None:
+        """A variation is a turn already: go on from it. A candidate was only previewed: finish its seed."""
+        if event.turn is not None:
+            self.query_one(ChatLog).add("user", f"/branch {event.turn}")
+            self.run_command(f"/branch {event.turn}")
+        elif event.seed is not None:
+            self.query_one(ChatLog).add("user", f"(picked the candidate of seed {event.seed})")
+            self.start_edit("/retry", "/retry", retry=True, seed=event.seed)
 
     def action_toggle_tree(self) -> None:
         tree = self.query_one(HistoryTree)
@@ -324,8 +397,15 @@ class ChatScreen(Screen):
     def retry(self) -> None:
         self.start_edit("/retry", "/retry", retry=True)
 
+    def prompt_with(self, text: str) -> None:
+        """Put `text` in the input for the person to finish (a palette command that takes an argument)."""
+        prompt = self.query_one(PromptInput)
+        prompt.value = text
+        prompt.cursor_position = len(text)
+        prompt.focus()
+
     def switch_session(self, name: str) -> None:
-        self.chat.agent = Agent(self.store, name, self.settings)
+        self.chat.agent = Agent(self.store, name, self.agent.settings, self.agent.loaded_engine)
         cast("ChatApp", self.app).session = name
         self.load_session()
 

@@ -1,20 +1,43 @@
-"""The early filter's candidates: one small preview per seed and the judge's running score."""
+"""A strip of small pictures to choose from: the early filter's candidates (one preview per seed and the
+judge's running score) or an edit's finished variations (`/variations N`). Clicking one picks it."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from PIL import Image
+from textual import events
 from textual.containers import Horizontal, Vertical
+from textual.message import Message
 from textual.widgets import Label
 
 from assistant.models import Candidates, Verdict
 from assistant.tui.widgets.picture import Renderer
 
 
+class _Choice(Vertical):
+    """One picture of the strip and its caption; a click posts `CandidateStrip.Picked`."""
+
+    def __init__(self, seed: int | None, turn: int | None, *children, **kwargs) -> None:
+        super().__init__(*children, **kwargs)
+        self.seed, self.turn = seed, turn
+
+    def on_click(self, event: events.Click) -> None:
+        self.post_message(CandidateStrip.Picked(self.seed, self.turn))
+
+
 class CandidateStrip(Horizontal):
-    """Filled by a Candidates event, scored by Verdict events; hidden until candidates arrive.
+    """Filled by a Candidates event (scored by Verdict events) or by `show_variations`; hidden until then.
 
     Score = sum over a candidate's matches of the probability that it was the better one.
     """
+
+    @dataclass
+    class Picked(Message):
+        """A picture of the strip was clicked: a variation's `turn`, or a candidate's `seed` (not finished)."""
+
+        seed: int | None
+        turn: int | None
 
     def __init__(self, renderer: Renderer, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -24,14 +47,26 @@ class CandidateStrip(Horizontal):
         self.labels: list[Label] = []
 
     def show(self, event: Candidates) -> None:
-        self.remove_children()
         self.seeds = list(event.seeds)
         self.scores = [0.0] * len(event.previews)
-        self.labels = [Label(self._caption(i), classes="score") for i in range(len(event.previews))]
-        for preview, label in zip(event.previews, self.labels, strict=True):
-            image = preview if isinstance(preview, Image.Image) else None
-            self.mount(Vertical(self.renderer(image, classes="preview"), label, classes="candidate"))
-        self.display = bool(event.previews)
+        pictures = [p if isinstance(p, Image.Image) else None for p in event.previews]
+        seeds = [self.seeds[i] if i < len(self.seeds) else None for i in range(len(pictures))]
+        self._fill(pictures, seeds, [None] * len(pictures), [self._caption(i) for i in range(len(pictures))])
+
+    def show_variations(self, pictures: list[Image.Image], seeds: list[int], turns: list[int]) -> None:
+        """An edit's finished pictures, each already a turn: a click goes on from that one."""
+        self.seeds, self.scores = [], []
+        captions = [f"#{turn} · seed {seed} (click)" for seed, turn in zip(seeds, turns, strict=True)]
+        self._fill(list(pictures), list(seeds), list(turns), captions)
+
+    def _fill(self, pictures: list, seeds: list, turns: list, captions: list[str]) -> None:
+        self.remove_children()
+        self.labels = [Label(caption, classes="score") for caption in captions]
+        for picture, seed, turn, label in zip(pictures, seeds, turns, self.labels, strict=True):
+            self.mount(
+                _Choice(seed, turn, self.renderer(picture, classes="preview"), label, classes="candidate")
+            )
+        self.display = bool(pictures)
 
     def verdict(self, event: Verdict) -> None:
         a, b = self._index(event.a), self._index(event.b)

@@ -32,7 +32,8 @@ def size(image: Image.Image | None) -> str:
 
 
 class Picture(Vertical, can_focus=True):
-    """`show()` gives it the result and the image it was made from; `b` flips between them."""
+    """`show()` gives it the result and the image it was made from; Ctrl+B (or `b` when it has the
+    focus) flips between them."""
 
     before = reactive(False)
 
@@ -71,14 +72,30 @@ class Picture(Vertical, can_focus=True):
         if self.source is None:
             text = f"opened · {size(self.result)}"
         elif self.before:
-            text = f"BEFORE (b: after) · source {size(self.source)} · result {size(self.result)}"
+            text = f"BEFORE (ctrl+b: after) · source {size(self.source)} · result {size(self.result)}"
         else:
-            text = f"after (b: before) · source {size(self.source)} → result {size(self.result)}"
+            text = f"after (ctrl+b: before) · source {size(self.source)} → result {size(self.result)}"
         caption.update(text + (f" · {self.note}" if self.note else ""))
         image.image = self.source if self.before and self.source is not None else self.result
+        self.call_after_refresh(self._fit)  # once the panel has its size
+
+    def _fit(self) -> None:
+        """The largest size in cells at which the picture fits the panel, its aspect kept."""
+        image = self.query_one("#image", BaseImage)
+        shown = self.source if self.before and self.source is not None else self.result
+        room_w, room_h = self.content_size.width, self.content_size.height - 1  # the caption's line
+        if shown is None or room_w <= 0 or room_h <= 0:
+            return
+        cell = _terminal.get_cell_size()
+        scale = min(room_w * cell.width / shown.width, room_h * cell.height / shown.height)
+        image.styles.width = max(1, int(shown.width * scale / cell.width))
+        image.styles.height = max(1, int(shown.height * scale / cell.height))
 
     def on_mount(self) -> None:
         self._draw()
+
+    def on_resize(self, event: events.Resize) -> None:
+        self._fit()
 
     def on_click(self, event: events.Click) -> None:
         self.focus()

@@ -1,8 +1,12 @@
-"""The input line: up/down walk through earlier lines, Tab completes a slash command."""
+"""The input line: up/down walk through earlier lines, Tab completes a slash command, a dropped or
+pasted image file opens it."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import ClassVar
+from urllib.parse import unquote
 
 from textual.binding import Binding
 from textual.suggester import SuggestFromList
@@ -42,3 +46,24 @@ class PromptInput(Input):
             self.cursor_position = len(self.value)
         else:
             self.screen.focus_next()
+
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def dropped_path(text: str) -> Path | None:
+    """The image file a pasted or dropped text names, as terminals paste a dropped file: quoted,
+    `file://`, or with backslash-escaped spaces; None when the text is not one (it is a request)."""
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        text = text[1:-1]
+    if text.startswith("file://"):
+        text = unquote(text.removeprefix("file://"))
+    text = re.sub(r"\\(.)", r"\1", text)
+    if "\n" in text or not text:
+        return None
+    path = Path(text).expanduser()
+    try:
+        return path if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file() else None
+    except (OSError, ValueError):
+        return None

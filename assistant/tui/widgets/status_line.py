@@ -1,4 +1,5 @@
-"""The chat's settings for the next edit (seed, steps, candidates, self-check) and what runs them."""
+"""The chat's settings for the next edit (seed, steps, guidance, variations, candidates, self-check),
+what runs them, and the keys that work."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ class StatusLine(Static):
         *,
         seed: int | None,
         steps: int,
+        guidance: float,
+        variations: int,
         candidates: int,
         check: str,
         engine: str,
@@ -19,7 +22,8 @@ class StatusLine(Static):
     ) -> None:
         seed_text = "random" if seed is None else str(seed)
         where = f" · {memory}" if memory else ""
+        many = f" · {variations} variations" if variations > 1 else ""
         self.update(
-            f"seed {seed_text} · steps {steps} · candidates {candidates} · {check} · {engine} · {rewriter}{where}"
-            " · Esc cancels · ^T tree · b/^B before/after · /help"
+            f"seed {seed_text} · steps {steps} · guidance {guidance:g}{many} · candidates {candidates} · {check}"
+            f" · {engine} · {rewriter}{where} · Esc cancels · ^Z/^Y undo/redo · ^B before/after · ^P commands"
         )
