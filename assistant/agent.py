@@ -11,6 +11,7 @@ import inspect
 import secrets
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any, get_args
 
 from PIL import Image
@@ -480,22 +481,48 @@ class Agent:
         check_variations(n, request.candidates, checks(self.settings, attempts, check))
         seeds = [next_seed(request.seed, i) for i in range(n)]
         engine = self.engine
-        if isinstance(engine, VariationEngine):
-            results = engine.edit_variations(request, seeds, events, cancel)
-        else:
-            results = [engine.edit(request.model_copy(update={"seed": s}), events, cancel) for s in seeds]
-        if [r.seed for r in results] != seeds:
-            raise ValueError(
-                f"engine {self.settings.engine} painted seeds {[r.seed for r in results]}, not {seeds}"
-            )
+
+        def painted() -> Iterator[EditResult]:
+            """Batched, all at once; else one seed at a time, each kept as it is painted."""
+            if isinstance(engine, VariationEngine):
+                results = engine.edit_variations(request, seeds, events, cancel)
+                if [r.seed for r in results] != seeds:
+                    raise ValueError(
+                        f"engine {self.settings.engine} painted {[r.seed for r in results]}, not {seeds}"
+                    )
+                yield from results
+                return
+            for seed in seeds:
+                if seed != seeds[0] and cancel.is_set():
+                    raise Cancelled("cancelled")
+                yield engine.edit(request.model_copy(update={"seed": seed}), events, cancel)
+
         done: list[TurnOutcome] = []
-        for result in results:
+        stopped, code = None, 0
+        results = painted()
+        while True:
+            try:
+                result = next(results, None)
+            except UserError as e:  # Cancelled too: the variations painted so far are kept
+                if not done:
+                    raise
+                stopped, code = f"variation {len(done) + 1} of {n}: {e}", e.exit_code
+                break
+            if result is None:
+                break
             outcome = self._commit(read, request, result, parent, None if done else opening, None)
             assert outcome.turn is not None
             parent = outcome.turn.parent  # the opened picture, once the first committed it
             done.append(outcome)
         made = ", ".join(f"#{o.turn.id} seed {o.result.seed}" for o in done if o.turn and o.result)
-        return done[0].model_copy(update={"variations": done, "reply": f"{n} variations: {made}"})
+        return done[0].model_copy(
+            update={
+                "variations": done,
+                "reply": f"{len(done)} of {n} variations: {made}" if stopped else f"{n} variations: {made}",
+                "stopped": stopped,
+                "exit_code": code,
+            }
+        )
 
     def _attempts(
         self,

@@ -468,6 +468,7 @@ def _report(
     """Write an edit's pictures (to `output` or free default names) and say what the turn did."""
     from assistant import outputs
     from assistant.agent import describe
+    from assistant.files import in_the_way
     from assistant.text import path_text
     from sessions.identity import sha256
 
@@ -476,15 +477,21 @@ def _report(
     written: list[tuple[Path, bytes]] = []
     for one in painted:
         turn = one.turn
-        path = output or outputs.default_name(output_dir, stem, one.result.seed, one.plan.instruction)
-        try:
-            data = outputs.write_picture(
-                path, store.picture(turn.image_sha256), outputs.provenance(turn), quality=quality, force=force
-            )
-            written.append((path, data))
-        except UserError as e:
-            kept = f" (the edit is kept as turn {turn.id} of session {session})" if session else ""
-            raise UserError(f"{e}{kept}") from None
+        picture, facts = store.picture(turn.image_sha256), outputs.provenance(turn)
+        for _ in range(8):  # a default name another process took meanwhile: the next free one
+            path = output or outputs.default_name(output_dir, stem, one.result.seed, one.plan.instruction)
+            try:
+                written.append(
+                    (path, outputs.write_picture(path, picture, facts, quality=quality, force=force))
+                )
+                break
+            except UserError as e:
+                if output is None and in_the_way(path):
+                    continue
+                kept = f" (the edit is kept as turn {turn.id} of session {session})" if session else ""
+                raise UserError(f"{e}{kept}") from None
+        else:
+            raise UserError(f"no free name for turn {turn.id}'s picture: other processes take them; give -o")
     if save_candidates and outcome.result is not None and outcome.result.candidates:
         _save_candidates(save_candidates, outcome.result.candidates)
     if json_:
@@ -795,6 +802,7 @@ def sessions_rm(names, yes) -> None:
         if not yes:
             if not sys.stdin.isatty():
                 raise UserError(f"{what} not deleted: stdin is not a terminal to ask on; pass --yes")
+            kit.speak()  # a question asked under -q must be seen
             if not click.confirm(f"delete {what}?"):
                 click.echo("nothing deleted")
                 click.get_current_context().exit(1)
@@ -920,6 +928,12 @@ def sessions_gc(json_) -> None:
         f"freed {freed.images} images, {freed.bytes_freed} bytes (store {path_text(store.path)}: "
         f"{freed.before} -> {freed.after})"
     )
+    if not freed.shrunk:
+        click.echo(
+            "note: another icedit is reading the store, so the file could not shrink now: run "
+            "icedit sessions gc again when it is done",
+            err=True,
+        )
 
 
 def _move(name: str, intent: str, json_: bool) -> None:
@@ -1242,7 +1256,7 @@ def config_set(key, value) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create {path.parent}: {e.strerror or e}") from None
-    write_file(path, new.encode(), force=True)
+    write_file(Path(os.path.realpath(path)), new.encode(), force=True)  # a linked config stays linked
     click.echo(f"{path_text(path)}: {key} = {json.dumps(parse_value(value), ensure_ascii=False)}")
 
 

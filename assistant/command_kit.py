@@ -204,9 +204,11 @@ LIBRARY_LOGGERS = ("diffusers", "transformers", "huggingface_hub", "accelerate",
 
 
 class _Dropped(io.TextIOBase):
-    """A text stream that keeps nothing; its `buffer` (binary data: `-o -`) is the real one."""
+    """A text stream that keeps nothing; its `buffer` (binary data: `-o -`) and what it says of the
+    terminal (`isatty`, `fileno`) are the real one's."""
 
     def __init__(self, real: Any):
+        self.real = real
         self.buffer = getattr(real, "buffer", None)
 
     def writable(self) -> bool:
@@ -215,12 +217,21 @@ class _Dropped(io.TextIOBase):
     def write(self, text: str) -> int:
         return len(text)
 
+    def isatty(self) -> bool:
+        return self.real.isatty()
+
+    def fileno(self) -> int:
+        return self.real.fileno()
+
 
 @contextmanager
 def _quiet() -> Iterator[None]:
     """Only errors: what the command says on stdout and stderr goes nowhere while it runs, except its
     data (JSON through `emit`, a picture to stdout). click prints the error after this has ended."""
     global _held
+    if _held is not None:  # -q given twice (`icedit -q edit ... -q`): one is enough
+        yield
+        return
     _held = (sys.stdout, sys.stderr)
     sys.stdout, sys.stderr = _Dropped(sys.stdout), _Dropped(sys.stderr)
     try:
@@ -242,9 +253,10 @@ _held: tuple[Any, Any] | None = None
 
 
 def _one_of(ctx: click.Context, which: str) -> None:
-    ctx.meta[which] = True
+    ctx.meta[which] = True  # meta is shared by the root's context and the command's
     if {"-q", "-v"} <= ctx.meta.keys():
-        raise UserError("give -q (only errors) or -v (the libraries' logs too), not both")
+        speak()  # the error must be seen
+        raise click.UsageError("give -q (only errors) or -v (the libraries' logs too), not both", ctx)
 
 
 def _set_quiet(ctx: click.Context, param: click.Parameter, value: bool) -> None:

@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -77,8 +78,10 @@ def check_folder(folder: Path | None) -> None:
 
 def default_name(folder: Path | None, stem: str, seed: int, instruction: str | None) -> Path:
     """`STEM-SEED-HASH.png` in `folder` (default: here), HASH a short hash of the instruction, so the same
-    seed with another instruction is another file; `-2`, `-3`, ... after it if even that is taken."""
+    seed with another instruction is another file; `-2`, `-3`, ... after it if even that is taken. STEM
+    is made a plain file name (a session's name may hold `/`)."""
     short = hashlib.sha256((instruction or "").encode()).hexdigest()[:6]
+    stem = re.sub(r"[^\w.-]+", "_", stem).strip("._") or "edit"
     return free_name((folder or Path()) / f"{stem}-{seed}-{short}.png")
 
 
@@ -185,15 +188,34 @@ def encode(image: Image.Image, fmt: str, facts: dict[str, Any], quality: int | N
         info.add_text(JSON_KEY, data)
         image.save(buf, "PNG", pnginfo=info)
         return buf.getvalue()
-    exif = Image.Exif()
-    exif[_DESCRIPTION] = data  # ASCII, as EXIF wants it
-    exif.get_ifd(_EXIF_IFD)[_USER_COMMENT] = b"UNICODE\0" + text.encode("utf-16-be")  # as A1111 writes it
     quality = QUALITY if quality is None else quality
-    options: dict[str, Any] = {"exif": exif.tobytes(), "quality": quality}
+    options: dict[str, Any] = {"exif": _exif(text, data, facts), "quality": quality}
     if fmt == "WEBP" and quality == 100:
         options |= {"lossless": True, "exact": True}
+    if fmt == "JPEG" and image.mode not in ("RGB", "L"):
+        image = image.convert("RGB")  # JPEG has no alpha or palette
     image.save(buf, fmt, **options)
     return buf.getvalue()
+
+
+EXIF_MAX = 60_000
+"""An EXIF block must fit one 64 KiB JPEG segment."""
+
+
+def _exif(text: str, data: str, facts: dict[str, Any]) -> bytes:
+    """EXIF with the infotext in UserComment (as A1111 writes it) and the JSON in ImageDescription (ASCII,
+    as EXIF wants it); a long message or prompt is cut so that the block fits."""
+    for cut in (None, 2000, 200):
+        if cut is not None:
+            short = {k: v[:cut] if isinstance(v, str) else v for k, v in facts.items()}
+            text, data = text[: cut * 2], json.dumps(short, ensure_ascii=True, sort_keys=True)
+        exif = Image.Exif()
+        exif[_DESCRIPTION] = data
+        exif.get_ifd(_EXIF_IFD)[_USER_COMMENT] = b"UNICODE\0" + text.encode("utf-16-be")
+        block = exif.tobytes()
+        if len(block) <= EXIF_MAX:
+            return block
+    return Image.Exif().tobytes()
 
 
 def write_picture(
@@ -201,7 +223,10 @@ def write_picture(
 ) -> bytes:
     """Write the picture to `path` (atomically; `STDOUT` for standard output) as its name says; the bytes."""
     fmt = "PNG" if path == STDOUT else FORMATS[path.suffix.lower()]
-    data = encode(image, fmt, facts, quality)
+    try:
+        data = encode(image, fmt, facts, quality)
+    except (OSError, ValueError) as e:  # Pillow: a mode or a size the format cannot hold
+        raise UserError(f"cannot write {path} as {fmt}: {e}") from None
     if path == STDOUT:
         sys.stdout.flush()
         sys.stdout.buffer.write(data)

@@ -29,7 +29,10 @@ from sessions.history import History, Turn, TurnKind
 def _pixel_names(db: sqlite3.Connection) -> None:
     """Schema 4: rename every image (and the turns showing it) to its pixel digest; two encodings of
     one picture become one image. One that no longer decodes keeps its name: reads report it damaged."""
-    for old, png, width, height in db.execute("SELECT sha256, png, width, height FROM images").fetchall():
+    for (old,) in db.execute("SELECT sha256 FROM images").fetchall():  # one PNG in memory at a time
+        png, width, height = db.execute(
+            "SELECT png, width, height FROM images WHERE sha256 = ?", (old,)
+        ).fetchone()
         try:
             new = identity.png_digest(png)
         except Exception:  # noqa: BLE001 - bit rot: PIL raises many kinds
@@ -180,6 +183,8 @@ class Collected(BaseModel):
     bytes_freed: int
     before: int
     after: int
+    shrunk: bool = True
+    """False when another process was reading the store: the images are gone, the file shrinks next time."""
 
 
 def _now() -> str:
@@ -662,12 +667,17 @@ class Store:
                 "DELETE FROM images WHERE sha256 NOT IN (SELECT image_sha256 FROM turns)"
             ).rowcount
         try:
-            for statement in ("PRAGMA wal_checkpoint(TRUNCATE)", "VACUUM", "PRAGMA wal_checkpoint(TRUNCATE)"):
-                self.db.execute(statement).fetchall()
+            # PASSIVE waits for no one: a reader in another process keeps WAL frames, and a VACUUM then
+            # would only grow the WAL by a copy of the whole file. The next gc shrinks it.
+            _, frames, done = self.db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            shrunk = frames == done
+            if shrunk:
+                for statement in ("VACUUM", "PRAGMA wal_checkpoint(TRUNCATE)"):
+                    self.db.execute(statement).fetchall()
         except sqlite3.DatabaseError as e:
             raise self._error(e) from None
         after = self._size()
-        return Collected(images=images, bytes_freed=before - after, before=before, after=after)
+        return Collected(images=images, bytes_freed=before - after, before=before, after=after, shrunk=shrunk)
 
     def _size(self) -> int:
         """Bytes the store takes on disk: its file and its WAL."""

@@ -91,8 +91,20 @@ def test_quiet_says_only_errors(tmp_path):
     assert (bad.returncode, bad.stdout, bad.stderr) == (2, "", "Error: nope.png: no such file\n")
     both = invoke("-q", "sessions", "list", "-v")
     assert both.exit_code == 2
-    assert both.stderr == "Error: give -q (only errors) or -v (the libraries' logs too), not both\n"
+    assert both.stderr == (
+        "Error: give -q (only errors) or -v (the libraries' logs too), not both (see `icedit sessions list "
+        "--help`)\n"
+    )
+    root = invoke("-q", "-v", "sessions", "list")  # both before the command: click's usage error
+    assert root.exit_code == 2 and "not both" in root.stderr and "Traceback" not in root.output
     assert invoke("sessions", "list", "-q").stdout == ""  # a person's line: dropped
+    twice = invoke("-q", "sessions", "list", "--json", "-q")
+    assert (twice.exit_code, twice.stdout) == (0, "[]\n")  # -q twice still prints the data
+    error = invoke("-q", "sessions", "rename", "a", "b", "-q")
+    assert (error.exit_code, error.stderr) == (
+        2,
+        "Error: no session named 'a' (see `icedit sessions list`)\n",
+    )
 
 
 def test_verbose_lets_the_libraries_log(monkeypatch):

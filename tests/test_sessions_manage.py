@@ -373,7 +373,26 @@ def test_gc_after_rm_frees_the_images_only_that_session_showed(home, tmp_path):
         "bytes_freed": report["before"] - report["after"],
         "before": now,
         "after": now,
+        "shrunk": True,
     }
+
+
+def test_gc_while_another_process_reads_deletes_and_says_the_file_shrinks_later(home, tmp_path):
+    assert invoke("sessions", "rm", "trip", "--yes").exit_code == 0
+    reader = sqlite3.connect(home / "sessions.sqlite3")
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT COUNT(*) FROM images").fetchone()  # holds a snapshot, as a running chat does
+        result = invoke("sessions", "gc", "--json")
+    finally:
+        reader.close()
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert (report["images"], report["shrunk"]) == (2, False)
+    assert result.stderr == ""  # --json: the note is the field
+    assert len(dump(home)["images"]) == 2 and check_store(home / "sessions.sqlite3")
+    again = json.loads(invoke("sessions", "gc", "--json").stdout)  # nobody reading now: it shrinks
+    assert again["shrunk"] is True and again["after"] < report["after"]
 
 
 def test_list_json_is_exactly_one_document(home):

@@ -146,9 +146,11 @@ class FilterEngine:
 
     def __init__(self):
         self.seeds: list[int] = []
+        self.candidates: list[int] = []
 
     def edit(self, request, events, cancel):
         self.seeds.append(request.seed)
+        self.candidates.append(request.candidates)
         previews = [request.source.resize((32, 24)), request.source.resize((32, 24)).rotate(180)]
         events(Candidates(seeds=[request.seed, request.seed + 1], previews=previews))
         return EditResult(
@@ -202,10 +204,15 @@ async def test_clicking_a_candidate_finishes_its_seed(engines, cat):
         await pilot.click(list(strip.query(".candidate"))[1])  # seed 11, only previewed
         await settle(pilot)
         assert engines["filter"].seeds == [10, 11]
+        assert engines["filter"].candidates[-1] == 1  # that seed finished, no early filter again
         edits = [t for t in history(settings).turns if t.kind == "edit"]
-        assert [(t.parent, t.seed) for t in edits] == [(1, 10), (1, 11)] and history(
-            settings
-        ).cursor == edits[1].id
+        assert [(t.parent, t.seed) for t in edits] == [(1, 10), (1, 11)]
+        assert history(settings).cursor == edits[1].id
+        await say(pilot, "/undo")
+        await pilot.click(list(strip.query(".candidate"))[0])  # the strip is turn #3's; the cursor is not
+        await settle(pilot)
+        assert lines(app)[-1] == ("error", "those candidates are turn #3's: /branch 3 first")
+        assert engines["filter"].seeds == [10, 11]
 
 
 async def test_the_engine_loads_as_the_chat_opens_and_the_first_edit_waits_for_it(engines, cat):

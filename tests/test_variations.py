@@ -216,3 +216,31 @@ def test_replay_of_a_folder_without_scripts_is_one_line(work):
         2,
         f"Error: {work / 'empty'}: no replay scripts (*.toml) in the folder\n",
     )
+
+
+def test_variations_painted_one_by_one_are_kept_as_they_land(work, fake, icedit_home, monkeypatch):
+    real = fake.engine.edit
+
+    def third_fails(request, events, cancel):
+        if len(fake.engine.calls) == 2:
+            fake.engine.calls.append(request)
+            raise UserError("out of memory for a 96x64 diptych")
+        return real(request, events, cancel)
+
+    monkeypatch.setattr(fake.engine, "edit", third_fails)
+    result = invoke("edit", "a.png", "add snow", *FAKE, "--seed", "4", "-n", "4", "--output-dir", "out")
+    assert result.exit_code == 2
+    assert result.stderr.splitlines()[-1] == (
+        "Error: stopped at variation 3 of 4: out of memory for a 96x64 diptych (what landed before it is kept)"
+    )
+    assert [t.seed for t in day(icedit_home).turns if t.kind == "edit"] == [4, 5]
+    assert len(list((work / "out").iterdir())) == 2  # the two that landed are written
+
+
+def test_a_session_name_with_a_slash_makes_a_plain_default_name(work, fake, icedit_home):
+    assert (
+        invoke("edit", "a.png", "add snow", *FAKE, "--session", "trips/paris", "--seed", "1").exit_code == 0
+    )
+    result = invoke("retry", "trips/paris", *FAKE, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["output"].startswith("trips_paris-2-")

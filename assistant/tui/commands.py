@@ -308,8 +308,7 @@ BUILTINS: dict[str, CommandSpec] = {
             _lora_scale,
             "the adapter's strength for the next edits (1 as trained)",
             "/lora-scale S",
-            needs_store=False,
-        ),
+        ),  # needs_store: not while an edit runs on the adapter
         CommandSpec(
             "variations",
             _variations,

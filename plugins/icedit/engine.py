@@ -37,6 +37,8 @@ class IceditEngine:
         with self._loading:  # the chat's background load and the first edit may ask at once
             if self._pipe is None:
                 self._pipe, self.random_weights, self.adapter, self.model = load_pipeline(self.options)
+                if self.adapter is not None and self.adapter.scale != self.options.lora_scale:
+                    self.set_adapter_scale(self.options.lora_scale)  # changed while it loaded
         return self._pipe
 
     def load(self) -> None:

@@ -77,6 +77,8 @@ class ChatScreen(Screen):
         """Set while an edit runs; Escape sets the event itself."""
         self.queued: list[str] = []
         """Requests typed while an edit ran, in order: each starts when the one before ends."""
+        self.strip_turn: int | None = None
+        """The turn the strip's pictures belong to (a candidate picked is a retry of it)."""
         self.ready = threading.Event()
         """Set once the background load of the engine is over (done, failed, or nothing to load)."""
 
@@ -273,6 +275,8 @@ class ChatScreen(Screen):
         }
         if retry:
             kwargs["seed"] = seed
+            if seed is not None:  # a picked candidate: that seed finished, not another early filter
+                kwargs |= {"candidates": 1, "attempts": 1}
         else:
             kwargs |= {"seed": options.seed, "variations": options.variations}
         self.cancel = threading.Event()
@@ -320,6 +324,7 @@ class ChatScreen(Screen):
         self.query_one(StepBar).stop()
         outcome, log = message.outcome, self.query_one(ChatLog)
         log.add("assistant", outcome.reply)
+        self.strip_turn = outcome.turn.id if outcome.turn else None
         if outcome.variations:
             done = [(v.result, v.turn) for v in outcome.variations if v.result and v.turn]
             self.query_one(CandidateStrip).show_variations(
@@ -377,6 +382,12 @@ class ChatScreen(Screen):
             self.run_command(f"/branch {event.turn}")
         elif event.seed is not None:
             self.query_one(ChatLog).add("user", f"(picked the candidate of seed {event.seed})")
+            current = self.agent.history()
+            if current is None or current.cursor != self.strip_turn:
+                self.fail(
+                    "", f"those candidates are turn #{self.strip_turn}'s: /branch {self.strip_turn} first"
+                )
+                return
             self.start_edit("/retry", "/retry", retry=True, seed=event.seed)
 
     def action_toggle_tree(self) -> None:
