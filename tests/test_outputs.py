@@ -308,25 +308,20 @@ def test_an_archive_keeps_plans_checks_weights_and_extras(icedit_home, tmp_path)
     assert imported.turns[1].params["check"]["score"] == 0.25
 
 
-def test_a_replay_of_an_export_paints_the_same_pictures_with_the_adapter_it_ran_with(tmp_path):
+def test_a_replay_of_an_export_paints_the_same_pictures_with_the_adapter_it_ran_with(work, icedit_home):
     """Edited with a LoRA-MoE at scale 0.5 and top-k 2, exported, replayed with no flags: the same pixels."""
-    env = env_for(tmp_path / "home")
-
-    def icedit(*args: object) -> subprocess.CompletedProcess:
-        proc = subprocess.run([str(ICEDIT), *map(str, args)], cwd=tmp_path, env=env, capture_output=True,
-                              text=True, timeout=300, check=False)  # fmt: skip
-        assert proc.returncode == 0, proc.stderr
-        return proc
-
-    icedit(
+    edited = invoke(
         "edit", EXAMPLES / "chelsea.png", "add snow", "--preset", "tiny", "--steps", "1", "--seed", "4", "--session", "s",
         "--lora", "tiny-moe", "--lora-scale", "0.5", "--top-k", "2", "-o", "a.png",
     )  # fmt: skip
-    icedit("sessions", "export", "s", "s.toml")
-    assert tomllib.loads((tmp_path / "s.toml").read_text())["options"] == {
+    assert edited.exit_code == 0, edited.output
+    assert invoke("sessions", "export", "s", "s.toml").exit_code == 0
+    assert tomllib.loads((work / "s.toml").read_text())["options"] == {
         "lora": "tiny-moe",
         "lora_scale": 0.5,
         "top_k": 2,
     }
-    rows = icedit("replay", "s.toml", "--out", "out", "--json").stdout.splitlines()
-    assert json.loads(rows[-1])["image_sha256"] == png_digest((tmp_path / "a.png").read_bytes())
+    replayed = invoke("replay", "s.toml", "--out", "out", "--json")  # this process: the same thread count
+    assert replayed.exit_code == 0, replayed.output
+    last = json.loads(replayed.stdout.splitlines()[-1])
+    assert last["image_sha256"] == png_digest((work / "a.png").read_bytes())

@@ -227,29 +227,25 @@ def test_a_format_1_image_not_matching_its_byte_name_is_refused(edited, icedit_h
         assert not store.exists("copy")
 
 
-def test_the_console_script_continues_from_a_resaved_turn(tmp_path):
-    """As a person would: edit, re-save the written picture with other PNG settings, edit that."""
-    home = tmp_path / "home"
-
-    def icedit(*args: object) -> dict:
-        proc = subprocess.run(
-            [str(ICEDIT), *map(str, args), "--preset", "tiny", "--steps", "1", "--session", "s", "--json"],
-            cwd=tmp_path, env=env_for(home), capture_output=True, text=True, timeout=300, check=False,
-        )  # fmt: skip
-        assert proc.returncode == 0, proc.stderr
-        return json.loads(proc.stdout)
-
-    first = icedit("edit", EXAMPLES / "chelsea.png", "add snow", "--seed", "3", "-o", "a.png")
+def test_the_console_script_continues_from_a_resaved_turn(tmp_path, icedit_home, monkeypatch):
+    """As a person would: edit, re-save the written picture with other PNG settings, edit that (the second
+    edit through the console script)."""
+    monkeypatch.chdir(tmp_path)
+    tiny = ["--preset", "tiny", "--steps", "1", "--session", "s", "--json"]
+    first = invoke("edit", EXAMPLES / "chelsea.png", "add snow", "--seed", "3", "-o", "a.png", *tiny)
+    assert first.exit_code == 0, first.output
     _level9(Image.open(tmp_path / "a.png"), tmp_path / "b.png")
-    second = icedit("edit", "b.png", "add a hat", "--seed", "4")
-    with Store(home / "sessions.sqlite3") as store:
+    proc = subprocess.run(
+        [str(ICEDIT), "edit", "b.png", "add a hat", "--seed", "4", *tiny],
+        cwd=tmp_path, env=env_for(icedit_home), capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    with Store(icedit_home / "sessions.sqlite3") as store:
         history = store.history("s")
     assert [(t.id, t.parent, t.kind) for t in history.turns] == [
         (1, None, "open"),
         (2, 1, "edit"),
         (3, 2, "edit"),
     ]
-    assert (first["image_sha256"], second["image_sha256"]) == (
-        history.turn(2).image_sha256,
-        history.turn(3).image_sha256,
-    )
+    said = (json.loads(first.stdout)["image_sha256"], json.loads(proc.stdout)["image_sha256"])
+    assert said == (history.turn(2).image_sha256, history.turn(3).image_sha256)

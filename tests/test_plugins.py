@@ -239,7 +239,7 @@ def test_a_plugin_adds_an_icedit_command_and_the_builtins_stay_theirs(cli_plugin
     ]
     help_text = CliRunner().invoke(cli, ["--help"]).stdout
     assert "greet     Say hello." in help_text and "train" in help_text and "eval" in help_text
-    assert "Edit IMAGE as INSTRUCTION says" in CliRunner().invoke(cli, ["edit", "--help"]).stdout
+    assert "Edit each IMAGE as INSTRUCTION says" in CliRunner().invoke(cli, ["edit", "--help"]).stdout
 
 
 def test_train_is_the_icedit_plugins_command_and_eval_the_evaluation_plugins():

@@ -307,7 +307,7 @@ def test_outputs_stay_in_the_out_folder(folder, tmp_path, icedit_home, fake):
             lambda d: (d / "s.toml").write_bytes(b'source = "cat.png"\n\xff\xfe[[turns]]\n'),
             "{script}: cannot read ('utf-8' codec can't decode byte 0xff in position 19: invalid start byte)",
         ),
-        (lambda d: (d / "s.toml").mkdir(), "{script} is a folder, not a replay script"),
+        (lambda d: (d / "s.toml").mkdir(), "{script}: no replay scripts (*.toml) in the folder"),
     ],
     ids=[
         "script-over-1MB",
