@@ -328,7 +328,7 @@ def _log_session(settings) -> str | None:
 
 
 @cli.command(short_help="Edit images as an instruction says")
-@click.argument("images", nargs=-1, required=True, type=kit.PathArg(), metavar="IMAGE...")
+@click.argument("images", nargs=-1, type=kit.PathArg(), metavar="IMAGE...")
 @click.argument("instruction")
 @with_output_options
 @click.option(
@@ -381,6 +381,8 @@ def edit(
     from assistant.text import check_message, file_name, path_text
     from sessions.store import Store
 
+    if not images:  # one word given: click took it for the instruction
+        raise click.UsageError(f'give a picture and what to change: icedit edit {instruction} "add snow"')
     settings = kit.settings(**options)
     check_message(instruction)
     if output is not None and (len(images) > 1 or variations > 1):
