@@ -382,7 +382,9 @@ def edit(
     from sessions.store import Store
 
     if not images:  # one word given: click took it for the instruction
-        raise click.UsageError(f'give a picture and what to change: icedit edit {instruction} "add snow"')
+        raise click.UsageError(
+            f'give a picture and what to change: icedit edit {printable(instruction)} "add snow"'
+        )
     settings = kit.settings(**options)
     check_message(instruction)
     if output is not None and (len(images) > 1 or variations > 1):

@@ -80,6 +80,7 @@ def test_variations_without_batching_run_each_seed_through_edit(work, fake, iced
         (["a.png", "add snow", "-n", "2", "--attempts", "3"], "-n 2 paints 2 pictures to choose from; the self-check (--attempts, --check) picks one itself: use one or the other"),
         (["a.png", "add snow", "-n", "17"], None),
         (["a.png", "nope.png", "add snow"], "nope.png: no such file"),
+        (["a.png"], 'give a picture and what to change: icedit edit a.png "add snow" (see `icedit edit --help`)'),
         (["a.png", "add snow, then add a hat", "-n", "2"], "-n 2 paints variations of one change; this message asks for 2 in a row: ask for one, or leave out -n"),
     ],
 )  # fmt: skip
