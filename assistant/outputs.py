@@ -81,7 +81,7 @@ def default_name(folder: Path | None, stem: str, seed: int, instruction: str | N
     seed with another instruction is another file; `-2`, `-3`, ... after it if even that is taken. STEM
     is made a plain file name (a session's name may hold `/`)."""
     short = hashlib.sha256((instruction or "").encode()).hexdigest()[:6]
-    stem = re.sub(r"[^\w.-]+", "_", stem).strip("._") or "edit"
+    stem = re.sub(r"[/\\\x00]", "_", stem).lstrip(".") or "edit"  # the person's other bytes stay
     return free_name((folder or Path()) / f"{stem}-{seed}-{short}.png")
 
 

@@ -7,9 +7,12 @@ damaged files and a store that stays busy are one line each (`UserError`), never
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import os
 import sqlite3
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -29,7 +32,7 @@ from sessions.history import History, Turn, TurnKind
 def _pixel_names(db: sqlite3.Connection) -> None:
     """Schema 4: rename every image (and the turns showing it) to its pixel digest; two encodings of
     one picture become one image. One that no longer decodes keeps its name: reads report it damaged."""
-    for (old,) in db.execute("SELECT sha256 FROM images").fetchall():  # one PNG in memory at a time
+    for (old,) in db.execute("SELECT sha256 FROM images ORDER BY rowid").fetchall():  # one PNG at a time
         png, width, height = db.execute(
             "SELECT png, width, height FROM images WHERE sha256 = ?", (old,)
         ).fetchone()
@@ -187,6 +190,33 @@ class Collected(BaseModel):
     """False when another process was reading the store: the images are gone, the file shrinks next time."""
 
 
+def _create(path: Path) -> None:
+    """A new store appears whole or not at all: its schema is written to a file of its own beside it, then
+    linked into place, so a kill -9 while it is made leaves no store without tables behind. Another
+    icedit making it at the same moment: one link wins, and both use that store."""
+    try:
+        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".new")
+        os.close(fd)
+        os.unlink(temp)  # SQLite makes the file
+    except OSError as e:
+        raise UserError(f"cannot create the session store in {path.parent}: {e.strerror or e}") from None
+    try:
+        Store(temp, _creating=True).close()
+        try:
+            os.link(temp, path)
+        except FileExistsError:
+            pass
+        except (
+            OSError
+        ):  # a file system without hard links: a rename, which could replace a store made meanwhile
+            if not os.path.lexists(path):
+                os.rename(temp, path)
+    finally:
+        for leftover in (temp, f"{temp}-wal", f"{temp}-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
@@ -235,13 +265,15 @@ def _reading(method: Callable[Concatenate[Store, P], R]) -> Callable[Concatenate
 class Store:
     """The session store at `path` (":memory:" for a throwaway one)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, _creating: bool = False):
         self.path = str(path)
         if self.path != ":memory:":
             try:
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise UserError(f"cannot create the store folder {Path(path).parent}: {e.strerror}") from None
+            if not _creating and not os.path.lexists(path):
+                _create(Path(path))
         if self.path != ":memory:" and Path(path).is_file():
             wal.check(Path(path))
         connected: sqlite3.Connection | None = None
