@@ -238,3 +238,24 @@ def test_move_cursor_to_a_turn_of_another_session_changes_nothing(store, tree):
 def test_an_unknown_image_is_a_user_error(store):
     with pytest.raises(UserError, match=r"image 000000000000 is not in the store"):
         store.image("0" * 64)
+
+
+def test_a_store_that_fails_while_it_is_made_leaves_nothing_behind(tmp_path, monkeypatch):
+    """The first command is killed (here: fails) while it makes the store: no file without tables is
+    left at the store's path, nor a temporary beside it; the next command makes it whole."""
+    path = tmp_path / "home" / "sessions.sqlite3"
+
+    def dies(self):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(Store, "_migrate", dies)
+        with pytest.raises(KeyboardInterrupt):
+            Store(path)
+    assert sorted(p.name for p in path.parent.iterdir()) == []
+    with Store(path) as store:
+        assert store.db.execute("PRAGMA user_version").fetchone() == (len(MIGRATIONS),)
+        store.add_turns("s", None, [draft("open", "open a")])
+    assert sorted(p.name for p in path.parent.iterdir() if not p.name.endswith(("-wal", "-shm"))) == [
+        path.name
+    ]
