@@ -166,6 +166,7 @@ class AdapterInfo(BaseModel):
     keys: int = Field(description="checkpoint keys placed on the model (all of them, or loading failed)")
     num_experts: int = 0
     top_k: int | None = None
+    gate: str | None = Field(None, description="a LoRA-MoE's router gate: 'topk' (published) or 'switch'")
     scale: float = 1.0
     revision: str | None = Field(None, description="the hub commit it was read from (None: a local file)")
 

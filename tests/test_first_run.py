@@ -274,6 +274,7 @@ def test_the_first_edit_downloads_the_gated_pipeline_and_the_lora_once_then_edit
         "keys": len(load(lora[LORA])),
         "num_experts": 0,
         "top_k": None,
+        "gate": None,
         "scale": 1.0,
         "revision": Snapshot.of(repos[NORMAL_LORA].files).sha,  # the commit it came from: provenance
     }
@@ -292,6 +293,7 @@ def test_an_uncached_moe_lora_by_hub_id_loads_as_lora_moe_and_the_vlm_rewrites_b
         "keys": len(load(moe)),
         "num_experts": 4,
         "top_k": 1,
+        "gate": "topk",
         "scale": 1.0,
         "revision": Snapshot.of(repos[MOE_LORA].files).sha,
     }

@@ -13,7 +13,7 @@ from torch import nn
 
 from assistant.errors import UserError
 from plugins.icedit.moe import MOE_TARGETS, PLAIN_TARGETS, LoraMoeLinear, adapters_disabled
-from plugins.icedit.moe_checkpoint import adapter_state, load_lora_moe, save_lora_moe, synthetic_checkpoint
+from plugins.icedit.moe_checkpoint import adapter_state, load_lora_moe, save_adapter, synthetic_checkpoint
 from plugins.icedit.presets import FLUX_FILL_TRANSFORMER
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "icedit_moe_lora"
@@ -216,7 +216,7 @@ def test_save_then_load_round_trips_exactly(tmp_path):
     model = small_flux()
     state = synthetic_checkpoint(model, num_experts=3, rank=2, seed=7)
     load_lora_moe(model, state, top_k=2)
-    path = save_lora_moe(model, tmp_path / "adapter")
+    path = save_adapter(model, tmp_path / "adapter")
     assert path.name == "pytorch_lora_weights.safetensors"
     saved = load_file(path)
     assert set(saved) == set(state) and all(torch.equal(saved[k], state[k]) for k in state)
@@ -232,7 +232,7 @@ def test_saving_the_reference_checkpoint_gives_back_its_tensors(tmp_path):
     model = fixture_transformer()
     load_lora_moe(model, FIXTURE / "moe_lora")
     original = load_file(FIXTURE / "moe_lora" / "pytorch_lora_weights.safetensors")
-    saved = load_file(save_lora_moe(model, tmp_path / "x.safetensors"))
+    saved = load_file(save_adapter(model, tmp_path / "x.safetensors"))
     assert set(saved) == set(original) and all(torch.equal(saved[k], original[k]) for k in original)
 
 

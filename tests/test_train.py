@@ -27,7 +27,22 @@ from plugins.icedit.train import digest
 
 TOY = Path(__file__).resolve().parent.parent / "examples" / "toy_edits"
 ICEDIT = Path(sys.executable).with_name("icedit")
-SMALL = ["--preset", "tiny", "--data", TOY, "--panel-width", 64, "--rank", 4, "--lr", 3e-3, "--seed", 0]
+SMALL = [
+    "--preset",
+    "tiny",
+    "--data",
+    TOY,
+    "--panel-width",
+    64,
+    "--rank",
+    4,
+    "--optimizer",
+    "adamw",
+    "--lr",
+    3e-3,
+    "--seed",
+    0,
+]
 
 
 def invoke(*args: object):

@@ -9,8 +9,17 @@ from plugins.evaluation.data import example
 from plugins.icedit.diptych import make_diptych
 
 
-def training_diptych(source: Image.Image, target: Image.Image, panel_width: int):
-    """(input canvas, mask, target canvas): the engine's diptych, and the same with the target on the right."""
+def training_diptych(
+    source: Image.Image, target: Image.Image, panel_width: int, square: bool = False, bottom_crop: float = 0.0
+):
+    """(input canvas, mask, target canvas): the engine's diptych, and the same with the target on the right.
+
+    `square` stretches both pictures to square panels (the official trainer's 512x512); `bottom_crop`
+    first cuts that share of each picture's height off its bottom (the official trainer's 1/32 for
+    MagicBrush: `height - height // 32` rows are kept)."""
+    source, target = _cropped(source, bottom_crop), _cropped(target, bottom_crop)
+    if square:
+        source = source.convert("RGB").resize((panel_width, panel_width), Image.Resampling.LANCZOS)
     canvas, mask = make_diptych(source, panel_width)
     w, h = canvas.width // 2, canvas.height
     wanted = canvas.copy()
@@ -18,16 +27,24 @@ def training_diptych(source: Image.Image, target: Image.Image, panel_width: int)
     return canvas, mask, wanted
 
 
+def _cropped(image: Image.Image, share: float) -> Image.Image:
+    cut = int(image.height * share)
+    return image.crop((0, 0, image.width, image.height - cut)) if cut else image
+
+
 class Diptychs(Dataset):
     """Each edit as the training diptych (PIL images) and its instruction."""
 
-    def __init__(self, edits, panel_width: int):
+    def __init__(self, edits, panel_width: int, square: bool = False, bottom_crop: float = 0.0):
         self.edits, self.panel_width = edits, panel_width
+        self.square, self.bottom_crop = square, bottom_crop
 
     def __len__(self) -> int:
         return len(self.edits)
 
     def __getitem__(self, index: int) -> dict:
         row = example(self.edits, index)
-        canvas, mask, target = training_diptych(row["source"], row["target"], self.panel_width)
+        canvas, mask, target = training_diptych(
+            row["source"], row["target"], self.panel_width, self.square, self.bottom_crop
+        )
         return {"canvas": canvas, "mask": mask, "target": target, "instruction": row["instruction"]}

@@ -230,6 +230,7 @@ def adapter_file_kind(path: Path) -> str:
 def _load_adapter(pipe, lora: str, options: IceditOptions) -> AdapterInfo:
     from plugins.icedit import moe, moe_checkpoint
 
+    gate: moe.Gate = "topk"
     if lora == TINY_MOE:
         state = moe_checkpoint.synthetic_checkpoint(
             pipe.transformer, num_experts=4, rank=4, seed=1, scale=0.3
@@ -239,9 +240,9 @@ def _load_adapter(pipe, lora: str, options: IceditOptions) -> AdapterInfo:
         path = hub.locate(artifact)
         if adapter_file_kind(path) != "lora-moe":
             return load_stock_lora(pipe, lora, path, options.lora_scale, hub.commit(artifact))
-        state = moe_checkpoint.read_checkpoint(path)
+        state, gate = moe_checkpoint.read_checkpoint(path), moe_checkpoint.read_gate(path)
     _check_finite(state, lora)
-    report = moe_checkpoint.load_lora_moe(pipe.transformer, state, top_k=options.top_k)
+    report = moe_checkpoint.load_lora_moe(pipe.transformer, state, top_k=options.top_k, gate=gate)
     moe.set_scale(pipe.transformer, options.lora_scale)
     return AdapterInfo(
         kind="lora-moe",
@@ -249,6 +250,7 @@ def _load_adapter(pipe, lora: str, options: IceditOptions) -> AdapterInfo:
         keys=report.keys,
         num_experts=report.num_experts,
         top_k=report.top_k,
+        gate=report.gate,
         scale=options.lora_scale,
         revision=None if lora == TINY_MOE else hub.commit(artifact),
     )

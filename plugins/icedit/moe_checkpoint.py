@@ -4,7 +4,11 @@ The published adapter (``pytorch_lora_weights.safetensors``) holds plain LoRA la
 (``transformer.<module>.lora_A.weight`` / ``lora_B.weight``) and, on the double blocks' ``ff.net.2``
 and the single blocks' ``proj_out``, N experts and a router
 (``lora_A.expert_<i>.weight`` [r, in], ``lora_B.expert_<i>.weight`` [out, r], ``lora_route.weight`` [N, in]).
-No alphas are stored: every scaling is 1.
+No alphas are stored: every scaling is 1. The normal LoRA (`RiverZ/normal-lora`) is the same file
+without experts and routers: diffusers' own LoRA keys, which stock `load_lora_weights` reads.
+
+The gate is not in the published file: a checkpoint `icedit train --gate switch` wrote says so in its
+safetensors metadata (`GATE_KEY`), and loading honours it; without it, the gate is the published `topk`.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ from torch import nn
 from assistant.errors import UserError
 from assistant.files import write_file
 from plugins.icedit.loading import WEIGHTS_NAME
-from plugins.icedit.moe import ADAPTER, MOE_TARGETS, PLAIN_TARGETS, LoraMoeLinear
+from plugins.icedit.moe import ADAPTER, GATES, MOE_TARGETS, PLAIN_TARGETS, Gate, LoraMoeLinear
+
+GATE_KEY = "icedit_moe_gate"
 
 _KEY = re.compile(
     r"^transformer\.(?P<module>.+?)\.(?:lora_(?P<ab>[AB])(?:\.expert_(?P<expert>\d+))?|(?P<route>lora_route))\.weight$"
@@ -36,6 +42,7 @@ class LoadReport(BaseModel):
     moe_modules: int
     num_experts: int
     top_k: int
+    gate: Gate
 
 
 def _resolve(path_or_hub_id: str | Path, revision: str | None = None) -> Path:
@@ -55,6 +62,21 @@ def read_checkpoint(path_or_hub_id: str | Path, revision: str | None = None) -> 
         return load_file(path)
     except (SafetensorError, OSError) as e:
         raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def read_gate(path_or_hub_id: str | Path, revision: str | None = None) -> Gate:
+    """The gate a checkpoint's metadata names; `topk` (the published gate) when it names none."""
+    from safetensors import SafetensorError, safe_open
+
+    path = _resolve(path_or_hub_id, revision)
+    try:
+        with safe_open(str(path), "pt") as f:
+            gate = (f.metadata() or {}).get(GATE_KEY, "topk")
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+    if gate not in GATES:
+        raise UserError(f"{path}: its metadata names the gate '{gate}', which this version does not know")
+    return gate
 
 
 def is_lora_moe(state: Mapping[str, torch.Tensor]) -> bool:
@@ -149,17 +171,24 @@ def plan_placement(transformer: nn.Module, state: Mapping[str, torch.Tensor]):
 
 
 def load_lora_moe(
-    transformer: nn.Module, path_or_hub_id: str | Path | Mapping[str, torch.Tensor], top_k: int = 1
+    transformer: nn.Module,
+    path_or_hub_id: str | Path | Mapping[str, torch.Tensor],
+    top_k: int = 1,
+    gate: Gate | None = None,
 ) -> LoadReport:
     """Place every key of a published LoRA-MoE checkpoint on a FluxTransformer2DModel.
 
     Plain layers become a stock peft adapter named "icedit" (alpha = rank: scaling 1); MoE
-    layers replace their Linear with `LoraMoeLinear`. All keys are checked first: a misfit
+    layers replace their Linear with `LoraMoeLinear`, gated as `gate` says (None: as the file's
+    metadata says, `topk` for a state given as tensors). All keys are checked first: a misfit
     raises one line naming the key and leaves the model untouched.
     """
     from peft import LoraConfig, set_peft_model_state_dict
 
-    state = path_or_hub_id if isinstance(path_or_hub_id, Mapping) else read_checkpoint(path_or_hub_id)
+    if isinstance(path_or_hub_id, Mapping):
+        state, gate = path_or_hub_id, gate or "topk"
+    else:
+        state, gate = read_checkpoint(path_or_hub_id), gate or read_gate(path_or_hub_id)
     plain, moe = plan_placement(transformer, state)
     num_experts = next(iter(moe.values()))[2].shape[0] if moe else 0
     if moe and not 1 <= top_k <= num_experts:
@@ -168,7 +197,9 @@ def load_lora_moe(
     for module, (a, b, route) in moe.items():
         parent_name, _, child = module.rpartition(".")
         parent = transformer.get_submodule(parent_name)
-        layer = LoraMoeLinear(getattr(parent, child), route.shape[0], a.shape[0] // route.shape[0], top_k)
+        layer = LoraMoeLinear(
+            getattr(parent, child), route.shape[0], a.shape[0] // route.shape[0], top_k, gate
+        )
         with torch.no_grad():
             for param, value in ((layer.lora_A, a), (layer.lora_B, b), (layer.lora_route, route)):
                 param.copy_(value)
@@ -192,7 +223,12 @@ def load_lora_moe(
         if result.unexpected_keys:
             raise UserError(f"transformer.{result.unexpected_keys[0]}: peft did not place this key")
     return LoadReport(
-        keys=len(state), plain_modules=len(plain), moe_modules=len(moe), num_experts=num_experts, top_k=top_k
+        keys=len(state),
+        plain_modules=len(plain),
+        moe_modules=len(moe),
+        num_experts=num_experts,
+        top_k=top_k,
+        gate=gate,
     )
 
 
@@ -216,8 +252,10 @@ def adapter_state(transformer: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
-def save_lora_moe(transformer: nn.Module, path: str | Path) -> Path:
-    """Write the adapter in the published format (safetensors); a folder gets the published file name."""
+def save_adapter(transformer: nn.Module, path: str | Path) -> Path:
+    """Write the adapter in the published format (safetensors), a LoRA-MoE or a normal LoRA: the keys and
+    metadata diffusers' `save_lora_weights` writes, plus the gate of a LoRA-MoE. A folder gets the
+    published file name."""
     from safetensors.torch import save
 
     path = Path(path)
@@ -226,8 +264,11 @@ def save_lora_moe(transformer: nn.Module, path: str | Path) -> Path:
         path = path / WEIGHTS_NAME
     state = adapter_state(transformer)
     if not state:
-        raise UserError("the model carries no LoRA-MoE adapter to save")
-    return write_file(path, save(state, metadata={"format": "pt"}), force=True)
+        raise UserError("the model carries no adapter to save")
+    metadata = {"format": "pt"}
+    if gates := {layer.gate for layer in transformer.modules() if isinstance(layer, LoraMoeLinear)}:
+        (metadata[GATE_KEY],) = gates
+    return write_file(path, save(state, metadata=metadata), force=True)
 
 
 def synthetic_checkpoint(

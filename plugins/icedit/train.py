@@ -1,20 +1,45 @@
-"""Fine-tuning the ICEdit LoRA-MoE on edit triplets laid out as diptychs, under `accelerate`.
+"""Fine-tuning an ICEdit adapter (LoRA-MoE or normal LoRA) on edit triplets laid out as diptychs, under
+`accelerate`.
 
-FLUX Fill stays frozen; the trainable part is `moe.add_lora_moe`'s adapter. Each step is flow matching
-as in the paper's (OminiControl-based) trainer: x_t = (1 - sigma) x0 + sigma noise with sigma drawn
-logit-normal (sigmoid of a standard normal), the model predicts the velocity noise - x0, and the loss
-is its mean squared error on the masked right half only (the left half is given). The prompt and the
-masked canvas go through the engine's own `FillSampler.prepare`; latents are the VAE's means.
+FLUX Fill stays frozen; the trainable part is `moe.add_lora_moe`'s or `moe.add_lora`'s adapter. The
+defaults are the official trainer's (River-Zhang/ICEdit `train/`: `src/train/{model,data}.py`,
+`train/config/{moe_lora,normal_lora}.yaml`), each a setting with our earlier choice as the option:
+
+| setting | official (default) | option |
+|---|---|---|
+| loss_region | `full`: MSE over every latent token of the diptych (`mse_loss(pred, x_1 - x_0)`) | `right`: the painted half only |
+| optimizer | `prodigy` (prodigyopt; lr 1, bias correction, safeguard warm-up, weight decay 0.01) | `adamw` (lr 1e-4) |
+| max_grad_norm | 0.5 (Lightning's `gradient_clip_val`) | any |
+| adapter_dtype | `bfloat16` (the official model is cast to bf16, LoRA included) | `float32` |
+| text_dropout | 0.1: the whole prompt becomes " " | any, 0 for none |
+| init | `gaussian`: A ~ N(0, 1/r), peft's `init_lora_weights: gaussian` | `uniform` (nn.Linear's) |
+| latents | `sample`: the VAE's posterior is sampled, for target and masked canvas | `mean` |
+| panels | `square`: source and target stretched to panel x panel | `keep-aspect`: the engine's diptych |
+| bottom_crop | 1/32 of the height for osunlp/MagicBrush (its watermark strip), 0 elsewhere | any fraction |
+
+We offer the options because the engine paints aspect-kept diptychs (training on what inference sees),
+AdamW is the better-known optimiser, and a right-half loss spends the gradient on the half that is
+painted. The routers: under the published `topk` gate a top-1 router's weight is exactly 1, so it gets
+no gradient (in the official trainer too); `gate="switch"` lets it learn (see `moe.LoraMoeLinear`), with
+the Switch Transformer's load-balancing loss weighted by `balance_weight`.
+
+Each step is flow matching as the official trainer does it: x_t = (1 - sigma) x0 + sigma noise with
+sigma drawn logit-normal (sigmoid of a standard normal), the model predicts the velocity noise - x0.
+The prompt and the masked canvas go through the engine's own `FillSampler.prepare`.
 
 One `Accelerator` runs it on one device or, under `accelerate launch` / `torchrun`, on many (DDP,
 DeepSpeed or FSDP from the accelerate config). Checkpoints (`save_state`) hold the adapter in the
-published format plus optimizer, scheduler and step; batches and noise are pure functions of the seed
-and the step, so a resumed run takes exactly the steps the uninterrupted one would have.
+published format plus optimizer, scheduler and step; batches, dropout and noise are pure functions of
+the seed and the step, so a resumed run takes exactly the steps the uninterrupted one would have.
+metrics.jsonl has a row per step: loss, lr (Prodigy's found step size as `d`), each MoE layer's share of
+tokens per expert, and the load-balancing loss under the switch gate.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,10 +60,15 @@ from plugins.icedit.options import IceditOptions
 from plugins.icedit.sampler import FillSampler
 
 WEIGHT_DTYPES = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}
+DEFAULT_LR = {"prodigy": 1.0, "adamw": 1e-4}
+BOTTOM_CROPS = {"osunlp/magicbrush": 1 / 32}
+"""Datasets whose pictures carry a strip at the bottom the official trainer cuts off (MagicBrush's watermark)."""
+MOE_ONLY = ("experts", "top_k", "gate", "balance_weight")
 
 
 class TrainConfig(BaseModel):
-    """Everything a run needs besides the model settings; `train_config.json` in the output folder."""
+    """Everything a run needs besides the model settings; `train_config.json` in the output folder holds
+    it with every default filled in (`resolved`)."""
 
     data: str
     columns: dict[str, str] = {}
@@ -46,14 +76,36 @@ class TrainConfig(BaseModel):
     limit: int | None = Field(None, ge=1)
     out: Path
     steps: int = Field(1000, ge=1, description="optimizer steps")
+    adapter: Literal["moe", "lora"] = Field(
+        "moe",
+        description="moe: the LoRA-MoE (sanaka87/ICEdit-MoE-LoRA); lora: the normal LoRA (RiverZ/normal-lora)",
+    )
     experts: int = Field(4, ge=1, le=64)
     rank: int = Field(32, ge=1, le=1024)
-    top_k: int = Field(
-        1, ge=1, le=64, description="with 1 the router gets no gradient: it stays as initialised"
+    top_k: int = Field(1, ge=1, le=64, description="experts per token")
+    gate: moe.Gate = Field(
+        "topk", description="topk: published (a top-1 router stays as initialised); switch"
     )
-    lr: float = Field(1e-4, gt=0)
+    balance_weight: float = Field(0.01, ge=0, description="switch gate: weight of the load-balancing loss")
+    loss_region: Literal["full", "right"] = "full"
+    optimizer: Literal["prodigy", "adamw"] = "prodigy"
+    lr: float | None = Field(
+        None, gt=0, description="default: 1 for Prodigy (it finds the step size), 1e-4 for AdamW"
+    )
+    weight_decay: float = Field(0.01, ge=0)
     warmup_steps: int = Field(0, ge=0, description="linear warm-up of the learning rate")
-    max_grad_norm: float = Field(1.0, gt=0)
+    max_grad_norm: float = Field(0.5, gt=0)
+    adapter_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    text_dropout: float = Field(0.1, ge=0, le=1, description="probability that an example's prompt is ' '")
+    init: moe.Init = "gaussian"
+    latents: Literal["sample", "mean"] = "sample"
+    panels: Literal["square", "keep-aspect"] = "square"
+    bottom_crop: float | None = Field(
+        None,
+        ge=0,
+        lt=0.5,
+        description="share of each picture's height cut off its bottom (default: per dataset)",
+    )
     batch_size: int = Field(1, ge=1, description="per process; examples of a batch must share a panel size")
     grad_accum: int = Field(1, ge=1)
     mixed_precision: Literal["no", "fp16", "bf16"] | None = Field(
@@ -69,6 +121,22 @@ class TrainConfig(BaseModel):
     )
     checkpoint_every: int = Field(500, ge=1)
     resume: str | None = Field(None, description="a checkpoint folder, or 'latest' under out/checkpoints")
+
+    def resolved(self, mixed_precision: str) -> TrainConfig:
+        """Every default that depends on other settings filled in; contradictions are one line."""
+        if self.adapter == "lora" and (asked := [f for f in MOE_ONLY if f in self.model_fields_set]):
+            flag = "--" + asked[0].replace("_", "-")
+            raise UserError(f"{flag} shapes the LoRA-MoE's experts: --adapter lora has none")
+        crop = self.bottom_crop
+        if crop is None:
+            crop = BOTTOM_CROPS.get(self.data.strip().lower(), 0.0)
+        return self.model_copy(
+            update={
+                "lr": self.lr or DEFAULT_LR[self.optimizer],
+                "bottom_crop": crop,
+                "mixed_precision": self.mixed_precision or mixed_precision,
+            }
+        )
 
 
 class TrainReport(BaseModel):
@@ -126,19 +194,36 @@ def _packed(pipe, latents: torch.Tensor) -> torch.Tensor:
     return pipe._pack_latents(latents, b, c, h, w)
 
 
+def _draw(dist_mean: torch.Tensor, dist_std: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """A sample of a VAE posterior drawn on the CPU, the same on every device; its mean without a generator."""
+    if generator is None:
+        return dist_mean
+    noise = torch.randn(dist_mean.shape, generator=generator, dtype=torch.float32)
+    return dist_mean + dist_std * noise.to(dist_mean.device, dist_mean.dtype)
+
+
 @torch.no_grad()
-def encode(sampler: FillSampler, batch: list[dict], guidance: float) -> dict[str, torch.Tensor]:
-    """Prompt embeddings, masked-canvas condition, clean target latents and right-half token mask."""
+def encode(
+    sampler: FillSampler,
+    batch: list[dict],
+    guidance: float,
+    generator: torch.Generator | None = None,
+    text_dropout: float = 0.0,
+    sample_latents: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Prompt embeddings, masked-canvas condition, clean target latents and right-half token mask.
+
+    Drawing from `generator`: each prompt is " " with probability `text_dropout`, and with
+    `sample_latents` the target's and the masked canvas's latents are samples of the VAE posterior (the
+    official trainer's `sample()`), else its means."""
     pipe = sampler.pipe
+    texts = [prompts.render("ic_edit.txt", instruction=ex["instruction"]) for ex in batch]
+    if generator is not None and text_dropout:
+        dropped = torch.rand(len(batch), generator=generator) < text_dropout
+        texts = [" " if drop else text for drop, text in zip(dropped.tolist(), texts, strict=True)]
     conds = [
-        sampler.prepare(
-            ex["canvas"],
-            ex["mask"],
-            prompts.render("ic_edit.txt", instruction=ex["instruction"]),
-            1,
-            guidance,
-        )
-        for ex in batch
+        sampler.prepare(ex["canvas"], ex["mask"], text, 1, guidance)
+        for ex, text in zip(batch, texts, strict=True)
     ]
     sizes = {(c.width, c.height) for c in conds}
     if len(sizes) > 1:
@@ -154,9 +239,13 @@ def encode(sampler: FillSampler, batch: list[dict], guidance: float) -> dict[str
             for ex in batch
         ]
     ).to(sampler.device, dtype)
-    condition = [torch.cat((_packed(pipe, c.masked_mean), c.mask), dim=-1) for c in conds]
+    posterior = pipe.vae.encode(targets).latent_dist
+    draws = generator if sample_latents else None
+    condition = [
+        torch.cat((_packed(pipe, _draw(c.masked_mean, c.masked_std, draws)), c.mask), dim=-1) for c in conds
+    ]
     return {
-        "x0": _packed(pipe, pipe.vae.encode(targets).latent_dist.mean),
+        "x0": _packed(pipe, _draw(posterior.mean, posterior.std, draws)),
         "condition": torch.cat(condition),
         "prompt_embeds": torch.cat([c.prompt_embeds for c in conds]),
         "pooled": torch.cat([c.pooled for c in conds]),
@@ -167,9 +256,14 @@ def encode(sampler: FillSampler, batch: list[dict], guidance: float) -> dict[str
 
 
 def flow_matching_loss(
-    model, inputs: dict[str, torch.Tensor], generator: torch.Generator, guidance: float | None
+    model,
+    inputs: dict[str, torch.Tensor],
+    generator: torch.Generator,
+    guidance: float | None,
+    region: Literal["full", "right"] = "full",
 ) -> torch.Tensor:
-    """MSE between the predicted and the true velocity (noise - x0), over the right-half tokens."""
+    """MSE between the predicted and the true velocity (noise - x0), over every token of the diptych
+    (`full`, the official loss) or the right half's (`right`)."""
     x0 = inputs["x0"]
     noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
     sigma = torch.sigmoid(torch.randn(x0.shape[0], generator=generator)).to(x0.device)
@@ -187,6 +281,8 @@ def flow_matching_loss(
         return_dict=False,
     )[0]
     per_token = (pred.float() - (noise.float() - x0.float())).pow(2).mean(-1)
+    if region == "full":
+        return per_token.mean()
     mask = inputs["token_mask"]
     return (per_token * mask).sum() / mask.sum()
 
@@ -219,9 +315,10 @@ def train(config: TrainConfig, options: IceditOptions, progress: bool = True) ->
     cpu = (
         options.device == "cpu" or not torch.accelerator.is_available()
     )  # torchrun on CPUs: MULTI_CPU (gloo)
+    config = config.resolved("no" if cpu else "bf16")
     accelerator = Accelerator(
         cpu=cpu,
-        mixed_precision=config.mixed_precision or ("no" if cpu else "bf16"),
+        mixed_precision=config.mixed_precision,
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=config.grad_accum, sync_with_dataloader=False
         ),
@@ -252,7 +349,7 @@ def _resume_point(config: TrainConfig) -> tuple[Path | None, int]:
 
 def _trainable(config: TrainConfig, options: IceditOptions, accelerator):
     """(pipeline, whether its weights are random, the new adapter's parameters): the base frozen on this
-    process's device in the mixed-precision dtype, the LoRA-MoE added in fp32."""
+    process's device in the mixed-precision dtype, the adapter added in `adapter_dtype`."""
     from plugins.icedit.loading import load_pipeline
 
     model_options = options.model_copy(
@@ -269,13 +366,39 @@ def _trainable(config: TrainConfig, options: IceditOptions, accelerator):
     for part in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
         part.requires_grad_(False)
     transformer = pipe.transformer
-    params = moe.add_lora_moe(transformer, config.experts, config.rank, config.top_k, seed=config.seed)
+    if config.adapter == "lora":
+        params = moe.add_lora(transformer, config.rank, seed=config.seed, init=config.init)
+    else:
+        params = moe.add_lora_moe(
+            transformer,
+            config.experts,
+            config.rank,
+            config.top_k,
+            seed=config.seed,
+            init=config.init,
+            gate=config.gate,
+        )
     for p in params:
-        p.data = p.data.float()  # trainable weights in fp32 under any mixed precision
+        p.data = p.data.to(getattr(torch, config.adapter_dtype))
     if config.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()
     return pipe, random_weights, params
+
+
+def _optimizer(config: TrainConfig, params: list) -> torch.optim.Optimizer:
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    from prodigyopt import Prodigy
+
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints "Using decoupled weight decay": not --json
+        return Prodigy(
+            params,
+            lr=config.lr,
+            use_bias_correction=True,
+            safeguard_warmup=True,
+            weight_decay=config.weight_decay,
+        )
 
 
 @dataclass
@@ -291,17 +414,21 @@ class _Run:
     sampler: FillSampler
     guidance: float | None
     """The guidance embedding's value, for a transformer that has one."""
+    experts: dict[str, moe.LoraMoeLinear]
+    """The MoE layers by name, counting the tokens each expert gets."""
 
 
 def _wire(config: TrainConfig, accelerator, pipe, params: list, edits) -> _Run:
     """Optimizer, warm-up schedule and data through accelerate; checkpoints hold the adapter only."""
-    optimizer = torch.optim.AdamW(params, lr=config.lr)
+    optimizer = _optimizer(config, params)
     warmup = config.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
     )
     loader = DataLoader(
-        Diptychs(edits, config.panel_width),
+        Diptychs(
+            edits, config.panel_width, square=config.panels == "square", bottom_crop=config.bottom_crop or 0.0
+        ),
         batch_size=config.batch_size,
         sampler=EpochSampler(len(edits), config.seed),
         collate_fn=list,
@@ -311,7 +438,7 @@ def _wire(config: TrainConfig, accelerator, pipe, params: list, edits) -> _Run:
 
     def save_adapter(models, weights, output_dir):
         if accelerator.is_main_process:
-            moe_checkpoint.save_lora_moe(accelerator.unwrap_model(models[0]), output_dir)
+            moe_checkpoint.save_adapter(accelerator.unwrap_model(models[0]), output_dir)
         weights.clear()  # the frozen base is not part of a checkpoint
 
     def load_adapter(models, input_dir):
@@ -322,7 +449,10 @@ def _wire(config: TrainConfig, accelerator, pipe, params: list, edits) -> _Run:
     accelerator.register_save_state_pre_hook(save_adapter)
     accelerator.register_load_state_pre_hook(load_adapter)
     guidance = config.guidance if pipe.transformer.config.guidance_embeds else None
-    return _Run(accelerator, model, optimizer, scheduler, loader, params, FillSampler(pipe), guidance)
+    experts = moe.moe_layers(pipe.transformer)
+    return _Run(
+        accelerator, model, optimizer, scheduler, loader, params, FillSampler(pipe), guidance, experts
+    )
 
 
 def _run_files(config: TrainConfig, accelerator, step: int) -> Path:
@@ -351,7 +481,7 @@ def _steps(
     accelerator = run.accelerator
     rank, per_epoch = accelerator.process_index, len(run.loader)
     micro = step * config.grad_accum
-    losses, pending, checkpoints = [], [], []
+    losses, pending, pending_balance, checkpoints = [], [], [], []
     bar = tqdm(
         total=config.steps, initial=step, desc="train", disable=not (progress and accelerator.is_main_process)
     )
@@ -360,12 +490,26 @@ def _steps(
         batches = accelerator.skip_first_batches(run.loader, skip) if skip else run.loader
         batches.set_epoch(epoch)
         for batch in batches:
+            if not pending:
+                _count_tokens(run)
             with accelerator.accumulate(run.model):
-                inputs = encode(run.sampler, batch, config.guidance)
-                loss = flow_matching_loss(
-                    run.model, inputs, _generator(config.seed, micro, rank), run.guidance
+                generator = _generator(config.seed, micro, rank)
+                inputs = encode(
+                    run.sampler,
+                    batch,
+                    config.guidance,
+                    generator,
+                    config.text_dropout,
+                    sample_latents=config.latents == "sample",
                 )
-                accelerator.backward(loss)
+                for layer in run.experts.values():
+                    layer.balance.clear()
+                loss = flow_matching_loss(run.model, inputs, generator, run.guidance, config.loss_region)
+                total = loss
+                if (balance := _balance(run)) is not None:
+                    pending_balance.append(balance.detach().float())
+                    total = loss + config.balance_weight * balance
+                accelerator.backward(total)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(run.params, config.max_grad_norm)
                 run.optimizer.step()
@@ -377,20 +521,54 @@ def _steps(
             lr = run.scheduler.get_last_lr()[0]
             run.scheduler.step()
             step += 1
-            step_loss = accelerator.reduce(torch.stack(pending).mean(), "mean").item()
-            pending = []
-            losses.append(step_loss)
+            row = _metrics_row(run, step, lr, pending, pending_balance)
+            pending, pending_balance = [], []
+            losses.append(row["loss"])
             if accelerator.is_main_process:
                 with metrics_path.open("a") as f:
-                    f.write(json.dumps({"step": step, "loss": step_loss, "lr": lr}) + "\n")
+                    f.write(json.dumps(row) + "\n")
             bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}")
             if step % config.checkpoint_every == 0 or step == config.steps:
                 checkpoints.append(_checkpoint(config, accelerator, step))
             if step == config.steps:
                 break
     bar.close()
     return losses, checkpoints
+
+
+def _metrics_row(
+    run: _Run, step: int, lr: float, losses: list[torch.Tensor], balances: list[torch.Tensor]
+) -> dict[str, Any]:
+    """One step's metrics.jsonl row, averaged over the micro-batches and the processes."""
+    reduce = run.accelerator.reduce
+    row: dict[str, Any] = {"step": step, "loss": reduce(torch.stack(losses).mean(), "mean").item(), "lr": lr}
+    if "d" in run.optimizer.param_groups[0]:
+        row["d"] = float(run.optimizer.param_groups[0]["d"])  # Prodigy's step size estimate
+    if balances:
+        row["balance"] = reduce(torch.stack(balances).mean(), "mean").item()
+    if run.experts:
+        row["experts"] = _token_shares(run)
+    return row
+
+
+def _count_tokens(run: _Run) -> None:
+    """Start counting each MoE layer's tokens per expert afresh (one optimizer step's worth)."""
+    for layer in run.experts.values():
+        layer.counts = torch.zeros(layer.num_experts, dtype=torch.float64, device=layer.lora_A.device)
+
+
+def _token_shares(run: _Run) -> dict[str, list[float]]:
+    """Each MoE layer's share of the step's tokens per expert, over every process."""
+    counts = run.accelerator.reduce(torch.stack([layer.counts for layer in run.experts.values()]), "sum")
+    shares = counts / counts.sum(-1, keepdim=True).clamp(min=1)
+    return {name: [round(float(v), 4) for v in row] for name, row in zip(run.experts, shares, strict=True)}
+
+
+def _balance(run: _Run) -> torch.Tensor | None:
+    """The switch gate's load-balancing loss of the last forward: the mean over the MoE layers' terms."""
+    terms = [term for layer in run.experts.values() for term in layer.balance]
+    return torch.stack(terms).mean() if terms else None
 
 
 def _checkpoint(config: TrainConfig, accelerator, step: int) -> str:
@@ -417,7 +595,7 @@ def _finish(
     digests = gather_object([digest(moe_checkpoint.adapter_state(unwrapped))])
     adapter = None
     if accelerator.is_main_process:
-        adapter = moe_checkpoint.save_lora_moe(unwrapped, config.out / "adapter")
+        adapter = moe_checkpoint.save_adapter(unwrapped, config.out / "adapter")
     accelerator.wait_for_everyone()
     report = TrainReport(
         steps=config.steps,
