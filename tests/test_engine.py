@@ -155,7 +155,7 @@ def test_the_prompt_cache_keeps_the_latest_prompts():
     from plugins.icedit.sampler import PromptCache
 
     class Pipe:
-        def encode_prompt(self, prompt, prompt_2, device):
+        def encode_prompt(self, prompt, prompt_2, device, max_sequence_length=512):
             calls.append(prompt)
             return (torch.tensor([len(calls)]),)
 

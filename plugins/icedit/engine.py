@@ -18,6 +18,7 @@ from plugins.icedit.candidates import denoise_batch, run_candidates
 from plugins.icedit.diptych import make_diptych, right_panel
 from plugins.icedit.loading import OOM_HINT, load_pipeline
 from plugins.icedit.options import IceditOptions
+from plugins.icedit.presets import get_preset
 from plugins.icedit.sampler import Conditioning, FillSampler, Latents, PromptCache
 
 
@@ -30,7 +31,9 @@ class IceditEngine:
         self.random_weights = False
         self.adapter: AdapterInfo | None = None
         self.model: WeightsInfo | None = None
-        self.prompts = PromptCache()
+        preset = get_preset(options.preset)
+        self.panel_width = preset.panel_width
+        self.prompts = PromptCache(max_sequence_length=preset.max_sequence_length)
         self._loading = threading.Lock()
 
     def pipeline(self):
@@ -64,7 +67,7 @@ class IceditEngine:
         if not (request.plan.instruction or "").strip():
             raise UserError("the plan has no instruction to edit with")
         prompt = request.plan.ic_prompt or prompts.render("ic_edit.txt", instruction=request.plan.instruction)
-        canvas, mask = make_diptych(request.source)
+        canvas, mask = make_diptych(request.source, self.panel_width)
         started = time.perf_counter()
         events(Step(i=0, n=request.steps, phase="load"))
         pipe = self.pipeline()

@@ -117,7 +117,8 @@ def load_pipeline(options: IceditOptions) -> Loaded:
     lora = options.lora or preset.lora
     adapter = _load_adapter(pipe, lora, options) if lora and lora != "none" else None
     ready(pipe, options, device)
-    artifact = flux_artifact(model, options.revision) if model else None
+    shipped = preset.bundled and options.model is None
+    artifact = flux_artifact(model, options.revision) if model and not shipped else None
     return Loaded(
         pipe,
         preset.random_weights and options.model is None,

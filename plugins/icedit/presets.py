@@ -20,6 +20,12 @@ class Preset(BaseModel):
     model: str | None = None
     lora: str | None = None
     random_weights: bool = False
+    bundled: bool = False
+    """Its weights ship inside this package (`model` is their folder): provenance names the preset."""
+    panel_width: int = 512
+    """The diptych's panel width the model was trained at (the engine resizes the source to it)."""
+    max_sequence_length: int = 512
+    """T5 tokens per prompt (FLUX's 512)."""
     description: str
 
 

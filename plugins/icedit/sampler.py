@@ -68,8 +68,10 @@ class PromptCache:
     text encoders: a T5 run on the CPU under `--offload encoders`, T5's trip to the GPU and back
     under `--offload model`. Keep one per pipeline: the embeddings are its encoders'."""
 
-    def __init__(self, size: int = 8):
+    def __init__(self, size: int = 8, max_sequence_length: int = 512):
         self.size = size
+        self.max_sequence_length = max_sequence_length
+        """T5 pads (and truncates) every prompt to this many tokens: the preset's setting (FLUX's 512)."""
         self._entries: OrderedDict[tuple[str, str], tuple[torch.Tensor, ...]] = OrderedDict()
 
     def encode(self, pipe, prompt: str, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -78,7 +80,9 @@ class PromptCache:
         if key in self._entries:
             self._entries.move_to_end(key)
             return self._entries[key]
-        value = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=device)
+        value = pipe.encode_prompt(
+            prompt=prompt, prompt_2=None, device=device, max_sequence_length=self.max_sequence_length
+        )
         if self.size:
             self._entries[key] = value
             if len(self._entries) > self.size:

@@ -57,7 +57,8 @@ from plugins.evaluation.data import load_edits
 from plugins.icedit import moe, moe_checkpoint
 from plugins.icedit.data import Diptychs
 from plugins.icedit.options import IceditOptions
-from plugins.icedit.sampler import FillSampler
+from plugins.icedit.presets import get_preset
+from plugins.icedit.sampler import FillSampler, PromptCache
 
 WEIGHT_DTYPES = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}
 DEFAULT_LR = {"prodigy": 1.0, "adamw": 1e-4}
@@ -113,8 +114,11 @@ class TrainConfig(BaseModel):
     )
     gradient_checkpointing: bool = False
     seed: int = Field(0, ge=0, lt=2**32, description="set_seed takes 32 bits (numpy)")
-    panel_width: int = Field(
-        512, ge=16, multiple_of=16, description="diptych panel width (the engine uses 512)"
+    panel_width: int | None = Field(
+        None,
+        ge=16,
+        multiple_of=16,
+        description="diptych panel width (default: the preset's, as the engine's)",
     )
     guidance: float = Field(
         1.0, gt=0, description="FLUX guidance embedding during training (the paper's trainer: 1)"
@@ -122,7 +126,7 @@ class TrainConfig(BaseModel):
     checkpoint_every: int = Field(500, ge=1)
     resume: str | None = Field(None, description="a checkpoint folder, or 'latest' under out/checkpoints")
 
-    def resolved(self, mixed_precision: str) -> TrainConfig:
+    def resolved(self, mixed_precision: str, panel_width: int = 512) -> TrainConfig:
         """Every default that depends on other settings filled in; contradictions are one line."""
         if self.adapter == "lora" and (asked := [f for f in MOE_ONLY if f in self.model_fields_set]):
             flag = "--" + asked[0].replace("_", "-")
@@ -135,6 +139,7 @@ class TrainConfig(BaseModel):
                 "lr": self.lr or DEFAULT_LR[self.optimizer],
                 "bottom_crop": crop,
                 "mixed_precision": self.mixed_precision or mixed_precision,
+                "panel_width": self.panel_width or panel_width,
             }
         )
 
@@ -315,7 +320,8 @@ def train(config: TrainConfig, options: IceditOptions, progress: bool = True) ->
     cpu = (
         options.device == "cpu" or not torch.accelerator.is_available()
     )  # torchrun on CPUs: MULTI_CPU (gloo)
-    config = config.resolved("no" if cpu else "bf16")
+    preset = get_preset(options.preset)
+    config = config.resolved("no" if cpu else "bf16", preset.panel_width)
     accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=config.mixed_precision,
@@ -328,7 +334,7 @@ def train(config: TrainConfig, options: IceditOptions, progress: bool = True) ->
     with accelerator.main_process_first():
         edits = load_edits(config.data, config.columns, config.split, config.limit)
     pipe, random_weights, params = _trainable(config, options, accelerator)
-    run = _wire(config, accelerator, pipe, params, edits)
+    run = _wire(config, accelerator, pipe, params, edits, preset.max_sequence_length)
     if resume_dir is not None:
         accelerator.load_state(str(resume_dir))
     metrics_path = _run_files(config, accelerator, step)
@@ -418,7 +424,7 @@ class _Run:
     """The MoE layers by name, counting the tokens each expert gets."""
 
 
-def _wire(config: TrainConfig, accelerator, pipe, params: list, edits) -> _Run:
+def _wire(config: TrainConfig, accelerator, pipe, params: list, edits, max_sequence_length: int) -> _Run:
     """Optimizer, warm-up schedule and data through accelerate; checkpoints hold the adapter only."""
     optimizer = _optimizer(config, params)
     warmup = config.warmup_steps
@@ -451,7 +457,15 @@ def _wire(config: TrainConfig, accelerator, pipe, params: list, edits) -> _Run:
     guidance = config.guidance if pipe.transformer.config.guidance_embeds else None
     experts = moe.moe_layers(pipe.transformer)
     return _Run(
-        accelerator, model, optimizer, scheduler, loader, params, FillSampler(pipe), guidance, experts
+        accelerator,
+        model,
+        optimizer,
+        scheduler,
+        loader,
+        params,
+        FillSampler(pipe, PromptCache(size=0, max_sequence_length=max_sequence_length)),
+        guidance,
+        experts,
     )
 
 
