@@ -312,3 +312,29 @@ def test_two_processes_keep_identical_adapters_under_the_official_recipe(tmp_pat
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all("d" in r and "balance" in r for r in rows)
     assert all(sum(s) == pytest.approx(1, abs=1e-3) for r in rows for s in r["experts"].values())
+
+
+def test_a_checkpoint_without_a_gate_is_the_published_gate_and_an_unknown_one_is_one_line(tmp_path):
+    from safetensors.torch import save_file
+
+    from assistant.errors import UserError
+
+    state = moe_checkpoint.synthetic_checkpoint(build_tiny().transformer, num_experts=2, rank=2)
+    save_file(state, tmp_path / "published.safetensors", metadata={"format": "pt"})
+    save_file(
+        state,
+        tmp_path / "odd.safetensors",
+        metadata={"format": "pt", moe_checkpoint.GATE_KEY: "expert-choice"},
+    )
+    assert moe_checkpoint.read_gate(tmp_path / "published.safetensors") == "topk"
+    assert (
+        moe_checkpoint.load_lora_moe(build_tiny().transformer, tmp_path / "published.safetensors").gate
+        == "topk"
+    )
+    model = build_tiny().transformer
+    with pytest.raises(UserError) as raised:
+        moe_checkpoint.load_lora_moe(model, tmp_path / "odd.safetensors")
+    assert str(raised.value) == (
+        f"{tmp_path / 'odd.safetensors'}: its metadata names the gate 'expert-choice', which this version does not know"
+    )
+    assert not moe.moe_layers(model)  # nothing was placed

@@ -85,7 +85,9 @@ from plugins.icedit.options import IceditOptions
     "--gradient-checkpointing", is_flag=True, default=None, help="recompute activations to save memory"
 )
 @click.option(
-    "--panel-width", type=click.IntRange(16), help="diptych panel width, a multiple of 16 (default 512)"
+    "--panel-width",
+    type=click.IntRange(16),
+    help="diptych panel width, a multiple of 16 (default: the preset's, 512)",
 )
 @click.option(
     "--guidance", type=kit.FiniteRange(0, min_open=True), help="FLUX guidance embedding (default 1)"
