@@ -192,9 +192,11 @@ def quantize(transformer, mode: str, device: str) -> None:
 def from_pretrained(pipeline_class, artifact: Artifact, dtype):
     """A diffusers pipeline from the folder or hub repo `artifact` names (fetched first), safetensors only."""
     from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
     folder = hub.locate(artifact)
     diffusers_logging.disable_progress_bar()  # a bar per component load is noise in a chat or a pipe
+    transformers_logging.disable_progress_bar()  # the prompt encoders' weights bars, the same
     try:
         pipe = pipeline_class.from_pretrained(str(folder), dtype=dtype, use_safetensors=True)
     except Exception as e:  # noqa: BLE001 - every loader failure becomes one line
