@@ -74,6 +74,13 @@ def test_the_defaults_are_the_official_recipe_and_train_config_records_them(offi
     recorded = json.loads((out / "train_config.json").read_text())
     assert {k: recorded[k] for k in OFFICIAL} == OFFICIAL
     assert recorded["mixed_precision"] == "no"  # a CPU: the resolved value, not null
+    assert recorded["panel_width"] == 64
+    assert recorded["engine"] == {
+        "preset": "tiny",
+        "model": None,
+        "revision": None,
+        "max_sequence_length": 512,
+    }
     state = load_file(report["adapter"])
     assert {t.dtype for t in state.values()} == {torch.bfloat16}  # the official model is bf16, LoRA included
 
@@ -94,6 +101,9 @@ OFFICIAL = {
     "gate": "topk",
     "top_k": 1,
     "experts": 4,
+    "batch_size": 1,  # moe_lora.yaml: batch 1, accumulated over 2
+    "grad_accum": 2,
+    "gradient_checkpointing": False,
 }
 
 
@@ -115,6 +125,11 @@ def test_metrics_report_each_moe_layer_s_token_share_per_expert(official):
         for shares in row["experts"].values():
             assert len(shares) == 4 and all(0 <= s <= 1 for s in shares)
             assert sum(shares) == pytest.approx(1, abs=1e-3)
+        # each step: 2 micro-batches of one 128x64 diptych, 32 image tokens; the single blocks add T5's 512
+        assert row["tokens"] == {
+            "transformer_blocks.0.ff.net.2": 64,
+            "single_transformer_blocks.0.proj_out": 1088,
+        }
     assert "balance" not in rows[0]  # the published gate has no load-balancing loss
 
 
@@ -126,10 +141,22 @@ def test_the_bottom_crop_defaults_per_dataset_and_contradictions_are_one_line(tm
     assert crop("someone/other-edits") == 0.0
     assert crop("osunlp/MagicBrush", bottom_crop=0.0) == 0.0
     assert TrainConfig(data="x", out=tmp_path, optimizer="adamw").resolved("no").lr == 1e-4
+    lora = TrainConfig(data="x", out=tmp_path, adapter="lora").resolved("no")
+    assert (lora.batch_size, lora.grad_accum, lora.gradient_checkpointing) == (2, 1, True)  # normal_lora.yaml
     for flag, value in (("--gate", "switch"), ("--top-k", 2), ("--experts", 8), ("--balance-weight", 0.1)):
         result = invoke("train", *TINY, "--adapter", "lora", flag, value, "--out", tmp_path / "x")
         assert result.exit_code == 2, result.output
         assert result.stderr == f"Error: {flag} shapes the LoRA-MoE's experts: --adapter lora has none\n"
+    for args, said in (
+        (["--top-k", 3, "--experts", 2], "--top-k 3 asks for more experts than --experts 2"),
+        (
+            ["--balance-weight", 0.1],
+            "--balance-weight weighs the switch gate's load-balancing loss: add --gate switch",
+        ),
+    ):
+        result = invoke("train", *TINY, *args, "--out", tmp_path / "x")
+        assert result.exit_code == 2, result.output
+        assert result.stderr == f"Error: {said}\n"
     assert not (tmp_path / "x").exists()
 
 
@@ -204,14 +231,15 @@ def test_every_weight_of_a_new_lora_moe_trains():
 
 
 def test_gaussian_init_draws_a_with_std_one_over_r():
-    for init, expected in (("gaussian", 1 / 8), ("uniform", None)):
+    for init in ("gaussian", "uniform"):
         model = build_tiny().transformer
         moe.add_lora_moe(model, num_experts=2, rank=8, init=init, seed=0)
-        a = model.transformer_blocks[0].attn.to_q.lora_A[moe.ADAPTER].weight
-        std = float(a.detach().std())
-        if expected is None:  # U(-1/sqrt(fan_in), 1/sqrt(fan_in)): std = bound / sqrt(3)
-            expected = a.shape[1] ** -0.5 / 3**0.5
-        assert std == pytest.approx(expected, rel=0.1), init
+        plain = model.transformer_blocks[0].attn.to_q.lora_A[moe.ADAPTER].weight
+        experts = model.single_transformer_blocks[0].proj_out.lora_A
+        for a in (plain, experts):
+            # uniform: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), whose std is that bound / sqrt(3)
+            expected = 1 / 8 if init == "gaussian" else a.shape[1] ** -0.5 / 3**0.5
+            assert float(a.detach().std()) == pytest.approx(expected, rel=0.1), init
 
 
 def test_the_normal_lora_is_diffusers_format_and_stock_load_lora_weights_uses_it(tmp_path):
@@ -239,24 +267,35 @@ def test_the_normal_lora_is_diffusers_format_and_stock_load_lora_weights_uses_it
     assert (adapter["kind"], adapter["keys"], adapter["gate"]) == ("lora", len(state), None)
 
 
+def test_a_top_1_router_gets_a_gradient_under_the_switch_gate_only():
+    grads = {}
+    for gate in ("topk", "switch"):
+        model = build_tiny().transformer
+        moe.add_lora_moe(model, num_experts=4, rank=4, seed=0, gate=gate)
+        for layer in moe.moe_layers(model).values():
+            torch.nn.init.normal_(layer.lora_B, std=0.1)  # trained experts: their outputs differ
+        model(**transformer_inputs(model)).sample.square().mean().backward()
+        grads[gate] = model.single_transformer_blocks[0].proj_out.lora_route.grad
+    assert grads["topk"] is not None and not grads["topk"].any()  # the one gate is exactly 1
+    assert grads["switch"].abs().max() > 0
+
+
 def _router(path: Path) -> torch.Tensor:
     return load_file(path)["transformer.single_transformer_blocks.0.proj_out.lora_route.weight"].float()
 
 
-def _fresh_router(gate: str) -> torch.Tensor:
+def _fresh_router() -> torch.Tensor:
     model = build_tiny().transformer
-    moe.add_lora_moe(model, num_experts=4, rank=4, seed=0, gate=gate)
+    moe.add_lora_moe(model, num_experts=4, rank=4, seed=0, gate="switch")
     return model.single_transformer_blocks[0].proj_out.lora_route.detach().to(torch.bfloat16).float()
 
 
 def test_a_switch_gated_top_1_router_learns_and_its_checkpoint_reloads_to_the_same_function(tmp_path):
-    args = ["--steps", 40, "--optimizer", "adamw", "--lr", 3e-3, "--top-k", 1]
-    topk = train_json(*args, "--out", tmp_path / "topk")
+    args = ["--steps", 40, "--optimizer", "adamw", "--lr", 3e-3, "--weight-decay", 0, "--top-k", 1]
     switch = train_json(*args, "--gate", "switch", "--balance-weight", 0.05, "--out", tmp_path / "switch")
-    assert torch.equal(_router(Path(topk["adapter"])), _fresh_router("topk"))  # no gradient, as published
-    assert (_router(Path(switch["adapter"])) - _fresh_router("switch")).abs().max() > 1e-3
+    assert (_router(Path(switch["adapter"])) - _fresh_router()).abs().max() > 1e-3
     rows = metrics(tmp_path / "switch")
-    assert all(r["balance"] >= 1 - 1e-4 for r in rows)  # N sum f_i P_i is at least 1, 1 when balanced
+    assert all(0 < r["balance"] <= 4 for r in rows)  # N sum f_i P_i: 1 when balanced, N when collapsed
 
     path = Path(switch["adapter"])
     with safe_open(str(path), "pt") as f:
@@ -312,6 +351,11 @@ def test_two_processes_keep_identical_adapters_under_the_official_recipe(tmp_pat
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all("d" in r and "balance" in r for r in rows)
     assert all(sum(s) == pytest.approx(1, abs=1e-3) for r in rows for s in r["experts"].values())
+    # tokens of both processes: 2 processes x 2 micro-batches x 32 image tokens (+ 512 T5 tokens in single blocks)
+    assert all(
+        r["tokens"] == {"transformer_blocks.0.ff.net.2": 128, "single_transformer_blocks.0.proj_out": 2176}
+        for r in rows
+    )
 
 
 def test_a_checkpoint_without_a_gate_is_the_published_gate_and_an_unknown_one_is_one_line(tmp_path):
@@ -326,11 +370,9 @@ def test_a_checkpoint_without_a_gate_is_the_published_gate_and_an_unknown_one_is
         tmp_path / "odd.safetensors",
         metadata={"format": "pt", moe_checkpoint.GATE_KEY: "expert-choice"},
     )
-    assert moe_checkpoint.read_gate(tmp_path / "published.safetensors") == "topk"
-    assert (
-        moe_checkpoint.load_lora_moe(build_tiny().transformer, tmp_path / "published.safetensors").gate
-        == "topk"
-    )
+    assert moe_checkpoint.read_routing(tmp_path / "published.safetensors") == ("topk", 1)
+    report = moe_checkpoint.load_lora_moe(build_tiny().transformer, tmp_path / "published.safetensors")
+    assert (report.gate, report.top_k) == ("topk", 1)
     model = build_tiny().transformer
     with pytest.raises(UserError) as raised:
         moe_checkpoint.load_lora_moe(model, tmp_path / "odd.safetensors")
@@ -338,3 +380,52 @@ def test_a_checkpoint_without_a_gate_is_the_published_gate_and_an_unknown_one_is
         f"{tmp_path / 'odd.safetensors'}: its metadata names the gate 'expert-choice', which this version does not know"
     )
     assert not moe.moe_layers(model)  # nothing was placed
+
+
+def test_top_k_rides_in_the_checkpoint_and_an_explicit_top_k_wins(tmp_path):
+    report = train_json("--steps", 1, "--top-k", 2, "--out", tmp_path / "run")
+    path = Path(report["adapter"])
+    assert moe_checkpoint.read_routing(path) == ("topk", 2)
+    assert moe_checkpoint.load_lora_moe(build_tiny().transformer, path).top_k == 2
+    assert moe_checkpoint.load_lora_moe(build_tiny().transformer, path, top_k=1).top_k == 1
+    edit = invoke(
+        "edit", TOY / "source" / "00.png", "make it blue", "--preset", "tiny", "--steps", 1,
+        "--lora", tmp_path / "run", "-o", tmp_path / "e.png", "--json",
+    )  # fmt: skip
+    assert edit.exit_code == 0, edit.output
+    assert json.loads(edit.stdout)["adapter"]["top_k"] == 2
+
+
+def test_a_resume_with_other_settings_is_one_line_before_anything_loads(tmp_path):
+    train_json("--steps", 2, "--checkpoint-every", 1, "--gate", "switch", "--out", tmp_path / "run")
+    where = tmp_path / "run" / "checkpoints" / "step-000002"
+    before = (tmp_path / "run" / "metrics.jsonl").read_bytes()
+    for args, said in (
+        ([], '--gate: the run in {where} was trained with "switch", not "topk"'),
+        (
+            ["--gate", "switch", "--text-dropout", 0.5],
+            "--text-dropout: the run in {where} was trained with 0.1, not 0.5",
+        ),
+    ):
+        result = invoke("train", *TINY, "--steps", 3, *args, "--out", tmp_path / "run", "--resume", "latest")
+        assert result.exit_code == 2, result.output
+        assert result.stderr == (
+            "Error: "
+            + said.format(where=where)
+            + ": resume with its settings, or start a new run in another --out\n"
+        )
+    assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == before  # nothing was touched
+    resumed = train_json("--steps", 3, "--gate", "switch", "--out", tmp_path / "run", "--resume", "latest")
+    assert resumed["resumed_from"] == 2
+
+
+def test_gradient_checkpointing_computes_the_same_steps_and_counts_each_token_once(tmp_path):
+    args = ["--steps", 3, "--gate", "switch", "--adapter-dtype", "float32"]
+    plain = train_json(*args, "--out", tmp_path / "plain")
+    checkpointed = train_json(*args, "--gradient-checkpointing", "--out", tmp_path / "ckpt")
+    for a, b in zip(metrics(tmp_path / "plain"), metrics(tmp_path / "ckpt"), strict=True):
+        assert (a["experts"], a["tokens"]) == (b["experts"], b["tokens"])
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+        assert a["balance"] == pytest.approx(b["balance"], rel=1e-4)
+    for report in (plain, checkpointed):
+        assert {t.dtype for t in load_file(report["adapter"]).values()} == {torch.float32}

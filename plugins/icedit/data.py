@@ -18,8 +18,11 @@ def training_diptych(
     first cuts that share of each picture's height off its bottom (the official trainer's 1/32 for
     MagicBrush: `height - height // 32` rows are kept)."""
     source, target = _cropped(source, bottom_crop), _cropped(target, bottom_crop)
-    if square:
-        source = source.convert("RGB").resize((panel_width, panel_width), Image.Resampling.LANCZOS)
+    if square:  # the official order and filter: crop, resize (PIL's default, bicubic), then RGB
+        source, target = (
+            image.resize((panel_width, panel_width), Image.Resampling.BICUBIC).convert("RGB")
+            for image in (source, target)
+        )
     canvas, mask = make_diptych(source, panel_width)
     w, h = canvas.width // 2, canvas.height
     wanted = canvas.copy()

@@ -233,7 +233,7 @@ def adapter_file_kind(path: Path) -> str:
 def _load_adapter(pipe, lora: str, options: IceditOptions) -> AdapterInfo:
     from plugins.icedit import moe, moe_checkpoint
 
-    gate: moe.Gate = "topk"
+    routing = moe_checkpoint.Routing()
     if lora == TINY_MOE:
         state = moe_checkpoint.synthetic_checkpoint(
             pipe.transformer, num_experts=4, rank=4, seed=1, scale=0.3
@@ -243,9 +243,9 @@ def _load_adapter(pipe, lora: str, options: IceditOptions) -> AdapterInfo:
         path = hub.locate(artifact)
         if adapter_file_kind(path) != "lora-moe":
             return load_stock_lora(pipe, lora, path, options.lora_scale, hub.commit(artifact))
-        state, gate = moe_checkpoint.read_checkpoint(path), moe_checkpoint.read_gate(path)
+        state, routing = moe_checkpoint.read_checkpoint(path), moe_checkpoint.read_routing(path)
     _check_finite(state, lora)
-    report = moe_checkpoint.load_lora_moe(pipe.transformer, state, top_k=options.top_k, gate=gate)
+    report = moe_checkpoint.load_lora_moe(pipe.transformer, state, top_k=options.top_k, routing=routing)
     moe.set_scale(pipe.transformer, options.lora_scale)
     return AdapterInfo(
         kind="lora-moe",

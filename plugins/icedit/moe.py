@@ -59,8 +59,8 @@ class LoraMoeLinear(nn.Module):
     can learn from, and in training leaves the load-balancing term N * sum_i f_i P_i of each forward in
     `balance` (f_i: share of tokens sent to expert i, P_i: mean router probability of i).
 
-    `counts`, when set to a zero tensor of N, adds up the tokens each expert was chosen for (the
-    trainer's per-expert token shares).
+    `counts`, when set to a zero int64 tensor of N, adds up the tokens each expert was chosen for
+    (the trainer's per-expert token shares; with top-k, each token counts k times).
     """
 
     ROUTE_BLOCK = 512
@@ -92,20 +92,26 @@ class LoraMoeLinear(nn.Module):
         return self.base.out_features
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """([..., k] weights, [..., k] expert indices) of each token, by the layer's gate."""
+        """([..., k] weights, [..., k] expert indices) of each token, by the layer's gate.
+
+        Under gradient checkpointing the forward runs again inside the backward pass; that rerun
+        neither counts tokens nor leaves a balance term (the first run's are the step's)."""
         logits = F.linear(x, self.lora_route)
+        first_run = torch._C._current_graph_task_id() == -1  # -1: not inside a backward pass
         if self.gate == "switch":
             probs = logits.float().softmax(dim=-1)
             top, experts = probs.topk(self.top_k, dim=-1)
             weights = top.to(x.dtype)
-            if self.training and torch.is_grad_enabled():
+            if self.training and torch.is_grad_enabled():  # computed in the rerun too: it must save the same
                 chosen = F.one_hot(experts, self.num_experts).float().flatten(0, -2).mean(0)
-                self.balance.append(self.num_experts * (chosen * probs.flatten(0, -2).mean(0)).sum())
+                term = self.num_experts * (chosen * probs.flatten(0, -2).mean(0)).sum()
+                if first_run:
+                    self.balance.append(term)
         else:
             top, experts = logits.topk(self.top_k, dim=-1)
             weights = top.softmax(dim=-1)
-        if self.counts is not None:
-            self.counts += torch.bincount(experts.flatten(), minlength=self.num_experts).to(self.counts)
+        if self.counts is not None and first_run:
+            self.counts += torch.bincount(experts.flatten(), minlength=self.num_experts)
         return weights, experts
 
     def gates(self, x: torch.Tensor) -> torch.Tensor:

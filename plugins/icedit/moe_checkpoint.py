@@ -7,8 +7,9 @@ and the single blocks' ``proj_out``, N experts and a router
 No alphas are stored: every scaling is 1. The normal LoRA (`RiverZ/normal-lora`) is the same file
 without experts and routers: diffusers' own LoRA keys, which stock `load_lora_weights` reads.
 
-The gate is not in the published file: a checkpoint `icedit train --gate switch` wrote says so in its
-safetensors metadata (`GATE_KEY`), and loading honours it; without it, the gate is the published `topk`.
+How it routes is not in the published file: a checkpoint `icedit train` wrote names its gate and top-k
+in its safetensors metadata (`GATE_KEY`, `TOP_K_KEY`), and loading honours them (an explicit `--top-k`
+wins); without them, a checkpoint gets the published `topk` gate with k = 1.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import re
 from collections import defaultdict
 from collections.abc import Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from pydantic import BaseModel
@@ -28,6 +30,15 @@ from plugins.icedit.loading import WEIGHTS_NAME
 from plugins.icedit.moe import ADAPTER, GATES, MOE_TARGETS, PLAIN_TARGETS, Gate, LoraMoeLinear
 
 GATE_KEY = "icedit_moe_gate"
+TOP_K_KEY = "icedit_moe_top_k"
+
+
+class Routing(NamedTuple):
+    """How a checkpoint's experts were trained to route (the published ones: topk, k = 1)."""
+
+    gate: Gate = "topk"
+    top_k: int = 1
+
 
 _KEY = re.compile(
     r"^transformer\.(?P<module>.+?)\.(?:lora_(?P<ab>[AB])(?:\.expert_(?P<expert>\d+))?|(?P<route>lora_route))\.weight$"
@@ -61,22 +72,30 @@ def read_checkpoint(path_or_hub_id: str | Path, revision: str | None = None) -> 
     try:
         return load_file(path)
     except (SafetensorError, OSError) as e:
-        raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+        raise _unreadable(path, e) from None
 
 
-def read_gate(path_or_hub_id: str | Path, revision: str | None = None) -> Gate:
-    """The gate a checkpoint's metadata names; `topk` (the published gate) when it names none."""
+def read_routing(path_or_hub_id: str | Path, revision: str | None = None) -> Routing:
+    """The gate and top-k a checkpoint's metadata names; the published ones where it names none."""
     from safetensors import SafetensorError, safe_open
 
     path = _resolve(path_or_hub_id, revision)
     try:
         with safe_open(str(path), "pt") as f:
-            gate = (f.metadata() or {}).get(GATE_KEY, "topk")
+            metadata = f.metadata() or {}
     except (SafetensorError, OSError) as e:
-        raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+        raise _unreadable(path, e) from None
+    gate = metadata.get(GATE_KEY, "topk")
     if gate not in GATES:
         raise UserError(f"{path}: its metadata names the gate '{gate}', which this version does not know")
-    return gate
+    top_k = metadata.get(TOP_K_KEY, "1")
+    if not (top_k.isdigit() and 1 <= int(top_k) <= 64):
+        raise UserError(f"{path}: its metadata names top-k '{top_k}', not a number of experts")
+    return Routing(gate, int(top_k))
+
+
+def _unreadable(path: Path, e: Exception) -> UserError:
+    return UserError(f"{path}: not a readable safetensors file ({e})")
 
 
 def is_lora_moe(state: Mapping[str, torch.Tensor]) -> bool:
@@ -173,22 +192,25 @@ def plan_placement(transformer: nn.Module, state: Mapping[str, torch.Tensor]):
 def load_lora_moe(
     transformer: nn.Module,
     path_or_hub_id: str | Path | Mapping[str, torch.Tensor],
-    top_k: int = 1,
+    top_k: int | None = None,
     gate: Gate | None = None,
+    routing: Routing | None = None,
 ) -> LoadReport:
     """Place every key of a published LoRA-MoE checkpoint on a FluxTransformer2DModel.
 
     Plain layers become a stock peft adapter named "icedit" (alpha = rank: scaling 1); MoE
-    layers replace their Linear with `LoraMoeLinear`, gated as `gate` says (None: as the file's
-    metadata says, `topk` for a state given as tensors). All keys are checked first: a misfit
-    raises one line naming the key and leaves the model untouched.
+    layers replace their Linear with `LoraMoeLinear`, routed with `top_k` experts through `gate`;
+    each None takes the checkpoint's `routing` (by default: a file's metadata, the published
+    routing for a state given as tensors). All keys are checked first: a misfit raises one line
+    naming the key and leaves the model untouched.
     """
     from peft import LoraConfig, set_peft_model_state_dict
 
     if isinstance(path_or_hub_id, Mapping):
-        state, gate = path_or_hub_id, gate or "topk"
+        state, stored = path_or_hub_id, routing or Routing()
     else:
-        state, gate = read_checkpoint(path_or_hub_id), gate or read_gate(path_or_hub_id)
+        state, stored = read_checkpoint(path_or_hub_id), routing or read_routing(path_or_hub_id)
+    gate, top_k = gate or stored.gate, top_k or stored.top_k
     plain, moe = plan_placement(transformer, state)
     num_experts = next(iter(moe.values()))[2].shape[0] if moe else 0
     if moe and not 1 <= top_k <= num_experts:
@@ -266,8 +288,14 @@ def save_adapter(transformer: nn.Module, path: str | Path) -> Path:
     if not state:
         raise UserError("the model carries no adapter to save")
     metadata = {"format": "pt"}
-    if gates := {layer.gate for layer in transformer.modules() if isinstance(layer, LoraMoeLinear)}:
-        (metadata[GATE_KEY],) = gates
+    routings = {(m.gate, m.top_k) for m in transformer.modules() if isinstance(m, LoraMoeLinear)}
+    if len(routings) > 1:
+        raise UserError(
+            f"the MoE layers route in different ways ({sorted(routings)}): one file cannot say so"
+        )
+    if routings:
+        gate, top_k = routings.pop()
+        metadata |= {GATE_KEY: gate, TOP_K_KEY: str(top_k)}
     return write_file(path, save(state, metadata=metadata), force=True)
 
 

@@ -19,7 +19,8 @@ class FluxOptions(BaseModel):
 
     preset: str = Field(
         "default",
-        description="engine preset: default (real weights), tiny (random, offline); icedit also moe (+ LoRA-MoE)",
+        description="engine preset: default (real weights), tiny (random, offline); icedit also moe (+ LoRA-MoE) "
+        "and toy (trained on coloured shapes, offline)",
     )
     model: str | None = Field(
         None, description="the engine's model: hub id or local folder (overrides the preset)"
@@ -50,4 +51,9 @@ class FluxOptions(BaseModel):
 class IceditOptions(FluxOptions):
     """FLUX.1 Fill with the ICEdit adapter."""
 
-    top_k: int = Field(1, ge=1, le=64, description="experts per token of a LoRA-MoE adapter, 1 as published")
+    top_k: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="experts per token of a LoRA-MoE adapter (default: as trained; 1 for the published one)",
+    )

@@ -12,7 +12,7 @@ defaults are the official trainer's (River-Zhang/ICEdit `train/`: `src/train/{mo
 | max_grad_norm | 0.5 (Lightning's `gradient_clip_val`) | any |
 | adapter_dtype | `bfloat16` (the official model is cast to bf16, LoRA included) | `float32` |
 | text_dropout | 0.1: the whole prompt becomes " " | any, 0 for none |
-| init | `gaussian`: A ~ N(0, 1/r), peft's `init_lora_weights: gaussian` | `uniform` (nn.Linear's) |
+| init | `gaussian`: A normal with std 1/r, peft's `init_lora_weights: gaussian` | `uniform` (nn.Linear's) |
 | latents | `sample`: the VAE's posterior is sampled, for target and masked canvas | `mean` |
 | panels | `square`: source and target stretched to panel x panel | `keep-aspect`: the engine's diptych |
 | bottom_crop | 1/32 of the height for osunlp/MagicBrush (its watermark strip), 0 elsewhere | any fraction |
@@ -32,7 +32,11 @@ DeepSpeed or FSDP from the accelerate config). Checkpoints (`save_state`) hold t
 published format plus optimizer, scheduler and step; batches, dropout and noise are pure functions of
 the seed and the step, so a resumed run takes exactly the steps the uninterrupted one would have.
 metrics.jsonl has a row per step: loss, lr (Prodigy's found step size as `d`), each MoE layer's share of
-tokens per expert, and the load-balancing loss under the switch gate.
+tokens per expert and its token total, and the load-balancing loss under the switch gate. A resumed run
+must have the settings of the run it continues (each checkpoint keeps them; `check_resume`).
+
+FSDP flattens parameters of one dtype: where the base is not in the adapter's dtype (a CPU's fp32 base
+with the default bf16 adapter), pass `--adapter-dtype` to match it.
 """
 
 from __future__ import annotations
@@ -65,6 +69,8 @@ DEFAULT_LR = {"prodigy": 1.0, "adamw": 1e-4}
 BOTTOM_CROPS = {"osunlp/magicbrush": 1 / 32}
 """Datasets whose pictures carry a strip at the bottom the official trainer cuts off (MagicBrush's watermark)."""
 MOE_ONLY = ("experts", "top_k", "gate", "balance_weight")
+OFFICIAL_BATCHES = {"moe": (1, 2, False), "lora": (2, 1, True)}
+"""(batch size, gradient accumulation, gradient checkpointing) of moe_lora.yaml and normal_lora.yaml."""
 
 
 class TrainConfig(BaseModel):
@@ -107,12 +113,18 @@ class TrainConfig(BaseModel):
         lt=0.5,
         description="share of each picture's height cut off its bottom (default: per dataset)",
     )
-    batch_size: int = Field(1, ge=1, description="per process; examples of a batch must share a panel size")
-    grad_accum: int = Field(1, ge=1)
+    batch_size: int | None = Field(
+        None, ge=1, description="per process (default: the official config's, 1 for moe, 2 for lora)"
+    )
+    grad_accum: int | None = Field(
+        None, ge=1, description="default: the official config's, 2 for moe, 1 for lora"
+    )
     mixed_precision: Literal["no", "fp16", "bf16"] | None = Field(
         None, description="default: bf16 on a GPU, no on a CPU"
     )
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | None = Field(
+        None, description="default: the official config's, on for lora"
+    )
     seed: int = Field(0, ge=0, lt=2**32, description="set_seed takes 32 bits (numpy)")
     panel_width: int | None = Field(
         None,
@@ -129,18 +141,50 @@ class TrainConfig(BaseModel):
     def resolved(self, mixed_precision: str, panel_width: int = 512) -> TrainConfig:
         """Every default that depends on other settings filled in; contradictions are one line."""
         if self.adapter == "lora" and (asked := [f for f in MOE_ONLY if f in self.model_fields_set]):
-            flag = "--" + asked[0].replace("_", "-")
-            raise UserError(f"{flag} shapes the LoRA-MoE's experts: --adapter lora has none")
+            raise UserError(f"{_flag(asked[0])} shapes the LoRA-MoE's experts: --adapter lora has none")
+        if self.adapter == "moe" and self.top_k > self.experts:
+            raise UserError(f"--top-k {self.top_k} asks for more experts than --experts {self.experts}")
+        if self.gate == "topk" and "balance_weight" in self.model_fields_set:
+            raise UserError(
+                "--balance-weight weighs the switch gate's load-balancing loss: add --gate switch"
+            )
         crop = self.bottom_crop
         if crop is None:
             crop = BOTTOM_CROPS.get(self.data.strip().lower(), 0.0)
+        batch, accum, checkpointing = OFFICIAL_BATCHES[self.adapter]
         return self.model_copy(
             update={
                 "lr": self.lr or DEFAULT_LR[self.optimizer],
                 "bottom_crop": crop,
                 "mixed_precision": self.mixed_precision or mixed_precision,
                 "panel_width": self.panel_width or panel_width,
+                "batch_size": self.batch_size or batch,
+                "grad_accum": self.grad_accum or accum,
+                "gradient_checkpointing": (
+                    checkpointing if self.gradient_checkpointing is None else self.gradient_checkpointing
+                ),
             }
+        )
+
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+RESUMABLE = {"steps", "resume", "checkpoint_every", "out"}
+"""What a resumed run may set anew; every other setting must be the checkpoint's."""
+
+
+def check_resume(config: TrainConfig, engine: dict[str, Any], saved: dict[str, Any], where: Path) -> None:
+    """A resumed run must continue the run it resumes: the first setting that differs is one line."""
+    now = config.model_dump(mode="json") | {"engine": engine}
+    for key, value in now.items():
+        if key in RESUMABLE or key not in saved or saved[key] == value:
+            continue
+        name = "--preset/--model" if key == "engine" else _flag(key)
+        raise UserError(
+            f"{name}: the run in {where} was trained with {json.dumps(saved[key])}, not {json.dumps(value)}: "
+            "resume with its settings, or start a new run in another --out"
         )
 
 
@@ -330,24 +374,33 @@ def train(config: TrainConfig, options: IceditOptions, progress: bool = True) ->
         ),
     )
     set_seed(config.seed)
-    resume_dir, step = _resume_point(config)
+    engine = {
+        "preset": options.preset,
+        "model": options.model,
+        "revision": options.revision,
+        "max_sequence_length": preset.max_sequence_length,
+    }
+    record = config.model_dump(mode="json") | {"engine": engine}
+    resume_dir, step = _resume_point(config, engine)
     with accelerator.main_process_first():
         edits = load_edits(config.data, config.columns, config.split, config.limit)
     pipe, random_weights, params = _trainable(config, options, accelerator)
-    run = _wire(config, accelerator, pipe, params, edits, preset.max_sequence_length)
+    run = _wire(config, accelerator, pipe, params, edits, preset.max_sequence_length, record)
     if resume_dir is not None:
         accelerator.load_state(str(resume_dir))
-    metrics_path = _run_files(config, accelerator, step)
+    metrics_path = _run_files(config, accelerator, step, record)
     losses, checkpoints = _steps(config, run, step, metrics_path, progress)
     return _finish(config, run, step if resume_dir is not None else None, losses, checkpoints, random_weights)
 
 
-def _resume_point(config: TrainConfig) -> tuple[Path | None, int]:
-    """The checkpoint to continue from and its step; (None, 0) for a new run."""
+def _resume_point(config: TrainConfig, engine: dict[str, Any]) -> tuple[Path | None, int]:
+    """The checkpoint to continue from and its step, checked to be this run's; (None, 0) for a new run."""
     if not config.resume:
         return None, 0
     resume_dir = _checkpoint_dir(config.out, config.resume)
-    step = json.loads((resume_dir / "trainer_state.json").read_text())["step"]
+    state = json.loads((resume_dir / "trainer_state.json").read_text())
+    step = state["step"]
+    check_resume(config, engine, state.get("config", {}), resume_dir)
     if step >= config.steps:
         raise UserError(f"nothing to do: {resume_dir} is at step {step} already (ask for more with --steps)")
     return resume_dir, step
@@ -422,9 +475,19 @@ class _Run:
     """The guidance embedding's value, for a transformer that has one."""
     experts: dict[str, moe.LoraMoeLinear]
     """The MoE layers by name, counting the tokens each expert gets."""
+    record: dict[str, Any]
+    """Every setting, as train_config.json and each checkpoint keep them."""
 
 
-def _wire(config: TrainConfig, accelerator, pipe, params: list, edits, max_sequence_length: int) -> _Run:
+def _wire(
+    config: TrainConfig,
+    accelerator,
+    pipe,
+    params: list,
+    edits,
+    max_sequence_length: int,
+    record: dict[str, Any],
+) -> _Run:
     """Optimizer, warm-up schedule and data through accelerate; checkpoints hold the adapter only."""
     optimizer = _optimizer(config, params)
     warmup = config.warmup_steps
@@ -466,16 +529,17 @@ def _wire(config: TrainConfig, accelerator, pipe, params: list, edits, max_seque
         FillSampler(pipe, PromptCache(size=0, max_sequence_length=max_sequence_length)),
         guidance,
         experts,
+        record,
     )
 
 
-def _run_files(config: TrainConfig, accelerator, step: int) -> Path:
+def _run_files(config: TrainConfig, accelerator, step: int, record: dict[str, Any]) -> Path:
     """train_config.json, and metrics.jsonl cut back to the step the run continues from."""
     metrics_path = config.out / "metrics.jsonl"
     if accelerator.is_main_process:
         config.out.mkdir(parents=True, exist_ok=True)
         write_file(
-            config.out / "train_config.json", (config.model_dump_json(indent=2) + "\n").encode(), force=True
+            config.out / "train_config.json", (json.dumps(record, indent=2) + "\n").encode(), force=True
         )
         kept = []
         if step and metrics_path.is_file():
@@ -544,7 +608,7 @@ def _steps(
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}")
             if step % config.checkpoint_every == 0 or step == config.steps:
-                checkpoints.append(_checkpoint(config, accelerator, step))
+                checkpoints.append(_checkpoint(config, run, step))
             if step == config.steps:
                 break
     bar.close()
@@ -562,21 +626,26 @@ def _metrics_row(
     if balances:
         row["balance"] = reduce(torch.stack(balances).mean(), "mean").item()
     if run.experts:
-        row["experts"] = _token_shares(run)
+        counts = _token_counts(run)
+        row["experts"] = _token_shares(counts, run.experts)
+        row["tokens"] = {name: int(total) for name, total in zip(run.experts, counts.sum(-1), strict=True)}
     return row
 
 
 def _count_tokens(run: _Run) -> None:
     """Start counting each MoE layer's tokens per expert afresh (one optimizer step's worth)."""
     for layer in run.experts.values():
-        layer.counts = torch.zeros(layer.num_experts, dtype=torch.float64, device=layer.lora_A.device)
+        layer.counts = torch.zeros(layer.num_experts, dtype=torch.int64, device=layer.lora_A.device)
 
 
-def _token_shares(run: _Run) -> dict[str, list[float]]:
-    """Each MoE layer's share of the step's tokens per expert, over every process."""
-    counts = run.accelerator.reduce(torch.stack([layer.counts for layer in run.experts.values()]), "sum")
+def _token_counts(run: _Run) -> torch.Tensor:
+    """[layers, experts]: the tokens each expert of each MoE layer got this step, over every process."""
+    return run.accelerator.reduce(torch.stack([layer.counts for layer in run.experts.values()]), "sum")
+
+
+def _token_shares(counts: torch.Tensor, names) -> dict[str, list[float]]:
     shares = counts / counts.sum(-1, keepdim=True).clamp(min=1)
-    return {name: [round(float(v), 4) for v in row] for name, row in zip(run.experts, shares, strict=True)}
+    return {name: [round(float(v), 4) for v in row] for name, row in zip(names, shares, strict=True)}
 
 
 def _balance(run: _Run) -> torch.Tensor | None:
@@ -585,11 +654,13 @@ def _balance(run: _Run) -> torch.Tensor | None:
     return torch.stack(terms).mean() if terms else None
 
 
-def _checkpoint(config: TrainConfig, accelerator, step: int) -> str:
+def _checkpoint(config: TrainConfig, run: _Run, step: int) -> str:
+    """accelerate's state, and the step with the settings a resume must match."""
     where = config.out / "checkpoints" / f"step-{step:06d}"
-    accelerator.save_state(str(where))
-    if accelerator.is_main_process:
-        write_file(where / "trainer_state.json", (json.dumps({"step": step}) + "\n").encode(), force=True)
+    run.accelerator.save_state(str(where))
+    if run.accelerator.is_main_process:
+        state = {"step": step, "config": run.record}
+        write_file(where / "trainer_state.json", (json.dumps(state, indent=2) + "\n").encode(), force=True)
     return str(where)
 
 
