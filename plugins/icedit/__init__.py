@@ -1,7 +1,8 @@
-"""Built-in plugin: the ICEdit engine (FLUX.1 Fill + in-context diptych + ICEdit LoRA)."""
+"""Built-in plugin: the ICEdit engine (FLUX.1 Fill + in-context diptych + ICEdit LoRA), `icedit train`,
+and the scorer `toy` of the toy preset's world of shapes."""
 
 from assistant.hookspecs import hookimpl
-from assistant.plugins import EngineSpec
+from assistant.plugins import EngineSpec, ScorerSpec
 from plugins.icedit.options import IceditOptions
 
 
@@ -52,6 +53,23 @@ def register_engines(register):
             artifacts=_artifacts,
             memory=_memory,
             options=IceditOptions,
+        )
+    )
+
+
+def _toy_scorer(settings):
+    from plugins.icedit.toy.scorer import ColourScorer
+
+    return ColourScorer()
+
+
+@hookimpl
+def register_scorers(register):
+    register(
+        ScorerSpec(
+            "toy",
+            _toy_scorer,
+            "the toy world's colour_hit: does the edit paint the asked colour where the target changes",
         )
     )
 
