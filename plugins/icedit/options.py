@@ -19,8 +19,7 @@ class FluxOptions(BaseModel):
 
     preset: str = Field(
         "default",
-        description="engine preset: default (real weights), tiny (random, offline); icedit also moe (+ LoRA-MoE) "
-        "and toy (trained on coloured shapes, offline)",
+        description="engine preset: default (real weights), tiny (random, offline); icedit also moe (+ LoRA-MoE)",
     )
     model: str | None = Field(
         None, description="the engine's model: hub id or local folder (overrides the preset)"

@@ -1,9 +1,5 @@
-"""Engine presets: the real FLUX.1 Fill + ICEdit LoRA (`default`) or LoRA-MoE (`moe`); `toy`, a small
-FLUX Fill trained from scratch on a world of coloured shapes that ships in this package; and `tiny`,
+"""Engine presets: the real FLUX.1 Fill + ICEdit LoRA (`default`) or LoRA-MoE (`moe`), and `tiny`,
 random weights built in-process.
-
-`toy` really edits: "make the circle blue" paints the circle blue, offline, in a second on a CPU.
-`plugins/icedit/toy/make_toy.py` made its weights from a seed (`toy/world.py` is its world).
 
 `tiny` has the real pipeline's code and geometry (VAE factor 8, 2x2 packing, CLIP + T5 prompt
 encoders) at toy widths, so the whole flow runs offline on a CPU in about a second. Its output is
@@ -13,7 +9,6 @@ noise: every surface labels it as coming from random weights.
 from __future__ import annotations
 
 import string
-from pathlib import Path
 
 from pydantic import BaseModel
 
@@ -53,14 +48,6 @@ PRESETS = {
             name="tiny",
             random_weights=True,
             description="random-weight tiny FLUX Fill built in-process: runs the whole flow offline in a second",
-        ),
-        Preset(
-            name="toy",
-            model=str(Path(__file__).resolve().parent / "toy" / "weights"),
-            bundled=True,
-            panel_width=64,
-            max_sequence_length=128,
-            description="small FLUX Fill trained on coloured shapes (ships here): 'make the circle blue', offline, seconds",
         ),
     )
 }

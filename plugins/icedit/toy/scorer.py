@@ -1,0 +1,75 @@
+"""The scorer `toy`: did the edit paint the colour its instruction asked for, where it was asked, and
+how far is it from the target (`l1`, MagicBrush's, so toy and tiny compare without feature models)?
+
+The region is where the target differs from the source (the recoloured shape or background). There, each
+pixel of the target and of the edit is named by its nearest palette colour; `colour_hit` is 1 when the
+edit's most common colour is the target's, 0 when it is another. An example without a target, or whose
+target changes nothing, has no value. Pixel metrics (L1) say how close the edit is; this says whether
+it did the one thing asked, which a blurred copy of the source can score well on L1 without doing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+from assistant.models import Example, Metric, Scores
+from plugins.evaluation.metrics import METRICS, pixel_distances
+from plugins.icedit.toy.world import COLOURS, nearest_colour
+
+CHANGED = 48
+"""A pixel whose |R| + |G| + |B| difference between source and target exceeds this is in the edited region."""
+
+
+def colour_hit(source: Image.Image, edit: Image.Image, target: Image.Image) -> tuple[float, str, str] | None:
+    """(1.0 or 0.0, the asked colour, the edit's colour) in the region target and source differ; None if none."""
+    size = target.size
+    arrays = [
+        np.asarray(
+            (image if image.size == size else image.resize(size, Image.Resampling.BICUBIC)).convert("RGB")
+        )
+        for image in (source, edit, target)
+    ]
+    src, painted, wanted = (a.astype(np.int64) for a in arrays)
+    region = np.abs(wanted - src).sum(-1) > CHANGED
+    if not region.any():
+        return None
+    asked = int(np.bincount(nearest_colour(wanted[region]), minlength=len(COLOURS)).argmax())
+    got = int(np.bincount(nearest_colour(painted[region]), minlength=len(COLOURS)).argmax())
+    return float(asked == got), COLOURS[asked], COLOURS[got]
+
+
+class ColourScorer:
+    metrics = (
+        next(m for m in METRICS if m.key == "l1"),
+        Metric(
+            key="colour_hit",
+            label="Colour hit",
+            compares="edit's dominant palette colour where the target changes, vs the target's (toy world)",
+            higher_is_better=True,
+        ),
+    )
+    models: dict[str, str] = {}
+    random_weights = False
+
+    def score(self, examples: Sequence[Example]) -> list[Scores]:
+        found = []
+        for e in examples:
+            if e.target is None:
+                found.append(Scores(values={"l1": None, "colour_hit": None}, details={"why": "no target"}))
+                continue
+            l1, _ = pixel_distances(e.edit, e.target)
+            hit = colour_hit(e.source, e.edit, e.target)
+            if hit is None:
+                found.append(
+                    Scores(
+                        values={"l1": l1, "colour_hit": None}, details={"why": "the target changes nothing"}
+                    )
+                )
+            else:
+                found.append(
+                    Scores(values={"l1": l1, "colour_hit": hit[0]}, details={"asked": hit[1], "got": hit[2]})
+                )
+        return found
