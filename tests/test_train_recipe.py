@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
+import training
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
+from training import ICEDIT, TOY, invoke, metrics, transformer_inputs
 
-from assistant.cli import cli
 from plugins.icedit import moe, moe_checkpoint
 from plugins.icedit.data import Diptychs, training_diptych
 from plugins.icedit.loading import WEIGHTS_NAME
@@ -28,38 +28,12 @@ from plugins.icedit.presets import build_tiny
 from plugins.icedit.sampler import FillSampler
 from plugins.icedit.train import TrainConfig, digest, encode, flow_matching_loss
 
-TOY = Path(__file__).resolve().parent.parent / "examples" / "toy_edits"
-ICEDIT = Path(sys.executable).with_name("icedit")
 TINY = ["--preset", "tiny", "--data", TOY, "--panel-width", 64, "--rank", 4, "--seed", 0]
 """The official recipe as it is: only the model's size is made small."""
 
 
-def invoke(*args: object):
-    return CliRunner().invoke(cli, [str(a) for a in args], prog_name="icedit")
-
-
 def train_json(*args: object) -> dict:
-    result = invoke("train", *TINY, *args, "--json")
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
-
-
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def transformer_inputs(transformer, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    cfg = transformer.config
-    return {
-        "hidden_states": torch.randn(1, 32, cfg.in_channels, generator=g),
-        "encoder_hidden_states": torch.randn(1, 8, cfg.joint_attention_dim, generator=g),
-        "pooled_projections": torch.randn(1, cfg.pooled_projection_dim, generator=g),
-        "timestep": torch.tensor([0.5]),
-        "guidance": torch.tensor([1.0]),
-        "img_ids": torch.zeros(32, 3),
-        "txt_ids": torch.zeros(8, 3),
-    }
+    return training.train_json(*TINY, *args)
 
 
 @pytest.fixture(scope="module")
