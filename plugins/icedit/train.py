@@ -175,10 +175,10 @@ RESUMABLE = {"steps", "resume", "checkpoint_every", "out"}
 """What a resumed run may set anew; every other setting must be the checkpoint's."""
 
 
-def check_resume(config: TrainConfig, engine: dict[str, Any], saved: dict[str, Any], where: Path) -> None:
-    """A resumed run must continue the run it resumes: the first setting that differs is one line."""
-    now = config.model_dump(mode="json") | {"engine": engine}
-    for key, value in now.items():
+def check_resume(record: dict[str, Any], saved: dict[str, Any], where: Path) -> None:
+    """A resumed run must continue the run it resumes: the first setting of `record` (this run's, as
+    train_config.json keeps them) that differs from the checkpoint's `saved` ones is one line."""
+    for key, value in record.items():
         if key in RESUMABLE or key not in saved or saved[key] == value:
             continue
         name = "--preset/--model" if key == "engine" else _flag(key)
@@ -381,7 +381,7 @@ def train(config: TrainConfig, options: IceditOptions, progress: bool = True) ->
         "max_sequence_length": preset.max_sequence_length,
     }
     record = config.model_dump(mode="json") | {"engine": engine}
-    resume_dir, step = _resume_point(config, engine)
+    resume_dir, step = _resume_point(config, record)
     with accelerator.main_process_first():
         edits = load_edits(config.data, config.columns, config.split, config.limit)
     pipe, random_weights, params = _trainable(config, options, accelerator)
@@ -393,14 +393,14 @@ def train(config: TrainConfig, options: IceditOptions, progress: bool = True) ->
     return _finish(config, run, step if resume_dir is not None else None, losses, checkpoints, random_weights)
 
 
-def _resume_point(config: TrainConfig, engine: dict[str, Any]) -> tuple[Path | None, int]:
+def _resume_point(config: TrainConfig, record: dict[str, Any]) -> tuple[Path | None, int]:
     """The checkpoint to continue from and its step, checked to be this run's; (None, 0) for a new run."""
     if not config.resume:
         return None, 0
     resume_dir = _checkpoint_dir(config.out, config.resume)
     state = json.loads((resume_dir / "trainer_state.json").read_text())
     step = state["step"]
-    check_resume(config, engine, state.get("config", {}), resume_dir)
+    check_resume(record, state.get("config", {}), resume_dir)
     if step >= config.steps:
         raise UserError(f"nothing to do: {resume_dir} is at step {step} already (ask for more with --steps)")
     return resume_dir, step
@@ -495,9 +495,7 @@ def _wire(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
     )
     loader = DataLoader(
-        Diptychs(
-            edits, config.panel_width, square=config.panels == "square", bottom_crop=config.bottom_crop or 0.0
-        ),
+        Diptychs(edits, config.panel_width, square=config.panels == "square", bottom_crop=config.bottom_crop),
         batch_size=config.batch_size,
         sampler=EpochSampler(len(edits), config.seed),
         collate_fn=list,
