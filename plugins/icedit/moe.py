@@ -161,19 +161,23 @@ class LoraMoeLinear(nn.Module):
         return out + (delta if self.scale == 1.0 else self.scale * delta)
 
 
+def moe_layers(transformer: nn.Module) -> dict[str, LoraMoeLinear]:
+    """The model's LoRA-MoE layers by module name."""
+    return {n: m for n, m in transformer.named_modules() if isinstance(m, LoraMoeLinear)}
+
+
 def set_scale(transformer: nn.Module, scale: float) -> None:
     """Adapter strength for plain and MoE layers alike (1 = the published function)."""
     if getattr(transformer, "peft_config", None) and ADAPTER in transformer.peft_config:
         transformer.set_adapters([ADAPTER], weights=[scale])
-    for layer in transformer.modules():
-        if isinstance(layer, LoraMoeLinear):
-            layer.scale = scale
+    for layer in moe_layers(transformer).values():
+        layer.scale = scale
 
 
 @contextmanager
 def adapters_disabled(transformer: nn.Module) -> Iterator[None]:
     """Run the base model: peft layers and MoE layers both switched off, then back on."""
-    moe = [m for m in transformer.modules() if isinstance(m, LoraMoeLinear)]
+    moe = list(moe_layers(transformer).values())
     has_peft = bool(getattr(transformer, "peft_config", None))
     for m in moe:
         m.enabled = False
@@ -258,7 +262,3 @@ def _add_plain(
         for name in names:
             a = transformer.get_submodule(name).lora_A[ADAPTER].weight
             a.copy_(_initial(tuple(a.shape), init, rank, generator))
-
-
-def moe_layers(transformer: nn.Module) -> dict[str, LoraMoeLinear]:
-    return {n: m for n, m in transformer.named_modules() if isinstance(m, LoraMoeLinear)}

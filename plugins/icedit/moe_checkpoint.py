@@ -27,7 +27,7 @@ from torch import nn
 from assistant.errors import UserError
 from assistant.files import write_file
 from plugins.icedit.loading import WEIGHTS_NAME
-from plugins.icedit.moe import ADAPTER, GATES, MOE_TARGETS, PLAIN_TARGETS, Gate, LoraMoeLinear
+from plugins.icedit.moe import ADAPTER, GATES, MOE_TARGETS, PLAIN_TARGETS, Gate, LoraMoeLinear, moe_layers
 
 GATE_KEY = "icedit_moe_gate"
 TOP_K_KEY = "icedit_moe_top_k"
@@ -262,15 +262,14 @@ def adapter_state(transformer: nn.Module) -> dict[str, torch.Tensor]:
     if getattr(transformer, "peft_config", None) and ADAPTER in transformer.peft_config:
         for key, value in get_peft_model_state_dict(transformer, adapter_name=ADAPTER).items():
             state[f"transformer.{key}"] = value
-    for name, layer in transformer.named_modules():
-        if isinstance(layer, LoraMoeLinear):
-            prefix = f"transformer.{name}"
-            for i, (a, b) in enumerate(
-                zip(layer.lora_A.split(layer.rank, dim=0), layer.lora_B.split(layer.rank, dim=1), strict=True)
-            ):
-                state[f"{prefix}.lora_A.expert_{i}.weight"] = a
-                state[f"{prefix}.lora_B.expert_{i}.weight"] = b
-            state[f"{prefix}.lora_route.weight"] = layer.lora_route
+    for name, layer in moe_layers(transformer).items():
+        prefix = f"transformer.{name}"
+        for i, (a, b) in enumerate(
+            zip(layer.lora_A.split(layer.rank, dim=0), layer.lora_B.split(layer.rank, dim=1), strict=True)
+        ):
+            state[f"{prefix}.lora_A.expert_{i}.weight"] = a
+            state[f"{prefix}.lora_B.expert_{i}.weight"] = b
+        state[f"{prefix}.lora_route.weight"] = layer.lora_route
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
@@ -288,7 +287,7 @@ def save_adapter(transformer: nn.Module, path: str | Path) -> Path:
     if not state:
         raise UserError("the model carries no adapter to save")
     metadata = {"format": "pt"}
-    routings = {(m.gate, m.top_k) for m in transformer.modules() if isinstance(m, LoraMoeLinear)}
+    routings = {(m.gate, m.top_k) for m in moe_layers(transformer).values()}
     if len(routings) > 1:
         raise UserError(
             f"the MoE layers route in different ways ({sorted(routings)}): one file cannot say so"
