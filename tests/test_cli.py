@@ -155,7 +155,7 @@ BAD_INPUTS = {
         None,
         "add snow",
         ["--preset", "nope"],
-        "Error: unknown preset 'nope' (available: default, moe, tiny)",
+        "Error: unknown preset 'nope' (available: default, moe, tiny, toy)",
     ),
     "unknown engine": (
         None,

@@ -59,7 +59,7 @@ def test_config_path_show_and_set(config, monkeypatch):
     ("key", "value", "said"),
     [
         ("steps", "500", "steps = 500: bad setting steps: Input should be less than or equal to 200"),
-        ("preset", "nope", "preset = nope: unknown preset 'nope' (available: default, moe, tiny)"),
+        ("preset", "nope", "preset = nope: unknown preset 'nope' (available: default, moe, tiny, toy)"),
         ("nonsense", "3", "nonsense = 3: unknown option 'nonsense'"),
         ("a b", "1", "'a b' is not a config key: letters, digits, _ and -, TABLE.KEY for a plugin's table"),
         ("guidance", "nan", "nan is not a number a config file can hold"),

@@ -112,7 +112,7 @@ def test_the_toy_script_trains_and_saves_a_pipeline_the_loader_reads(tmp_path):
     from diffusers import FluxFillPipeline
 
     pipe = FluxFillPipeline.from_pretrained(str(tmp_path / "run" / "pipeline"), use_safetensors=True)
-    assert pipe.vae_scale_factor == 8 and not pipe.transformer.config.guidance_embeds
+    assert pipe.vae_scale_factor == 4 and not pipe.transformer.config.guidance_embeds
     prompt = "A diptych with two side-by-side images of the same scene. On the right, the scene is exactly the same as on the left but make the circle blue"
     pieces = pipe.tokenizer_2.convert_ids_to_tokens(pipe.tokenizer_2(prompt).input_ids)
     words = prompt.replace(",", " ,").replace(".", " .").split()

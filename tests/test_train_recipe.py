@@ -192,6 +192,23 @@ def test_the_full_loss_counts_the_left_half_and_the_right_loss_does_not():
     assert full.item() > 0.1
 
 
+def test_a_sigma_shift_moves_the_same_draws_towards_the_noise_end():
+    seen: dict[float, torch.Tensor] = {}
+
+    def model(hidden_states, timestep, **_):
+        seen[shift] = timestep
+        return (torch.zeros_like(hidden_states[..., :4]),)
+
+    inputs = {"x0": torch.zeros(64, 2, 4), "condition": torch.zeros(64, 2, 0), "token_mask": None}
+    inputs |= dict.fromkeys(("pooled", "prompt_embeds", "text_ids", "image_ids"))
+    for shift in (1.0, 4.0):
+        flow_matching_loss(model, inputs, torch.Generator().manual_seed(3), None, "full", shift)
+    plain, shifted = seen[1.0], seen[4.0]
+    assert torch.allclose(shifted, 4 * plain / (1 + 3 * plain))
+    assert (shifted > plain).all() and plain.median() == pytest.approx(0.5, abs=0.15)
+    assert (shifted > 0.75).float().mean() > 0.4 > (plain > 0.75).float().mean()
+
+
 def test_every_weight_of_a_new_lora_moe_trains():
     """peft's add_adapter freezes what it did not add: the experts and routers must come after it."""
     model = build_tiny().transformer

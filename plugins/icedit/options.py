@@ -19,7 +19,8 @@ class FluxOptions(BaseModel):
 
     preset: str = Field(
         "default",
-        description="engine preset: default (real weights), tiny (random, offline); icedit also moe (+ LoRA-MoE)",
+        description="engine preset: default (real weights), tiny (random, offline), toy (trained on shapes, "
+        "offline); icedit also moe (+ LoRA-MoE)",
     )
     model: str | None = Field(
         None, description="the engine's model: hub id or local folder (overrides the preset)"

@@ -1,5 +1,6 @@
-"""Engine presets: the real FLUX.1 Fill + ICEdit LoRA (`default`) or LoRA-MoE (`moe`), and `tiny`,
-random weights built in-process.
+"""Engine presets: the real FLUX.1 Fill + ICEdit LoRA (`default`) or LoRA-MoE (`moe`), `tiny`,
+random weights built in-process, and `toy`, a small model trained on the shapes world whose weights ship
+in this package (`plugins/icedit/toy/make_toy.py` makes them).
 
 `tiny` has the real pipeline's code and geometry (VAE factor 8, 2x2 packing, CLIP + T5 prompt
 encoders) at toy widths, so the whole flow runs offline on a CPU in about a second. Its output is
@@ -9,6 +10,7 @@ noise: every surface labels it as coming from random weights.
 from __future__ import annotations
 
 import string
+from pathlib import Path
 
 from pydantic import BaseModel
 
@@ -48,6 +50,15 @@ PRESETS = {
             name="tiny",
             random_weights=True,
             description="random-weight tiny FLUX Fill built in-process: runs the whole flow offline in a second",
+        ),
+        Preset(
+            name="toy",
+            model=str(Path(__file__).resolve().parent / "toy" / "weights"),
+            bundled=True,
+            panel_width=64,
+            max_sequence_length=40,
+            description="a small FLUX Fill trained on a world of coloured shapes (64-px panels, "
+            "plugins/icedit/toy): real edits offline in seconds",
         ),
     )
 }

@@ -310,12 +310,19 @@ def flow_matching_loss(
     generator: torch.Generator,
     guidance: float | None,
     region: Literal["full", "right"] = "full",
+    sigma_shift: float = 1.0,
 ) -> torch.Tensor:
     """MSE between the predicted and the true velocity (noise - x0), over every token of the diptych
-    (`full`, the official loss) or the right half's (`right`)."""
+    (`full`, the official loss) or the right half's (`right`).
+
+    Sigma is logit-normal (the official trainer's), optionally shifted towards the noise end as SD3's
+    resolution shift: sigma' = k·sigma / (1 + (k - 1)·sigma). Fine-tuning keeps k = 1; a model trained
+    from scratch needs k > 1 (the toy world's 4) because only near sigma = 1 must it carry the left
+    panel over to the right, and the logit-normal draw rarely goes there."""
     x0 = inputs["x0"]
     noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
     sigma = torch.sigmoid(torch.randn(x0.shape[0], generator=generator)).to(x0.device)
+    sigma = sigma_shift * sigma / (1 + (sigma_shift - 1) * sigma)
     s = sigma.view(-1, 1, 1)
     x_t = ((1 - s) * x0.float() + s * noise.float()).to(x0.dtype)
     guidance_t = None if guidance is None else torch.full_like(sigma, guidance)
