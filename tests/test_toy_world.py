@@ -68,13 +68,25 @@ def test_the_scorer_hits_the_target_misses_the_source_and_says_why_without_a_reg
             Example(e.instruction, source, source),  # no target
         ]
     )
-    assert got[0].values == {"l1": 0.0, "colour_hit": 1.0}
+    assert got[0].values == {"l1": 0.0, "colour_hit": 1.0, "kept": 1.0}
     assert got[0].details == {"asked": e.after, "got": e.after}
-    assert got[1].values["colour_hit"] == 0.0 and got[1].values["l1"] > 0
+    assert got[1].values["colour_hit"] == 0.0 and got[1].values["l1"] > 0 and got[1].values["kept"] == 1.0
     assert got[1].details == {"asked": e.after, "got": e.before}
     assert got[2].values["colour_hit"] == 1.0
     assert got[3].values["colour_hit"] is None and got[3].details == {"why": "the target changes nothing"}
-    assert got[4].values == {"l1": None, "colour_hit": None}
+    assert got[4].values == {"l1": None, "colour_hit": None, "kept": None}
+
+
+def test_kept_sees_a_second_object_recoloured_that_colour_hit_does_not():
+    e = next(e for e in world.edits(4, 50, "heldout") if e.obj != "background" and len(e.source.shapes) > 1)
+    other = next(s for s in e.source.shapes if s.kind != e.obj)
+    free = next(c for c in world.COLOURS if c not in e.source.caption().split() + [e.source.background])
+    both = e.target.recoloured(other.kind, free).render()  # the asked change, and one more
+    source, target = e.source.render(), e.target.render()
+    (got,) = ColourScorer().score([Example(e.instruction, source, both, target)])
+    assert got.values["colour_hit"] == 1.0
+    share = (world.nearest_colour(np.asarray(target)) != world.nearest_colour(np.asarray(both))).mean()
+    assert 0 < 1 - got.values["kept"] == pytest.approx(share, abs=0.02)
 
 
 def test_icedit_eval_scores_the_shipped_held_out_edits_with_the_toy_scorer(tmp_path):
@@ -92,7 +104,7 @@ def test_icedit_eval_scores_the_shipped_held_out_edits_with_the_toy_scorer(tmp_p
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["scorers"] == ["toy"] and report["count"] == 2
-    assert set(report["metrics"]) == {"l1", "colour_hit"}
+    assert set(report["metrics"]) == {"l1", "colour_hit", "kept"}
     assert all(r["details"]["toy"]["asked"] == rows[r["index"]]["after"] for r in report["examples"])
 
 

@@ -6,6 +6,7 @@ pixel of the target and of the edit is named by its nearest palette colour; `col
 edit's most common colour is the target's, 0 when it is another. An example without a target, or whose
 target changes nothing, has no value. Pixel metrics (L1) say how close the edit is; this says whether
 it did the one thing asked, which a blurred copy of the source can score well on L1 without doing.
+`kept` looks at the rest: the share of the pixels the target keeps whose colour the edit keeps too.
 """
 
 from __future__ import annotations
@@ -23,22 +24,34 @@ CHANGED = 48
 """A pixel whose |R| + |G| + |B| difference between source and target exceeds this is in the edited region."""
 
 
-def colour_hit(source: Image.Image, edit: Image.Image, target: Image.Image) -> tuple[float, str, str] | None:
-    """(1.0 or 0.0, the asked colour, the edit's colour) in the region target and source differ; None if none."""
+def _named(source: Image.Image, edit: Image.Image, target: Image.Image):
+    """(source, edit, target) pixels named by palette colour at the target's size, and the edited region."""
     size = target.size
-    arrays = [
+    src, painted, wanted = (
         np.asarray(
             (image if image.size == size else image.resize(size, Image.Resampling.BICUBIC)).convert("RGB")
-        )
+        ).astype(np.int64)
         for image in (source, edit, target)
-    ]
-    src, painted, wanted = (a.astype(np.int64) for a in arrays)
+    )
     region = np.abs(wanted - src).sum(-1) > CHANGED
+    return nearest_colour(src), nearest_colour(painted), nearest_colour(wanted), region
+
+
+def colour_hit(source: Image.Image, edit: Image.Image, target: Image.Image) -> tuple[float, str, str] | None:
+    """(1.0 or 0.0, the asked colour, the edit's colour) in the region target and source differ; None if none."""
+    _, painted, wanted, region = _named(source, edit, target)
     if not region.any():
         return None
-    asked = int(np.bincount(nearest_colour(wanted[region]), minlength=len(COLOURS)).argmax())
-    got = int(np.bincount(nearest_colour(painted[region]), minlength=len(COLOURS)).argmax())
+    asked = int(np.bincount(wanted[region], minlength=len(COLOURS)).argmax())
+    got = int(np.bincount(painted[region], minlength=len(COLOURS)).argmax())
     return float(asked == got), COLOURS[asked], COLOURS[got]
+
+
+def kept(source: Image.Image, edit: Image.Image, target: Image.Image) -> float:
+    """The share of the pixels the target keeps whose palette colour the edit keeps too: a second shape
+    recoloured by mistake lowers it, which `colour_hit` (the edited region only) cannot see."""
+    src, painted, _, region = _named(source, edit, target)
+    return float((painted[~region] == src[~region]).mean()) if (~region).any() else 1.0
 
 
 class ColourScorer:
@@ -50,6 +63,12 @@ class ColourScorer:
             compares="edit's dominant palette colour where the target changes, vs the target's (toy world)",
             higher_is_better=True,
         ),
+        Metric(
+            key="kept",
+            label="Kept",
+            compares="share of the pixels the target keeps whose palette colour the edit keeps (toy world)",
+            higher_is_better=True,
+        ),
     )
     models: dict[str, str] = {}
     random_weights = False
@@ -58,18 +77,26 @@ class ColourScorer:
         found = []
         for e in examples:
             if e.target is None:
-                found.append(Scores(values={"l1": None, "colour_hit": None}, details={"why": "no target"}))
+                found.append(
+                    Scores(
+                        values={"l1": None, "colour_hit": None, "kept": None}, details={"why": "no target"}
+                    )
+                )
                 continue
             l1, _ = pixel_distances(e.edit, e.target)
-            hit = colour_hit(e.source, e.edit, e.target)
+            hit, rest = colour_hit(e.source, e.edit, e.target), kept(e.source, e.edit, e.target)
             if hit is None:
                 found.append(
                     Scores(
-                        values={"l1": l1, "colour_hit": None}, details={"why": "the target changes nothing"}
+                        values={"l1": l1, "colour_hit": None, "kept": rest},
+                        details={"why": "the target changes nothing"},
                     )
                 )
             else:
                 found.append(
-                    Scores(values={"l1": l1, "colour_hit": hit[0]}, details={"asked": hit[1], "got": hit[2]})
+                    Scores(
+                        values={"l1": l1, "colour_hit": hit[0], "kept": rest},
+                        details={"asked": hit[1], "got": hit[2]},
+                    )
                 )
         return found
