@@ -29,7 +29,6 @@ from plugins.icedit.toy import world
 HELD_OUT = Path(__file__).resolve().parent.parent / "examples" / "toy_world"
 STEPS = 20
 NAMES = (*world.COLOURS, *world.NEW_COLOURS)
-RGB = np.asarray([{**world.PALETTE, **world.NEW_COLOURS}[c] for c in NAMES], np.float64)
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +44,7 @@ def paint(engine, source: Image.Image, instruction: str, seed: int = 0) -> Image
 
 def names(image: Image.Image) -> np.ndarray:
     """Each pixel's nearest named colour (the palette and pink), as an index into NAMES."""
-    pixels = np.asarray(image.convert("RGB"), np.float64)
-    return ((pixels[..., None, :] - RGB) ** 2).sum(-1).argmin(-1)
+    return world.nearest_colour(np.asarray(image.convert("RGB")), NAMES)
 
 
 def asked(instruction: str) -> int:

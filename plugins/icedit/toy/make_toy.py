@@ -61,6 +61,11 @@ VAE_CHANNELS = (16, 32, 64)
 packing (FLUX's factor 8 would give 4x4 tokens, each 16 pixels: too coarse to tell a shape's outline)."""
 
 
+def vae_factor(channels: tuple[int, ...]) -> int:
+    """Pixels a latent spans: each VAE block but the last halves the picture."""
+    return 2 ** (len(channels) - 1)
+
+
 def vae_config(channels: tuple[int, ...]) -> dict:
     return {
         "down_block_types": ("DownEncoderBlock2D",) * len(channels),
@@ -79,7 +84,7 @@ def vae_config(channels: tuple[int, ...]) -> dict:
 
 
 def transformer_config(channels: tuple[int, ...]) -> dict:
-    latent, scale = 16, 2 ** (len(channels) - 1)
+    latent, scale = 16, vae_factor(channels)
     return {
         "patch_size": 1,
         "in_channels": 8 * latent + 4 * scale * scale,  # noisy latents, masked-image latents, packed mask
@@ -279,7 +284,7 @@ def changed_tokens(batch: list[dict], channels: tuple[int, ...]) -> torch.Tensor
     """[B, tokens]: 1 where a token's pixels (a FLUX token is 2x2 latents: 2·factor pixels square) differ
     between the diptych's right half and its left, the edited object; 0 elsewhere. Weighting them up in
     the right-half loss puts the recolouring, a few tokens of a picture otherwise copied, in the gradient."""
-    side = 2 * 2 ** (len(channels) - 1)
+    side = 2 * vae_factor(channels)
     rows = []
     for ex in batch:
         pixels = np.asarray(ex["target"].convert("RGB"), np.int16)

@@ -12,6 +12,7 @@ it did the one thing asked, which a blurred copy of the source can score well on
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -24,8 +25,17 @@ CHANGED = 48
 """A pixel whose |R| + |G| + |B| difference between source and target exceeds this is in the edited region."""
 
 
-def _named(source: Image.Image, edit: Image.Image, target: Image.Image):
-    """(source, edit, target) pixels named by palette colour at the target's size, and the edited region."""
+class Named(NamedTuple):
+    """An example's pixels named by palette colour (indices into COLOURS) at the target's size, and the
+    edited region (where target and source differ)."""
+
+    source: np.ndarray
+    edit: np.ndarray
+    target: np.ndarray
+    region: np.ndarray
+
+
+def named(source: Image.Image, edit: Image.Image, target: Image.Image) -> Named:
     size = target.size
     src, painted, wanted = (
         np.asarray(
@@ -34,24 +44,23 @@ def _named(source: Image.Image, edit: Image.Image, target: Image.Image):
         for image in (source, edit, target)
     )
     region = np.abs(wanted - src).sum(-1) > CHANGED
-    return nearest_colour(src), nearest_colour(painted), nearest_colour(wanted), region
+    return Named(nearest_colour(src), nearest_colour(painted), nearest_colour(wanted), region)
 
 
-def colour_hit(source: Image.Image, edit: Image.Image, target: Image.Image) -> tuple[float, str, str] | None:
-    """(1.0 or 0.0, the asked colour, the edit's colour) in the region target and source differ; None if none."""
-    _, painted, wanted, region = _named(source, edit, target)
-    if not region.any():
+def colour_hit(n: Named) -> tuple[float, str, str] | None:
+    """(1.0 or 0.0, the asked colour, the edit's colour) in the edited region; None if there is none."""
+    if not n.region.any():
         return None
-    asked = int(np.bincount(wanted[region], minlength=len(COLOURS)).argmax())
-    got = int(np.bincount(painted[region], minlength=len(COLOURS)).argmax())
+    asked = int(np.bincount(n.target[n.region], minlength=len(COLOURS)).argmax())
+    got = int(np.bincount(n.edit[n.region], minlength=len(COLOURS)).argmax())
     return float(asked == got), COLOURS[asked], COLOURS[got]
 
 
-def kept(source: Image.Image, edit: Image.Image, target: Image.Image) -> float:
+def kept(n: Named) -> float:
     """The share of the pixels the target keeps whose palette colour the edit keeps too: a second shape
     recoloured by mistake lowers it, which `colour_hit` (the edited region only) cannot see."""
-    src, painted, _, region = _named(source, edit, target)
-    return float((painted[~region] == src[~region]).mean()) if (~region).any() else 1.0
+    rest = ~n.region
+    return float((n.edit[rest] == n.source[rest]).mean()) if rest.any() else 1.0
 
 
 class ColourScorer:
@@ -84,7 +93,8 @@ class ColourScorer:
                 )
                 continue
             l1, _ = pixel_distances(e.edit, e.target)
-            hit, rest = colour_hit(e.source, e.edit, e.target), kept(e.source, e.edit, e.target)
+            pixels = named(e.source, e.edit, e.target)
+            hit, rest = colour_hit(pixels), kept(pixels)
             if hit is None:
                 found.append(
                     Scores(

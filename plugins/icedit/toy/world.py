@@ -196,9 +196,11 @@ def instructions() -> list[str]:
     return [t.format(obj=o, colour=c) for o in OBJECTS for c in COLOURS for t in TEMPLATES]
 
 
-def nearest_colour(pixels: np.ndarray) -> np.ndarray:
-    """The index in COLOURS of each RGB pixel's nearest palette colour (pixels: [..., 3], 0-255)."""
-    palette = np.asarray([PALETTE[c] for c in COLOURS], np.float64)
+def nearest_colour(pixels: np.ndarray, colours: tuple[str, ...] = COLOURS) -> np.ndarray:
+    """The index in `colours` of each RGB pixel's nearest colour among them (pixels: [..., 3], 0-255);
+    `colours` may name NEW_COLOURS too."""
+    rgb = PALETTE | NEW_COLOURS
+    palette = np.asarray([rgb[c] for c in colours], np.float64)
     d = ((pixels[..., None, :].astype(np.float64) - palette) ** 2).sum(-1)
     return d.argmin(-1)
 
