@@ -108,6 +108,28 @@ def test_icedit_eval_scores_the_shipped_held_out_edits_with_the_toy_scorer(tmp_p
     assert all(r["details"]["toy"]["asked"] == rows[r["index"]]["after"] for r in report["examples"])
 
 
+def test_the_toy_scripts_loss_weighs_the_edited_shape_and_the_other_shapes_above_the_background():
+    from plugins.icedit.toy.make_toy import token_weights
+
+    square, circle = world.Shape("square", "red", 4, 4, 16), world.Shape("circle", "white", 41, 41, 14)
+    source = world.Scene("blue", (square, circle))
+    shape_edit = world.Edit(source, source.recoloured("square", "green"), "square", "red", "green", "")
+    background_edit = world.Edit(source, source.recoloured("background", "black"), "background", "blue",
+                                 "black", "")  # fmt: skip
+    weights = token_weights([shape_edit, background_edit], (16, 32, 64), changed=4, shapes=2)
+    side = world.PANEL // 8  # factor 4 and FLUX's 2x2 packing: a token is 8 px square
+    grid = weights.reshape(2, side, 2 * side).numpy()
+    assert (grid[:, :, :side] == 1).all()  # the left half, given, weighs as before
+    right = grid[0, :, side:]
+    assert (right[:3, :3] == 5).all()  # the square (pixels 4..20) is recoloured
+    assert (right[5:7, 5:7] == 3).all()  # the circle (pixels 41..55) keeps its colour
+    rest = np.ones_like(right, bool)
+    rest[:3, :3] = rest[5:7, 5:7] = False
+    assert (right[rest] == 1).all()  # and so does the background
+    background = grid[1, :, side:]  # a background edit changes every token but those inside a shape
+    assert background[1, 1] == 3 and (np.delete(background.reshape(-1), 1 * side + 1) == 5).all()
+
+
 @pytest.mark.slow
 def test_the_toy_script_trains_and_saves_a_pipeline_the_loader_reads(tmp_path):
     script = ROOT / "plugins" / "icedit" / "toy" / "make_toy.py"
