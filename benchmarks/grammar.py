@@ -1,9 +1,10 @@
 """Constrained decoding's cost per token, side by side with unconstrained decoding, in one run.
 
 1. The tiny Qwen2.5-VL (random weights, CPU): one rewrite's answer decoded greedily with and without
-   the plan's schema (`plugins.qwen_vl.grammar`); per token: the decode step, and the constraint's own
-   time (the llguidance mask, applied to the logits). Unconstrained, its answers are garbage; under
-   the schema they parse: the count of valid plans is printed too.
+   the plan's schema (`plugins.qwen_vl.grammar`), the two interleaved `--repeats` times; per token:
+   the median decode step of each (timed between logits, so the prompt's pass is left out), and the
+   constraint's own time (the llguidance mask, applied to the logits). Unconstrained, its answers are
+   garbage; under the schema they parse: whether the answer is a valid plan is printed too.
 2. The mask alone at Qwen2.5's vocabulary size (151,936 logits), on a synthetic byte-level BPE of
    that size (no hub here: the real tokenizer cannot be fetched), walking a valid plan token by
    token. Its per-token cost is what a 7B decode step (about 20 ms on one H200 in bf16) would carry.
@@ -11,7 +12,8 @@
     python benchmarks/grammar.py            # both parts, about a minute on a CPU
     python benchmarks/grammar.py --quick    # a 20k vocabulary for part 2
     python benchmarks/grammar.py --full     # on a GPU (the kit's check e): the 7B's real decode step,
-                                            # random bf16 weights, unconstrained beside constrained
+                                            # random bf16 weights, unconstrained beside constrained,
+                                            # --tokens steps a run (a random 7B rambles for minutes)
 """
 
 from __future__ import annotations
@@ -45,70 +47,78 @@ PLAN = (
 )
 
 
-class Timed:
-    """A logits processor's calls, timed."""
+class Clock:
+    """A logits processor that notes when each decode step reaches it, and how long `inner` takes."""
 
-    def __init__(self, inner):
-        self.inner, self.seconds = inner, []
+    def __init__(self, inner=None):
+        self.inner, self.starts, self.seconds = inner, [], []
 
     def __call__(self, input_ids, scores):
         start = time.perf_counter()
+        self.starts.append(start)
+        if self.inner is None:
+            return scores
         out = self.inner(input_ids, scores)
         self.seconds.append(time.perf_counter() - start)
         return out
+
+    def step(self) -> float:
+        """Seconds per decode step: from the first logits (the prompt's) to the last, per step between."""
+        return (self.starts[-1] - self.starts[0]) / (len(self.starts) - 1)
 
 
 HEADER = f"{'':>4} {'unconstrained':>14} {'constrained':>12} {'overhead':>9} {'mask':>7}  valid plan"
 
 
-def side_by_side(vlm_model, tokenizer, inputs: dict, label: str) -> None:
-    """One answer decoded greedily under the schema, then as many tokens without it (the same cache
-    lengths): ms per decode step each (the prompt's own pass taken out), and the constraint's own ms."""
+def side_by_side(vlm_model, tokenizer, inputs: dict, label: str, repeats: int, limit: int) -> None:
+    """One answer (up to `limit` tokens) decoded greedily under the schema, then as many tokens without
+    it, the two interleaved `repeats` times: the median ms per decode step of each (steps are timed
+    between logits, so the prompt's pass is left out), and the constraint's own ms per token."""
     from transformers import LogitsProcessorList
 
     vocab = vlm_model.config.get_text_config().vocab_size
     found = vlm_model.generation_config.eos_token_id
     eos = found if isinstance(found, list) else [found]
+    info = grammar.tokenizer_of(tokenizer, vocab, eos)
 
-    def run(processors, limit, at_least=0):
-        if vlm_model.device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+    def run(constrained: bool, limit: int, at_least: int = 0):
+        clock = Clock(
+            grammar.SchemaConstraint(info, answer_schema(CHOICES), vocab, eos) if constrained else None
+        )
         with torch.inference_mode():
             out = vlm_model.generate(
                 **inputs,
                 max_new_tokens=limit,
                 min_new_tokens=at_least,
                 do_sample=False,
-                logits_processor=LogitsProcessorList(processors),
+                logits_processor=LogitsProcessorList([clock]),
             )
         if vlm_model.device.type == "cuda":
             torch.cuda.synchronize()
-        return out[0, inputs["input_ids"].shape[1] :], time.perf_counter() - start
+        return out[0, inputs["input_ids"].shape[1] :], clock
 
-    _, prefill = run([], 1)
-    timed = Timed(
-        grammar.SchemaConstraint(
-            grammar.tokenizer_of(tokenizer, vocab, eos), answer_schema(CHOICES), vocab, eos
-        )
-    )
-    made, spent = run([timed], 4096)
-    constrained = (spent - prefill) / (len(made) - 1)
-    _, spent = run([], len(made), len(made))
-    step = (spent - prefill) / (len(made) - 1)
-    mask = statistics.mean(timed.seconds)
+    made, _ = run(True, limit)  # the answer, and a warm-up
+    steps: dict[bool, list[float]] = {True: [], False: []}
+    masks: list[float] = []
+    for _ in range(repeats):
+        for constrained in (True, False):
+            out, clock = run(constrained, len(made), 0 if constrained else len(made))
+            assert len(out) == len(made), "the runs decoded different lengths"
+            steps[constrained].append(clock.step())
+            masks += clock.seconds
+    free, constrained = statistics.median(steps[False]), statistics.median(steps[True])
     try:
         parse(tokenizer.decode(made, skip_special_tokens=True))
         valid = "yes"
     except ValueError as e:
-        valid = f"no ({str(e)[:40]})"
+        valid = "cut short" if len(made) == limit else f"no ({str(e)[:40]})"
     print(
-        f"{label:>4} {step * 1e3:>14.2f} {constrained * 1e3:>12.2f} {constrained / step - 1:>9.1%} "
-        f"{mask * 1e3:>7.3f}  {valid} ({len(made)} tokens)"
+        f"{label:>4} {free * 1e3:>14.2f} {constrained * 1e3:>12.2f} {constrained / free - 1:>9.1%} "
+        f"{statistics.median(masks) * 1e3:>7.3f}  {valid} ({len(made)} tokens)"
     )
 
 
-def tiny(seeds: int) -> None:
+def tiny(seeds: int, repeats: int) -> None:
     from tiny_qwen import save_tiny_qwen
 
     cat = Image.open(ROOT / "examples" / "chelsea.png").convert("RGB")
@@ -133,10 +143,12 @@ def tiny(seeds: int) -> None:
                     ],
                 },
             ]
-            side_by_side(vlm.model, vlm.processor.tokenizer, dict(vlm.inputs([conversation])), str(seed))
+            side_by_side(
+                vlm.model, vlm.processor.tokenizer, dict(vlm.inputs([conversation])), str(seed), repeats, 4096
+            )
 
 
-def full(layers: int, hidden: int) -> None:
+def full(layers: int, hidden: int, repeats: int, tokens: int) -> None:
     """Qwen2.5-VL-7B's language model shape (28 layers of 3584, 152,064 logits), random weights in bf16
     on CUDA, on the prompt's text: the decode step the constraint really rides on."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -158,6 +170,7 @@ def full(layers: int, hidden: int) -> None:
         },
         vision_config={"depth": 1, "hidden_size": 64, "out_hidden_size": hidden, "num_heads": 2},
     )
+    torch.manual_seed(0)
     start = time.perf_counter()
     with torch.device(device):  # random init on the device, then cast: the same on transformers 4 and 5
         vlm_model = Qwen2_5_VLForConditionalGeneration._from_config(config).to(dtype).eval()
@@ -173,7 +186,14 @@ def full(layers: int, hidden: int) -> None:
     )
     print(HEADER)
     label = "7B" if (layers, hidden) == (28, 3584) else "less"
-    side_by_side(vlm_model, tokenizer, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, label)
+    side_by_side(
+        vlm_model,
+        tokenizer,
+        {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+        label,
+        repeats,
+        tokens,
+    )
 
 
 def synthetic_tokenizer(size: int):
@@ -238,17 +258,23 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a 20k vocabulary for the mask part")
     parser.add_argument("--seeds", type=int, default=2, help="tiny models (random weight seeds)")
     parser.add_argument(
+        "--repeats", type=int, help="runs of each kind, interleaved (5; 3 with --full, to fit the kit's time)"
+    )
+    parser.add_argument(
         "--full", action="store_true", help="the 7B's language model shape, on CUDA (the GPU kit)"
     )
     parser.add_argument(
         "--layers", type=int, default=28, help="with --full: fewer layers for a smaller check"
     )
+    parser.add_argument(
+        "--tokens", type=int, default=64, help="with --full: decode steps per run (a random 7B rambles)"
+    )
     parser.add_argument("--hidden", type=int, default=3584, help="with --full: a narrower model")
     args = parser.parse_args()
     if args.full:
-        full(args.layers, args.hidden)
+        full(args.layers, args.hidden, args.repeats or 3, args.tokens)
         return
-    tiny(args.seeds)
+    tiny(args.seeds, args.repeats or 5)
     if args.quick:
         full_vocab(20_000, 20_003, 1)
     else:

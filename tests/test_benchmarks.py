@@ -52,3 +52,18 @@ def test_grammar_benchmark_prints_both_decoders_per_token_cost():
     assert seed == "0" and float(plain) > 0 and float(constrained) > 0
     assert " yes (" in lines[2]  # the random model's constrained answer is a valid plan
     assert lines[-2].startswith("per token: median ") and lines[-1].startswith("share of a 20 ms decode step")
+
+
+def test_the_gpu_kits_grammar_check_runs_its_7b_shaped_model_narrowed_on_a_cpu():
+    """Check e (`--full`) at 2 layers of 128: the same code path as on the GPU, where it would cost
+    device time to find a bug."""
+    run = benchmark(
+        "grammar.py", "--full", "--layers", "2", "--hidden", "128", "--tokens", "8", "--repeats", "1"
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    title, header, row = run.stdout.strip().splitlines()
+    assert title.startswith("Qwen2.5-VL-7B-shaped language model (2 layers of 128") and "on the CPU" in title
+    assert header.split() == ["unconstrained", "constrained", "overhead", "mask", "valid", "plan"]
+    label, plain, constrained, overhead, mask, *valid = row.split()
+    assert label == "less" and float(plain) > 0 and float(constrained) > 0 and float(mask) > 0
+    assert " ".join(valid) == "cut short (8 tokens)"  # a plan takes more: the run stops at --tokens
